@@ -1,0 +1,46 @@
+//! Makes the `xsrec` binaries find libtorch at run time and keep CUDA linked.
+//!
+//! torch-sys links against the libtorch inside the Python `torch` wheel but leaves two things to
+//! the final binary: an rpath to that folder (otherwise the loader needs LD_LIBRARY_PATH) and
+//! `libtorch_cuda.so`, which the default `--as-needed` linker drops because no symbol of it is
+//! referenced directly — and without it `tch::Cuda::is_available()` is false even on a GPU.
+use std::path::PathBuf;
+use std::process::Command;
+
+fn torch_lib_dir() -> Option<PathBuf> {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
+    println!("cargo:rerun-if-env-changed=PATH");
+    if let Some(root) = std::env::var_os("LIBTORCH") {
+        return Some(PathBuf::from(root).join("lib"));
+    }
+    // The same interpreter torch-sys asks: `python` inside a venv, `python3` otherwise.
+    let python = if std::env::var_os("VIRTUAL_ENV").is_some() {
+        "python"
+    } else {
+        "python3"
+    };
+    let output = Command::new(python)
+        .args([
+            "-c",
+            "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+        ])
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+}
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    let Some(lib) = torch_lib_dir() else {
+        println!("cargo:warning=torch not found: run `make venv` and put .venv/bin first on PATH");
+        return;
+    };
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    if lib.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    }
+}

@@ -1,0 +1,83 @@
+//! `xsrec explain`: attention heatmap and top-10 for one user.
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tch::Kind;
+
+use super::{parse_device, DataArgs};
+use crate::data::split::build_sequences;
+use crate::eval::explain::{draw_attention, Explanation};
+use crate::eval::mask_items;
+use crate::model::{encode, Artifact, Batch, HistoryView, Scorer};
+
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// External user id.
+    #[arg(long)]
+    pub user: String,
+    /// Moment of prediction (Unix seconds); defaults to the user's last event time.
+    #[arg(long)]
+    pub at: Option<i64>,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.device)?;
+    let artifact = Artifact::load(&args.model, device)?;
+    let events = args.data.load()?;
+    let set = build_sequences(&events, artifact.items.clone(), artifact.event_types.clone(), false);
+    let Some(user) = set.users.iter().find(|u| u.user_id == args.user) else {
+        bail!(
+            "user `{}` has no events with items the model knows in {}",
+            args.user,
+            args.data.data.display()
+        );
+    };
+    let model = &artifact.model;
+    let (max_len, gap) = (model.config.max_len, model.config.session_gap_secs);
+    let history = HistoryView::new(&user.items, &user.timestamps, &user.types);
+    let at = args.at.unwrap_or(*user.timestamps.last().expect("non-empty"));
+    let row = encode(history, at, max_len, gap);
+    let batch = Batch::new(std::slice::from_ref(&row), device);
+    let attention = model.last_position_attention(&batch);
+    if attention.is_empty() {
+        bail!("explain needs a Transformer model; this one is {:?}", model.config.arch);
+    }
+    let seen: Vec<i64> = std::iter::once(0)
+        .chain(user.items.iter().map(|&i| i64::from(i)))
+        .collect();
+    let (scores, items) = mask_items(&model.score_next(&batch).to_kind(Kind::Float), &[seen]).topk(10, 1, true, true);
+    let top: Vec<(String, f32)> = Vec::<i64>::try_from(items.view(-1))?
+        .into_iter()
+        .zip(Vec::<f32>::try_from(scores.view(-1))?)
+        .map(|(i, s)| (artifact.items.id(i as u32).to_owned(), s))
+        .collect();
+    let start = max_len - history.len().min(max_len);
+    let explanation = Explanation {
+        history: row.items[start..]
+            .iter()
+            .map(|&i| artifact.items.id(i as u32).to_owned())
+            .collect(),
+        sessions: row.sessions[start..].to_vec(),
+        attention: attention.into_iter().map(|w| w[start..].to_vec()).collect(),
+        top,
+        title: format!(
+            "user {}: attention of the newest position ({} events, heads averaged)",
+            args.user,
+            history.len().min(max_len)
+        ),
+    };
+    draw_attention(&explanation, &args.out).with_context(|| format!("drawing {}", args.out.display()))?;
+    for (rank, (item, score)) in explanation.top.iter().enumerate() {
+        println!("{}\t{item}\t{score:.4}", rank + 1);
+    }
+    Ok(())
+}

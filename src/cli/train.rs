@@ -1,0 +1,191 @@
+//! `xsrec train`: fit a model on an event log and write the artifact directory.
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+
+use super::eval::evaluate_model;
+use super::{parse_device, write_json, DataArgs};
+use crate::data::session::DEFAULT_SESSION_GAP_SECS;
+use crate::data::split::build_sequences;
+use crate::data::vocab::Vocab;
+use crate::eval::report::markdown_table;
+use crate::model::artifact::{Artifact, ArtifactConfig, FORMAT_VERSION};
+use crate::model::{Arch, Combine, Features, ModelConfig};
+use crate::train::plot::draw_curves;
+use crate::train::{train, Loss, TrainConfig};
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Artifact directory to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = Arch::Transformer)]
+    pub arch: Arch,
+    #[arg(long, default_value_t = 200)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 64)]
+    pub d_model: usize,
+    #[arg(long, default_value_t = 2)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    /// Feed-forward width; defaults to 4 × d_model.
+    #[arg(long)]
+    pub ffn_dim: Option<usize>,
+    #[arg(long, default_value_t = 0.2)]
+    pub dropout: f64,
+    /// Score with a separate output item table instead of the input embeddings.
+    #[arg(long)]
+    pub untied_output: bool,
+    #[arg(long)]
+    pub no_session_recency: bool,
+    #[arg(long)]
+    pub no_time_gap: bool,
+    #[arg(long)]
+    pub no_event_type: bool,
+    #[arg(long)]
+    pub no_prediction_gap: bool,
+    #[arg(long, value_enum, default_value_t = Combine::Sum)]
+    pub combine: Combine,
+    /// Inactivity (seconds) that ends a session.
+    #[arg(long, default_value_t = DEFAULT_SESSION_GAP_SECS)]
+    pub session_gap: i64,
+    #[arg(long, default_value_t = 200)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    #[arg(long, default_value_t = 20)]
+    pub patience: usize,
+    #[arg(long, value_enum, default_value_t = Loss::Full)]
+    pub loss: Loss,
+    /// Negatives per batch for `--loss sampled`.
+    #[arg(long, default_value_t = 1024)]
+    pub negatives: usize,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.device)?;
+    let events = args.data.load()?;
+    let set = build_sequences(&events, Vocab::new(), Vocab::new(), true);
+    let has_types = set.has_event_types();
+    let features = Features {
+        session_recency: !args.no_session_recency,
+        time_gap: !args.no_time_gap,
+        // Without types in the data the embedding would learn one constant: leave it out.
+        event_type: !args.no_event_type && has_types,
+        prediction_gap: !args.no_prediction_gap,
+        combine: args.combine,
+        ..Features::default()
+    };
+    let model_config = ModelConfig {
+        arch: args.arch,
+        num_items: set.items.len(),
+        num_event_types: set.event_types.len(),
+        max_len: args.max_len,
+        d_model: args.d_model,
+        n_heads: args.heads,
+        n_layers: args.layers,
+        ffn_dim: args.ffn_dim.unwrap_or(4 * args.d_model),
+        dropout: args.dropout,
+        tied_output: !args.untied_output,
+        features,
+        session_gap_secs: args.session_gap,
+    };
+    model_config.validate().map_err(anyhow::Error::msg)?;
+    let train_config = TrainConfig {
+        seed: args.seed,
+        max_epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.lr,
+        weight_decay: args.weight_decay,
+        grad_clip: args.grad_clip,
+        patience: args.patience,
+        loss: args.loss,
+        negatives: args.negatives,
+        device,
+        progress: !args.quiet,
+    };
+    eprintln!(
+        "training {:?} on {} users, {} items, {} events ({device:?})",
+        args.arch,
+        set.users.len(),
+        set.items.len() - 1,
+        set.num_events()
+    );
+    let outcome = train(&set, model_config, &train_config);
+    let item_counts = set.train_item_counts();
+    let evaluation = evaluate_model(&outcome.model, &set, &item_counts, true, device);
+    let (validation, test, popularity) = (&evaluation.validation, &evaluation.test, &evaluation.popularity_test);
+    println!(
+        "{}",
+        markdown_table(&[("model (test)".into(), test), ("popularity (test)".into(), popularity)])
+    );
+    let meta = args.data.load_item_meta()?;
+    let item_categories: Vec<Vec<String>> = std::iter::once(Vec::new())
+        .chain(set.items.ids().iter().map(|id| {
+            meta.as_ref()
+                .and_then(|m| m.get(id))
+                .map(|m| m.categories.clone())
+                .unwrap_or_default()
+        }))
+        .collect();
+    let info = json!({
+        "data": {
+            "source": args.data.data.display().to_string(),
+            "users": set.users.len(),
+            "items": set.items.len() - 1,
+            "events": set.num_events(),
+        },
+        "training": train_config,
+        "best_epoch": outcome.best_epoch,
+        "epochs_run": outcome.epochs.len(),
+        "train_seconds": outcome.seconds,
+        "metrics": { "validation": validation, "test": test, "popularity_test": popularity },
+    });
+    let artifact = Artifact {
+        config: ArtifactConfig {
+            format_version: FORMAT_VERSION,
+            model: outcome.model.config.clone(),
+            event_types: set.event_types.ids().to_vec(),
+            info,
+        },
+        item_counts,
+        items: set.items,
+        event_types: set.event_types,
+        item_categories,
+        model: outcome.model,
+    };
+    artifact
+        .save(&args.out)
+        .with_context(|| format!("saving artifact to {}", args.out.display()))?;
+    write_json(&args.out.join("epochs.json"), &outcome.epochs)?;
+    draw_curves(&outcome.epochs, outcome.best_epoch, &args.out.join("curves.png"))?;
+    eprintln!(
+        "best epoch {} of {} in {:.0}s; test NDCG@10 {:.4} HR@10 {:.4}; wrote {}",
+        outcome.best_epoch,
+        outcome.epochs.len(),
+        outcome.seconds,
+        test.all.get("NDCG@10"),
+        test.all.get("HR@10"),
+        args.out.display()
+    );
+    Ok(())
+}

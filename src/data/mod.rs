@@ -1,0 +1,12 @@
+//! Events in, sequences out: file formats, vocabularies, sessionisation, splits, synthetic logs.
+pub mod error;
+pub mod event;
+pub mod fetch;
+pub mod formats;
+pub mod session;
+pub mod split;
+pub mod synth;
+pub mod vocab;
+
+pub use error::DataError;
+pub use event::Event;

@@ -1,0 +1,75 @@
+//! The "why" picture: which past events the newest position attends to, per layer.
+use std::path::Path;
+
+use plotters::prelude::*;
+
+/// What to draw for one user.
+pub struct Explanation {
+    /// Item ids of the history window, oldest first.
+    pub history: Vec<String>,
+    /// Session index of each history event (a boundary is drawn where it changes).
+    pub sessions: Vec<i64>,
+    /// Per layer, attention weight of the newest position over each history event.
+    pub attention: Vec<Vec<f32>>,
+    /// Recommended item ids with scores, best first.
+    pub top: Vec<(String, f32)>,
+    pub title: String,
+}
+
+pub fn draw_attention(explanation: &Explanation, path: &Path) -> anyhow::Result<()> {
+    let n = explanation.history.len().max(1);
+    let layers = explanation.attention.len().max(1);
+    let root = BitMapBackend::new(path, (1400, 180 + 60 * layers as u32 + 240)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (upper, lower) = root.split_vertically(120 + 60 * layers as u32);
+    let mut chart = ChartBuilder::on(&upper)
+        .caption(&explanation.title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..n as f64, 0f64..layers as f64)?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("history position (oldest → newest); red lines = session boundaries")
+        .y_labels(layers)
+        .y_label_formatter(&|y| format!("layer {}", *y as usize))
+        .draw()?;
+    for (layer, weights) in explanation.attention.iter().enumerate() {
+        // Normalised per layer so that each row uses the full colour range.
+        let max = weights.iter().copied().fold(f32::MIN_POSITIVE, f32::max);
+        chart.draw_series(weights.iter().enumerate().map(|(i, &w)| {
+            let heat = (w / max).clamp(0.0, 1.0) as f64;
+            let color = RGBColor((255.0 * (1.0 - heat)) as u8, (255.0 * (1.0 - 0.6 * heat)) as u8, 255);
+            Rectangle::new(
+                [(i as f64, layer as f64), (i as f64 + 1.0, layer as f64 + 1.0)],
+                color.filled(),
+            )
+        }))?;
+    }
+    let boundaries = explanation
+        .sessions
+        .windows(2)
+        .enumerate()
+        .filter(|(_, pair)| pair[0] != pair[1])
+        .map(|(i, _)| i + 1);
+    for boundary in boundaries {
+        chart.draw_series(LineSeries::new(
+            [(boundary as f64, 0.0), (boundary as f64, layers as f64)],
+            RED.stroke_width(2),
+        ))?;
+    }
+    let mut lines = vec!["top-10 recommendations:".to_string()];
+    lines.extend(
+        explanation
+            .top
+            .iter()
+            .enumerate()
+            .map(|(i, (item, score))| format!("{:>2}. {item}  (score {score:.3})", i + 1)),
+    );
+    for (i, line) in lines.iter().enumerate() {
+        lower.draw(&Text::new(line.as_str(), (30, 10 + 20 * i as i32), ("sans-serif", 16)))?;
+    }
+    root.present()?;
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! Offline evaluation: full ranking over all items for each user's held-out event.
+pub mod bootstrap;
+pub mod explain;
+pub mod metrics;
+pub mod report;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::data::session::starts_new_session;
+use crate::data::split::{SequenceSet, Target, UserSequence};
+use crate::model::{encode, Batch, HistoryView, Scorer};
+pub use metrics::Metrics;
+
+/// Number of best items kept per case (for `--predictions-out`).
+pub const TOP_N: usize = 20;
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub target: Target,
+    /// Remove items already in the user's history from the ranking (the target itself stays).
+    pub exclude_seen: bool,
+    pub batch_size: usize,
+    pub max_len: usize,
+    pub session_gap_secs: i64,
+    pub device: Device,
+}
+
+/// One user's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaseResult {
+    pub user: usize,
+    /// 0-based rank of the target; ties count against it.
+    pub rank: usize,
+    /// Items it was ranked among, itself included.
+    pub candidates: usize,
+    /// Whether the target event opened a new session.
+    pub new_session: bool,
+    /// Best items first (item indices).
+    pub top: Vec<i64>,
+}
+
+/// The events a case may read: everything before its target.
+fn case_input(user: &UserSequence, position: usize) -> HistoryView<'_> {
+    HistoryView::new(&user.items, &user.timestamps, &user.types).prefix(position)
+}
+
+/// Ranks every evaluable user's target with `scorer`.
+pub fn evaluate(scorer: &dyn Scorer, set: &SequenceSet, opts: &EvalOptions) -> Vec<CaseResult> {
+    let cases: Vec<(usize, usize)> = set
+        .users
+        .iter()
+        .enumerate()
+        .filter_map(|(u, user)| user.target_position(opts.target).map(|p| (u, p)))
+        .collect();
+    let mut results = Vec::with_capacity(cases.len());
+    for chunk in cases.chunks(opts.batch_size.max(1)) {
+        results.extend(rank_chunk(scorer, set, chunk, opts));
+    }
+    results
+}
+
+fn rank_chunk(scorer: &dyn Scorer, set: &SequenceSet, chunk: &[(usize, usize)], opts: &EvalOptions) -> Vec<CaseResult> {
+    let rows: Vec<_> = chunk
+        .iter()
+        .map(|&(u, p)| {
+            let user = &set.users[u];
+            encode(
+                case_input(user, p),
+                user.timestamps[p],
+                opts.max_len,
+                opts.session_gap_secs,
+            )
+        })
+        .collect();
+    let batch = Batch::new(&rows, opts.device);
+    let scores = scorer.score_next(&batch).to_kind(Kind::Float);
+    let num_items = scores.size()[1] as usize;
+    let targets: Vec<i64> = chunk.iter().map(|&(u, p)| i64::from(set.users[u].items[p])).collect();
+    // Masked items get -inf; column 0 is padding and never a candidate.
+    let mut masked: Vec<Vec<i64>> = Vec::with_capacity(chunk.len());
+    for (&(u, p), &target) in chunk.iter().zip(&targets) {
+        let mut items = vec![0i64];
+        if opts.exclude_seen {
+            items.extend(
+                set.users[u].items[..p]
+                    .iter()
+                    .map(|&i| i64::from(i))
+                    .filter(|&i| i != target),
+            );
+            items.sort_unstable();
+            items.dedup();
+        }
+        masked.push(items);
+    }
+    let scores = mask_items(&scores, &masked);
+    let target_index = Tensor::from_slice(&targets).to_device(scores.device()).unsqueeze(1);
+    let target_scores = scores.gather(1, &target_index, false);
+    // Ties count against the target: rank = (#items scoring >= target) − 1.
+    let ranks = Vec::<i64>::try_from(scores.ge_tensor(&target_scores).sum_dim_intlist(1, false, Kind::Int64) - 1)
+        .expect("ranks");
+    let k = TOP_N.min(num_items - 1) as i64;
+    let top = Vec::<i64>::try_from(scores.topk(k, 1, true, true).1.to_device(Device::Cpu).view(-1)).expect("top-k");
+    chunk
+        .iter()
+        .enumerate()
+        .map(|(row, &(u, p))| {
+            let user = &set.users[u];
+            CaseResult {
+                user: u,
+                rank: ranks[row] as usize,
+                candidates: num_items - masked[row].len(),
+                new_session: starts_new_session(user.timestamps[p] - user.timestamps[p - 1], opts.session_gap_secs),
+                top: top[row * k as usize..(row + 1) * k as usize].to_vec(),
+            }
+        })
+        .collect()
+}
+
+/// Sets `scores[row, item] = -inf` for each row's listed items (rows padded with column 0).
+pub fn mask_items(scores: &Tensor, items: &[Vec<i64>]) -> Tensor {
+    let width = items.iter().map(Vec::len).max().unwrap_or(1);
+    let padded: Vec<i64> = items
+        .iter()
+        .flat_map(|row| row.iter().copied().chain(std::iter::repeat(0)).take(width))
+        .collect();
+    let index = Tensor::from_slice(&padded)
+        .view([items.len() as i64, width as i64])
+        .to_device(scores.device());
+    scores.scatter_value(1, &index, f64::NEG_INFINITY)
+}
+
+/// Overall metrics and the split by whether the target opened a new session.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SplitMetrics {
+    pub all: Metrics,
+    pub new_session: Metrics,
+    pub same_session: Metrics,
+}
+
+impl SplitMetrics {
+    pub fn from_results(results: &[CaseResult]) -> Self {
+        let pick = |keep: fn(&CaseResult) -> bool| {
+            Metrics::from_ranks(results.iter().filter(|r| keep(r)).map(|r| (r.rank, r.candidates)))
+        };
+        Self {
+            all: pick(|_| true),
+            new_session: pick(|r| r.new_session),
+            same_session: pick(|r| !r.new_session),
+        }
+    }
+}

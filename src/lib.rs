@@ -1,0 +1,9 @@
+//! xsrec: cross-session next-item recommendation.
+//!
+//! Data flows one way: events (`data`) → model input (`model`) → training (`train`) and
+//! offline evaluation (`eval`).
+pub mod cli;
+pub mod data;
+pub mod eval;
+pub mod model;
+pub mod train;

@@ -1,0 +1,32 @@
+use clap::{Parser, Subcommand};
+use xsrec::cli;
+
+/// Cross-session next-item recommendation on libtorch.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Obtain or generate event logs.
+    #[command(subcommand)]
+    Data(cli::data::DataCommand),
+    /// Train a model and write its artifact directory.
+    Train(cli::train::TrainArgs),
+    /// Full-ranking evaluation of a saved model.
+    Eval(cli::eval::EvalArgs),
+    /// Draw what the model attends to for one user, with its top-10.
+    Explain(cli::explain::ExplainArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Data(command) => cli::data::run(&command),
+        Command::Train(args) => cli::train::run(&args),
+        Command::Eval(args) => cli::eval::run(&args),
+        Command::Explain(args) => cli::explain::run(&args),
+    }
+}

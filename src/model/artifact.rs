@@ -1,0 +1,250 @@
+//! The model artifact: a directory with `config.json`, `model.safetensors` and `items.tsv`.
+//! `models/README.md` documents the format; this module is its one reader and writer.
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use super::{ModelConfig, SeqModel};
+use crate::data::vocab::Vocab;
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const ITEMS_FILE: &str = "items.tsv";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: invalid config: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("{path}: artifact format_version {found} is not supported (this build reads {FORMAT_VERSION})")]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path}:{line}: {message}")]
+    Items {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: tensor `{name}`: {message}")]
+    Tensor {
+        path: PathBuf,
+        name: String,
+        message: String,
+    },
+    #[error("{path}: {source}")]
+    Torch { path: PathBuf, source: tch::TchError },
+}
+
+/// Everything `config.json` holds besides the model hyper-parameters is free-form metadata
+/// (data statistics, training settings, metrics) that the loader keeps but does not interpret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArtifactConfig {
+    pub format_version: u32,
+    pub model: ModelConfig,
+    /// Event-type names; the type at index `i + 1` is `event_types[i]` ("" = untyped).
+    pub event_types: Vec<String>,
+    #[serde(default)]
+    pub info: serde_json::Value,
+}
+
+/// A loaded model with its vocabularies and item statistics.
+pub struct Artifact {
+    pub config: ArtifactConfig,
+    pub items: Vocab,
+    pub event_types: Vocab,
+    /// Training-event count per item index (index 0 = padding = 0).
+    pub item_counts: Vec<u64>,
+    /// Categories per item index (empty when unknown).
+    pub item_categories: Vec<Vec<String>>,
+    pub model: SeqModel,
+}
+
+impl Artifact {
+    pub fn save(&self, dir: &Path) -> Result<(), ArtifactError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ArtifactError::Io { path, source }
+        };
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let config_path = dir.join(CONFIG_FILE);
+        let json = serde_json::to_string_pretty(&self.config).expect("config serialises");
+        fs::write(&config_path, json + "\n").map_err(io(&config_path))?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        self.model
+            .vs
+            .save(&weights_path)
+            .map_err(|source| ArtifactError::Torch {
+                path: weights_path.clone(),
+                source,
+            })?;
+        let items_path = dir.join(ITEMS_FILE);
+        let mut out = std::io::BufWriter::new(fs::File::create(&items_path).map_err(io(&items_path))?);
+        writeln!(out, "index\titem_id\tcount\tcategories").map_err(io(&items_path))?;
+        for (i, id) in self.items.ids().iter().enumerate() {
+            let idx = i + 1;
+            let categories = self.item_categories.get(idx).map(|c| c.join("|")).unwrap_or_default();
+            writeln!(out, "{idx}\t{id}\t{}\t{categories}", self.item_counts[idx]).map_err(io(&items_path))?;
+        }
+        out.flush().map_err(io(&items_path))
+    }
+
+    pub fn load(dir: &Path, device: Device) -> Result<Self, ArtifactError> {
+        let config_path = dir.join(CONFIG_FILE);
+        let text = fs::read_to_string(&config_path).map_err(|source| ArtifactError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let config = parse_config(&config_path, &text)?;
+        let (items, item_counts, item_categories) = read_items(&dir.join(ITEMS_FILE))?;
+        if items.len() != config.model.num_items {
+            return Err(ArtifactError::Config {
+                path: config_path,
+                message: format!(
+                    "model.num_items is {} but items.tsv lists {} items (+1 padding)",
+                    config.model.num_items,
+                    items.len() - 1
+                ),
+            });
+        }
+        let event_types = Vocab::from_ids(config.event_types.iter().cloned());
+        let model = SeqModel::new(config.model.clone(), device);
+        load_weights(&model, &dir.join(WEIGHTS_FILE))?;
+        Ok(Self {
+            config,
+            items,
+            event_types,
+            item_counts,
+            item_categories,
+            model,
+        })
+    }
+}
+
+fn parse_config(path: &Path, text: &str) -> Result<ArtifactConfig, ArtifactError> {
+    let invalid = |message: String| ArtifactError::Config {
+        path: path.to_path_buf(),
+        message,
+    };
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
+    match value.get("format_version").and_then(serde_json::Value::as_u64) {
+        None => return Err(invalid("missing or non-integer key `format_version`".into())),
+        Some(v) if v != u64::from(FORMAT_VERSION) => {
+            return Err(ArtifactError::Version {
+                path: path.to_path_buf(),
+                found: v as u32,
+            })
+        }
+        Some(_) => {}
+    }
+    let config: ArtifactConfig = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+    config.model.validate().map_err(invalid)?;
+    if config.event_types.len() + 1 != config.model.num_event_types {
+        return Err(invalid(format!(
+            "model.num_event_types is {} but event_types lists {} (+1 padding)",
+            config.model.num_event_types,
+            config.event_types.len()
+        )));
+    }
+    Ok(config)
+}
+
+type ItemTable = (Vocab, Vec<u64>, Vec<Vec<String>>);
+
+fn read_items(path: &Path) -> Result<ItemTable, ArtifactError> {
+    let text = fs::read_to_string(path).map_err(|source| ArtifactError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bad = |line: usize, message: String| ArtifactError::Items {
+        path: path.to_path_buf(),
+        line,
+        message,
+    };
+    let mut lines = text.lines().enumerate();
+    match lines.next() {
+        Some((_, "index\titem_id\tcount\tcategories")) => {}
+        _ => {
+            return Err(bad(
+                1,
+                "expected header `index<TAB>item_id<TAB>count<TAB>categories`".into(),
+            ))
+        }
+    }
+    let (mut vocab, mut counts, mut categories) = (Vocab::new(), vec![0u64], vec![Vec::new()]);
+    for (n, line) in lines {
+        let line_no = n + 1;
+        let fields: Vec<&str> = line.split('\t').collect();
+        let [index, id, count, cats] = fields[..] else {
+            return Err(bad(
+                line_no,
+                format!("expected 4 tab-separated fields, got {}", fields.len()),
+            ));
+        };
+        if index.parse::<usize>() != Ok(vocab.len()) {
+            return Err(bad(
+                line_no,
+                format!("index `{index}` out of order (expected {})", vocab.len()),
+            ));
+        }
+        if id.is_empty() || vocab.get(id).is_some() {
+            return Err(bad(line_no, format!("item id `{id}` is empty or repeated")));
+        }
+        vocab.insert(id);
+        counts.push(
+            count
+                .parse()
+                .map_err(|_| bad(line_no, format!("count `{count}` is not a non-negative integer")))?,
+        );
+        categories.push(cats.split('|').filter(|c| !c.is_empty()).map(str::to_owned).collect());
+    }
+    Ok((vocab, counts, categories))
+}
+
+/// Copies the file's tensors into the model, requiring exactly the names and shapes the config
+/// implies, so a config/weights mismatch names the offending tensor instead of failing later.
+fn load_weights(model: &SeqModel, path: &Path) -> Result<(), ArtifactError> {
+    let torch = |source| ArtifactError::Torch {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mismatch = |name: &str, message: String| ArtifactError::Tensor {
+        path: path.to_path_buf(),
+        name: name.to_owned(),
+        message,
+    };
+    let mut stored: HashMap<String, Tensor> = Tensor::read_safetensors(path).map_err(torch)?.into_iter().collect();
+    let mut variables = model.vs.variables();
+    let mut names: Vec<String> = variables.keys().cloned().collect();
+    names.sort();
+    for name in names {
+        let Some(value) = stored.remove(&name) else {
+            return Err(mismatch(&name, "missing from the weights file".into()));
+        };
+        let var = variables.get_mut(&name).expect("listed above");
+        if value.size() != var.size() {
+            return Err(mismatch(
+                &name,
+                format!("shape {:?} in file, config implies {:?}", value.size(), var.size()),
+            ));
+        }
+        if value.kind() != var.kind() {
+            return Err(mismatch(
+                &name,
+                format!("dtype {:?} in file, expected {:?}", value.kind(), var.kind()),
+            ));
+        }
+        tch::no_grad(|| var.copy_(&value));
+    }
+    if let Some(extra) = stored.keys().min() {
+        return Err(mismatch(
+            extra,
+            "in the weights file but not part of the configured model".into(),
+        ));
+    }
+    Ok(())
+}

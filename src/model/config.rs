@@ -1,0 +1,93 @@
+//! Model hyper-parameters and feature switches, saved as part of `config.json`.
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// SASRec-style causal Transformer with cross-session features.
+    Transformer,
+    /// GRU-free LSTM baseline over the same input features.
+    Lstm,
+}
+
+/// How the per-event feature embeddings are merged into one input vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Combine {
+    Sum,
+    /// Concatenate then project back to `d_model` with a linear layer.
+    Concat,
+}
+
+/// The cross-session structure, each part switchable for ablation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Features {
+    /// Per-head attention bias by how many sessions separate query and key (0 = same session).
+    pub session_recency: bool,
+    /// Embedding of the log-bucketed gap to the previous event.
+    pub time_gap: bool,
+    /// Embedding of the event type (view, click, …) when the data has types.
+    pub event_type: bool,
+    /// Embedding of the gap between an event and the moment of prediction.
+    pub prediction_gap: bool,
+    pub combine: Combine,
+    /// Session distances at or above this share one bias.
+    pub session_cap: usize,
+}
+
+impl Default for Features {
+    fn default() -> Self {
+        Self {
+            session_recency: true,
+            time_gap: true,
+            event_type: true,
+            prediction_gap: true,
+            combine: Combine::Sum,
+            session_cap: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    /// Item table rows, padding row 0 included.
+    pub num_items: usize,
+    /// Event-type table rows, padding row 0 included.
+    pub num_event_types: usize,
+    pub max_len: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_layers: usize,
+    pub ffn_dim: usize,
+    pub dropout: f64,
+    /// Score with the input item embeddings (true) or a separate output table.
+    pub tied_output: bool,
+    pub features: Features,
+    /// Inactivity gap that ends a session; part of the model because its features depend on it.
+    pub session_gap_secs: i64,
+}
+
+impl ModelConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.d_model == 0 || self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
+            return Err(format!(
+                "d_model ({}) must be a positive multiple of n_heads ({})",
+                self.d_model, self.n_heads
+            ));
+        }
+        if self.max_len == 0 || self.n_layers == 0 || self.ffn_dim == 0 {
+            return Err("max_len, n_layers and ffn_dim must be positive".into());
+        }
+        if self.num_items < 2 {
+            return Err(format!(
+                "num_items ({}) must include padding and at least one item",
+                self.num_items
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("dropout ({}) must be in [0, 1)", self.dropout));
+        }
+        Ok(())
+    }
+}

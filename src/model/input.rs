@@ -1,0 +1,165 @@
+//! The one function that turns a user's history into model input, used by training, offline
+//! evaluation and serving alike.
+use tch::{Device, Tensor};
+
+use crate::data::session::{gap_bucket, session_indices, GAP_BUCKET_NONE, GAP_BUCKET_PAD};
+
+/// A user's events in the model's index space, oldest first.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryView<'a> {
+    pub items: &'a [u32],
+    pub timestamps: &'a [i64],
+    pub types: &'a [u32],
+}
+
+impl<'a> HistoryView<'a> {
+    pub fn new(items: &'a [u32], timestamps: &'a [i64], types: &'a [u32]) -> Self {
+        assert!(items.len() == timestamps.len() && items.len() == types.len());
+        Self {
+            items,
+            timestamps,
+            types,
+        }
+    }
+
+    /// The first `len` events.
+    pub fn prefix(&self, len: usize) -> Self {
+        Self::new(&self.items[..len], &self.timestamps[..len], &self.types[..len])
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// One left-padded input row of length `max_len` (padding = 0 everywhere).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedSeq {
+    pub items: Vec<i64>,
+    pub types: Vec<i64>,
+    /// Bucket of the gap to the previous event.
+    pub gaps: Vec<i64>,
+    /// Bucket of the gap from this event to the moment its output predicts.
+    pub prediction_gaps: Vec<i64>,
+    /// Session index within the window; only differences between positions carry meaning.
+    pub sessions: Vec<i64>,
+}
+
+/// Encodes the newest `max_len` events of `history`. Position `j` predicts what happens at the
+/// next event's time, and the last position predicts what happens at `predict_at`.
+///
+/// Every feature of position `j` depends only on events up to `j` (and, for the prediction gap,
+/// on the time of `j + 1`), which keeps the model causal.
+pub fn encode(history: HistoryView, predict_at: i64, max_len: usize, session_gap_secs: i64) -> EncodedSeq {
+    let n = history.len();
+    let start = n.saturating_sub(max_len);
+    let pad = max_len - (n - start);
+    let mut seq = EncodedSeq {
+        items: vec![0; max_len],
+        types: vec![0; max_len],
+        gaps: vec![GAP_BUCKET_PAD; max_len],
+        prediction_gaps: vec![GAP_BUCKET_PAD; max_len],
+        sessions: vec![0; max_len],
+    };
+    let window_sessions = session_indices(&history.timestamps[start..], session_gap_secs);
+    for (offset, i) in (start..n).enumerate() {
+        let j = pad + offset;
+        let ts = history.timestamps[i];
+        seq.items[j] = i64::from(history.items[i]);
+        seq.types[j] = i64::from(history.types[i]);
+        seq.gaps[j] = match i {
+            0 => GAP_BUCKET_NONE,
+            _ => gap_bucket(ts - history.timestamps[i - 1], session_gap_secs),
+        };
+        let next_ts = history.timestamps.get(i + 1).copied().unwrap_or(predict_at);
+        seq.prediction_gaps[j] = gap_bucket(next_ts - ts, session_gap_secs);
+        seq.sessions[j] = i64::from(window_sessions[offset]);
+    }
+    seq
+}
+
+/// A batch of encoded rows as `[B, L]` int64 tensors on one device.
+#[derive(Debug)]
+pub struct Batch {
+    pub items: Tensor,
+    pub types: Tensor,
+    pub gaps: Tensor,
+    pub prediction_gaps: Tensor,
+    pub sessions: Tensor,
+}
+
+impl Batch {
+    pub fn new(rows: &[EncodedSeq], device: Device) -> Self {
+        let field = |get: fn(&EncodedSeq) -> &[i64]| stack_rows(rows.iter().map(get), device);
+        Self {
+            items: field(|r| &r.items),
+            types: field(|r| &r.types),
+            gaps: field(|r| &r.gaps),
+            prediction_gaps: field(|r| &r.prediction_gaps),
+            sessions: field(|r| &r.sessions),
+        }
+    }
+
+    pub fn size(&self) -> i64 {
+        self.items.size()[0]
+    }
+
+    pub fn seq_len(&self) -> i64 {
+        self.items.size()[1]
+    }
+
+    /// `[B, L]` bool: which positions hold a real event.
+    pub fn real_mask(&self) -> Tensor {
+        self.items.ne(0)
+    }
+
+    pub fn device(&self) -> Device {
+        self.items.device()
+    }
+}
+
+/// `[B, L]` int64 tensor from rows of equal length.
+pub fn stack_rows<'a>(rows: impl ExactSizeIterator<Item = &'a [i64]>, device: Device) -> Tensor {
+    let batch = rows.len() as i64;
+    let flat: Vec<i64> = rows.flatten().copied().collect();
+    let width = if batch == 0 { 0 } else { flat.len() as i64 / batch };
+    Tensor::from_slice(&flat).view([batch, width]).to_device(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_left_padded_with_gaps_sessions_and_prediction_gap() {
+        let items = [5, 6, 7];
+        let ts = [100, 110, 10_000];
+        let types = [1, 2, 1];
+        let seq = encode(HistoryView::new(&items, &ts, &types), 10_005, 5, 1800);
+        assert_eq!(seq.items, [0, 0, 5, 6, 7]);
+        assert_eq!(seq.types, [0, 0, 1, 2, 1]);
+        assert_eq!(
+            seq.gaps,
+            [0, 0, GAP_BUCKET_NONE, gap_bucket(10, 1800), gap_bucket(9890, 1800)]
+        );
+        assert_eq!(
+            seq.prediction_gaps,
+            [0, 0, gap_bucket(10, 1800), gap_bucket(9890, 1800), gap_bucket(5, 1800)]
+        );
+        assert_eq!(seq.sessions, [0, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn truncation_keeps_newest_events_and_true_gap_of_first_kept_event() {
+        let items = [1, 2, 3, 4];
+        let ts = [0, 10, 20, 40];
+        let types = [1; 4];
+        let seq = encode(HistoryView::new(&items, &ts, &types), 50, 2, 1800);
+        assert_eq!(seq.items, [3, 4]);
+        assert_eq!(seq.gaps, [gap_bucket(10, 1800), gap_bucket(20, 1800)]);
+    }
+}

@@ -1,0 +1,94 @@
+//! The sequence models, their configuration, input encoding and the on-disk artifact.
+pub mod artifact;
+pub mod config;
+pub mod input;
+pub mod net;
+
+use tch::{nn, Device, Kind, Tensor};
+
+pub use artifact::{Artifact, ArtifactError};
+pub use config::{Arch, Combine, Features, ModelConfig};
+pub use input::{encode, Batch, EncodedSeq, HistoryView};
+
+/// Anything that ranks items for a batch of histories: the trained networks and the baselines
+/// are evaluated through this one interface.
+pub trait Scorer {
+    /// `[B, V]` scores for the next item after each row's last event; higher is better.
+    fn score_next(&self, batch: &Batch) -> Tensor;
+}
+
+/// A trained (or freshly initialised) network with its parameters.
+pub struct SeqModel {
+    pub config: ModelConfig,
+    pub vs: nn::VarStore,
+    pub net: net::Network,
+}
+
+impl SeqModel {
+    /// Parameters initialised from the global tch seed.
+    pub fn new(config: ModelConfig, device: Device) -> Self {
+        let vs = nn::VarStore::new(device);
+        let net = net::Network::new(&vs.root(), &config);
+        Self { config, vs, net }
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// `[B, d]` hidden state at the newest event of each row (inference mode).
+    pub fn last_hidden(&self, batch: &Batch) -> Tensor {
+        tch::no_grad(|| self.net.hidden(batch, false).select(1, -1))
+    }
+}
+
+impl SeqModel {
+    /// Attention of the newest position over every position, per layer, averaged over heads
+    /// (`[layers][L]`, row 0 of the batch). Empty for the LSTM.
+    pub fn last_position_attention(&self, batch: &Batch) -> Vec<Vec<f32>> {
+        let mut weights = Vec::new();
+        let _hidden = tch::no_grad(|| self.net.hidden_with_attention(batch, false, Some(&mut weights)));
+        weights
+            .iter()
+            .map(|w| {
+                Vec::<f32>::try_from(
+                    w.get(0)
+                        .mean_dim(0, false, Kind::Float)
+                        .select(0, -1)
+                        .to_device(Device::Cpu),
+                )
+                .expect("weights")
+            })
+            .collect()
+    }
+}
+
+impl Scorer for SeqModel {
+    fn score_next(&self, batch: &Batch) -> Tensor {
+        tch::no_grad(|| self.net.score(&self.last_hidden(batch)))
+    }
+}
+
+/// Ranks by training popularity, whatever the history.
+pub struct Popularity {
+    counts: Tensor,
+}
+
+impl Popularity {
+    pub fn new(counts: &[u64], device: Device) -> Self {
+        let counts: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
+        Self {
+            counts: Tensor::from_slice(&counts).to_device(device),
+        }
+    }
+}
+
+impl Scorer for Popularity {
+    fn score_next(&self, batch: &Batch) -> Tensor {
+        self.counts
+            .to_kind(Kind::Float)
+            .unsqueeze(0)
+            .expand([batch.size(), -1], false)
+            .contiguous()
+    }
+}

@@ -1,0 +1,291 @@
+//! The networks: a shared input embedding, the causal Transformer and the LSTM baseline.
+use tch::nn::{self, RNN};
+use tch::{Kind, Tensor};
+
+use super::config::{Arch, Combine, ModelConfig};
+use super::input::Batch;
+use crate::data::session::NUM_GAP_BUCKETS;
+
+const EMBED_INIT: nn::Init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+
+fn embedding(p: nn::Path, rows: i64, dim: i64) -> nn::Embedding {
+    nn::embedding(
+        p,
+        rows,
+        dim,
+        nn::EmbeddingConfig {
+            ws_init: EMBED_INIT,
+            ..Default::default()
+        },
+    )
+}
+
+/// Item, position and the enabled per-event features, merged into `[B, L, d]`.
+#[derive(Debug)]
+struct InputEmbedding {
+    items: nn::Embedding,
+    positions: nn::Embedding,
+    gaps: Option<nn::Embedding>,
+    types: Option<nn::Embedding>,
+    prediction_gaps: Option<nn::Embedding>,
+    concat_projection: Option<nn::Linear>,
+    dropout: f64,
+}
+
+impl InputEmbedding {
+    fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+        let d = cfg.d_model as i64;
+        let f = &cfg.features;
+        let optional = |on: bool, name: &str, rows: i64| on.then(|| embedding(p / name, rows, d));
+        let gaps = optional(f.time_gap, "gap_embedding", NUM_GAP_BUCKETS);
+        let types = optional(f.event_type, "type_embedding", cfg.num_event_types as i64);
+        let prediction_gaps = optional(f.prediction_gap, "prediction_gap_embedding", NUM_GAP_BUCKETS);
+        let parts = 2 + [f.time_gap, f.event_type, f.prediction_gap]
+            .iter()
+            .filter(|&&on| on)
+            .count() as i64;
+        let concat_projection = (f.combine == Combine::Concat)
+            .then(|| nn::linear(p / "concat_projection", parts * d, d, Default::default()));
+        Self {
+            items: embedding(p / "item_embedding", cfg.num_items as i64, d),
+            positions: embedding(p / "position_embedding", cfg.max_len as i64, d),
+            gaps,
+            types,
+            prediction_gaps,
+            concat_projection,
+            dropout: cfg.dropout,
+        }
+    }
+
+    fn forward(&self, batch: &Batch, train: bool) -> Tensor {
+        let (b, l) = (batch.size(), batch.seq_len());
+        // Rows are left-padded to the model's max_len, so the newest event always sits at the
+        // last position, online and offline; shorter batches take the last `l` positions.
+        let max_len = self.positions.ws.size()[0];
+        let positions = Tensor::arange_start(max_len - l, max_len, (Kind::Int64, batch.device()));
+        let mut parts = vec![
+            batch.items.apply(&self.items),
+            positions.apply(&self.positions).unsqueeze(0).expand([b, l, -1], false),
+        ];
+        let features = [
+            (&self.gaps, &batch.gaps),
+            (&self.types, &batch.types),
+            (&self.prediction_gaps, &batch.prediction_gaps),
+        ];
+        for (table, index) in features {
+            if let Some(table) = table {
+                parts.push(index.apply(table));
+            }
+        }
+        let merged = match &self.concat_projection {
+            Some(projection) => Tensor::cat(&parts, -1).apply(projection),
+            None => parts
+                .into_iter()
+                .reduce(|acc, part| acc + part)
+                .expect("at least two parts"),
+        };
+        let real = batch.real_mask().unsqueeze(-1).to_kind(merged.kind());
+        merged.dropout(self.dropout, train) * real
+    }
+}
+
+#[derive(Debug)]
+struct TransformerBlock {
+    attn_norm: nn::LayerNorm,
+    qkv: nn::Linear,
+    attn_out: nn::Linear,
+    ffn_norm: nn::LayerNorm,
+    ffn_in: nn::Linear,
+    ffn_out: nn::Linear,
+    n_heads: i64,
+    dropout: f64,
+}
+
+impl TransformerBlock {
+    fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+        let (d, ffn) = (cfg.d_model as i64, cfg.ffn_dim as i64);
+        Self {
+            attn_norm: nn::layer_norm(p / "attn_norm", vec![d], Default::default()),
+            qkv: nn::linear(p / "qkv", d, 3 * d, Default::default()),
+            attn_out: nn::linear(p / "attn_out", d, d, Default::default()),
+            ffn_norm: nn::layer_norm(p / "ffn_norm", vec![d], Default::default()),
+            ffn_in: nn::linear(p / "ffn_in", d, ffn, Default::default()),
+            ffn_out: nn::linear(p / "ffn_out", ffn, d, Default::default()),
+            n_heads: cfg.n_heads as i64,
+            dropout: cfg.dropout,
+        }
+    }
+
+    /// Pre-LayerNorm block. `attn_bias` is `[B, H|1, L, L]`, −inf where attention is not allowed.
+    /// With `capture`, attention is computed explicitly and its weights are pushed there; the
+    /// fused kernel is used otherwise. Both give the same output.
+    fn forward(&self, x: &Tensor, attn_bias: &Tensor, train: bool, capture: Option<&mut Vec<Tensor>>) -> Tensor {
+        let (b, l, d) = x.size3().expect("[B, L, d]");
+        let head_dim = d / self.n_heads;
+        let qkv = x
+            .apply(&self.attn_norm)
+            .apply(&self.qkv)
+            .view([b, l, 3, self.n_heads, head_dim])
+            .permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let dropout = if train { self.dropout } else { 0.0 };
+        let attended = match capture {
+            None => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(attn_bias), dropout, false, None, false),
+            Some(weights_out) => {
+                let logits = q.matmul(&k.transpose(-2, -1)) / (head_dim as f64).sqrt() + attn_bias;
+                let weights = logits.softmax(-1, Kind::Float);
+                let out = weights.dropout(dropout, train).matmul(&v);
+                weights_out.push(weights);
+                out
+            }
+        };
+        let attended = attended.transpose(1, 2).reshape([b, l, d]).apply(&self.attn_out);
+        let x = x + attended.dropout(self.dropout, train);
+        let ffn = x
+            .apply(&self.ffn_norm)
+            .apply(&self.ffn_in)
+            .gelu("none")
+            .dropout(self.dropout, train)
+            .apply(&self.ffn_out);
+        &x + ffn.dropout(self.dropout, train)
+    }
+}
+
+#[derive(Debug)]
+struct Transformer {
+    blocks: Vec<TransformerBlock>,
+    session_bias: Option<nn::Embedding>,
+    session_cap: i64,
+    final_norm: nn::LayerNorm,
+}
+
+impl Transformer {
+    fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+        let cap = cfg.features.session_cap as i64;
+        let blocks = (0..cfg.n_layers)
+            .map(|i| TransformerBlock::new(&(p / format!("block{i}")), cfg))
+            .collect();
+        let session_bias = cfg.features.session_recency.then(|| {
+            nn::embedding(
+                p / "session_bias",
+                cap + 1,
+                cfg.n_heads as i64,
+                nn::EmbeddingConfig {
+                    ws_init: nn::Init::Const(0.0),
+                    ..Default::default()
+                },
+            )
+        });
+        Self {
+            blocks,
+            session_bias,
+            session_cap: cap,
+            final_norm: nn::layer_norm(p / "final_norm", vec![cfg.d_model as i64], Default::default()),
+        }
+    }
+
+    /// `[B, H|1, L, L]` additive attention bias: causal, no attention to padding (a padding
+    /// query attends to itself only, so no row is empty), plus the session-recency bias.
+    fn attention_bias(&self, batch: &Batch) -> Tensor {
+        let (l, device) = (batch.seq_len(), batch.device());
+        let causal = Tensor::ones([l, l], (Kind::Bool, device)).tril(0);
+        let diagonal = Tensor::eye(l, (Kind::Bool, device));
+        let allowed = causal
+            .unsqueeze(0)
+            .logical_and(&batch.real_mask().unsqueeze(1).logical_or(&diagonal.unsqueeze(0)));
+        let bias = match &self.session_bias {
+            // Sessions between key and query, seen from the query: 0 = its own session.
+            Some(table) => {
+                let sessions = &batch.sessions;
+                let distance = (sessions.unsqueeze(2) - sessions.unsqueeze(1)).clamp(0, self.session_cap);
+                distance.apply(table).permute([0, 3, 1, 2])
+            }
+            None => Tensor::zeros([batch.size(), 1, l, l], (Kind::Float, device)),
+        };
+        bias.masked_fill(&allowed.logical_not().unsqueeze(1), f64::NEG_INFINITY)
+    }
+
+    fn forward(&self, x: Tensor, batch: &Batch, train: bool, mut capture: Option<&mut Vec<Tensor>>) -> Tensor {
+        let bias = self.attention_bias(batch);
+        let mut x = x;
+        for block in &self.blocks {
+            x = block.forward(&x, &bias, train, capture.as_deref_mut());
+        }
+        x.apply(&self.final_norm)
+    }
+}
+
+#[derive(Debug)]
+struct Lstm {
+    lstm: nn::LSTM,
+    final_norm: nn::LayerNorm,
+}
+
+#[derive(Debug)]
+enum Encoder {
+    Transformer(Transformer),
+    Lstm(Lstm),
+}
+
+/// Input embedding → sequence encoder → scores against the item table.
+#[derive(Debug)]
+pub struct Network {
+    input: InputEmbedding,
+    encoder: Encoder,
+    output_items: Option<nn::Embedding>,
+}
+
+impl Network {
+    pub fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+        let d = cfg.d_model as i64;
+        let encoder = match cfg.arch {
+            Arch::Transformer => Encoder::Transformer(Transformer::new(&(p / "transformer"), cfg)),
+            Arch::Lstm => {
+                let rnn = nn::RNNConfig {
+                    num_layers: cfg.n_layers as i64,
+                    dropout: cfg.dropout,
+                    batch_first: true,
+                    ..Default::default()
+                };
+                Encoder::Lstm(Lstm {
+                    lstm: nn::lstm(p / "lstm", d, d, rnn),
+                    final_norm: nn::layer_norm(p / "lstm_norm", vec![d], Default::default()),
+                })
+            }
+        };
+        let output_items = (!cfg.tied_output).then(|| embedding(p / "output_embedding", cfg.num_items as i64, d));
+        Self {
+            input: InputEmbedding::new(p, cfg),
+            encoder,
+            output_items,
+        }
+    }
+
+    /// `[B, L, d]` hidden states; position `j` summarises events up to `j`.
+    pub fn hidden(&self, batch: &Batch, train: bool) -> Tensor {
+        self.hidden_with_attention(batch, train, None)
+    }
+
+    /// Like [`Self::hidden`], also collecting per-layer attention weights `[B, H, L, L]` when
+    /// `capture` is given (Transformer only).
+    pub fn hidden_with_attention(&self, batch: &Batch, train: bool, capture: Option<&mut Vec<Tensor>>) -> Tensor {
+        let x = self.input.forward(batch, train);
+        match &self.encoder {
+            Encoder::Transformer(t) => t.forward(x, batch, train, capture),
+            Encoder::Lstm(l) => {
+                let (out, _) = l.lstm.seq(&x);
+                out.apply(&l.final_norm)
+            }
+        }
+    }
+
+    /// `[V, d]` table that hidden states are scored against.
+    pub fn item_table(&self) -> &Tensor {
+        &self.output_items.as_ref().unwrap_or(&self.input.items).ws
+    }
+
+    /// Scores of every item for each hidden state: `[..., d]` → `[..., V]`.
+    pub fn score(&self, hidden: &Tensor) -> Tensor {
+        hidden.matmul(&self.item_table().tr())
+    }
+}

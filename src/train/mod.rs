@@ -1,0 +1,226 @@
+//! The training loop: AdamW on next-item cross-entropy at every position, early stopping on
+//! validation NDCG@10, best weights restored at the end.
+pub mod plot;
+pub mod windows;
+
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+
+use crate::data::split::{SequenceSet, Target};
+use crate::eval::{evaluate, EvalOptions, SplitMetrics};
+use crate::model::input::stack_rows;
+use crate::model::{Batch, EncodedSeq, ModelConfig, SeqModel};
+use windows::{training_windows, Window};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Loss {
+    /// Softmax over the whole catalogue.
+    Full,
+    /// Softmax over the target and `negatives` uniformly sampled items shared by the batch.
+    Sampled,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub seed: u64,
+    pub max_epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    /// Stop after this many epochs without a better validation NDCG@10.
+    pub patience: usize,
+    pub loss: Loss,
+    pub negatives: usize,
+    #[serde(skip, default = "cpu")]
+    pub device: Device,
+    /// Show a progress bar.
+    #[serde(skip)]
+    pub progress: bool,
+}
+
+fn cpu() -> Device {
+    Device::Cpu
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub validation_ndcg10: f64,
+    pub sequences_per_sec: f64,
+}
+
+pub struct TrainOutcome {
+    pub model: SeqModel,
+    pub epochs: Vec<EpochLog>,
+    pub best_epoch: usize,
+    pub seconds: f64,
+}
+
+/// Trains a fresh model of `model_config` on the training part of `set`.
+pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) -> TrainOutcome {
+    tch::manual_seed(cfg.seed as i64);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let model = SeqModel::new(model_config, cfg.device);
+    let mc = &model.config;
+    let windows = training_windows(set, mc.max_len, mc.session_gap_secs);
+    let mut opt = nn::AdamW {
+        beta2: 0.98,
+        wd: cfg.weight_decay,
+        ..Default::default()
+    }
+    .build(&model.vs, cfg.learning_rate)
+    .expect("optimizer");
+    let eval_opts = EvalOptions {
+        target: Target::Validation,
+        exclude_seen: true,
+        batch_size: 256,
+        max_len: mc.max_len,
+        session_gap_secs: mc.session_gap_secs,
+        device: cfg.device,
+    };
+    let bar = if cfg.progress {
+        ProgressBar::new(cfg.max_epochs as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {pos}/{len} {msg}").expect("template"),
+    );
+    let started = Instant::now();
+    let (mut epochs, mut best_epoch, mut best_score, mut best_weights) =
+        (Vec::new(), 0, f64::NEG_INFINITY, snapshot(&model.vs));
+    for epoch in 1..=cfg.max_epochs {
+        let epoch_start = Instant::now();
+        let train_loss = run_epoch(&model, &mut opt, &windows, cfg, &mut rng);
+        let validation = SplitMetrics::from_results(&evaluate(&model, set, &eval_opts));
+        let validation_ndcg10 = validation.all.get("NDCG@10");
+        let sequences_per_sec = windows.len() as f64 / epoch_start.elapsed().as_secs_f64();
+        epochs.push(EpochLog {
+            epoch,
+            train_loss,
+            validation_ndcg10,
+            sequences_per_sec,
+        });
+        if validation_ndcg10 > best_score {
+            (best_epoch, best_score, best_weights) = (epoch, validation_ndcg10, snapshot(&model.vs));
+        }
+        bar.set_message(format!("loss {train_loss:.4} val NDCG@10 {validation_ndcg10:.4} (best {best_score:.4} @ {best_epoch}) {sequences_per_sec:.0} seq/s"));
+        bar.inc(1);
+        if epoch - best_epoch >= cfg.patience {
+            break;
+        }
+    }
+    bar.finish();
+    restore(&model.vs, &best_weights);
+    TrainOutcome {
+        model,
+        epochs,
+        best_epoch,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+fn snapshot(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    vs.variables()
+        .into_iter()
+        .map(|(name, t)| (name, t.detach().copy()))
+        .collect()
+}
+
+fn restore(vs: &nn::VarStore, weights: &[(String, Tensor)]) {
+    let mut vars = vs.variables();
+    tch::no_grad(|| {
+        for (name, value) in weights {
+            vars.get_mut(name).expect("same variables").copy_(value);
+        }
+    });
+}
+
+/// Batches hold windows of similar length (sorted within shuffled groups of batches) so little
+/// compute goes to padding, while batch order stays random.
+fn batch_plan(windows: &[Window], batch_size: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..windows.len()).collect();
+    order.shuffle(rng);
+    let mut batches = Vec::new();
+    for group in order.chunks(batch_size * 32) {
+        let mut group = group.to_vec();
+        group.sort_by_key(|&i| windows[i].len);
+        batches.extend(group.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    batches.shuffle(rng);
+    batches
+}
+
+fn run_epoch(
+    model: &SeqModel,
+    opt: &mut nn::Optimizer,
+    windows: &[Window],
+    cfg: &TrainConfig,
+    rng: &mut ChaCha8Rng,
+) -> f64 {
+    let (mut loss_sum, mut batches) = (0.0, 0);
+    for batch_indices in batch_plan(windows, cfg.batch_size, rng) {
+        let rows: Vec<&Window> = batch_indices.iter().map(|&i| &windows[i]).collect();
+        let width = rows.iter().map(|w| w.len).max().unwrap_or(1);
+        let (batch, targets) = trimmed_batch(&rows, width, cfg.device);
+        let loss = batch_loss(model, &batch, &targets, cfg, rng);
+        opt.zero_grad();
+        loss.backward();
+        opt.clip_grad_norm(cfg.grad_clip);
+        opt.step();
+        loss_sum += loss.double_value(&[]);
+        batches += 1;
+    }
+    loss_sum / batches.max(1) as f64
+}
+
+/// The last `width` positions of each row: everything before them is padding for all rows.
+fn trimmed_batch(rows: &[&Window], width: usize, device: Device) -> (Batch, Tensor) {
+    let tail = |v: &[i64]| v[v.len() - width..].to_vec();
+    let inputs: Vec<EncodedSeq> = rows
+        .iter()
+        .map(|w| EncodedSeq {
+            items: tail(&w.input.items),
+            types: tail(&w.input.types),
+            gaps: tail(&w.input.gaps),
+            prediction_gaps: tail(&w.input.prediction_gaps),
+            sessions: tail(&w.input.sessions),
+        })
+        .collect();
+    let targets = stack_rows(rows.iter().map(|w| &w.targets[w.targets.len() - width..]), device);
+    (Batch::new(&inputs, device), targets)
+}
+
+fn batch_loss(model: &SeqModel, batch: &Batch, targets: &Tensor, cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> Tensor {
+    let hidden = model.net.hidden(batch, true);
+    let d = hidden.size()[2];
+    let keep = targets.ne(0).view(-1).nonzero().squeeze_dim(1);
+    let hidden = hidden.view([-1, d]).index_select(0, &keep);
+    let targets = targets.view(-1).index_select(0, &keep);
+    match cfg.loss {
+        Loss::Full => model.net.score(&hidden).cross_entropy_for_logits(&targets),
+        Loss::Sampled => {
+            let table = model.net.item_table();
+            let num_items = table.size()[0];
+            let negatives: Vec<i64> = (0..cfg.negatives)
+                .map(|_| rand::Rng::gen_range(rng, 1..num_items))
+                .collect();
+            let negatives = Tensor::from_slice(&negatives).to_device(cfg.device);
+            let positive = (&hidden * table.index_select(0, &targets)).sum_dim_intlist(-1, true, Kind::Float);
+            let negative = hidden.matmul(&table.index_select(0, &negatives).tr());
+            // A sampled "negative" that is the target must not push its own score down.
+            let collision = negatives.unsqueeze(0).eq_tensor(&targets.unsqueeze(1));
+            let logits = Tensor::cat(&[positive, negative.masked_fill(&collision, f64::NEG_INFINITY)], 1);
+            logits.cross_entropy_for_logits(&Tensor::zeros([logits.size()[0]], (Kind::Int64, cfg.device)))
+        }
+    }
+}
