@@ -1,5 +1,5 @@
 //! The networks: a shared input embedding, the causal Transformer and the LSTM baseline.
-use tch::nn::{self, RNN};
+use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::config::{Arch, Combine, ModelConfig};
@@ -215,10 +215,44 @@ impl Transformer {
     }
 }
 
+/// A stacked LSTM over libtorch's fused kernel. tch's `nn::LSTM` fixes train mode (and so
+/// inter-layer dropout) at construction; inference must run without it.
 #[derive(Debug)]
 struct Lstm {
-    lstm: nn::LSTM,
+    /// Per layer: input-hidden and hidden-hidden weights and biases, in libtorch's order.
+    weights: Vec<Tensor>,
+    layers: i64,
+    hidden_dim: i64,
+    dropout: f64,
     final_norm: nn::LayerNorm,
+}
+
+impl Lstm {
+    fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+        let d = cfg.d_model as i64;
+        let bound = 1.0 / (d as f64).sqrt();
+        let init = nn::Init::Uniform { lo: -bound, up: bound };
+        let mut weights = Vec::new();
+        for layer in 0..cfg.n_layers {
+            weights.push(p.var(&format!("weight_ih_l{layer}"), &[4 * d, d], init));
+            weights.push(p.var(&format!("weight_hh_l{layer}"), &[4 * d, d], init));
+            weights.push(p.var(&format!("bias_ih_l{layer}"), &[4 * d], init));
+            weights.push(p.var(&format!("bias_hh_l{layer}"), &[4 * d], init));
+        }
+        Self {
+            weights,
+            layers: cfg.n_layers as i64,
+            hidden_dim: d,
+            dropout: cfg.dropout,
+            final_norm: nn::layer_norm(p / "norm", vec![d], Default::default()),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let state = Tensor::zeros([self.layers, x.size()[0], self.hidden_dim], (x.kind(), x.device()));
+        let (out, _, _) = x.lstm(&[&state, &state], &self.weights.iter().collect::<Vec<_>>(), true, self.layers, self.dropout, train, false, true);
+        out.apply(&self.final_norm)
+    }
 }
 
 #[derive(Debug)]
@@ -240,18 +274,7 @@ impl Network {
         let d = cfg.d_model as i64;
         let encoder = match cfg.arch {
             Arch::Transformer => Encoder::Transformer(Transformer::new(&(p / "transformer"), cfg)),
-            Arch::Lstm => {
-                let rnn = nn::RNNConfig {
-                    num_layers: cfg.n_layers as i64,
-                    dropout: cfg.dropout,
-                    batch_first: true,
-                    ..Default::default()
-                };
-                Encoder::Lstm(Lstm {
-                    lstm: nn::lstm(p / "lstm", d, d, rnn),
-                    final_norm: nn::layer_norm(p / "lstm_norm", vec![d], Default::default()),
-                })
-            }
+            Arch::Lstm => Encoder::Lstm(Lstm::new(&(p / "lstm"), cfg)),
         };
         let output_items = (!cfg.tied_output).then(|| embedding(p / "output_embedding", cfg.num_items as i64, d));
         Self {
@@ -272,10 +295,7 @@ impl Network {
         let x = self.input.forward(batch, train);
         match &self.encoder {
             Encoder::Transformer(t) => t.forward(x, batch, train, capture),
-            Encoder::Lstm(l) => {
-                let (out, _) = l.lstm.seq(&x);
-                out.apply(&l.final_norm)
-            }
+            Encoder::Lstm(lstm) => lstm.forward(&x, train),
         }
     }
 

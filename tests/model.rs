@@ -1,0 +1,220 @@
+//! Model-level behaviour: causality, attention-kernel parity, batch independence, artifact
+//! round-trips and load-time validation.
+use tch::{Device, Kind, Tensor};
+use xsrec::data::vocab::Vocab;
+use xsrec::model::artifact::{Artifact, ArtifactConfig, FORMAT_VERSION};
+use xsrec::model::{encode, Arch, Batch, Combine, Features, HistoryView, ModelConfig, Scorer, SeqModel};
+
+const MAX_LEN: usize = 16;
+const GAP: i64 = 1800;
+
+fn config(arch: Arch, combine: Combine) -> ModelConfig {
+    ModelConfig {
+        arch,
+        num_items: 30,
+        num_event_types: 4,
+        max_len: MAX_LEN,
+        d_model: 16,
+        n_heads: 2,
+        n_layers: 2,
+        ffn_dim: 32,
+        dropout: 0.1,
+        tied_output: arch == Arch::Transformer,
+        features: Features { combine, ..Features::default() },
+        session_gap_secs: GAP,
+    }
+}
+
+fn model(arch: Arch, combine: Combine) -> SeqModel {
+    tch::manual_seed(3);
+    let model = SeqModel::new(config(arch, combine), Device::Cpu);
+    // Random non-zero session biases, so the test sees the feature at work.
+    tch::no_grad(|| {
+        for (name, mut t) in model.vs.variables() {
+            if name.contains("session_bias") {
+                t.copy_(&Tensor::randn_like(&t));
+            }
+        }
+    });
+    model
+}
+
+struct History {
+    items: Vec<u32>,
+    timestamps: Vec<i64>,
+    types: Vec<u32>,
+}
+
+fn history() -> History {
+    // Three sessions, gaps of seconds inside and hours between.
+    let timestamps = vec![0, 30, 95, 7_300, 7_320, 7_400, 40_000, 40_010, 40_100, 40_160, 40_200, 40_260];
+    History {
+        items: (0..timestamps.len() as u32).map(|i| 1 + (i * 7) % 29).collect(),
+        types: (0..timestamps.len() as u32).map(|i| 1 + i % 3).collect(),
+        timestamps,
+    }
+}
+
+fn all_hidden(model: &SeqModel, h: &History, at: i64) -> Tensor {
+    let row = encode(HistoryView::new(&h.items, &h.timestamps, &h.types), at, MAX_LEN, GAP);
+    tch::no_grad(|| model.net.hidden(&Batch::new(&[row], Device::Cpu), false)).get(0)
+}
+
+fn variants() -> Vec<SeqModel> {
+    vec![
+        model(Arch::Transformer, Combine::Sum),
+        model(Arch::Transformer, Combine::Concat),
+        model(Arch::Lstm, Combine::Sum),
+    ]
+}
+
+#[test]
+fn changing_a_later_event_never_changes_an_earlier_position() {
+    for model in variants() {
+        let base = history();
+        let n = base.items.len();
+        let pad = MAX_LEN - n;
+        let before = all_hidden(&model, &base, 40_300);
+        for j in 1..n {
+            let mut changed = history();
+            changed.items[j] = changed.items[j] % 29 + 1;
+            changed.types[j] = 1 + (changed.types[j] % 3);
+            let after = all_hidden(&model, &changed, 40_300);
+            let earlier = |t: &Tensor| t.narrow(0, 0, (pad + j) as i64);
+            assert!(earlier(&before).equal(&earlier(&after)), "{:?}: item change at {j} leaked backwards", model.config.arch);
+            assert!(!before.get((pad + j) as i64).equal(&after.get((pad + j) as i64)), "item change at {j} had no effect");
+
+            // A timestamp is also the prediction moment of the event before it, so it may change
+            // positions j-1 and later only.
+            let mut shifted = history();
+            for ts in &mut shifted.timestamps[j..] {
+                *ts += 100_000;
+            }
+            let after = all_hidden(&model, &shifted, 140_300);
+            let upto = (pad + j - 1) as i64;
+            assert!(before.narrow(0, 0, upto).equal(&after.narrow(0, 0, upto)), "time change at {j} leaked backwards");
+        }
+    }
+}
+
+#[test]
+fn explicit_attention_matches_fused_kernel() {
+    for combine in [Combine::Sum, Combine::Concat] {
+        let model = model(Arch::Transformer, combine);
+        let h = history();
+        let row = encode(HistoryView::new(&h.items, &h.timestamps, &h.types), 40_300, MAX_LEN, GAP);
+        let batch = Batch::new(&[row], Device::Cpu);
+        let mut weights = Vec::new();
+        let (fused, explicit) = tch::no_grad(|| {
+            (model.net.hidden(&batch, false), model.net.hidden_with_attention(&batch, false, Some(&mut weights)))
+        });
+        let diff = (fused - explicit).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "max diff {diff}");
+        assert_eq!(weights.len(), 2);
+        // Each query's weights form a distribution over allowed keys only.
+        let sums = weights[0].sum_dim_intlist(-1, false, Kind::Float);
+        assert!((sums - 1.0).abs().max().double_value(&[]) < 1e-5);
+        let future = weights[0].get(0).get(0).triu(1).abs().sum(Kind::Float).double_value(&[]);
+        assert_eq!(future, 0.0, "attention to future positions");
+        let attention = model.last_position_attention(&batch);
+        let padding_mass: f32 = attention[0][..MAX_LEN - h.items.len()].iter().sum();
+        assert_eq!(padding_mass, 0.0, "the newest position attends to padding");
+    }
+}
+
+#[test]
+fn a_row_scores_the_same_alone_and_in_a_batch() {
+    for model in variants() {
+        let h = history();
+        let rows: Vec<_> = (3..=h.items.len())
+            .map(|n| {
+                let view = HistoryView::new(&h.items, &h.timestamps, &h.types).prefix(n);
+                encode(view, h.timestamps[n - 1] + 60, MAX_LEN, GAP)
+            })
+            .collect();
+        let batched = model.score_next(&Batch::new(&rows, Device::Cpu));
+        for (i, row) in rows.iter().enumerate() {
+            let alone = model.score_next(&Batch::new(std::slice::from_ref(row), Device::Cpu));
+            let diff = (batched.get(i as i64) - alone.get(0)).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{:?} row {i}: {diff}", model.config.arch);
+        }
+    }
+}
+
+fn artifact(model: SeqModel) -> Artifact {
+    let items = Vocab::from_ids((1..30).map(|i| format!("item{i}")));
+    let event_types = Vocab::from_ids(["".to_string(), "view".into(), "buy".into()]);
+    Artifact {
+        config: ArtifactConfig {
+            format_version: FORMAT_VERSION,
+            model: model.config.clone(),
+            event_types: event_types.ids().to_vec(),
+            info: serde_json::json!({"note": "test"}),
+        },
+        item_counts: (0..30).collect(),
+        item_categories: (0..30).map(|i| if i % 2 == 1 { vec!["Drama".to_string(), "War".into()] } else { vec![] }).collect(),
+        items,
+        event_types,
+        model,
+    }
+}
+
+#[test]
+fn artifact_round_trip_reproduces_scores_exactly() {
+    for model in variants() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = history();
+        let row = encode(HistoryView::new(&h.items, &h.timestamps, &h.types), 40_300, MAX_LEN, GAP);
+        let batch = Batch::new(&[row], Device::Cpu);
+        let before = model.score_next(&batch);
+        let saved = artifact(model);
+        saved.save(dir.path()).unwrap();
+        let loaded = Artifact::load(dir.path(), Device::Cpu).unwrap();
+        assert!(before.equal(&loaded.model.score_next(&batch)), "scores changed after reload");
+        assert_eq!(loaded.items, saved.items);
+        assert_eq!(loaded.event_types, saved.event_types);
+        assert_eq!(loaded.item_counts, saved.item_counts);
+        assert_eq!(loaded.item_categories, saved.item_categories);
+        assert_eq!(loaded.config.model, saved.config.model);
+    }
+}
+
+fn edit_config(dir: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut value);
+    std::fs::write(&path, value.to_string()).unwrap();
+}
+
+fn load_error(dir: &std::path::Path) -> String {
+    match Artifact::load(dir, Device::Cpu) {
+        Ok(_) => panic!("load should fail"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn loader_rejects_mismatched_or_unknown_artifacts_with_specific_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    artifact(model(Arch::Transformer, Combine::Sum)).save(dir.path()).unwrap();
+
+    edit_config(dir.path(), |v| v["model"]["ffn_dim"] = 48.into());
+    let err = load_error(dir.path());
+    assert!(err.contains("tensor `transformer.block0.ffn_in.bias`") && err.contains("[32]") && err.contains("[48]"), "{err}");
+
+    edit_config(dir.path(), |v| {
+        v["model"]["ffn_dim"] = 32.into();
+        v["model"]["features"]["time_gap"] = false.into();
+    });
+    let err = load_error(dir.path());
+    assert!(err.contains("tensor `gap_embedding.weight`") && err.contains("not part of the configured model"), "{err}");
+
+    edit_config(dir.path(), |v| v["format_version"] = 99.into());
+    assert!(load_error(dir.path()).contains("format_version 99 is not supported"));
+
+    edit_config(dir.path(), |v| {
+        v["format_version"] = FORMAT_VERSION.into();
+        v["model"].as_object_mut().unwrap().remove("max_len");
+    });
+    assert!(load_error(dir.path()).contains("missing field `max_len`"));
+}
