@@ -20,7 +20,10 @@ fn config(arch: Arch, combine: Combine) -> ModelConfig {
         ffn_dim: 32,
         dropout: 0.1,
         tied_output: arch == Arch::Transformer,
-        features: Features { combine, ..Features::default() },
+        features: Features {
+            combine,
+            ..Features::default()
+        },
         session_gap_secs: GAP,
     }
 }
@@ -47,7 +50,9 @@ struct History {
 
 fn history() -> History {
     // Three sessions, gaps of seconds inside and hours between.
-    let timestamps = vec![0, 30, 95, 7_300, 7_320, 7_400, 40_000, 40_010, 40_100, 40_160, 40_200, 40_260];
+    let timestamps = vec![
+        0, 30, 95, 7_300, 7_320, 7_400, 40_000, 40_010, 40_100, 40_160, 40_200, 40_260,
+    ];
     History {
         items: (0..timestamps.len() as u32).map(|i| 1 + (i * 7) % 29).collect(),
         types: (0..timestamps.len() as u32).map(|i| 1 + i % 3).collect(),
@@ -81,8 +86,15 @@ fn changing_a_later_event_never_changes_an_earlier_position() {
             changed.types[j] = 1 + (changed.types[j] % 3);
             let after = all_hidden(&model, &changed, 40_300);
             let earlier = |t: &Tensor| t.narrow(0, 0, (pad + j) as i64);
-            assert!(earlier(&before).equal(&earlier(&after)), "{:?}: item change at {j} leaked backwards", model.config.arch);
-            assert!(!before.get((pad + j) as i64).equal(&after.get((pad + j) as i64)), "item change at {j} had no effect");
+            assert!(
+                earlier(&before).equal(&earlier(&after)),
+                "{:?}: item change at {j} leaked backwards",
+                model.config.arch
+            );
+            assert!(
+                !before.get((pad + j) as i64).equal(&after.get((pad + j) as i64)),
+                "item change at {j} had no effect"
+            );
 
             // A timestamp is also the prediction moment of the event before it, so it may change
             // positions j-1 and later only.
@@ -92,7 +104,10 @@ fn changing_a_later_event_never_changes_an_earlier_position() {
             }
             let after = all_hidden(&model, &shifted, 140_300);
             let upto = (pad + j - 1) as i64;
-            assert!(before.narrow(0, 0, upto).equal(&after.narrow(0, 0, upto)), "time change at {j} leaked backwards");
+            assert!(
+                before.narrow(0, 0, upto).equal(&after.narrow(0, 0, upto)),
+                "time change at {j} leaked backwards"
+            );
         }
     }
 }
@@ -102,11 +117,19 @@ fn explicit_attention_matches_fused_kernel() {
     for combine in [Combine::Sum, Combine::Concat] {
         let model = model(Arch::Transformer, combine);
         let h = history();
-        let row = encode(HistoryView::new(&h.items, &h.timestamps, &h.types), 40_300, MAX_LEN, GAP);
+        let row = encode(
+            HistoryView::new(&h.items, &h.timestamps, &h.types),
+            40_300,
+            MAX_LEN,
+            GAP,
+        );
         let batch = Batch::new(&[row], Device::Cpu);
         let mut weights = Vec::new();
         let (fused, explicit) = tch::no_grad(|| {
-            (model.net.hidden(&batch, false), model.net.hidden_with_attention(&batch, false, Some(&mut weights)))
+            (
+                model.net.hidden(&batch, false),
+                model.net.hidden_with_attention(&batch, false, Some(&mut weights)),
+            )
         });
         let diff = (fused - explicit).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "max diff {diff}");
@@ -114,7 +137,13 @@ fn explicit_attention_matches_fused_kernel() {
         // Each query's weights form a distribution over allowed keys only.
         let sums = weights[0].sum_dim_intlist(-1, false, Kind::Float);
         assert!((sums - 1.0).abs().max().double_value(&[]) < 1e-5);
-        let future = weights[0].get(0).get(0).triu(1).abs().sum(Kind::Float).double_value(&[]);
+        let future = weights[0]
+            .get(0)
+            .get(0)
+            .triu(1)
+            .abs()
+            .sum(Kind::Float)
+            .double_value(&[]);
         assert_eq!(future, 0.0, "attention to future positions");
         let attention = model.last_position_attention(&batch);
         let padding_mass: f32 = attention[0][..MAX_LEN - h.items.len()].iter().sum();
@@ -152,7 +181,15 @@ fn artifact(model: SeqModel) -> Artifact {
             info: serde_json::json!({"note": "test"}),
         },
         item_counts: (0..30).collect(),
-        item_categories: (0..30).map(|i| if i % 2 == 1 { vec!["Drama".to_string(), "War".into()] } else { vec![] }).collect(),
+        item_categories: (0..30)
+            .map(|i| {
+                if i % 2 == 1 {
+                    vec!["Drama".to_string(), "War".into()]
+                } else {
+                    vec![]
+                }
+            })
+            .collect(),
         items,
         event_types,
         model,
@@ -164,13 +201,21 @@ fn artifact_round_trip_reproduces_scores_exactly() {
     for model in variants() {
         let dir = tempfile::tempdir().unwrap();
         let h = history();
-        let row = encode(HistoryView::new(&h.items, &h.timestamps, &h.types), 40_300, MAX_LEN, GAP);
+        let row = encode(
+            HistoryView::new(&h.items, &h.timestamps, &h.types),
+            40_300,
+            MAX_LEN,
+            GAP,
+        );
         let batch = Batch::new(&[row], Device::Cpu);
         let before = model.score_next(&batch);
         let saved = artifact(model);
         saved.save(dir.path()).unwrap();
         let loaded = Artifact::load(dir.path(), Device::Cpu).unwrap();
-        assert!(before.equal(&loaded.model.score_next(&batch)), "scores changed after reload");
+        assert!(
+            before.equal(&loaded.model.score_next(&batch)),
+            "scores changed after reload"
+        );
         assert_eq!(loaded.items, saved.items);
         assert_eq!(loaded.event_types, saved.event_types);
         assert_eq!(loaded.item_counts, saved.item_counts);
@@ -196,18 +241,26 @@ fn load_error(dir: &std::path::Path) -> String {
 #[test]
 fn loader_rejects_mismatched_or_unknown_artifacts_with_specific_errors() {
     let dir = tempfile::tempdir().unwrap();
-    artifact(model(Arch::Transformer, Combine::Sum)).save(dir.path()).unwrap();
+    artifact(model(Arch::Transformer, Combine::Sum))
+        .save(dir.path())
+        .unwrap();
 
     edit_config(dir.path(), |v| v["model"]["ffn_dim"] = 48.into());
     let err = load_error(dir.path());
-    assert!(err.contains("tensor `transformer.block0.ffn_in.bias`") && err.contains("[32]") && err.contains("[48]"), "{err}");
+    assert!(
+        err.contains("tensor `transformer.block0.ffn_in.bias`") && err.contains("[32]") && err.contains("[48]"),
+        "{err}"
+    );
 
     edit_config(dir.path(), |v| {
         v["model"]["ffn_dim"] = 32.into();
         v["model"]["features"]["time_gap"] = false.into();
     });
     let err = load_error(dir.path());
-    assert!(err.contains("tensor `gap_embedding.weight`") && err.contains("not part of the configured model"), "{err}");
+    assert!(
+        err.contains("tensor `gap_embedding.weight`") && err.contains("not part of the configured model"),
+        "{err}"
+    );
 
     edit_config(dir.path(), |v| v["format_version"] = 99.into());
     assert!(load_error(dir.path()).contains("format_version 99 is not supported"));

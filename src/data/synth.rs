@@ -181,28 +181,32 @@ impl World {
                     interests[rng.gen_range(0..INTERESTS)]
                 };
             }
-            now = self.session(cfg, rng, &user_id, active, now, out);
+            let mut length = rng.gen_range(cfg.events_per_session.0..=cfg.events_per_session.1);
+            if session + 1 == sessions {
+                // The log ends at an arbitrary moment, often early in a session, so that held-out
+                // final events include session starts, as in a live log.
+                length = rng.gen_range(1..=length);
+            }
+            now = self.session(cfg.session_gap_secs, rng, &user_id, (active, now, length), out);
             if rng.gen_bool(DRIFT_PROBABILITY) {
                 interests[rng.gen_range(0..INTERESTS)] = self.draw_cluster(rng);
             }
         }
     }
 
-    /// Appends one session starting at `start`; returns the time of its last event.
+    /// Appends `length` events from `cluster` starting at `start`; returns the time of the last.
     fn session(
         &self,
-        cfg: &SynthConfig,
+        session_gap_secs: i64,
         rng: &mut impl Rng,
         user_id: &str,
-        cluster: usize,
-        start: i64,
+        (cluster, start, length): (usize, i64, usize),
         out: &mut Vec<Event>,
     ) -> i64 {
-        let length = rng.gen_range(cfg.events_per_session.0..=cfg.events_per_session.1);
         let mut now = start;
         for k in 0..length {
             if k > 0 {
-                now += click_gap(rng, cfg.session_gap_secs);
+                now += click_gap(rng, session_gap_secs);
             }
             out.push(Event {
                 user_id: user_id.to_owned(),
@@ -279,7 +283,9 @@ mod tests {
         let mut out = Vec::new();
         let mut start = 0;
         for i in 1..=events.len() {
-            if i == events.len() || events[i].timestamp - events[i - 1].timestamp >= gap {
+            if i == events.len()
+                || crate::data::session::starts_new_session(events[i].timestamp - events[i - 1].timestamp, gap)
+            {
                 out.push(&events[start..i]);
                 start = i;
             }
@@ -341,10 +347,12 @@ mod tests {
                 let sessions = sessions(user, gap);
                 let (lo, hi) = cfg.sessions_per_user;
                 assert!((lo..=hi).contains(&sessions.len()), "{} sessions", sessions.len());
-                for s in sessions {
-                    let (lo, hi) = cfg.events_per_session;
+                let (lo, hi) = cfg.events_per_session;
+                let (last, earlier) = sessions.split_last().unwrap();
+                for s in earlier {
                     assert!((lo..=hi).contains(&s.len()), "session of {}", s.len());
                 }
+                assert!((1..=hi).contains(&last.len()), "final session of {}", last.len());
             }
         }
     }

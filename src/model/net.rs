@@ -250,7 +250,16 @@ impl Lstm {
 
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let state = Tensor::zeros([self.layers, x.size()[0], self.hidden_dim], (x.kind(), x.device()));
-        let (out, _, _) = x.lstm(&[&state, &state], &self.weights.iter().collect::<Vec<_>>(), true, self.layers, self.dropout, train, false, true);
+        let (out, _, _) = x.lstm(
+            &[&state, &state],
+            &self.weights.iter().collect::<Vec<_>>(),
+            true,
+            self.layers,
+            self.dropout,
+            train,
+            false,
+            true,
+        );
         out.apply(&self.final_norm)
     }
 }

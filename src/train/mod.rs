@@ -3,6 +3,7 @@
 pub mod plot;
 pub mod windows;
 
+use std::io::IsTerminal;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -87,6 +88,8 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
         session_gap_secs: mc.session_gap_secs,
         device: cfg.device,
     };
+    // A bar on a terminal; one line per epoch in logs (indicatif hides itself off a terminal).
+    let log_lines = cfg.progress && !std::io::stderr().is_terminal();
     let bar = if cfg.progress {
         ProgressBar::new(cfg.max_epochs as u64)
     } else {
@@ -113,7 +116,13 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
         if validation_ndcg10 > best_score {
             (best_epoch, best_score, best_weights) = (epoch, validation_ndcg10, snapshot(&model.vs));
         }
-        bar.set_message(format!("loss {train_loss:.4} val NDCG@10 {validation_ndcg10:.4} (best {best_score:.4} @ {best_epoch}) {sequences_per_sec:.0} seq/s"));
+        let status = format!(
+            "loss {train_loss:.4} val NDCG@10 {validation_ndcg10:.4} (best {best_score:.4} @ {best_epoch}) {sequences_per_sec:.0} seq/s"
+        );
+        if log_lines {
+            eprintln!("epoch {epoch}: {status}");
+        }
+        bar.set_message(status);
         bar.inc(1);
         if epoch - best_epoch >= cfg.patience {
             break;

@@ -1,0 +1,189 @@
+//! The `xsrec` binary as a user runs it: synth → train → eval → explain, and bad input.
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn xsrec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xsrec"))
+        .args(args)
+        .output()
+        .expect("run xsrec")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = xsrec(args);
+    assert!(
+        out.status.success(),
+        "xsrec {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn failure(args: &[&str]) -> String {
+    let out = xsrec(args);
+    assert!(!out.status.success(), "xsrec {args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn synth_train_eval_explain_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("events.csv");
+    let model = dir.path().join("model");
+    ok(&[
+        "data",
+        "synth",
+        "--users",
+        "300",
+        "--items",
+        "120",
+        "--seed",
+        "3",
+        "--out",
+        path(&data),
+    ]);
+    let train_out = ok(&[
+        "train",
+        "--data",
+        path(&data),
+        "--out",
+        path(&model),
+        "--epochs",
+        "3",
+        "--max-len",
+        "20",
+        "--d-model",
+        "16",
+        "--layers",
+        "1",
+        "--quiet",
+    ]);
+    assert!(train_out.contains("| model (test) | all | 300 |"), "{train_out}");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "items.tsv",
+        "curves.png",
+        "epochs.json",
+    ] {
+        assert!(model.join(file).exists(), "{file} missing");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["model"]["features"]["event_type"], true,
+        "synthetic data has event types"
+    );
+    assert_eq!(config["info"]["epochs_run"], 3);
+
+    let predictions = dir.path().join("predictions.tsv");
+    let json = dir.path().join("eval.json");
+    let eval_out = ok(&[
+        "eval",
+        "--model",
+        path(&model),
+        "--data",
+        path(&data),
+        "--predictions-out",
+        path(&predictions),
+        "--json-out",
+        path(&json),
+    ]);
+    assert!(eval_out.contains("paired bootstrap CI"), "{eval_out}");
+    let lines: Vec<String> = std::fs::read_to_string(&predictions)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 300);
+    for line in &lines {
+        let fields: Vec<&str> = line.split('\t').collect();
+        assert_eq!(fields.len(), 21, "user + top-20: {line}");
+        assert!(fields[0].starts_with('u') && fields[1..].iter().all(|f| f.starts_with('i')));
+    }
+    // The model's own evaluation at training time and a later `eval` agree exactly.
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["test"], config["info"]["metrics"]["test"]);
+
+    let png = dir.path().join("why.png");
+    let explain_out = ok(&[
+        "explain",
+        "--model",
+        path(&model),
+        "--data",
+        path(&data),
+        "--user",
+        "u7",
+        "--out",
+        path(&png),
+    ]);
+    assert_eq!(explain_out.lines().count(), 10);
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    assert!(failure(&[
+        "explain",
+        "--model",
+        path(&model),
+        "--data",
+        path(&data),
+        "--user",
+        "nobody",
+        "--out",
+        path(&png)
+    ])
+    .contains("user `nobody` has no events"));
+}
+
+#[test]
+fn malformed_rows_stop_the_load_unless_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("events.csv");
+    let mut text = String::from("user_id,item_id,timestamp\n");
+    for u in 0..20 {
+        for t in 0..5 {
+            text += &format!("u{u},i{},{}\n", (u + t) % 7, 1000 + t * 60);
+        }
+    }
+    text += "u1,i2,yesterday\n";
+    std::fs::write(&data, text).unwrap();
+    let out = dir.path().join("m");
+    let err = failure(&[
+        "train",
+        "--data",
+        path(&data),
+        "--out",
+        path(&out),
+        "--epochs",
+        "1",
+        "--quiet",
+    ]);
+    assert!(err.contains("events.csv:102:") && err.contains("yesterday"), "{err}");
+    let trained = xsrec(&[
+        "train",
+        "--data",
+        path(&data),
+        "--out",
+        path(&out),
+        "--epochs",
+        "1",
+        "--max-len",
+        "8",
+        "--quiet",
+        "--skip-bad-rows",
+    ]);
+    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+    assert!(String::from_utf8_lossy(&trained.stderr).contains("skipped 1 malformed rows"));
+    let err = failure(&["train", "--data", "nowhere.parquet", "--out", path(&out)]);
+    assert!(err.contains("nowhere.parquet"), "{err}");
+    assert!(failure(&[
+        "eval",
+        "--model",
+        path(&dir.path().join("absent")),
+        "--data",
+        path(&data)
+    ])
+    .contains("config.json"));
+}
