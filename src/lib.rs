@@ -2,8 +2,13 @@
 //!
 //! Data flows one way: events (`data`) → model input (`model`) → training (`train`) and
 //! offline evaluation (`eval`).
+pub mod api;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod history;
+pub mod infer;
+pub mod metrics;
 pub mod model;
+pub mod serve;
 pub mod train;

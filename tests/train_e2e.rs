@@ -41,6 +41,7 @@ fn fit(set: &SequenceSet, arch: Arch, features: Features) -> SeqModel {
         patience: 30,
         loss: Loss::Full,
         negatives: 0,
+        mask_seen: false,
         device: Device::Cpu,
         progress: false,
     };

@@ -8,8 +8,7 @@ use tch::Kind;
 use super::{parse_device, DataArgs};
 use crate::data::split::build_sequences;
 use crate::eval::explain::{draw_attention, Explanation};
-use crate::eval::mask_items;
-use crate::model::{encode, Artifact, Batch, HistoryView, Scorer};
+use crate::model::{encode, mask_items, Artifact, Batch, HistoryView, Scorer};
 
 #[derive(Debug, Clone, Args)]
 pub struct ExplainArgs {

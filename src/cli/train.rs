@@ -70,6 +70,9 @@ pub struct TrainArgs {
     pub patience: usize,
     #[arg(long, value_enum, default_value_t = Loss::Full)]
     pub loss: Loss,
+    /// Keep already-seen items in the training softmax (by default they are left out, as in evaluation).
+    #[arg(long)]
+    pub loss_keep_seen: bool,
     /// Negatives per batch for `--loss sampled`.
     #[arg(long, default_value_t = 1024)]
     pub negatives: usize,
@@ -120,6 +123,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         patience: args.patience,
         loss: args.loss,
         negatives: args.negatives,
+        mask_seen: !args.loss_keep_seen,
         device,
         progress: !args.quiet,
     };

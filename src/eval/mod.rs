@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::session::starts_new_session;
 use crate::data::split::{SequenceSet, Target, UserSequence};
-use crate::model::{encode, Batch, HistoryView, Scorer};
+use crate::model::{encode, mask_items, trim_to_longest, Batch, HistoryView, Scorer};
 pub use metrics::Metrics;
 
 /// Number of best items kept per case (for `--predictions-out`).
@@ -72,7 +72,7 @@ fn rank_chunk(scorer: &dyn Scorer, set: &SequenceSet, chunk: &[(usize, usize)], 
             )
         })
         .collect();
-    let batch = Batch::new(&rows, opts.device);
+    let batch = Batch::new(&trim_to_longest(&rows), opts.device);
     let scores = scorer.score_next(&batch).to_kind(Kind::Float);
     let num_items = scores.size()[1] as usize;
     let targets: Vec<i64> = chunk.iter().map(|&(u, p)| i64::from(set.users[u].items[p])).collect();
@@ -114,19 +114,6 @@ fn rank_chunk(scorer: &dyn Scorer, set: &SequenceSet, chunk: &[(usize, usize)], 
             }
         })
         .collect()
-}
-
-/// Sets `scores[row, item] = -inf` for each row's listed items (rows padded with column 0).
-pub fn mask_items(scores: &Tensor, items: &[Vec<i64>]) -> Tensor {
-    let width = items.iter().map(Vec::len).max().unwrap_or(1);
-    let padded: Vec<i64> = items
-        .iter()
-        .flat_map(|row| row.iter().copied().chain(std::iter::repeat(0)).take(width))
-        .collect();
-    let index = Tensor::from_slice(&padded)
-        .view([items.len() as i64, width as i64])
-        .to_device(scores.device());
-    scores.scatter_value(1, &index, f64::NEG_INFINITY)
 }
 
 /// Overall metrics and the split by whether the target opened a new session.

@@ -82,6 +82,32 @@ pub fn encode(history: HistoryView, predict_at: i64, max_len: usize, session_gap
     seq
 }
 
+impl EncodedSeq {
+    /// Number of real (non-padding) positions.
+    pub fn real_len(&self) -> usize {
+        self.items.iter().rev().take_while(|&&item| item != 0).count()
+    }
+
+    /// The last `width` positions.
+    pub fn tail(&self, width: usize) -> Self {
+        let tail = |v: &[i64]| v[v.len() - width..].to_vec();
+        Self {
+            items: tail(&self.items),
+            types: tail(&self.types),
+            gaps: tail(&self.gaps),
+            prediction_gaps: tail(&self.prediction_gaps),
+            sessions: tail(&self.sessions),
+        }
+    }
+}
+
+/// Drops the leading columns that are padding in every row: attention never reads padding and
+/// positions are counted from the right, so the result is the same at a fraction of the cost.
+pub fn trim_to_longest(rows: &[EncodedSeq]) -> Vec<EncodedSeq> {
+    let width = rows.iter().map(EncodedSeq::real_len).max().unwrap_or(0).max(1);
+    rows.iter().map(|row| row.tail(width)).collect()
+}
+
 /// A batch of encoded rows as `[B, L]` int64 tensors on one device.
 #[derive(Debug)]
 pub struct Batch {

@@ -8,7 +8,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 pub use artifact::{Artifact, ArtifactError};
 pub use config::{Arch, Combine, Features, ModelConfig};
-pub use input::{encode, Batch, EncodedSeq, HistoryView};
+pub use input::{encode, trim_to_longest, Batch, EncodedSeq, HistoryView};
 
 /// Anything that ranks items for a batch of histories: the trained networks and the baselines
 /// are evaluated through this one interface.
@@ -91,4 +91,17 @@ impl Scorer for Popularity {
             .expand([batch.size(), -1], false)
             .contiguous()
     }
+}
+
+/// Sets `scores[row, item] = -inf` for each row's listed items (rows padded with column 0).
+pub fn mask_items(scores: &Tensor, items: &[Vec<i64>]) -> Tensor {
+    let width = items.iter().map(Vec::len).max().unwrap_or(1);
+    let padded: Vec<i64> = items
+        .iter()
+        .flat_map(|row| row.iter().copied().chain(std::iter::repeat(0)).take(width))
+        .collect();
+    let index = Tensor::from_slice(&padded)
+        .view([items.len() as i64, width as i64])
+        .to_device(scores.device());
+    scores.scatter_value(1, &index, f64::NEG_INFINITY)
 }

@@ -40,6 +40,9 @@ pub struct TrainConfig {
     pub patience: usize,
     pub loss: Loss,
     pub negatives: usize,
+    /// Leave items the user already had earlier in the window out of each position's softmax
+    /// (full loss only), matching an evaluation that excludes seen items.
+    pub mask_seen: bool,
     #[serde(skip, default = "cpu")]
     pub device: Device,
     /// Show a progress bar.
@@ -162,7 +165,7 @@ fn batch_plan(windows: &[Window], batch_size: usize, rng: &mut ChaCha8Rng) -> Ve
     let mut batches = Vec::new();
     for group in order.chunks(batch_size * 32) {
         let mut group = group.to_vec();
-        group.sort_by_key(|&i| windows[i].len);
+        group.sort_by_cached_key(|&i| windows[i].input.real_len());
         batches.extend(group.chunks(batch_size).map(<[usize]>::to_vec));
     }
     batches.shuffle(rng);
@@ -179,7 +182,7 @@ fn run_epoch(
     let (mut loss_sum, mut batches) = (0.0, 0);
     for batch_indices in batch_plan(windows, cfg.batch_size, rng) {
         let rows: Vec<&Window> = batch_indices.iter().map(|&i| &windows[i]).collect();
-        let width = rows.iter().map(|w| w.len).max().unwrap_or(1);
+        let width = rows.iter().map(|w| w.input.real_len()).max().unwrap_or(1);
         let (batch, targets) = trimmed_batch(&rows, width, cfg.device);
         let loss = batch_loss(model, &batch, &targets, cfg, rng);
         opt.zero_grad();
@@ -194,17 +197,7 @@ fn run_epoch(
 
 /// The last `width` positions of each row: everything before them is padding for all rows.
 fn trimmed_batch(rows: &[&Window], width: usize, device: Device) -> (Batch, Tensor) {
-    let tail = |v: &[i64]| v[v.len() - width..].to_vec();
-    let inputs: Vec<EncodedSeq> = rows
-        .iter()
-        .map(|w| EncodedSeq {
-            items: tail(&w.input.items),
-            types: tail(&w.input.types),
-            gaps: tail(&w.input.gaps),
-            prediction_gaps: tail(&w.input.prediction_gaps),
-            sessions: tail(&w.input.sessions),
-        })
-        .collect();
+    let inputs: Vec<EncodedSeq> = rows.iter().map(|w| w.input.tail(width)).collect();
     let targets = stack_rows(rows.iter().map(|w| &w.targets[w.targets.len() - width..]), device);
     (Batch::new(&inputs, device), targets)
 }
@@ -216,6 +209,16 @@ fn batch_loss(model: &SeqModel, batch: &Batch, targets: &Tensor, cfg: &TrainConf
     let hidden = hidden.view([-1, d]).index_select(0, &keep);
     let targets = targets.view(-1).index_select(0, &keep);
     match cfg.loss {
+        Loss::Full if cfg.mask_seen => {
+            let seen =
+                seen_before(&batch.items, model.config.num_items as i64).view([-1, model.config.num_items as i64]);
+            let seen = seen.index_select(0, &keep).scatter_value(1, &targets.unsqueeze(1), 0);
+            model
+                .net
+                .score(&hidden)
+                .masked_fill(&seen, f64::NEG_INFINITY)
+                .cross_entropy_for_logits(&targets)
+        }
         Loss::Full => model.net.score(&hidden).cross_entropy_for_logits(&targets),
         Loss::Sampled => {
             let table = model.net.item_table();
@@ -232,4 +235,23 @@ fn batch_loss(model: &SeqModel, batch: &Batch, targets: &Tensor, cfg: &TrainConf
             logits.cross_entropy_for_logits(&Tensor::zeros([logits.size()[0]], (Kind::Int64, cfg.device)))
         }
     }
+}
+
+/// `[B, L, V]` bool: whether item `v` occurs at or before position `t` of row `b` (padding, item
+/// 0, always counts as seen). Built from each item's first position in the row, which keeps the
+/// work at `B·L` plus one comparison per cell.
+fn seen_before(items: &Tensor, num_items: i64) -> Tensor {
+    let (b, l) = items.size2().expect("[B, L]");
+    let flat = Vec::<i64>::try_from(items.to_device(Device::Cpu).view(-1)).expect("items");
+    let mut first = vec![l; (b * num_items) as usize];
+    for (row, row_items) in flat.chunks(l as usize).enumerate() {
+        for (position, &item) in row_items.iter().enumerate() {
+            let cell = &mut first[row * num_items as usize + item as usize];
+            *cell = (*cell).min(position as i64);
+        }
+    }
+    let device = items.device();
+    let first = Tensor::from_slice(&first).view([b, 1, num_items]).to_device(device);
+    let positions = Tensor::arange(l, (Kind::Int64, device)).view([1, l, 1]);
+    first.le_tensor(&positions)
 }

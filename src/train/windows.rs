@@ -8,8 +8,6 @@ use crate::model::{encode, EncodedSeq, HistoryView};
 pub struct Window {
     pub input: EncodedSeq,
     pub targets: Vec<i64>,
-    /// Positions holding a real event (the rest is left padding).
-    pub len: usize,
 }
 
 /// Windows over every user's training prefix. A window whose last target is event `b` reads
@@ -27,7 +25,7 @@ pub fn training_windows(set: &SequenceSet, max_len: usize, session_gap_secs: i64
             for (slot, event) in (b + 1 - len..=b).enumerate() {
                 targets[max_len - len + slot] = i64::from(history.items[event]);
             }
-            windows.push(Window { input, targets, len });
+            windows.push(Window { input, targets });
             last_target = last_target.saturating_sub(max_len);
         }
     }
@@ -61,6 +59,6 @@ mod tests {
         // Older window: inputs event 0..=1, targets events 1..=2, left-padded.
         assert_eq!(windows[1].input.items, [0, 0, 1, 2]);
         assert_eq!(windows[1].targets, [0, 0, 2, 3]);
-        assert_eq!(windows[1].len, 2);
+        assert_eq!(windows[1].input.real_len(), 2);
     }
 }

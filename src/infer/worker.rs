@@ -1,0 +1,352 @@
+//! The inference worker: the one thread that owns the model and runs libtorch for whole batches.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Answer, InferError, InferRequest, Query, WorkerCommand};
+use crate::data::session::gap_bucket;
+use crate::metrics::Metrics;
+use crate::model::{encode, mask_items, trim_to_longest, Artifact, Batch, HistoryView, SeqModel};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub device: Device,
+    /// Users whose final hidden state is kept.
+    pub cache_capacity: usize,
+    /// Batch sizes run once at start so that no request pays for first-use set-up.
+    pub warmup_batch_sizes: Vec<usize>,
+}
+
+/// A user's final hidden state, valid while the history version and prediction-gap bucket match.
+struct CachedState {
+    version: u64,
+    bucket: i64,
+    hidden: Tensor,
+    last_used: u64,
+}
+
+pub struct InferenceWorker {
+    model: SeqModel,
+    /// `[V, C]`: each item's probability mass split evenly over its categories.
+    categories: Option<Tensor>,
+    cache: HashMap<Arc<str>, CachedState>,
+    config: WorkerConfig,
+    tick: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl InferenceWorker {
+    pub fn spawn(
+        artifact: Artifact,
+        config: WorkerConfig,
+        commands: mpsc::Receiver<WorkerCommand>,
+        ready: oneshot::Sender<()>,
+        metrics: Arc<Metrics>,
+    ) {
+        std::thread::Builder::new()
+            .name("inference-worker".into())
+            .spawn(move || {
+                let mut worker = Self::new(artifact, config, metrics);
+                tch::no_grad(|| worker.warm_up());
+                let _ = ready.send(());
+                worker.run(commands);
+            })
+            .expect("spawn inference worker");
+    }
+
+    fn new(artifact: Artifact, config: WorkerConfig, metrics: Arc<Metrics>) -> Self {
+        let categories = category_matrix(&artifact.item_categories, config.device);
+        Self {
+            model: artifact.model,
+            categories,
+            cache: HashMap::new(),
+            config,
+            tick: 0,
+            metrics,
+        }
+    }
+
+    fn warm_up(&mut self) {
+        let max_len = self.model.config.max_len;
+        let (items, timestamps, types) = (
+            vec![1u32; max_len],
+            (0..max_len as i64).collect::<Vec<_>>(),
+            vec![1u32; max_len],
+        );
+        let row = encode(
+            HistoryView::new(&items, &timestamps, &types),
+            max_len as i64,
+            max_len,
+            1,
+        );
+        for &size in &self.config.warmup_batch_sizes {
+            let hidden = self
+                .model
+                .last_hidden(&Batch::new(&vec![row.clone(); size], self.config.device));
+            let _ = self
+                .model
+                .net
+                .score(&hidden)
+                .topk(10.min(self.model.config.num_items as i64 - 1), 1, true, true);
+        }
+    }
+
+    fn run(&mut self, mut commands: mpsc::Receiver<WorkerCommand>) {
+        while let Some(command) = commands.blocking_recv() {
+            match command {
+                WorkerCommand::Batch(batch) => tch::no_grad(|| self.execute(batch)),
+                WorkerCommand::Forget(user) => {
+                    self.cache.remove(&user);
+                }
+            }
+        }
+    }
+
+    fn execute(&mut self, batch: Vec<InferRequest>) {
+        let now = Instant::now();
+        let mut live = Vec::with_capacity(batch.len());
+        for request in batch {
+            self.metrics
+                .queue_wait
+                .observe(now.duration_since(request.enqueued).as_secs_f64());
+            if request.reply.is_closed() {
+                continue; // the caller has gone: nobody wants this answer
+            }
+            if request.deadline <= now {
+                let _ = request.reply.send(Err(InferError::DeadlineExceeded));
+                continue;
+            }
+            live.push(request);
+        }
+        if live.is_empty() {
+            return;
+        }
+        self.metrics.batch_size.observe(live.len() as f64);
+        self.metrics.executions.inc();
+        self.metrics.inferences.inc_by(live.len() as u64);
+        let started = Instant::now();
+        let hidden = self.hidden_states(&live);
+        self.metrics.inference_duration.observe(started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        let answers = self.answer(&live, &hidden);
+        self.metrics.topk_duration.observe(started.elapsed().as_secs_f64());
+        for (request, answer) in live.into_iter().zip(answers) {
+            let _ = request.reply.send(Ok(answer));
+        }
+    }
+
+    /// The prediction-gap bucket is the only feature that depends on the moment of prediction.
+    fn cache_bucket(&self, request: &InferRequest) -> i64 {
+        let config = &self.model.config;
+        match request.history.timestamps.last() {
+            Some(&last) if config.features.prediction_gap => gap_bucket(request.at - last, config.session_gap_secs),
+            _ => 0,
+        }
+    }
+
+    /// `[B, d]` final hidden states: cached where still valid, one forward pass for the rest.
+    fn hidden_states(&mut self, requests: &[InferRequest]) -> Tensor {
+        self.tick += 1;
+        let mut rows: Vec<Option<Tensor>> = Vec::with_capacity(requests.len());
+        let mut misses = Vec::new();
+        for (i, request) in requests.iter().enumerate() {
+            let bucket = self.cache_bucket(request);
+            match self.cache.get_mut(&request.user) {
+                Some(state) if state.version == request.history.version && state.bucket == bucket => {
+                    state.last_used = self.tick;
+                    rows.push(Some(state.hidden.shallow_clone()));
+                }
+                _ => {
+                    rows.push(None);
+                    misses.push(i);
+                }
+            }
+        }
+        self.metrics.cache_hits.inc_by((requests.len() - misses.len()) as u64);
+        self.metrics.cache_misses.inc_by(misses.len() as u64);
+        if !misses.is_empty() {
+            let config = &self.model.config;
+            let encoded: Vec<_> = misses
+                .iter()
+                .map(|&i| {
+                    let h = &requests[i].history;
+                    let view = HistoryView::new(&h.items, &h.timestamps, &h.types);
+                    encode(view, requests[i].at, config.max_len, config.session_gap_secs)
+                })
+                .collect();
+            let hidden = self
+                .model
+                .last_hidden(&Batch::new(&trim_to_longest(&encoded), self.config.device));
+            self.make_room(misses.len());
+            for (j, &i) in misses.iter().enumerate() {
+                let row = hidden.get(j as i64);
+                let state = CachedState {
+                    version: requests[i].history.version,
+                    bucket: self.cache_bucket(&requests[i]),
+                    hidden: row.shallow_clone(),
+                    last_used: self.tick,
+                };
+                self.cache.insert(requests[i].user.clone(), state);
+                rows[i] = Some(row);
+            }
+        }
+        let rows: Vec<Tensor> = rows.into_iter().map(|r| r.expect("every row filled")).collect();
+        Tensor::stack(&rows, 0)
+    }
+
+    /// Keeps the cache within capacity by dropping the least recently used half when full.
+    fn make_room(&mut self, incoming: usize) {
+        if self.cache.len() + incoming <= self.config.cache_capacity {
+            return;
+        }
+        let mut ticks: Vec<u64> = self.cache.values().map(|s| s.last_used).collect();
+        let middle = ticks.len() / 2;
+        let (_, &mut cutoff, _) = ticks.select_nth_unstable(middle);
+        self.cache.retain(|_, state| state.last_used > cutoff);
+    }
+
+    fn answer(&self, requests: &[InferRequest], hidden: &Tensor) -> Vec<Answer> {
+        let scores = self.model.net.score(hidden).to_kind(Kind::Float);
+        let device = scores.device();
+        let mut answers: Vec<Option<Answer>> = vec![None; requests.len()];
+        let group = |keep: fn(&Query) -> bool| -> Vec<usize> {
+            requests
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| keep(&r.query))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        let rows_of = |indices: &[usize]| {
+            let index: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+            scores.index_select(0, &Tensor::from_slice(&index).to_device(device))
+        };
+
+        let ranking = group(|q| matches!(q, Query::TopK { .. }));
+        if !ranking.is_empty() {
+            let excluded: Vec<Vec<i64>> = ranking
+                .iter()
+                .map(|&i| match &requests[i].query {
+                    Query::TopK { exclude, .. } => std::iter::once(0).chain(exclude.iter().copied()).collect(),
+                    _ => unreachable!(),
+                })
+                .collect();
+            let masked = mask_items(&rows_of(&ranking), &excluded);
+            let ks: Vec<usize> = ranking.iter().map(|&i| query_k(&requests[i].query)).collect();
+            for (slot, ranked) in ranking.iter().zip(top_k(&masked, &ks, None)) {
+                answers[*slot] = Some(Answer::Items(ranked));
+            }
+        }
+
+        let candidate_rows = group(|q| matches!(q, Query::Candidates { .. }));
+        if !candidate_rows.is_empty() {
+            let lists: Vec<&Vec<i64>> = candidate_rows
+                .iter()
+                .map(|&i| match &requests[i].query {
+                    Query::Candidates { candidates, .. } => candidates,
+                    _ => unreachable!(),
+                })
+                .collect();
+            let width = lists.iter().map(|l| l.len()).max().unwrap_or(1).max(1);
+            let padded: Vec<i64> = lists
+                .iter()
+                .flat_map(|l| l.iter().copied().chain(std::iter::repeat(0)).take(width))
+                .collect();
+            let index = Tensor::from_slice(&padded)
+                .view([lists.len() as i64, width as i64])
+                .to_device(device);
+            // Padding points at column 0 and must never be chosen.
+            let gathered = rows_of(&candidate_rows)
+                .gather(1, &index, false)
+                .masked_fill(&index.eq(0), f64::NEG_INFINITY);
+            let ks: Vec<usize> = candidate_rows.iter().map(|&i| query_k(&requests[i].query)).collect();
+            for (slot, ranked) in candidate_rows.iter().zip(top_k(&gathered, &ks, Some(&padded))) {
+                answers[*slot] = Some(Answer::Items(ranked));
+            }
+        }
+
+        let interest_rows = group(|q| matches!(q, Query::Interests { .. }));
+        if let (false, Some(categories)) = (interest_rows.is_empty(), &self.categories) {
+            let logits = rows_of(&interest_rows).index_fill(
+                1,
+                &Tensor::from_slice(&[0i64]).to_device(device),
+                f64::NEG_INFINITY,
+            );
+            let mass = logits.softmax(-1, Kind::Float).matmul(categories);
+            let ks: Vec<usize> = interest_rows.iter().map(|&i| query_k(&requests[i].query)).collect();
+            for (slot, ranked) in interest_rows.iter().zip(top_k(&mass, &ks, None)) {
+                answers[*slot] = Some(Answer::Categories(
+                    ranked.into_iter().map(|(c, m)| (c as usize, m)).collect(),
+                ));
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or(Answer::Categories(Vec::new())))
+            .collect()
+    }
+}
+
+fn query_k(query: &Query) -> usize {
+    match query {
+        Query::TopK { k, .. } | Query::Candidates { k, .. } => *k,
+        Query::Interests { top } => *top,
+    }
+}
+
+/// Per row, the best `ks[row]` finite entries as (column, value) — or (`columns[row, column]`,
+/// value) when the columns are themselves an index. One `topk` on the device for the whole
+/// group; only the winners are copied back.
+fn top_k(values: &Tensor, ks: &[usize], columns: Option<&[i64]>) -> Vec<Vec<(u32, f32)>> {
+    let width = values.size()[1];
+    let k_max = ks.iter().copied().max().unwrap_or(1).min(width as usize) as i64;
+    let (top_values, top_index) = values.topk(k_max, 1, true, true);
+    let top_values = Vec::<f32>::try_from(top_values.to_device(Device::Cpu).view(-1)).expect("values");
+    let top_index = Vec::<i64>::try_from(top_index.to_device(Device::Cpu).view(-1)).expect("indices");
+    ks.iter()
+        .enumerate()
+        .map(|(row, &k)| {
+            let start = row * k_max as usize;
+            (start..start + k.min(k_max as usize))
+                .filter(|&j| top_values[j].is_finite())
+                .map(|j| {
+                    let column = top_index[j];
+                    let id = columns.map_or(column, |c| c[row * width as usize + column as usize]);
+                    (id as u32, top_values[j])
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `[V, C]` matrix spreading each item's mass evenly over its categories, or `None` when no item
+/// has a category. Category `c` is the `c`-th name of [`category_names`].
+fn category_matrix(item_categories: &[Vec<String>], device: Device) -> Option<Tensor> {
+    let names = category_names(item_categories);
+    if names.is_empty() {
+        return None;
+    }
+    let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+    let mut matrix = vec![0f32; item_categories.len() * names.len()];
+    for (item, categories) in item_categories.iter().enumerate() {
+        for category in categories {
+            matrix[item * names.len() + index[category.as_str()]] = 1.0 / categories.len() as f32;
+        }
+    }
+    Some(
+        Tensor::from_slice(&matrix)
+            .view([item_categories.len() as i64, names.len() as i64])
+            .to_device(device),
+    )
+}
+
+/// Sorted distinct category names.
+pub fn category_names(item_categories: &[Vec<String>]) -> Vec<String> {
+    let mut names: Vec<String> = item_categories.iter().flatten().cloned().collect();
+    names.sort();
+    names.dedup();
+    names
+}

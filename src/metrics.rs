@@ -1,0 +1,151 @@
+//! Prometheus metrics of the service, all registered at start so `/metrics` is never empty.
+//! Names carry the `xsrec_` prefix and base units; labels take small fixed value sets only.
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_failures: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub queue_wait: Histogram,
+    pub inference_duration: Histogram,
+    pub topk_duration: Histogram,
+    pub batch_size: Histogram,
+    /// Requests answered by the inference worker; divided by `executions`, the average batch.
+    pub inferences: IntCounter,
+    pub executions: IntCounter,
+    pub queue_depth: IntGauge,
+    pub users: IntGauge,
+    pub events_held: IntGauge,
+    pub history_bytes: IntGauge,
+    pub events_ingested: IntCounter,
+    pub cache_hits: IntCounter,
+    pub cache_misses: IntCounter,
+    pub model_info: IntGaugeVec,
+    pub device_info: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+            registry.register(Box::new(c.clone())).expect("unique metric name");
+            c
+        }
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            reg(
+                &registry,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).expect("histogram"),
+            )
+        };
+        let counter = |name: &str, help: &str| reg(&registry, IntCounter::new(name, help).expect("counter"));
+        let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).expect("gauge"));
+        Self {
+            requests: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("xsrec_requests_total", "HTTP requests by route and status"),
+                    &["route", "status"],
+                )
+                .expect("counter"),
+            ),
+            request_failures: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "xsrec_request_failures_total",
+                        "Failed HTTP requests by route and reason",
+                    ),
+                    &["route", "reason"],
+                )
+                .expect("counter"),
+            ),
+            request_duration: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new("xsrec_request_duration_seconds", "Total request time by route")
+                        .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["route"],
+                )
+                .expect("histogram"),
+            ),
+            queue_wait: histogram(
+                "xsrec_queue_wait_seconds",
+                "Time from enqueue to the start of its batch",
+                LATENCY_BUCKETS,
+            ),
+            inference_duration: histogram(
+                "xsrec_inference_duration_seconds",
+                "Forward pass time per batch",
+                LATENCY_BUCKETS,
+            ),
+            topk_duration: histogram(
+                "xsrec_topk_duration_seconds",
+                "Scoring and top-k time per batch",
+                LATENCY_BUCKETS,
+            ),
+            batch_size: histogram("xsrec_batch_size", "Requests per executed batch", BATCH_BUCKETS),
+            inferences: counter(
+                "xsrec_inference_requests_total",
+                "Requests answered by the inference worker",
+            ),
+            executions: counter(
+                "xsrec_batch_executions_total",
+                "Batches executed by the inference worker",
+            ),
+            queue_depth: gauge("xsrec_queue_depth", "Requests waiting for a batch"),
+            users: gauge("xsrec_users", "Users with a history in memory"),
+            events_held: gauge("xsrec_history_events", "Events held in memory"),
+            history_bytes: gauge("xsrec_history_bytes", "Approximate bytes of the in-memory histories"),
+            events_ingested: counter("xsrec_events_ingested_total", "Events accepted by /v1/events"),
+            cache_hits: counter(
+                "xsrec_cache_hits_total",
+                "Recommendations served from a cached user state",
+            ),
+            cache_misses: counter(
+                "xsrec_cache_misses_total",
+                "Recommendations that needed a Transformer pass",
+            ),
+            model_info: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("xsrec_model_info", "The loaded model (value 1)"),
+                    &["version", "arch"],
+                )
+                .expect("gauge"),
+            ),
+            device_info: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("xsrec_device_info", "The inference device (value 1)"),
+                    &["device"],
+                )
+                .expect("gauge"),
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding");
+        String::from_utf8(out).expect("utf-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
