@@ -14,7 +14,7 @@ use crate::model::{encode, mask_items, trim_to_longest, Artifact, Batch, History
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub device: Device,
-    /// Users whose final hidden state is kept.
+    /// Users whose final hidden state is kept; 0 turns the cache off.
     pub cache_capacity: usize,
     /// Batch sizes run once at start so that no request pays for first-use set-up.
     pub warmup_batch_sizes: Vec<usize>,
@@ -154,7 +154,12 @@ impl InferenceWorker {
         let mut misses = Vec::new();
         for (i, request) in requests.iter().enumerate() {
             let bucket = self.cache_bucket(request);
-            match self.cache.get_mut(&request.user) {
+            let cached = if self.config.cache_capacity == 0 {
+                None
+            } else {
+                self.cache.get_mut(&request.user)
+            };
+            match cached {
                 Some(state) if state.version == request.history.version && state.bucket == bucket => {
                     state.last_used = self.tick;
                     rows.push(Some(state.hidden.shallow_clone()));
@@ -180,16 +185,21 @@ impl InferenceWorker {
             let hidden = self
                 .model
                 .last_hidden(&Batch::new(&trim_to_longest(&encoded), self.config.device));
-            self.make_room(misses.len());
+            let caching = self.config.cache_capacity > 0;
+            if caching {
+                self.make_room(misses.len());
+            }
             for (j, &i) in misses.iter().enumerate() {
                 let row = hidden.get(j as i64);
-                let state = CachedState {
-                    version: requests[i].history.version,
-                    bucket: self.cache_bucket(&requests[i]),
-                    hidden: row.shallow_clone(),
-                    last_used: self.tick,
-                };
-                self.cache.insert(requests[i].user.clone(), state);
+                if caching {
+                    let state = CachedState {
+                        version: requests[i].history.version,
+                        bucket: self.cache_bucket(&requests[i]),
+                        hidden: row.shallow_clone(),
+                        last_used: self.tick,
+                    };
+                    self.cache.insert(requests[i].user.clone(), state);
+                }
                 rows[i] = Some(row);
             }
         }
@@ -199,7 +209,7 @@ impl InferenceWorker {
 
     /// Keeps the cache within capacity by dropping the least recently used half when full.
     fn make_room(&mut self, incoming: usize) {
-        if self.cache.len() + incoming <= self.config.cache_capacity {
+        if self.cache.is_empty() || self.cache.len() + incoming <= self.config.cache_capacity {
             return;
         }
         let mut ticks: Vec<u64> = self.cache.values().map(|s| s.last_used).collect();

@@ -1,0 +1,690 @@
+//! The service over real HTTP on an ephemeral port, with a real model trained on a synthetic log.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use clap::Parser;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tch::{Device, Kind};
+use xsrec::data::split::{build_sequences, SequenceSet};
+use xsrec::data::synth::{synthesize, SynthConfig};
+use xsrec::data::vocab::Vocab;
+use xsrec::data::Event;
+use xsrec::model::artifact::{Artifact, ArtifactConfig, FORMAT_VERSION};
+use xsrec::model::{encode, mask_items, Features, HistoryView, ModelConfig, Scorer};
+use xsrec::serve::{start, RunningServer, ServeConfig};
+use xsrec::train::{train, Loss, TrainConfig};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    model: PathBuf,
+    events: Vec<Event>,
+}
+
+/// One small model for every test in this binary, trained once.
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let events = synthesize(&SynthConfig::new(300, 150, 4));
+        let set = build_sequences(&events, Vocab::new(), Vocab::new(), true);
+        let config = ModelConfig {
+            arch: xsrec::model::Arch::Transformer,
+            num_items: set.items.len(),
+            num_event_types: set.event_types.len(),
+            max_len: 30,
+            d_model: 16,
+            n_heads: 2,
+            n_layers: 1,
+            ffn_dim: 32,
+            dropout: 0.1,
+            tied_output: true,
+            features: Features::default(),
+            session_gap_secs: 1800,
+        };
+        let cfg = TrainConfig {
+            seed: 1,
+            max_epochs: 2,
+            batch_size: 64,
+            learning_rate: 3e-3,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            patience: 2,
+            loss: Loss::Full,
+            negatives: 0,
+            mask_seen: true,
+            device: Device::Cpu,
+            progress: false,
+        };
+        let model = train(&set, config, &cfg).model;
+        let dir = tempfile::tempdir().unwrap();
+        let artifact = Artifact {
+            config: ArtifactConfig {
+                format_version: FORMAT_VERSION,
+                model: model.config.clone(),
+                event_types: set.event_types.ids().to_vec(),
+                info: json!({}),
+            },
+            item_counts: set.train_item_counts(),
+            item_categories: (0..set.items.len())
+                .map(|i| match i {
+                    0 => vec![],
+                    i if i % 3 == 0 => vec!["even".to_string(), "three".into()],
+                    i if i % 2 == 0 => vec!["even".to_string()],
+                    _ => vec!["odd".to_string()],
+                })
+                .collect(),
+            items: set.items,
+            event_types: set.event_types,
+            model,
+        };
+        artifact.save(dir.path()).unwrap();
+        Fixture {
+            model: dir.path().to_path_buf(),
+            _dir: dir,
+            events,
+        }
+    })
+}
+
+fn config(model: &Path, extra: &[&str]) -> ServeConfig {
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        config: ServeConfig,
+    }
+    let mut args = vec![
+        "test",
+        "--model",
+        model.to_str().unwrap(),
+        "--addr",
+        "127.0.0.1:0",
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    Wrapper::parse_from(args).config
+}
+
+struct Server {
+    running: RunningServer,
+    base: String,
+    client: reqwest::Client,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn server(extra: &[&str]) -> Server {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = start(config(&fixture().model, extra), async move {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", running.addr);
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        if client
+            .get(format!("{base}/health/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == StatusCode::OK
+        {
+            return Server {
+                running,
+                base,
+                client,
+                _stop: stop,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("server never became ready");
+}
+
+impl Server {
+    async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, String) {
+        let response = self.client.get(format!("{}{path}", self.base)).send().await.unwrap();
+        (response.status(), response.text().await.unwrap())
+    }
+
+    async fn ingest(&self, events: &[&Event]) {
+        for chunk in events.chunks(500) {
+            let body: Vec<Value> = chunk
+                .iter()
+                .map(|e| json!({"user_id": e.user_id, "item_id": e.item_id, "timestamp": e.timestamp, "event_type": e.event_type}))
+                .collect();
+            let (status, reply) = self.post("/v1/events", &json!({ "events": body })).await;
+            assert_eq!(status, StatusCode::OK, "{reply}");
+        }
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    }
+}
+
+fn users(events: &[Event]) -> BTreeMap<&str, Vec<&Event>> {
+    let mut by_user: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
+    for e in events {
+        by_user.entry(&e.user_id).or_default().push(e);
+    }
+    by_user
+}
+
+/// (item id, score) pairs of a recommend response.
+fn ranked(reply: &Value) -> Vec<(String, f64)> {
+    reply["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["item_id"].as_str().unwrap().to_owned(), i["score"].as_f64().unwrap()))
+        .collect()
+}
+
+fn assert_same_ranking(a: &[(String, f64)], b: &[(String, f64)]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.0, y.0, "{a:?} vs {b:?}");
+        assert!((x.1 - y.1).abs() < 1e-5, "{} vs {}", x.1, y.1);
+    }
+}
+
+/// Offline scoring of the same history the way `xsrec eval` does it: top-20, seen items removed.
+fn offline_top(artifact: &Artifact, set: &SequenceSet, user: usize, target: usize) -> Vec<(String, f64)> {
+    let u = &set.users[user];
+    let view = HistoryView::new(&u.items, &u.timestamps, &u.types).prefix(target);
+    let cfg = &artifact.model.config;
+    let row = encode(view, u.timestamps[target], cfg.max_len, cfg.session_gap_secs);
+    let scores = artifact
+        .model
+        .score_next(&xsrec::model::Batch::new(&[row], Device::Cpu))
+        .to_kind(Kind::Float);
+    let seen: Vec<i64> = std::iter::once(0)
+        .chain(u.items[..target].iter().map(|&i| i64::from(i)))
+        .collect();
+    let (values, items) = mask_items(&scores, &[seen]).topk(20, 1, true, true);
+    let values = Vec::<f32>::try_from(values.view(-1)).unwrap();
+    let items = Vec::<i64>::try_from(items.view(-1)).unwrap();
+    items
+        .into_iter()
+        .zip(values)
+        .map(|(i, v)| (set.items.id(i as u32).to_owned(), f64::from(v)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_recommendations_equal_offline_scoring() {
+    let fx = fixture();
+    let server = server(&["--history-cap", "1000"]).await;
+    let artifact = Artifact::load(&fx.model, Device::Cpu).unwrap();
+    let set = build_sequences(&fx.events, artifact.items.clone(), artifact.event_types.clone(), false);
+    for (user, seq) in set.users.iter().enumerate().take(25) {
+        let target = seq.len() - 1;
+        // Everything before the test event, sent newest first: the store must restore time order.
+        let mut history: Vec<&Event> = fx.events.iter().filter(|e| e.user_id == seq.user_id).collect();
+        history.truncate(target);
+        history.reverse();
+        server.ingest(&history).await;
+        let (status, reply) = server
+            .post(
+                "/v1/recommend",
+                &json!({"user_id": seq.user_id, "k": 20, "at": seq.timestamps[target]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{reply}");
+        assert_eq!(reply["fallback"], Value::Null);
+        assert_same_ranking(&ranked(&reply), &offline_top(&artifact, &set, user, target));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_are_batched_and_match_one_by_one_answers() {
+    let fx = fixture();
+    // No cache, so that both rounds run the Transformer; a wide batching window.
+    let server = server(&[
+        "--cache-capacity",
+        "0",
+        "--max-batch-delay-us",
+        "20000",
+        "--max-batch-size",
+        "64",
+    ])
+    .await;
+    let by_user = users(&fx.events);
+    let chosen: Vec<&str> = by_user.keys().copied().take(64).collect();
+    for user in &chosen {
+        server.ingest(&by_user[user]).await;
+    }
+    let request = |user: &str| json!({"user_id": user, "k": 10, "at": 1_700_000_000});
+    let mut alone = Vec::new();
+    for user in &chosen {
+        alone.push(ranked(&server.post("/v1/recommend", &request(user)).await.1));
+    }
+    let executions_before = server.metric("xsrec_batch_executions_total").await;
+    let bodies: Vec<Value> = chosen.iter().map(|user| request(user)).collect();
+    let together = futures_util::future::join_all(bodies.iter().map(|body| server.post("/v1/recommend", body))).await;
+    for ((status, reply), expected) in together.iter().zip(&alone) {
+        assert_eq!(*status, StatusCode::OK);
+        assert_same_ranking(&ranked(reply), expected);
+    }
+    let executions = server.metric("xsrec_batch_executions_total").await - executions_before;
+    assert!(
+        executions < 64.0 / 2.0,
+        "64 concurrent requests took {executions} batches"
+    );
+    assert!(server.metric("xsrec_batch_size_bucket{le=\"1\"}").await < server.metric("xsrec_batch_size_count").await);
+
+    // The batch endpoint gives the same answers as one by one.
+    let (status, reply) = server
+        .post(
+            "/v1/recommend/batch",
+            &json!({"requests": chosen.iter().map(|u| request(u)).collect::<Vec<_>>()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    for (result, expected) in reply["results"].as_array().unwrap().iter().zip(&alone) {
+        assert_same_ranking(&ranked(result), expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidate_scores_are_the_full_scores_restricted_to_the_candidates() {
+    let fx = fixture();
+    let server = server(&[]).await;
+    let by_user = users(&fx.events);
+    let user = by_user.keys().next().unwrap();
+    server.ingest(&by_user[user]).await;
+    let full = ranked(
+        &server
+            .post(
+                "/v1/recommend",
+                &json!({"user_id": user, "k": 1000, "exclude_seen": false}),
+            )
+            .await
+            .1,
+    );
+    let full: BTreeMap<String, f64> = full.into_iter().collect();
+    let candidates = ["i3", "i10", "i44", "i7", "missing-ad"];
+    let (status, reply) = server
+        .post(
+            "/v1/recommend",
+            &json!({"user_id": user, "k": 3, "candidates": candidates}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let got = ranked(&reply);
+    let mut expected: Vec<(String, f64)> = candidates
+        .iter()
+        .filter_map(|c| full.get(*c).map(|s| (c.to_string(), *s)))
+        .collect();
+    expected.sort_by(|a, b| b.1.total_cmp(&a.1));
+    expected.truncate(3);
+    assert_same_ranking(&got, &expected);
+    assert_eq!(reply["unknown_candidates"], json!(["missing-ad"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn histories_interests_fallback_and_erasure() {
+    let server = server(&[]).await;
+    let events = json!({"events": [
+        {"user_id": "42", "item_id": "i5", "timestamp": 2000, "event_type": "click"},
+        {"user_id": "42", "item_id": "brand-new", "timestamp": 1000},
+        {"user_id": "42", "item_id": "i9", "timestamp": 1500, "event_type": "never-seen-type"}
+    ]});
+    let (status, reply) = server.post("/v1/events", &events).await;
+    assert_eq!(
+        (status, reply),
+        (StatusCode::OK, json!({"accepted": 3, "unknown_items": 1}))
+    );
+    let (status, history) = server.get("/v1/users/42/history").await;
+    assert_eq!(status, StatusCode::OK);
+    let history: Value = serde_json::from_str(&history).unwrap();
+    let items: Vec<&str> = history["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["item_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(items, ["brand-new", "i9", "i5"]);
+    assert_eq!(history["events"][0]["known_item"], false);
+    assert_eq!(history["events"][2]["event_type"], "click");
+
+    let (status, reply) = server.post("/v1/interests", &json!({"user_id": "42", "top": 3})).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    let scores: Vec<f64> = reply["interests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["score"].as_f64().unwrap())
+        .collect();
+    assert_eq!(scores.len(), 3);
+    assert!(
+        (scores.iter().sum::<f64>() - 1.0).abs() < 1e-4,
+        "three categories hold all the mass: {scores:?}"
+    );
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]));
+
+    let (status, _) = server.get("/v1/users/42").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let deleted = server
+        .client
+        .delete(format!("{}/v1/users/42", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert_eq!(server.get("/v1/users/42/history").await.0, StatusCode::NOT_FOUND);
+    let (status, reply) = server.post("/v1/recommend", &json!({"user_id": "42", "k": 5})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(reply["fallback"], "popular");
+    assert_eq!(reply["items"].as_array().unwrap().len(), 5);
+    assert_eq!(server.metric("xsrec_users").await, 0.0);
+}
+
+async fn expect_error(server: &Server, path: &str, body: &Value, status: StatusCode, code: &str) {
+    let (got, reply) = server.post(path, body).await;
+    assert_eq!(got, status, "{path} {body}: {reply}");
+    assert_eq!(reply["error"]["code"], code, "{reply}");
+    assert!(reply["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_input_gets_its_status_and_code() {
+    let server = server(&["--max-events-per-call", "3", "--max-body-bytes", "2000"]).await;
+    let raw = server
+        .client
+        .post(format!("{}/v1/recommend", server.base))
+        .header("content-type", "application/json");
+    let reply = raw.body("{\"user_id\": ").send().await.unwrap();
+    assert_eq!(reply.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(reply.json::<Value>().await.unwrap()["error"]["code"], "malformed_json");
+    let reply = server
+        .client
+        .post(format!("{}/v1/recommend", server.base))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    let invalid = StatusCode::UNPROCESSABLE_ENTITY;
+    expect_error(
+        &server,
+        "/v1/recommend",
+        &json!({"user_id": "u", "k": 0}),
+        invalid,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        &server,
+        "/v1/recommend",
+        &json!({"user_id": "u", "k": 1001}),
+        invalid,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        &server,
+        "/v1/recommend",
+        &json!({"user_id": "", "k": 5}),
+        invalid,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        &server,
+        "/v1/recommend",
+        &json!({"user_id": "x".repeat(300)}),
+        invalid,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        &server,
+        "/v1/recommend",
+        &json!({"user_id": "u", "kk": 5}),
+        invalid,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        &server,
+        "/v1/recommend",
+        &json!({"user_id": "u", "candidates": []}),
+        invalid,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        &server,
+        "/v1/events",
+        &json!({"events": []}),
+        invalid,
+        "invalid_request",
+    )
+    .await;
+    let event = json!({"user_id": "u", "item_id": "i1", "timestamp": 5});
+    expect_error(
+        &server,
+        "/v1/events",
+        &json!({"events": [event, event, event, event]}),
+        invalid,
+        "invalid_request",
+    )
+    .await;
+    let bad_time = json!({"events": [event, {"user_id": "u", "item_id": "i1", "timestamp": -1}]});
+    expect_error(&server, "/v1/events", &bad_time, invalid, "invalid_request").await;
+    assert_eq!(
+        server.get("/v1/users/u/history").await.0,
+        StatusCode::NOT_FOUND,
+        "a rejected call stores nothing"
+    );
+    expect_error(
+        &server,
+        "/v1/interests",
+        &json!({"user_id": "u", "top": 0}),
+        invalid,
+        "invalid_request",
+    )
+    .await;
+    let too_big = json!({"user_id": "u", "candidates": vec!["i1"; 1000]});
+    expect_error(
+        &server,
+        "/v1/recommend",
+        &too_big,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    )
+    .await;
+    let (status, body) = server.get("/v1/users/nobody/history").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("user_not_found"));
+
+    server.running.state.ready.store(false, Ordering::Release);
+    expect_error(
+        &server,
+        "/v1/recommend",
+        &json!({"user_id": "u"}),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_ready",
+    )
+    .await;
+    assert_eq!(server.get("/health/ready").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(server.get("/health/live").await.0, StatusCode::OK);
+    server.running.state.set_ready();
+
+    let failures = server
+        .metric("xsrec_request_failures_total{reason=\"invalid_request\",route=\"/v1/recommend\"}")
+        .await;
+    assert!(failures >= 6.0, "{failures}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_limit_and_deadline() {
+    let full = server(&["--max-concurrent-requests", "0"]).await;
+    let response = full
+        .client
+        .post(format!("{}/v1/recommend", full.base))
+        .json(&json!({"user_id": "u"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(response.json::<Value>().await.unwrap()["error"]["code"], "overloaded");
+
+    // Requests wait 200 ms for their batch but may only live 20 ms.
+    let slow = server(&["--request-timeout-ms", "20", "--max-batch-delay-us", "200000"]).await;
+    let fx = fixture();
+    let by_user = users(&fx.events);
+    let user = by_user.keys().next().unwrap();
+    slow.ingest(&by_user[user]).await;
+    expect_error(
+        &slow,
+        "/v1/recommend",
+        &json!({"user_id": user}),
+        StatusCode::GATEWAY_TIMEOUT,
+        "deadline_exceeded",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_spec_are_there_before_any_traffic() {
+    let server = server(&[]).await;
+    let (status, text) = server.get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    for name in [
+        "xsrec_requests_total",
+        "xsrec_request_failures_total",
+        "xsrec_request_duration_seconds",
+        "xsrec_queue_wait_seconds",
+        "xsrec_inference_duration_seconds",
+        "xsrec_topk_duration_seconds",
+        "xsrec_batch_size",
+        "xsrec_inference_requests_total",
+        "xsrec_batch_executions_total",
+        "xsrec_queue_depth",
+        "xsrec_users",
+        "xsrec_history_events",
+        "xsrec_history_bytes",
+        "xsrec_events_ingested_total",
+        "xsrec_cache_hits_total",
+        "xsrec_cache_misses_total",
+        "xsrec_model_info",
+        "xsrec_device_info",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} missing from /metrics"
+        );
+    }
+    let (_, spec) = server.get("/openapi.json").await;
+    let spec: Value = serde_json::from_str(&spec).unwrap();
+    for route in xsrec::api::V1_ROUTES.iter().chain(&xsrec::api::OPS_ROUTES) {
+        assert!(
+            spec["paths"].get(route).is_some(),
+            "{route} missing from the OpenAPI spec"
+        );
+    }
+    let (_, model) = server.get("/v1/model").await;
+    let model: Value = serde_json::from_str(&model).unwrap();
+    assert_eq!(model["config"]["model"]["max_len"], 30);
+    assert_eq!(model["version"].as_str().unwrap().len(), 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let fx = fixture();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xsrec"))
+        .args([
+            "serve",
+            "--model",
+            fx.model.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+        ])
+        .args(["--max-batch-delay-us", "600000", "--max-batch-size", "64"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let base = loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server start-up line");
+        if let Some(rest) = line.strip_prefix("listening on ") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let client = reqwest::Client::new();
+    while !client
+        .get(format!("{base}/health/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == StatusCode::OK)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = json!({"events": [{"user_id": "7", "item_id": "i1", "timestamp": 10}]});
+    assert!(client
+        .post(format!("{base}/v1/events"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .is_success());
+    // This request sits in the batcher for 600 ms; the signal arrives while it waits.
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        let url = format!("{base}/v1/recommend");
+        async move { client.post(url).json(&json!({"user_id": "7"})).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let response = in_flight.await.unwrap().expect("in-flight request answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.json::<Value>().await.unwrap()["user_id"], "7");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    let rest: Vec<String> = lines_rx.try_iter().collect();
+    assert!(rest.iter().any(|l| l.contains("shut down cleanly")), "{rest:?}");
+}
