@@ -14,7 +14,7 @@ DEFAULT_MODEL := models/default
 # The documented recipe of the default model (see README "The default model").
 DEFAULT_TRAIN_FLAGS := --max-len 200 --seed 42
 
-.PHONY: venv build data run test fmt lint bench clean
+.PHONY: venv build data run test fmt lint bench load quality clean
 
 venv: $(TORCH_STAMP)
 
@@ -29,10 +29,13 @@ build: venv
 data: build
 	$(BIN) data fetch movielens-100k --out data
 
-# Until the serving issue lands, the main job is: fetch ml-100k, train and evaluate the default model.
-run: data
-	$(BIN) train --data $(ML100K) --out runs/default $(DEFAULT_TRAIN_FLAGS)
-	$(BIN) eval --model runs/default --data $(ML100K) --predictions-out runs/default/predictions.tsv --json-out runs/default/eval.json
+# The main job: serve the committed default model (trained first if it is missing).
+run: build $(DEFAULT_MODEL)/model.safetensors
+	$(BIN) serve --model $(DEFAULT_MODEL)
+
+$(DEFAULT_MODEL)/model.safetensors:
+	$(MAKE) data
+	$(BIN) train --data $(ML100K) --out $(DEFAULT_MODEL) $(DEFAULT_TRAIN_FLAGS)
 
 fmt:
 	cargo fmt --all
@@ -41,11 +44,19 @@ lint: venv
 	cargo fmt --all -- --check
 	cargo clippy --release --all-targets -- -D warnings
 
-test: lint
+# The serving tests replay ml-100k histories through the default model, hence `data`.
+test: lint data
 	cargo test --release
 
 bench: venv
 	cargo bench
+
+load: build
+	scripts/load.sh $(DEFAULT_MODEL)
+
+quality: data
+	scripts/quality.sh
+	.venv/bin/python scripts/quality_table.py runs/quality
 
 clean:
 	cargo clean

@@ -8,13 +8,13 @@ use std::time::Duration;
 use clap::Parser;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tch::{Device, Kind};
-use xsrec::data::split::{build_sequences, SequenceSet};
+use tch::Device;
+use xsrec::data::split::{build_sequences, SequenceSet, UserSequence};
 use xsrec::data::synth::{synthesize, SynthConfig};
 use xsrec::data::vocab::Vocab;
 use xsrec::data::Event;
 use xsrec::model::artifact::{Artifact, ArtifactConfig, FORMAT_VERSION};
-use xsrec::model::{encode, mask_items, Features, HistoryView, ModelConfig, Scorer};
+use xsrec::model::{Features, ModelConfig};
 use xsrec::serve::{start, RunningServer, ServeConfig};
 use xsrec::train::{train, Loss, TrainConfig};
 
@@ -208,27 +208,49 @@ fn assert_same_ranking(a: &[(String, f64)], b: &[(String, f64)]) {
     }
 }
 
-/// Offline scoring of the same history the way `xsrec eval` does it: top-20, seen items removed.
-fn offline_top(artifact: &Artifact, set: &SequenceSet, user: usize, target: usize) -> Vec<(String, f64)> {
-    let u = &set.users[user];
-    let view = HistoryView::new(&u.items, &u.timestamps, &u.types).prefix(target);
+/// The test-target top-20 of `xsrec eval` (seen items excluded), per user id.
+fn offline_top(artifact: &Artifact, set: &SequenceSet, exclude_seen: bool) -> BTreeMap<String, Vec<(String, f64)>> {
     let cfg = &artifact.model.config;
-    let row = encode(view, u.timestamps[target], cfg.max_len, cfg.session_gap_secs);
-    let scores = artifact
-        .model
-        .score_next(&xsrec::model::Batch::new(&[row], Device::Cpu))
-        .to_kind(Kind::Float);
-    let seen: Vec<i64> = std::iter::once(0)
-        .chain(u.items[..target].iter().map(|&i| i64::from(i)))
-        .collect();
-    let (values, items) = mask_items(&scores, &[seen]).topk(20, 1, true, true);
-    let values = Vec::<f32>::try_from(values.view(-1)).unwrap();
-    let items = Vec::<i64>::try_from(items.view(-1)).unwrap();
-    items
+    let opts = xsrec::eval::EvalOptions {
+        target: xsrec::data::split::Target::Test,
+        exclude_seen,
+        batch_size: 256,
+        max_len: cfg.max_len,
+        session_gap_secs: cfg.session_gap_secs,
+        device: Device::Cpu,
+    };
+    xsrec::eval::evaluate(&artifact.model, set, &opts)
         .into_iter()
-        .zip(values)
-        .map(|(i, v)| (set.items.id(i as u32).to_owned(), f64::from(v)))
+        .map(|case| {
+            let top = case
+                .top
+                .iter()
+                .map(|&(i, s)| (set.items.id(i as u32).to_owned(), f64::from(s)))
+                .collect();
+            (set.users[case.user].user_id.clone(), top)
+        })
         .collect()
+}
+
+/// Recommending at the test event's time returns offline evaluation's top-20, with and without
+/// seen items. (Offline keeps a repeated target in the ranking, which a live request cannot
+/// know about, so the seen-excluded comparison skips users whose test item is a repeat.)
+async fn assert_online_equals_offline(
+    server: &Server,
+    seq: &UserSequence,
+    offline: &[BTreeMap<String, Vec<(String, f64)>>; 2],
+) {
+    let target = seq.len() - 1;
+    for (exclude_seen, expected) in [false, true].into_iter().zip(offline) {
+        if exclude_seen && seq.items[..target].contains(&seq.items[target]) {
+            continue;
+        }
+        let body = json!({"user_id": seq.user_id, "k": 20, "at": seq.timestamps[target], "exclude_seen": exclude_seen});
+        let (status, reply) = server.post("/v1/recommend", &body).await;
+        assert_eq!(status, StatusCode::OK, "{reply}");
+        assert_eq!(reply["fallback"], Value::Null);
+        assert_same_ranking(&ranked(&reply), &expected[&seq.user_id]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,22 +259,15 @@ async fn online_recommendations_equal_offline_scoring() {
     let server = server(&["--history-cap", "1000"]).await;
     let artifact = Artifact::load(&fx.model, Device::Cpu).unwrap();
     let set = build_sequences(&fx.events, artifact.items.clone(), artifact.event_types.clone(), false);
-    for (user, seq) in set.users.iter().enumerate().take(25) {
+    let offline = [false, true].map(|exclude_seen| offline_top(&artifact, &set, exclude_seen));
+    for seq in set.users.iter().filter(|u| u.len() >= 3).take(25) {
         let target = seq.len() - 1;
         // Everything before the test event, sent newest first: the store must restore time order.
         let mut history: Vec<&Event> = fx.events.iter().filter(|e| e.user_id == seq.user_id).collect();
         history.truncate(target);
         history.reverse();
         server.ingest(&history).await;
-        let (status, reply) = server
-            .post(
-                "/v1/recommend",
-                &json!({"user_id": seq.user_id, "k": 20, "at": seq.timestamps[target]}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{reply}");
-        assert_eq!(reply["fallback"], Value::Null);
-        assert_same_ranking(&ranked(&reply), &offline_top(&artifact, &set, user, target));
+        assert_online_equals_offline(&server, seq, &offline).await;
     }
 }
 
@@ -687,4 +702,50 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
     assert!(status.success(), "exit status {status}");
     let rest: Vec<String> = lines_rx.try_iter().collect();
     assert!(rest.iter().any(|l| l.contains("shut down cleanly")), "{rest:?}");
+}
+
+/// The committed default model on real ml-100k histories (`make test` fetches the data first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_model_serves_ml100k_histories_exactly_as_offline_eval_scores_them() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = root.join("data/ml-100k/ml-100k.inter");
+    assert!(data.exists(), "{} is missing: run `make data`", data.display());
+    let model = root.join("models/default");
+    let loaded = xsrec::data::formats::load_events(&data, &Default::default()).unwrap();
+    let artifact = Artifact::load(&model, Device::Cpu).unwrap();
+    let set = build_sequences(
+        &loaded.events,
+        artifact.items.clone(),
+        artifact.event_types.clone(),
+        false,
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = start(config(&model, &["--history-cap", "1000"]), async move {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let server = Server {
+        base: format!("http://{}", running.addr),
+        running,
+        client: reqwest::Client::new(),
+        _stop: stop,
+    };
+    while server.get("/health/ready").await.0 != StatusCode::OK {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let offline = [false, true].map(|exclude_seen| offline_top(&artifact, &set, exclude_seen));
+    for seq in set.users.iter().step_by(37) {
+        let target = seq.len() - 1;
+        let events: Vec<Event> = (0..target)
+            .map(|i| Event {
+                user_id: seq.user_id.clone(),
+                item_id: set.items.id(seq.items[i]).to_owned(),
+                timestamp: seq.timestamps[i],
+                event_type: None,
+            })
+            .collect();
+        server.ingest(&events.iter().collect::<Vec<_>>()).await;
+        assert_online_equals_offline(&server, seq, &offline).await;
+    }
 }

@@ -35,8 +35,8 @@ pub struct CaseResult {
     pub candidates: usize,
     /// Whether the target event opened a new session.
     pub new_session: bool,
-    /// Best items first (item indices).
-    pub top: Vec<i64>,
+    /// Best items first: (item index, score).
+    pub top: Vec<(i64, f32)>,
 }
 
 /// The events a case may read: everything before its target.
@@ -99,7 +99,9 @@ fn rank_chunk(scorer: &dyn Scorer, set: &SequenceSet, chunk: &[(usize, usize)], 
     let ranks = Vec::<i64>::try_from(scores.ge_tensor(&target_scores).sum_dim_intlist(1, false, Kind::Int64) - 1)
         .expect("ranks");
     let k = TOP_N.min(num_items - 1) as i64;
-    let top = Vec::<i64>::try_from(scores.topk(k, 1, true, true).1.to_device(Device::Cpu).view(-1)).expect("top-k");
+    let (top_scores, top_items) = scores.topk(k, 1, true, true);
+    let top_items = Vec::<i64>::try_from(top_items.to_device(Device::Cpu).view(-1)).expect("top-k items");
+    let top_scores = Vec::<f32>::try_from(top_scores.to_device(Device::Cpu).view(-1)).expect("top-k scores");
     chunk
         .iter()
         .enumerate()
@@ -110,7 +112,9 @@ fn rank_chunk(scorer: &dyn Scorer, set: &SequenceSet, chunk: &[(usize, usize)], 
                 rank: ranks[row] as usize,
                 candidates: num_items - masked[row].len(),
                 new_session: starts_new_session(user.timestamps[p] - user.timestamps[p - 1], opts.session_gap_secs),
-                top: top[row * k as usize..(row + 1) * k as usize].to_vec(),
+                top: (row * k as usize..(row + 1) * k as usize)
+                    .map(|j| (top_items[j], top_scores[j]))
+                    .collect(),
             }
         })
         .collect()

@@ -32,7 +32,7 @@ pub fn write_predictions(path: &Path, set: &SequenceSet, results: &[CaseResult])
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     for r in results {
         write!(out, "{}", set.users[r.user].user_id)?;
-        for &item in &r.top {
+        for &(item, _) in &r.top {
             write!(out, "\t{}", set.items.id(item as u32))?;
         }
         writeln!(out)?;
