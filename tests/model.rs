@@ -276,14 +276,28 @@ fn loader_rejects_mismatched_or_unknown_artifacts_with_specific_errors() {
 fn every_parameter_gets_a_gradient() {
     for model in variants() {
         let h = history();
-        let row = encode(HistoryView::new(&h.items, &h.timestamps, &h.types), 40_300, MAX_LEN, GAP);
+        let row = encode(
+            HistoryView::new(&h.items, &h.timestamps, &h.types),
+            40_300,
+            MAX_LEN,
+            GAP,
+        );
         let batch = Batch::new(&[row], Device::Cpu);
         let hidden = model.net.hidden(&batch, true);
-        model.net.score(&hidden).logsumexp([-1], false).sum(Kind::Float).backward();
+        model
+            .net
+            .score(&hidden)
+            .logsumexp([-1], false)
+            .sum(Kind::Float)
+            .backward();
         for (name, var) in model.vs.variables() {
             let grad = var.grad();
             assert!(grad.defined(), "{name}: no gradient");
-            assert!(grad.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{:?} {name}: zero gradient", model.config.arch);
+            assert!(
+                grad.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                "{:?} {name}: zero gradient",
+                model.config.arch
+            );
         }
     }
 }

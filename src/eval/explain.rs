@@ -27,13 +27,20 @@ pub fn draw_attention(explanation: &Explanation, path: &Path) -> anyhow::Result<
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(80)
-        .build_cartesian_2d(0f64..n as f64, 0f64..layers as f64)?;
+        // Rows are centred on integers so that the y labels name them.
+        .build_cartesian_2d(0f64..n as f64, -0.5f64..layers as f64 - 0.5)?;
     chart
         .configure_mesh()
         .disable_mesh()
         .x_desc("history position (oldest → newest); red lines = session boundaries")
         .y_labels(layers)
-        .y_label_formatter(&|y| format!("layer {}", *y as usize))
+        .y_label_formatter(&|y| {
+            if y.fract().abs() < 1e-9 {
+                format!("layer {}", *y as usize + 1)
+            } else {
+                String::new()
+            }
+        })
         .draw()?;
     for (layer, weights) in explanation.attention.iter().enumerate() {
         // Normalised per layer so that each row uses the full colour range.
@@ -42,7 +49,7 @@ pub fn draw_attention(explanation: &Explanation, path: &Path) -> anyhow::Result<
             let heat = (w / max).clamp(0.0, 1.0) as f64;
             let color = RGBColor((255.0 * (1.0 - heat)) as u8, (255.0 * (1.0 - 0.6 * heat)) as u8, 255);
             Rectangle::new(
-                [(i as f64, layer as f64), (i as f64 + 1.0, layer as f64 + 1.0)],
+                [(i as f64, layer as f64 - 0.5), (i as f64 + 1.0, layer as f64 + 0.5)],
                 color.filled(),
             )
         }))?;
@@ -55,7 +62,7 @@ pub fn draw_attention(explanation: &Explanation, path: &Path) -> anyhow::Result<
         .map(|(i, _)| i + 1);
     for boundary in boundaries {
         chart.draw_series(LineSeries::new(
-            [(boundary as f64, 0.0), (boundary as f64, layers as f64)],
+            [(boundary as f64, -0.5), (boundary as f64, layers as f64 - 0.5)],
             RED.stroke_width(2),
         ))?;
     }
