@@ -38,7 +38,7 @@ pub struct TrainArgs {
     /// Feed-forward width; defaults to 4 × d_model.
     #[arg(long)]
     pub ffn_dim: Option<usize>,
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.3)]
     pub dropout: f64,
     /// Score with a separate output item table instead of the input embeddings.
     #[arg(long)]
@@ -56,11 +56,11 @@ pub struct TrainArgs {
     /// Inactivity (seconds) that ends a session.
     #[arg(long, default_value_t = DEFAULT_SESSION_GAP_SECS)]
     pub session_gap: i64,
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 100)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
@@ -82,9 +82,15 @@ pub struct TrainArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// libtorch intra-op threads (default: all cores); 1 lets runs go side by side.
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    if let Some(threads) = args.threads {
+        tch::set_num_threads(threads as i32);
+    }
     let device = parse_device(&args.device)?;
     let events = args.data.load()?;
     let set = build_sequences(&events, Vocab::new(), Vocab::new(), true);
