@@ -442,95 +442,84 @@ async fn every_bad_input_gets_its_status_and_code() {
     assert_eq!(reply.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
     let invalid = StatusCode::UNPROCESSABLE_ENTITY;
-    expect_error(
-        &server,
-        "/v1/recommend",
-        &json!({"user_id": "u", "k": 0}),
-        invalid,
-        "invalid_request",
-    )
-    .await;
-    expect_error(
-        &server,
-        "/v1/recommend",
-        &json!({"user_id": "u", "k": 1001}),
-        invalid,
-        "invalid_request",
-    )
-    .await;
-    expect_error(
-        &server,
-        "/v1/recommend",
-        &json!({"user_id": "", "k": 5}),
-        invalid,
-        "invalid_request",
-    )
-    .await;
-    expect_error(
-        &server,
-        "/v1/recommend",
-        &json!({"user_id": "x".repeat(300)}),
-        invalid,
-        "invalid_request",
-    )
-    .await;
-    expect_error(
-        &server,
-        "/v1/recommend",
-        &json!({"user_id": "u", "kk": 5}),
-        invalid,
-        "invalid_request",
-    )
-    .await;
-    expect_error(
-        &server,
-        "/v1/recommend",
-        &json!({"user_id": "u", "candidates": []}),
-        invalid,
-        "invalid_request",
-    )
-    .await;
-    expect_error(
-        &server,
-        "/v1/events",
-        &json!({"events": []}),
-        invalid,
-        "invalid_request",
-    )
-    .await;
     let event = json!({"user_id": "u", "item_id": "i1", "timestamp": 5});
-    expect_error(
-        &server,
-        "/v1/events",
-        &json!({"events": [event, event, event, event]}),
-        invalid,
-        "invalid_request",
-    )
-    .await;
-    let bad_time = json!({"events": [event, {"user_id": "u", "item_id": "i1", "timestamp": -1}]});
-    expect_error(&server, "/v1/events", &bad_time, invalid, "invalid_request").await;
+    let cases = [
+        (
+            "/v1/recommend",
+            json!({"user_id": "u", "k": 0}),
+            invalid,
+            "invalid_request",
+        ),
+        (
+            "/v1/recommend",
+            json!({"user_id": "u", "k": 1001}),
+            invalid,
+            "invalid_request",
+        ),
+        (
+            "/v1/recommend",
+            json!({"user_id": "", "k": 5}),
+            invalid,
+            "invalid_request",
+        ),
+        (
+            "/v1/recommend",
+            json!({"user_id": "x".repeat(300)}),
+            invalid,
+            "invalid_request",
+        ),
+        (
+            "/v1/recommend",
+            json!({"user_id": "u", "kk": 5}),
+            invalid,
+            "invalid_request",
+        ),
+        (
+            "/v1/recommend",
+            json!({"user_id": "u", "candidates": []}),
+            invalid,
+            "invalid_request",
+        ),
+        (
+            "/v1/recommend/batch",
+            json!({"requests": []}),
+            invalid,
+            "invalid_request",
+        ),
+        ("/v1/events", json!({"events": []}), invalid, "invalid_request"),
+        (
+            "/v1/events",
+            json!({"events": [event, event, event, event]}),
+            invalid,
+            "invalid_request",
+        ),
+        (
+            "/v1/events",
+            json!({"events": [event, {"user_id": "u", "item_id": "i1", "timestamp": -1}]}),
+            invalid,
+            "invalid_request",
+        ),
+        (
+            "/v1/interests",
+            json!({"user_id": "u", "top": 0}),
+            invalid,
+            "invalid_request",
+        ),
+        (
+            "/v1/recommend",
+            json!({"user_id": "u", "candidates": vec!["i1"; 1000]}),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+    ];
+    for (path, body, status, code) in &cases {
+        expect_error(&server, path, body, *status, code).await;
+    }
     assert_eq!(
         server.get("/v1/users/u/history").await.0,
         StatusCode::NOT_FOUND,
-        "a rejected call stores nothing"
+        "rejected calls store nothing"
     );
-    expect_error(
-        &server,
-        "/v1/interests",
-        &json!({"user_id": "u", "top": 0}),
-        invalid,
-        "invalid_request",
-    )
-    .await;
-    let too_big = json!({"user_id": "u", "candidates": vec!["i1"; 1000]});
-    expect_error(
-        &server,
-        "/v1/recommend",
-        &too_big,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
-    )
-    .await;
     let (status, body) = server.get("/v1/users/nobody/history").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("user_not_found"));

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Answer, InferError, InferRequest, Query, WorkerCommand};
 use crate::data::session::gap_bucket;
 use crate::metrics::Metrics;
-use crate::model::{encode, mask_items, trim_to_longest, Artifact, Batch, HistoryView, SeqModel};
+use crate::model::{encode, mask_items, padded_index, trim_to_longest, Artifact, Batch, HistoryView, SeqModel};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -260,20 +260,13 @@ impl InferenceWorker {
                     _ => unreachable!(),
                 })
                 .collect();
-            let width = lists.iter().map(|l| l.len()).max().unwrap_or(1).max(1);
-            let padded: Vec<i64> = lists
-                .iter()
-                .flat_map(|l| l.iter().copied().chain(std::iter::repeat(0)).take(width))
-                .collect();
-            let index = Tensor::from_slice(&padded)
-                .view([lists.len() as i64, width as i64])
-                .to_device(device);
+            let index = padded_index(&lists, device);
             // Padding points at column 0 and must never be chosen.
             let gathered = rows_of(&candidate_rows)
                 .gather(1, &index, false)
                 .masked_fill(&index.eq(0), f64::NEG_INFINITY);
             let ks: Vec<usize> = candidate_rows.iter().map(|&i| query_k(&requests[i].query)).collect();
-            for (slot, ranked) in candidate_rows.iter().zip(top_k(&gathered, &ks, Some(&padded))) {
+            for (slot, ranked) in candidate_rows.iter().zip(top_k(&gathered, &ks, Some(&index))) {
                 answers[*slot] = Some(Answer::Items(ranked));
             }
         }
@@ -308,12 +301,12 @@ fn query_k(query: &Query) -> usize {
 }
 
 /// Per row, the best `ks[row]` finite entries as (column, value) — or (`columns[row, column]`,
-/// value) when the columns are themselves an index. One `topk` on the device for the whole
-/// group; only the winners are copied back.
-fn top_k(values: &Tensor, ks: &[usize], columns: Option<&[i64]>) -> Vec<Vec<(u32, f32)>> {
-    let width = values.size()[1];
-    let k_max = ks.iter().copied().max().unwrap_or(1).min(width as usize) as i64;
+/// value) when the columns stand for items. One `topk` on the device for the whole group; only
+/// the winners are copied back.
+fn top_k(values: &Tensor, ks: &[usize], columns: Option<&Tensor>) -> Vec<Vec<(u32, f32)>> {
+    let k_max = ks.iter().copied().max().unwrap_or(1).min(values.size()[1] as usize) as i64;
     let (top_values, top_index) = values.topk(k_max, 1, true, true);
+    let top_index = columns.map_or(top_index.shallow_clone(), |c| c.gather(1, &top_index, false));
     let top_values = Vec::<f32>::try_from(top_values.to_device(Device::Cpu).view(-1)).expect("values");
     let top_index = Vec::<i64>::try_from(top_index.to_device(Device::Cpu).view(-1)).expect("indices");
     ks.iter()
@@ -322,11 +315,7 @@ fn top_k(values: &Tensor, ks: &[usize], columns: Option<&[i64]>) -> Vec<Vec<(u32
             let start = row * k_max as usize;
             (start..start + k.min(k_max as usize))
                 .filter(|&j| top_values[j].is_finite())
-                .map(|j| {
-                    let column = top_index[j];
-                    let id = columns.map_or(column, |c| c[row * width as usize + column as usize]);
-                    (id as u32, top_values[j])
-                })
+                .map(|j| (top_index[j] as u32, top_values[j]))
                 .collect()
         })
         .collect()

@@ -93,15 +93,19 @@ impl Scorer for Popularity {
     }
 }
 
-/// Sets `scores[row, item] = -inf` for each row's listed items (rows padded with column 0).
+/// Sets `scores[row, item] = -inf` for each row's listed items.
 pub fn mask_items(scores: &Tensor, items: &[Vec<i64>]) -> Tensor {
-    let width = items.iter().map(Vec::len).max().unwrap_or(1);
-    let padded: Vec<i64> = items
+    scores.scatter_value(1, &padded_index(items, scores.device()), f64::NEG_INFINITY)
+}
+
+/// `[B, W]` int64 tensor of ragged rows padded with 0 (the padding item) to the longest row.
+pub fn padded_index<R: AsRef<[i64]>>(rows: &[R], device: Device) -> Tensor {
+    let width = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(1).max(1);
+    let padded: Vec<i64> = rows
         .iter()
-        .flat_map(|row| row.iter().copied().chain(std::iter::repeat(0)).take(width))
+        .flat_map(|row| row.as_ref().iter().copied().chain(std::iter::repeat(0)).take(width))
         .collect();
-    let index = Tensor::from_slice(&padded)
-        .view([items.len() as i64, width as i64])
-        .to_device(scores.device());
-    scores.scatter_value(1, &index, f64::NEG_INFINITY)
+    Tensor::from_slice(&padded)
+        .view([rows.len() as i64, width as i64])
+        .to_device(device)
 }
