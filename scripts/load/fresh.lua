@@ -3,7 +3,7 @@
 dofile("scripts/load/common.lua")
 local sent = 0
 local user = 0
-local clock = 1900000000
+local clock = 1750000000
 
 function request()
   sent = sent + 1

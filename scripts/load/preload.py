@@ -19,7 +19,7 @@ def flush():
 
 
 for u in range(users):
-    start = 1_800_000_000 + rng.randrange(86_400)
+    start = 1_700_000_000 + rng.randrange(86_400)
     for e in range(events):
         batch.append({"user_id": f"u{u}", "item_id": str(rng.randint(1, items)), "timestamp": start + 120 * e})
         if len(batch) == 1000:

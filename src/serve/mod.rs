@@ -56,6 +56,11 @@ pub struct ServeConfig {
     /// Users whose final hidden state the inference worker keeps.
     #[arg(long, env = "XSREC_CACHE_CAPACITY", default_value_t = 100_000)]
     pub cache_capacity: usize,
+    /// libtorch intra-op threads. One is fastest on CPU here: the inference worker already runs
+    /// beside the HTTP threads, and waking a second math thread for small batches costs more
+    /// than it saves (measured in docs/BENCHMARKS.md).
+    #[arg(long, env = "XSREC_TORCH_THREADS", default_value_t = 1)]
+    pub torch_threads: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[arg(long, env = "XSREC_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -117,6 +122,7 @@ pub async fn start(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<RunningServer> {
+    tch::set_num_threads(config.torch_threads.max(1) as i32);
     let device = crate::cli::parse_device(&config.device)?;
     let mut artifact =
         Artifact::load(&config.model, device).with_context(|| format!("loading model {}", config.model.display()))?;
