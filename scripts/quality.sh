@@ -4,7 +4,9 @@
 #
 #   scripts/quality.sh [SEED...]      (default: 42 43 44; results in runs/quality/, reruns skip done work)
 #
-# Jobs are ordered so that an interrupted matrix still has every variant at the first seed.
+# Jobs run in priority order: the three main variants at every seed, then the feature ablations
+# at the first seed (then at the others). A job whose log exists is skipped (it is done or
+# running); delete runs/quality/NAME-seedS.log to run it again.
 # Summarise with: .venv/bin/python scripts/quality_table.py runs/quality
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,10 +20,12 @@ LANES=${LANES:-2}
 mkdir -p "$OUT"
 
 # name|flags: every variant uses the default recipe of `xsrec train` plus these flags.
-VARIANTS=(
+MAIN=(
   "transformer-L200|--max-len 200"
   "lstm-L200|--max-len 200 --arch lstm"
   "transformer-L50|--max-len 50"
+)
+ABLATIONS=(
   "plain-sasrec|--max-len 200 --no-session-recency --no-time-gap --no-prediction-gap"
   "no-prediction-gap|--max-len 200 --no-prediction-gap"
   "no-session-recency|--max-len 200 --no-session-recency"
@@ -31,7 +35,7 @@ VARIANTS=(
 
 run_one() {
   local name=$1 seed=$2 flags=$3 dir="$OUT/$1-seed$2"
-  [ -f "$dir/eval.json" ] && return 0
+  [ -f "$dir.log" ] && return 0
   # shellcheck disable=SC2086
   "$BIN" train --data "$DATA" --out "$dir" --seed "$seed" --threads 1 $flags > "$dir.log" 2>&1
   "$BIN" eval --model "$dir" --data "$DATA" --json-out "$dir/eval.json" >> "$dir.log" 2>&1
@@ -40,9 +44,12 @@ run_one() {
 
 jobs=()
 for seed in "${SEEDS[@]}"; do
-  for variant in "${VARIANTS[@]}"; do jobs+=("${variant%%|*}|$seed|${variant#*|}"); done
+  for variant in "${MAIN[@]}"; do jobs+=("${variant%%|*}|$seed|${variant#*|}"); done
 done
-running=0
+for seed in "${SEEDS[@]}"; do
+  for variant in "${ABLATIONS[@]}"; do jobs+=("${variant%%|*}|$seed|${variant#*|}"); done
+done
+running=${ALREADY_RUNNING:-0}
 for job in "${jobs[@]}"; do
   IFS='|' read -r name seed flags <<< "$job"
   run_one "$name" "$seed" "$flags" &
