@@ -2,7 +2,8 @@
 SHELL := /bin/bash
 VENV := .venv
 TORCH_VERSION := 2.11.0
-TORCH_STAMP := $(VENV)/.torch-$(TORCH_VERSION)
+# Bump the stamp's suffix when the package list changes, so existing venvs pick it up.
+TORCH_STAMP := $(VENV)/.deps-torch-$(TORCH_VERSION)-2
 # torch-sys finds libtorch through the venv's python (see build.rs and .cargo/config.toml).
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
@@ -20,7 +21,7 @@ venv: $(TORCH_STAMP)
 
 $(TORCH_STAMP):
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION) numpy
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION) numpy pytest
 	touch $@
 
 build: venv
@@ -47,6 +48,7 @@ lint: venv
 # The serving tests replay ml-100k histories through the default model, hence `data`.
 test: lint data
 	cargo test --release
+	$(VENV)/bin/python -m pytest -q models/torch/tests
 
 bench: venv
 	cargo bench

@@ -29,10 +29,10 @@ def load():
     return runs
 
 
-def mean_std(values):
+def mean_std(values, digits=4):
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def per_user(reports):
@@ -60,7 +60,7 @@ def main():
     for name, tests, reps in rows:
         cells = [mean_std([t["all"]["means"][m] for t in tests]) for m in METRICS]
         cells += [mean_std([t[s]["means"]["NDCG@10"] for t in tests]) for s in ("new_session", "same_session")]
-        cells += ["—", "—"] if reps is None else [mean_std([r["best_epoch"] for r in reps.values()]), f"{statistics.mean(r['train_seconds'] for r in reps.values()):.0f}"]
+        cells += ["—", "—"] if reps is None else [mean_std([r["best_epoch"] for r in reps.values()], 0), f"{statistics.mean(r['train_seconds'] for r in reps.values()):.0f}"]
         print(f"| {name} | {len(tests)} | " + " | ".join(cells) + " |")
     if MAIN in runs:
         print()

@@ -20,6 +20,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Draw what the model attends to for one user, with its top-10.
     Explain(cli::explain::ExplainArgs),
+    /// Raw scores for given histories (for checking other implementations).
+    Score(cli::score::ScoreArgs),
     /// Serve recommendations over HTTP.
     Serve(xsrec::serve::ServeConfig),
 }
@@ -30,6 +32,7 @@ fn main() -> anyhow::Result<()> {
         Command::Train(args) => cli::train::run(&args),
         Command::Eval(args) => cli::eval::run(&args),
         Command::Explain(args) => cli::explain::run(&args),
+        Command::Score(args) => cli::score::run(&args),
         Command::Serve(config) => cli::serve::run(&config),
     }
 }

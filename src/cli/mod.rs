@@ -3,6 +3,7 @@
 pub mod data;
 pub mod eval;
 pub mod explain;
+pub mod score;
 pub mod serve;
 pub mod train;
 

@@ -1,0 +1,136 @@
+"""The xsrec networks in PyTorch; parameter names equal the Rust VarStore names (models/README.md)."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .features import NUM_GAP_BUCKETS
+
+
+def _embedding(rows, dim):
+    e = nn.Embedding(rows, dim)
+    nn.init.normal_(e.weight, 0.0, 0.02)
+    return e
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads, ffn, dropout):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.attn_out = nn.Linear(d, d)
+        self.ffn_norm = nn.LayerNorm(d)
+        self.ffn_in = nn.Linear(d, ffn)
+        self.ffn_out = nn.Linear(ffn, d)
+        self.heads, self.dropout = heads, dropout
+
+    def forward(self, x, bias, weights_out=None):
+        b, l, d = x.shape
+        qkv = self.qkv(self.attn_norm(x)).view(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        p = self.dropout if self.training else 0.0
+        if weights_out is None:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        else:
+            w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads) + bias, dim=-1)
+            weights_out.append(w)
+            attended = F.dropout(w, p, self.training) @ v
+        x = x + F.dropout(self.attn_out(attended.transpose(1, 2).reshape(b, l, d)), self.dropout, self.training)
+        h = self.ffn_out(F.dropout(F.gelu(self.ffn_in(self.ffn_norm(x))), self.dropout, self.training))
+        return x + F.dropout(h, self.dropout, self.training)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, f = cfg["d_model"], cfg["features"]
+        self.n_layers, self.cap = cfg["n_layers"], f["session_cap"]
+        for i in range(cfg["n_layers"]):
+            setattr(self, f"block{i}", Block(d, cfg["n_heads"], cfg["ffn_dim"], cfg["dropout"]))
+        self.session_bias = nn.Embedding(self.cap + 1, cfg["n_heads"]) if f["session_recency"] else None
+        if self.session_bias is not None:
+            nn.init.zeros_(self.session_bias.weight)
+        self.final_norm = nn.LayerNorm(d)
+
+    def attention_bias(self, batch):
+        items, sessions = batch["items"], batch["sessions"]
+        b, l = items.shape
+        causal = torch.ones(l, l, dtype=torch.bool, device=items.device).tril()
+        eye = torch.eye(l, dtype=torch.bool, device=items.device)
+        allowed = causal.unsqueeze(0) & ((items != 0).unsqueeze(1) | eye.unsqueeze(0))
+        if self.session_bias is not None:
+            distance = (sessions.unsqueeze(2) - sessions.unsqueeze(1)).clamp(0, self.cap)
+            bias = self.session_bias(distance).permute(0, 3, 1, 2)
+        else:
+            bias = torch.zeros(b, 1, l, l, device=items.device)
+        return bias.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+
+    def forward(self, x, batch, weights_out=None):
+        bias = self.attention_bias(batch)
+        for i in range(self.n_layers):
+            x = getattr(self, f"block{i}")(x, bias, weights_out)
+        return self.final_norm(x)
+
+
+class Lstm(nn.LSTM):
+    """nn.LSTM plus the output LayerNorm, so parameters are named lstm.weight_ih_l0, lstm.norm.*."""
+
+    def __init__(self, cfg):
+        d = cfg["d_model"]
+        super().__init__(d, d, num_layers=cfg["n_layers"], batch_first=True, dropout=cfg["dropout"])
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x, batch, weights_out=None):
+        out, _ = super().forward(x)
+        return self.norm(out)
+
+
+class XsrecModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        d, f = cfg["d_model"], cfg["features"]
+        self.item_embedding = _embedding(cfg["num_items"], d)
+        self.position_embedding = _embedding(cfg["max_len"], d)
+        self.gap_embedding = _embedding(NUM_GAP_BUCKETS, d) if f["time_gap"] else None
+        self.type_embedding = _embedding(cfg["num_event_types"], d) if f["event_type"] else None
+        self.prediction_gap_embedding = _embedding(NUM_GAP_BUCKETS, d) if f["prediction_gap"] else None
+        parts = 2 + sum(bool(f[k]) for k in ("time_gap", "event_type", "prediction_gap"))
+        self.concat_projection = nn.Linear(parts * d, d) if f["combine"] == "concat" else None
+        if cfg["arch"] == "transformer":
+            self.transformer = Transformer(cfg)
+        else:
+            self.lstm = Lstm(cfg)
+        self.output_embedding = None if cfg["tied_output"] else _embedding(cfg["num_items"], d)
+        self.dropout = cfg["dropout"]
+
+    def embed(self, batch):
+        items = batch["items"]
+        b, l = items.shape
+        max_len = self.position_embedding.num_embeddings
+        positions = torch.arange(max_len - l, max_len, device=items.device)
+        parts = [self.item_embedding(items), self.position_embedding(positions).unsqueeze(0).expand(b, l, -1)]
+        for table, key in ((self.gap_embedding, "gaps"), (self.type_embedding, "types"), (self.prediction_gap_embedding, "prediction_gaps")):
+            if table is not None:
+                parts.append(table(batch[key]))
+        if self.concat_projection is not None:
+            merged = self.concat_projection(torch.cat(parts, -1))
+        else:
+            merged = parts[0]
+            for part in parts[1:]:
+                merged = merged + part
+        return F.dropout(merged, self.dropout, self.training) * (items != 0).unsqueeze(-1).to(merged.dtype)
+
+    def hidden(self, batch, weights_out=None):
+        encoder = self.transformer if self.cfg["arch"] == "transformer" else self.lstm
+        return encoder(self.embed(batch), batch, weights_out)
+
+    def item_table(self):
+        return (self.output_embedding or self.item_embedding).weight
+
+    def score(self, hidden):
+        return hidden @ self.item_table().T
+
+    def score_next(self, batch):
+        return self.score(self.hidden(batch)[:, -1])
