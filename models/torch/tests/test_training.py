@@ -1,0 +1,65 @@
+"""A model trained by either implementation evaluates to the same metrics in both, and a
+torchrun (DDP, 2 CPU processes) training produces an artifact `xsrec eval` serves unchanged."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, xsrec_bin
+from xsrec_torch import XsrecModel, load_artifact
+from xsrec_torch.data import build_sequences, load_events
+from xsrec_torch.evaluate import rank_cases, split_metrics
+
+SMALL = ["--epochs", "2", "--max-len", "20", "--d-model", "16", "--layers", "1"]
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "events.csv"
+    subprocess.run([xsrec_bin(), "data", "synth", "--users", "150", "--items", "60", "--seed", "9", "--out", str(path)], check=True)
+    return path
+
+
+def rust_eval(model_dir, data, tmp_path):
+    report = tmp_path / "eval.json"
+    subprocess.run([xsrec_bin(), "eval", "--model", str(model_dir), "--data", str(data), "--json-out", str(report)],
+                   check=True, capture_output=True)
+    return json.loads(report.read_text())
+
+
+def assert_same_metrics(ours, theirs):
+    for split in ("validation", "test"):
+        for subset in ("all", "new_session", "same_session"):
+            a, b = ours[split][subset], theirs[split][subset]
+            assert a["cases"] == b["cases"], (split, subset)
+            assert a["means"].keys() == b["means"].keys(), (split, subset)
+            for key in a["means"]:
+                assert abs(a["means"][key] - b["means"][key]) < 1e-9, (split, subset, key)
+
+
+def test_rust_trained_model_evaluates_identically_in_torch(log, tmp_path):
+    model_dir = tmp_path / "rust-model"
+    subprocess.run([xsrec_bin(), "train", "--data", str(log), "--out", str(model_dir), "--quiet", *SMALL], check=True,
+                   capture_output=True)
+    artifact = load_artifact(model_dir)
+    model = XsrecModel(artifact.model_config)
+    model.load_state_dict(artifact.state_dict, strict=True)
+    model.eval()
+    sequences = build_sequences(load_events(log), artifact.item_ids, artifact.config["event_types"])
+    ours = {target: split_metrics(rank_cases(model, sequences, target)) for target in ("validation", "test")}
+    assert_same_metrics(ours, rust_eval(model_dir, log, tmp_path))
+
+
+def test_torchrun_ddp_training_is_served_by_xsrec(log, tmp_path):
+    out = tmp_path / "ddp-model"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "models" / "torch"), OMP_NUM_THREADS="1")
+    torchrun = pathlib.Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "xsrec_torch.train", "--data", str(log), "--out", str(out), *SMALL],
+                   check=True, env=env, capture_output=True)
+    config = json.loads((out / "config.json").read_text())
+    assert config["info"]["world_size"] == 2
+    assert config["model"]["features"]["event_type"] is True
+    assert_same_metrics(config["info"]["metrics"], rust_eval(out, log, tmp_path))
