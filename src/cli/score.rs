@@ -37,11 +37,13 @@ pub fn run(args: &ScoreArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let artifact = Artifact::load(&args.model, device)?;
     let config = &artifact.model.config;
-    let input = std::io::BufReader::new(std::fs::File::open(&args.input).with_context(|| format!("{}", args.input.display()))?);
+    let input =
+        std::io::BufReader::new(std::fs::File::open(&args.input).with_context(|| format!("{}", args.input.display()))?);
     let mut out = std::io::BufWriter::new(std::fs::File::create(&args.out)?);
     for (n, line) in input.lines().enumerate() {
         let line = line?;
-        let h: HistoryLine = serde_json::from_str(&line).with_context(|| format!("{}:{}", args.input.display(), n + 1))?;
+        let h: HistoryLine =
+            serde_json::from_str(&line).with_context(|| format!("{}:{}", args.input.display(), n + 1))?;
         anyhow::ensure!(
             h.items.len() == h.timestamps.len() && h.items.len() == h.types.len() && !h.items.is_empty(),
             "{}:{}: items, timestamps and types must be non-empty and of equal length",
@@ -57,7 +59,12 @@ pub fn run(args: &ScoreArgs) -> anyhow::Result<()> {
             config.num_items,
             config.num_event_types
         );
-        let row = encode(HistoryView::new(&h.items, &h.timestamps, &h.types), h.at, config.max_len, config.session_gap_secs);
+        let row = encode(
+            HistoryView::new(&h.items, &h.timestamps, &h.types),
+            h.at,
+            config.max_len,
+            config.session_gap_secs,
+        );
         let scores = artifact.model.score_next(&Batch::new(&[row], device));
         let scores = Vec::<f32>::try_from(scores.view(-1).to_device(tch::Device::Cpu))?;
         writeln!(out, "{}", serde_json::json!({ "scores": scores }))?;

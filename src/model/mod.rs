@@ -85,11 +85,7 @@ impl Popularity {
 
 impl Scorer for Popularity {
     fn score_next(&self, batch: &Batch) -> Tensor {
-        self.counts
-            .to_kind(Kind::Float)
-            .unsqueeze(0)
-            .expand([batch.size(), -1], false)
-            .contiguous()
+        self.counts.unsqueeze(0).expand([batch.size(), -1], false).contiguous()
     }
 }
 
