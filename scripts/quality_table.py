@@ -55,13 +55,14 @@ def main():
     print("| variant | seeds | " + " | ".join(f"test {m}" for m in METRICS) + " | NDCG@10 new session | NDCG@10 same session | best epoch | train s |")
     print("|---|---:|" + "---:|" * (len(METRICS) + 4))
     first = next(iter(runs.values()))
-    popularity = [r["popularity_test"] for r in first.values()]
+    popularity = [next(iter(first.values()))["popularity_test"]]
     rows = [("popularity", popularity, None)] + [(v, [r["test"] for r in reps.values()], reps) for v, reps in runs.items()]
     for name, tests, reps in rows:
         cells = [mean_std([t["all"]["means"][m] for t in tests]) for m in METRICS]
         cells += [mean_std([t[s]["means"]["NDCG@10"] for t in tests]) for s in ("new_session", "same_session")]
         cells += ["—", "—"] if reps is None else [mean_std([r["best_epoch"] for r in reps.values()], 0), f"{statistics.mean(r['train_seconds'] for r in reps.values()):.0f}"]
-        print(f"| {name} | {len(tests)} | " + " | ".join(cells) + " |")
+        seeds = "deterministic" if reps is None else str(len(tests))
+        print(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
     if MAIN in runs:
         print()
         print(f"Paired bootstrap over users, test NDCG@10 of {MAIN} minus each other variant (95% interval):")
