@@ -60,6 +60,19 @@ fn history() -> History {
     }
 }
 
+/// The shared history as a one-row batch predicting at 40,300 s.
+fn history_batch(h: &History) -> Batch {
+    Batch::new(
+        &[encode(
+            HistoryView::new(&h.items, &h.timestamps, &h.types),
+            40_300,
+            MAX_LEN,
+            GAP,
+        )],
+        Device::Cpu,
+    )
+}
+
 fn all_hidden(model: &SeqModel, h: &History, at: i64) -> Tensor {
     let row = encode(HistoryView::new(&h.items, &h.timestamps, &h.types), at, MAX_LEN, GAP);
     tch::no_grad(|| model.net.hidden(&Batch::new(&[row], Device::Cpu), false)).get(0)
@@ -117,13 +130,7 @@ fn explicit_attention_matches_fused_kernel() {
     for combine in [Combine::Sum, Combine::Concat] {
         let model = model(Arch::Transformer, combine);
         let h = history();
-        let row = encode(
-            HistoryView::new(&h.items, &h.timestamps, &h.types),
-            40_300,
-            MAX_LEN,
-            GAP,
-        );
-        let batch = Batch::new(&[row], Device::Cpu);
+        let batch = history_batch(&h);
         let mut weights = Vec::new();
         let (fused, explicit) = tch::no_grad(|| {
             (
@@ -201,13 +208,7 @@ fn artifact_round_trip_reproduces_scores_exactly() {
     for model in variants() {
         let dir = tempfile::tempdir().unwrap();
         let h = history();
-        let row = encode(
-            HistoryView::new(&h.items, &h.timestamps, &h.types),
-            40_300,
-            MAX_LEN,
-            GAP,
-        );
-        let batch = Batch::new(&[row], Device::Cpu);
+        let batch = history_batch(&h);
         let before = model.score_next(&batch);
         let saved = artifact(model);
         saved.save(dir.path()).unwrap();
@@ -276,13 +277,7 @@ fn loader_rejects_mismatched_or_unknown_artifacts_with_specific_errors() {
 fn every_parameter_gets_a_gradient() {
     for model in variants() {
         let h = history();
-        let row = encode(
-            HistoryView::new(&h.items, &h.timestamps, &h.types),
-            40_300,
-            MAX_LEN,
-            GAP,
-        );
-        let batch = Batch::new(&[row], Device::Cpu);
+        let batch = history_batch(&h);
         let hidden = model.net.hidden(&batch, true);
         model
             .net
