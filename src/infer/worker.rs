@@ -152,8 +152,8 @@ impl InferenceWorker {
         self.tick += 1;
         let mut rows: Vec<Option<Tensor>> = Vec::with_capacity(requests.len());
         let mut misses = Vec::new();
-        for (i, request) in requests.iter().enumerate() {
-            let bucket = self.cache_bucket(request);
+        let buckets: Vec<i64> = requests.iter().map(|r| self.cache_bucket(r)).collect();
+        for (i, (request, &bucket)) in requests.iter().zip(&buckets).enumerate() {
             let cached = if self.config.cache_capacity == 0 {
                 None
             } else {
@@ -194,7 +194,7 @@ impl InferenceWorker {
                 if caching {
                     let state = CachedState {
                         version: requests[i].history.version,
-                        bucket: self.cache_bucket(&requests[i]),
+                        bucket: buckets[i],
                         hidden: row.shallow_clone(),
                         last_used: self.tick,
                     };
