@@ -3,6 +3,7 @@
 //! Data flows one way: events (`data`) → model input (`model`) → training (`train`) and
 //! offline evaluation (`eval`).
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod eval;

@@ -22,6 +22,9 @@ enum Command {
     Explain(cli::explain::ExplainArgs),
     /// Raw scores for given histories (for checking other implementations).
     Score(cli::score::ScoreArgs),
+    /// Measure the inference path: ceilings, batch timings, device parity, HTTP load.
+    #[command(subcommand)]
+    Bench(cli::bench::BenchCommand),
     /// Serve recommendations over HTTP.
     Serve(xsrec::serve::ServeConfig),
 }
@@ -33,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(args) => cli::eval::run(&args),
         Command::Explain(args) => cli::explain::run(&args),
         Command::Score(args) => cli::score::run(&args),
+        Command::Bench(command) => cli::bench::run(&command),
         Command::Serve(config) => cli::serve::run(&config),
     }
 }

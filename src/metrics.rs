@@ -125,8 +125,8 @@ impl Metrics {
             device_info: reg(
                 &registry,
                 IntGaugeVec::new(
-                    Opts::new("xsrec_device_info", "The inference device (value 1)"),
-                    &["device"],
+                    Opts::new("xsrec_device_info", "The inference device and arithmetic (value 1)"),
+                    &["device", "precision"],
                 )
                 .expect("gauge"),
             ),

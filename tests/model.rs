@@ -296,3 +296,29 @@ fn every_parameter_gets_a_gradient() {
         }
     }
 }
+
+#[test]
+fn bf16_inference_keeps_the_default_models_top10() {
+    use xsrec::bench::parity::{agreement, cases_from_users, rank_cases};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = root.join("data/ml-100k/ml-100k.inter");
+    assert!(data.exists(), "{} is missing: run `make data`", data.display());
+    let fp32 = Artifact::load(&root.join("models/default"), Device::Cpu).unwrap();
+    let mut bf16 = Artifact::load(&root.join("models/default"), Device::Cpu).unwrap().model;
+    bf16.set_precision(xsrec::model::Precision::Bf16);
+    assert_eq!(bf16.net.item_table().kind(), Kind::BFloat16);
+    let events = xsrec::data::formats::load_events(&data, &Default::default())
+        .unwrap()
+        .events;
+    let set = xsrec::data::split::build_sequences(&events, fp32.items.clone(), fp32.event_types.clone(), false);
+    let cases = cases_from_users(&set.users, 300, 3, &fp32.model);
+    let reference = rank_cases(&fp32.model, &cases, 10, 64);
+    // Batching must not change fp32 answers; bf16 may swap near-ties but not the list.
+    assert_eq!(
+        agreement(&reference, &rank_cases(&fp32.model, &cases, 10, 7)).identical_lists,
+        300
+    );
+    let found = agreement(&reference, &rank_cases(&bf16, &cases, 10, 64));
+    assert!(found.mean_overlap >= 9.0, "{found:?}");
+    assert!(found.max_abs_score_diff < 0.2, "{found:?}");
+}

@@ -695,6 +695,60 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
 
 /// The committed default model on real ml-100k histories (`make test` fetches the data first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_generator_preloads_users_and_reads_the_servers_batching_back() {
+    use xsrec::bench::load::{preload, run_level, Mode, Target, Workload};
+    let server = server(&["--cache-capacity", "0"]).await;
+    let artifact = Artifact::load(&fixture().model, Device::Cpu).unwrap();
+    let workload = Workload {
+        mode: Mode::Fresh,
+        users: 40,
+        item_ids: artifact.items.ids().into(),
+        k: 5,
+        seed: 1,
+    };
+    let target = Target::new(&server.base, 8).unwrap();
+    let preloaded = preload(&target, &workload, 12, 100, 4).await.unwrap();
+    assert_eq!(preloaded.events, 480);
+    assert_eq!(server.metric("xsrec_users").await, 40.0);
+    assert_eq!(server.metric("xsrec_history_events").await, 480.0);
+    let level = run_level(&target, &workload, 8, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(level.errors, 0, "{:?}", level.first_error);
+    assert!(level.requests > 0);
+    let batched: f64 = level.server.batch_size_histogram.iter().map(|(_, n)| n).sum();
+    assert_eq!(batched, level.server.batches);
+    // No cache: every recommendation went through a batch of its own or a shared one.
+    assert!(level.server.mean_batch_size * level.server.batches >= level.requests as f64);
+    assert!(level.p50_ms <= level.p99_ms && level.p99_ms <= level.max_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_serving_answers_and_says_so_in_metrics() {
+    let server = server(&["--precision", "bf16"]).await;
+    let user: Vec<&Event> = fixture()
+        .events
+        .iter()
+        .filter(|e| e.user_id == fixture().events[0].user_id)
+        .collect();
+    server.ingest(&user).await;
+    let (status, reply) = server
+        .post(
+            "/v1/recommend",
+            &json!({"user_id": fixture().events[0].user_id, "k": 5}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(ranked(&reply).len(), 5);
+    assert_eq!(
+        server
+            .metric("xsrec_device_info{device=\"cpu\",precision=\"bf16\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_model_serves_ml100k_histories_exactly_as_offline_eval_scores_them() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let data = root.join("data/ml-100k/ml-100k.inter");

@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Answer, InferError, InferRequest, Query, WorkerCommand};
 use crate::data::session::gap_bucket;
 use crate::metrics::Metrics;
+use crate::model::input::to_device_pinned;
 use crate::model::{encode, mask_items, padded_index, trim_to_longest, Artifact, Batch, HistoryView, SeqModel};
 
 #[derive(Debug, Clone)]
@@ -219,7 +220,7 @@ impl InferenceWorker {
     }
 
     fn answer(&self, requests: &[InferRequest], hidden: &Tensor) -> Vec<Answer> {
-        let scores = self.model.net.score(hidden).to_kind(Kind::Float);
+        let scores = self.model.net.score(hidden);
         let device = scores.device();
         let mut answers: Vec<Option<Answer>> = vec![None; requests.len()];
         let group = |keep: fn(&Query) -> bool| -> Vec<usize> {
@@ -231,8 +232,11 @@ impl InferenceWorker {
                 .collect()
         };
         let rows_of = |indices: &[usize]| {
+            if indices.len() == requests.len() {
+                return scores.shallow_clone(); // one kind of query in the batch: the usual case
+            }
             let index: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
-            scores.index_select(0, &Tensor::from_slice(&index).to_device(device))
+            scores.index_select(0, &to_device_pinned(Tensor::from_slice(&index), device))
         };
 
         let ranking = group(|q| matches!(q, Query::TopK { .. }));
@@ -273,11 +277,8 @@ impl InferenceWorker {
 
         let interest_rows = group(|q| matches!(q, Query::Interests { .. }));
         if let (false, Some(categories)) = (interest_rows.is_empty(), &self.categories) {
-            let logits = rows_of(&interest_rows).index_fill(
-                1,
-                &Tensor::from_slice(&[0i64]).to_device(device),
-                f64::NEG_INFINITY,
-            );
+            let logits = rows_of(&interest_rows).copy();
+            let _ = logits.narrow(1, 0, 1).fill_(f64::NEG_INFINITY); // the padding item
             let mass = logits.softmax(-1, Kind::Float).matmul(categories);
             let ks: Vec<usize> = interest_rows.iter().map(|&i| query_k(&requests[i].query)).collect();
             for (slot, ranked) in interest_rows.iter().zip(top_k(&mass, &ks, None)) {
@@ -303,11 +304,12 @@ fn query_k(query: &Query) -> usize {
 /// Per row, the best `ks[row]` finite entries as (column, value) — or (`columns[row, column]`,
 /// value) when the columns stand for items. One `topk` on the device for the whole group; only
 /// the winners are copied back.
-fn top_k(values: &Tensor, ks: &[usize], columns: Option<&Tensor>) -> Vec<Vec<(u32, f32)>> {
+pub fn top_k(values: &Tensor, ks: &[usize], columns: Option<&Tensor>) -> Vec<Vec<(u32, f32)>> {
     let k_max = ks.iter().copied().max().unwrap_or(1).min(values.size()[1] as usize) as i64;
     let (top_values, top_index) = values.topk(k_max, 1, true, true);
     let top_index = columns.map_or(top_index.shallow_clone(), |c| c.gather(1, &top_index, false));
-    let top_values = Vec::<f32>::try_from(top_values.to_device(Device::Cpu).view(-1)).expect("values");
+    let top_values = top_values.to_kind(Kind::Float).to_device(Device::Cpu).view(-1);
+    let top_values = Vec::<f32>::try_from(top_values).expect("values");
     let top_index = Vec::<i64>::try_from(top_index.to_device(Device::Cpu).view(-1)).expect("indices");
     ks.iter()
         .enumerate()

@@ -153,9 +153,9 @@ fn parse_config(path: &Path, text: &str) -> Result<ArtifactConfig, ArtifactError
     Ok(config)
 }
 
-type ItemTable = (Vocab, Vec<u64>, Vec<Vec<String>>);
+pub type ItemTable = (Vocab, Vec<u64>, Vec<Vec<String>>);
 
-fn read_items(path: &Path) -> Result<ItemTable, ArtifactError> {
+pub fn read_items(path: &Path) -> Result<ItemTable, ArtifactError> {
     let text = fs::read_to_string(path).map_err(|source| ArtifactError::Io {
         path: path.to_path_buf(),
         source,

@@ -17,6 +17,16 @@ pub trait Scorer {
     fn score_next(&self, batch: &Batch) -> Tensor;
 }
 
+/// Arithmetic of inference. bf16 halves the bytes every layer and the item table move, which is
+/// what bounds large-catalogue scoring on a GPU; ranks can then differ among near-ties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
 /// A trained (or freshly initialised) network with its parameters.
 pub struct SeqModel {
     pub config: ModelConfig,
@@ -34,6 +44,14 @@ impl SeqModel {
 
     pub fn device(&self) -> Device {
         self.vs.device()
+    }
+
+    /// Casts every parameter; artifacts stay fp32 on disk whatever runs.
+    pub fn set_precision(&mut self, precision: Precision) {
+        match precision {
+            Precision::Fp32 => self.vs.float(),
+            Precision::Bf16 => self.vs.bfloat16(),
+        }
     }
 
     /// `[B, d]` hidden state at the newest event of each row (inference mode).
@@ -101,7 +119,8 @@ pub fn padded_index<R: AsRef<[i64]>>(rows: &[R], device: Device) -> Tensor {
         .iter()
         .flat_map(|row| row.as_ref().iter().copied().chain(std::iter::repeat(0)).take(width))
         .collect();
-    Tensor::from_slice(&padded)
-        .view([rows.len() as i64, width as i64])
-        .to_device(device)
+    input::to_device_pinned(
+        Tensor::from_slice(&padded).view([rows.len() as i64, width as i64]),
+        device,
+    )
 }

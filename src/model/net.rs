@@ -133,7 +133,7 @@ impl TransformerBlock {
             None => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(attn_bias), dropout, false, None, false),
             Some(weights_out) => {
                 let logits = q.matmul(&k.transpose(-2, -1)) / (head_dim as f64).sqrt() + attn_bias;
-                let weights = logits.softmax(-1, Kind::Float);
+                let weights = logits.softmax(-1, logits.kind());
                 let out = weights.dropout(dropout, train).matmul(&v);
                 weights_out.push(weights);
                 out
@@ -206,7 +206,8 @@ impl Transformer {
     }
 
     fn forward(&self, x: Tensor, batch: &Batch, train: bool, mut capture: Option<&mut Vec<Tensor>>) -> Tensor {
-        let bias = self.attention_bias(batch);
+        // The fused kernel wants the bias in the activations' precision (bf16 inference).
+        let bias = self.attention_bias(batch).to_kind(x.kind());
         let mut x = x;
         for block in &self.blocks {
             x = block.forward(&x, &bias, train, capture.as_deref_mut());

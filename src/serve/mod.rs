@@ -15,7 +15,7 @@ use crate::data::formats::load_item_meta;
 use crate::history::HistoryStore;
 use crate::infer::{worker::category_names, Engine, EngineConfig, WorkerConfig};
 use crate::metrics::Metrics;
-use crate::model::Artifact;
+use crate::model::{Artifact, Precision};
 
 /// `xsrec serve` settings; every flag can also come from its `XSREC_*` environment variable.
 #[derive(Debug, Clone, Args)]
@@ -28,6 +28,9 @@ pub struct ServeConfig {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, env = "XSREC_DEVICE", default_value = "auto")]
     pub device: String,
+    /// Inference arithmetic: fp32, or bf16 (half the memory traffic; meant for GPUs).
+    #[arg(long, env = "XSREC_PRECISION", value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
     /// Item categories for /v1/interests (RecBole `.item` or TSV), replacing the artifact's.
     #[arg(long, env = "XSREC_ITEM_META")]
     pub item_meta: Option<PathBuf>,
@@ -126,6 +129,7 @@ pub async fn start(
     let device = crate::cli::parse_device(&config.device)?;
     let mut artifact =
         Artifact::load(&config.model, device).with_context(|| format!("loading model {}", config.model.display()))?;
+    artifact.model.set_precision(config.precision);
     if let Some(path) = &config.item_meta {
         let meta = load_item_meta(path)?;
         artifact.item_categories = std::iter::once(Vec::new())
@@ -144,7 +148,10 @@ pub async fn start(
     metrics.model_info.with_label_values(&[&model_version, &arch]).set(1);
     metrics
         .device_info
-        .with_label_values(&[&format!("{device:?}").to_lowercase()])
+        .with_label_values(&[
+            &format!("{device:?}").to_lowercase(),
+            &format!("{:?}", config.precision).to_lowercase(),
+        ])
         .set(1);
     let model_config = serde_json::to_value(&artifact.config)?;
     let catalog = catalog(&artifact);

@@ -1,0 +1,340 @@
+//! An HTTP load generator for `xsrec serve`, so a machine without wrk (or network) can still be
+//! measured: it preloads users' histories through `/v1/events`, then keeps a fixed number of
+//! requests in flight for a while and reports throughput, latency percentiles and — from the
+//! server's own `/metrics` — how requests were batched and where the server's time went.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use serde_json::json;
+
+use super::synthetic_history;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Recommend for random preloaded users.
+    Recommend,
+    /// A new event for a random user, then a recommendation for that user (the cache cannot help).
+    Fresh,
+}
+
+/// The server under test.
+#[derive(Clone)]
+pub struct Target {
+    base: Arc<str>,
+    client: reqwest::Client,
+}
+
+impl Target {
+    pub fn new(base: &str, max_connections: usize) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(max_connections)
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Self {
+            base: base.trim_end_matches('/').into(),
+            client,
+        })
+    }
+
+    async fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status();
+        // Read the body in full: that is part of what a client pays, and it frees the connection.
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("{path}: HTTP {status}: {text}");
+        }
+        Ok(())
+    }
+
+    /// Every sample of the server's Prometheus exposition, keyed by name with labels.
+    pub async fn metrics(&self) -> anyhow::Result<HashMap<String, f64>> {
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok(parse_exposition(&text))
+    }
+}
+
+fn parse_exposition(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            Some((key.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Who the simulated clients are and what they ask.
+#[derive(Clone)]
+pub struct Workload {
+    pub mode: Mode,
+    pub users: usize,
+    /// The served catalogue's ids, events pick from these.
+    pub item_ids: Arc<[String]>,
+    pub k: usize,
+    pub seed: u64,
+}
+
+fn user_id(n: usize) -> String {
+    format!("load-{n}")
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PreloadReport {
+    pub users: usize,
+    pub events: usize,
+    pub seconds: f64,
+}
+
+/// Gives `users` users `events_per_user` synthetic events each (items from `item_ids`, the last a
+/// minute ago), `in_flight` calls at a time of at most `events_per_call` events.
+pub async fn preload(
+    target: &Target,
+    workload: &Workload,
+    events_per_user: usize,
+    events_per_call: usize,
+    in_flight: usize,
+) -> anyhow::Result<PreloadReport> {
+    let (users, seed) = (workload.users, workload.seed);
+    let users_per_call = (events_per_call / events_per_user.max(1)).max(1);
+    let calls = users.div_ceil(users_per_call);
+    let next_call = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..in_flight.max(1))
+        .map(|_| {
+            let (target, next_call, item_ids) = (target.clone(), next_call.clone(), workload.item_ids.clone());
+            tokio::spawn(async move {
+                loop {
+                    let call = next_call.fetch_add(1, Ordering::Relaxed);
+                    if call >= calls {
+                        return anyhow::Ok(());
+                    }
+                    let mut events = Vec::with_capacity(users_per_call * events_per_user);
+                    for user in call * users_per_call..((call + 1) * users_per_call).min(users) {
+                        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ user as u64);
+                        let (items, timestamps) = synthetic_history(&mut rng, events_per_user, item_ids.len() + 1, 0);
+                        // Shifted so that the newest event happened a minute ago.
+                        let start = unix_now() - 60 - timestamps.last().copied().unwrap_or(0);
+                        for (item, at) in items.iter().zip(&timestamps) {
+                            events.push(json!({
+                                "user_id": user_id(user),
+                                "item_id": item_ids[*item as usize - 1],
+                                "timestamp": start + at,
+                            }));
+                        }
+                    }
+                    target.post("/v1/events", &json!({ "events": events })).await?;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await??;
+    }
+    Ok(PreloadReport {
+        users,
+        events: users * events_per_user,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// What the server reported about the same interval, from differences of its counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerBreakdown {
+    pub batches: f64,
+    pub mean_batch_size: f64,
+    /// (upper bound, batches of at most that size and more than the previous bound).
+    pub batch_size_histogram: Vec<(String, f64)>,
+    pub mean_queue_wait_ms: f64,
+    /// Index batch in + encoder, per batch.
+    pub mean_forward_ms: f64,
+    /// Scores, masking, top-k and winners out, per batch.
+    pub mean_rank_ms: f64,
+    /// Share of the interval the inference worker spent in forward + rank.
+    pub worker_busy_fraction: f64,
+}
+
+impl ServerBreakdown {
+    fn between(before: &HashMap<String, f64>, after: &HashMap<String, f64>, seconds: f64) -> Self {
+        let delta = |key: &str| after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0);
+        let mean_ms = |name: &str| 1e3 * delta(&format!("{name}_sum")) / delta(&format!("{name}_count")).max(1.0);
+        let batches = delta("xsrec_batch_size_count");
+        let mut buckets: Vec<(f64, String, f64)> = after
+            .keys()
+            .filter_map(|key| {
+                let bound = key.strip_prefix("xsrec_batch_size_bucket{le=\"")?.strip_suffix("\"}")?;
+                Some((bound.parse().unwrap_or(f64::INFINITY), bound.to_string(), delta(key)))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut below = 0.0;
+        let batch_size_histogram = buckets
+            .into_iter()
+            .map(|(_, bound, cumulative)| {
+                let count = cumulative - below;
+                below = cumulative;
+                (bound, count)
+            })
+            .collect();
+        let busy = delta("xsrec_inference_duration_seconds_sum") + delta("xsrec_topk_duration_seconds_sum");
+        Self {
+            batches,
+            mean_batch_size: delta("xsrec_batch_size_sum") / batches.max(1.0),
+            batch_size_histogram,
+            mean_queue_wait_ms: mean_ms("xsrec_queue_wait_seconds"),
+            mean_forward_ms: mean_ms("xsrec_inference_duration_seconds"),
+            mean_rank_ms: mean_ms("xsrec_topk_duration_seconds"),
+            worker_busy_fraction: busy / seconds,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LevelReport {
+    pub mode: Mode,
+    pub concurrency: usize,
+    pub seconds: f64,
+    /// Recommendations answered with 200.
+    pub requests: usize,
+    pub errors: usize,
+    pub first_error: Option<String>,
+    pub requests_per_sec: f64,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub server: ServerBreakdown,
+}
+
+/// Keeps `concurrency` clients busy for `duration`; latency is that of the recommend call.
+pub async fn run_level(
+    target: &Target,
+    workload: &Workload,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<LevelReport> {
+    let Workload {
+        mode, users, k, seed, ..
+    } = *workload;
+    let before = target.metrics().await.context("reading /metrics before the run")?;
+    let started = Instant::now();
+    let until = started + duration;
+    let clients: Vec<_> = (0..concurrency.max(1))
+        .map(|client| {
+            let (target, item_ids) = (target.clone(), workload.item_ids.clone());
+            tokio::spawn(async move {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (client as u64) << 32);
+                let mut latencies_us = Vec::new();
+                let (mut errors, mut first_error) = (0usize, None);
+                while Instant::now() < until {
+                    let user = user_id(rng.gen_range(0..users.max(1)));
+                    if mode == Mode::Fresh {
+                        let event = json!({ "events": [{
+                            "user_id": user,
+                            "item_id": item_ids[rng.gen_range(0..item_ids.len())],
+                            "timestamp": unix_now(),
+                        }]});
+                        if let Err(e) = target.post("/v1/events", &event).await {
+                            errors += 1;
+                            first_error.get_or_insert(e.to_string());
+                            continue;
+                        }
+                    }
+                    let sent = Instant::now();
+                    match target.post("/v1/recommend", &json!({ "user_id": user, "k": k })).await {
+                        Ok(()) => latencies_us.push(sent.elapsed().as_micros() as u64),
+                        Err(e) => {
+                            errors += 1;
+                            first_error.get_or_insert(e.to_string());
+                        }
+                    }
+                }
+                (latencies_us, errors, first_error)
+            })
+        })
+        .collect();
+    let (mut latencies_us, mut errors, mut first_error) = (Vec::new(), 0, None);
+    for client in clients {
+        let (latencies, client_errors, client_error) = client.await?;
+        latencies_us.extend(latencies);
+        errors += client_errors;
+        first_error = first_error.or(client_error);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let after = target.metrics().await.context("reading /metrics after the run")?;
+    latencies_us.sort_unstable();
+    let percentile = |p: f64| {
+        latencies_us
+            .get(((latencies_us.len() as f64 * p) as usize).min(latencies_us.len().saturating_sub(1)))
+            .map_or(0.0, |&us| us as f64 / 1e3)
+    };
+    let requests = latencies_us.len();
+    Ok(LevelReport {
+        mode,
+        concurrency,
+        seconds,
+        requests,
+        errors,
+        first_error,
+        requests_per_sec: requests as f64 / seconds,
+        mean_ms: latencies_us.iter().sum::<u64>() as f64 / requests.max(1) as f64 / 1e3,
+        p50_ms: percentile(0.50),
+        p90_ms: percentile(0.90),
+        p99_ms: percentile(0.99),
+        max_ms: latencies_us.last().map_or(0.0, |&us| us as f64 / 1e3),
+        server: ServerBreakdown::between(&before, &after, seconds),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breakdown_differences_counters_and_uncumulates_buckets() {
+        let before = parse_exposition(
+            "# HELP x\nxsrec_batch_size_bucket{le=\"1\"} 2\nxsrec_batch_size_bucket{le=\"+Inf\"} 3\n\
+             xsrec_batch_size_sum 5\nxsrec_batch_size_count 3\n",
+        );
+        let after = parse_exposition(
+            "xsrec_batch_size_bucket{le=\"1\"} 4\nxsrec_batch_size_bucket{le=\"+Inf\"} 8\n\
+             xsrec_batch_size_sum 25\nxsrec_batch_size_count 8\n\
+             xsrec_inference_duration_seconds_sum 0.5\nxsrec_inference_duration_seconds_count 5\n",
+        );
+        let found = ServerBreakdown::between(&before, &after, 2.0);
+        assert_eq!(found.batches, 5.0);
+        assert_eq!(found.mean_batch_size, 4.0);
+        assert_eq!(
+            found.batch_size_histogram,
+            vec![("1".into(), 2.0), ("+Inf".into(), 3.0)]
+        );
+        assert!((found.mean_forward_ms - 100.0).abs() < 1e-9);
+        assert!((found.worker_busy_fraction - 0.25).abs() < 1e-9);
+    }
+}
