@@ -59,6 +59,21 @@ impl Target {
         Ok(())
     }
 
+    /// Polls `/health/ready` until the server has loaded and warmed up its model.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let until = Instant::now() + timeout;
+        loop {
+            let ready = self.client.get(format!("{}/health/ready", self.base)).send().await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                bail!("{} was not ready within {timeout:?}", self.base);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Every sample of the server's Prometheus exposition, keyed by name with labels.
     pub async fn metrics(&self) -> anyhow::Result<HashMap<String, f64>> {
         let text = self

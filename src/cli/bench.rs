@@ -157,6 +157,9 @@ pub struct LoadArgs {
     pub k: usize,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// How long to wait for the server to become ready.
+    #[arg(long, default_value_t = 120)]
+    pub ready_timeout_secs: u64,
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -351,6 +354,7 @@ fn load_bench(args: &LoadArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let max_connections = args.concurrency.iter().copied().max().unwrap_or(1);
         let target = Target::new(&args.url, max_connections)?;
+        target.wait_ready(Duration::from_secs(args.ready_timeout_secs)).await?;
         let preloaded = if args.events_per_user > 0 {
             let report = load::preload(&target, &workload, args.events_per_user, args.events_per_call, 32)
             .await
