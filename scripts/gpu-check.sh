@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 5's GPU checks in one go (about 8 minutes on an H200), ending with a summary table.
 #
-# On the GPU machine, from the repo root, with target/release/xsrec and data/ml-100k carried
-# (that machine has no Rust and no network; torch 2.11 lives in /opt/torch/.venv):
+# That machine has no Rust and no network (torch 2.11 lives in /opt/torch/.venv), so first, here:
+#   scripts/gpu-bundle.sh                   (.gpu-bundle/: the release binary and its libraries)
+# then on the GPU machine, from the repo root, with .gpu-bundle and data/ml-100k carried:
 #   scripts/gpu-check.sh [OUT_DIR]          (default: $OUT when set, else runs/gpu-check)
 # Rehearsal on a CPU machine, small shapes: DEVICE=cpu QUICK=1 scripts/gpu-check.sh
 #
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-runs/gpu-check}}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
-BIN=${XSREC_BIN:-target/release/xsrec}
+if [ -x .gpu-bundle/xsrec ]; then BIN=${XSREC_BIN:-.gpu-bundle/xsrec}; else BIN=${XSREC_BIN:-target/release/xsrec}; fi
 LOGS=$OUT_DIR/gpu-check
 SCRATCH=${SCRATCH:-/tmp/xsrec-gpu-check}
 PORT=${PORT:-18200}
@@ -34,7 +35,7 @@ for candidate in /opt/torch/.venv/bin/python .venv/bin/python python3; do
 done
 [ -n "${PY:-}" ] || { echo "no python with torch found" >&2; exit 1; }
 TORCH_LIB=$("$PY" -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
-export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export LD_LIBRARY_PATH=$TORCH_LIB:$PWD/.gpu-bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
 if [ "$QUICK" = 1 ]; then
   LARGE=(--items 20000 --d-model 32 --max-len 50); SIZES=1,8,64; USERS=2000; EVENTS=50; SECS=3; THREADS=2
@@ -74,8 +75,8 @@ step forward-large4-bf16 90 "$BIN" bench forward --device "$DEVICE" --precision 
 
 for where in "$DEVICE" cpu; do
   step "train-$where" 150 "$BIN" train --data data/ml-100k/ml-100k.inter --out "$SCRATCH/train-$where" \
-    --device "$where" --threads "$THREADS" --epochs 1 --max-len 50 --seed 42 \
-    && cp "$SCRATCH/train-$where/epochs.json" "$LOGS/train-$where.json"
+    --device "$where" --threads "$THREADS" --epochs 1 --max-len 50 --seed 42
+  cp "$SCRATCH/train-$where/epochs.json" "$LOGS/train-$where.json" 2>/dev/null
   [ "$DEVICE" = cpu ] && break
 done
 

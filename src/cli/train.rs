@@ -188,7 +188,10 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         .save(&args.out)
         .with_context(|| format!("saving artifact to {}", args.out.display()))?;
     write_json(&args.out.join("epochs.json"), &outcome.epochs)?;
-    draw_curves(&outcome.epochs, outcome.best_epoch, &args.out.join("curves.png"))?;
+    // A server without fonts still gets its model: the picture is a convenience.
+    if let Err(e) = draw_curves(&outcome.epochs, outcome.best_epoch, &args.out.join("curves.png")) {
+        eprintln!("warning: could not draw curves.png: {e:#}");
+    }
     eprintln!(
         "best epoch {} of {} in {:.0}s; test NDCG@10 {:.4} HR@10 {:.4}; wrote {}",
         outcome.best_epoch,
