@@ -37,12 +37,18 @@ def main(logs):
     parity = load(logs / "parity.json")
     if parity:
         out.append(f"\n### CPU fp32 vs {parity['device']}: top-{parity['k']} agreement\n")
-        out.append("| precision | users | identical lists | mean overlap | min overlap | max abs score diff |")
-        out.append("|---|---:|---:|---:|---:|---:|")
+        out.append("| precision | users | identical lists | mean overlap | min overlap | max abs score diff | criterion |")
+        out.append("|---|---:|---:|---:|---:|---:|---|")
         for precision, a in parity["agreement"].items():
+            if precision == "fp32":
+                rule, met = "same items, scores within 1e-4", (
+                    a["identical_lists"] == a["users"] and a["max_abs_score_diff"] <= 1e-4
+                )
+            else:
+                rule, met = "mean overlap >= 9/10", a["mean_overlap"] >= 9.0
             out.append(
                 f"| {precision} | {a['users']} | {a['identical_lists']} | {a['mean_overlap']:.2f} "
-                f"| {a['min_overlap']} | {a['max_abs_score_diff']:.2e} |"
+                f"| {a['min_overlap']} | {a['max_abs_score_diff']:.2e} | {rule}: {'met' if met else 'missed'} |"
             )
 
     forwards = {p.stem: load(p) for p in sorted(logs.glob("forward-*.json"))}
