@@ -5,14 +5,15 @@
 //! Engine::infer ──▶ queue ──▶ batching_task ──▶ (one batch in flight) ──▶ InferenceWorker ──▶ reply
 //! ```
 //! The batcher closes a batch at `max_batch_size` requests or once its oldest request has waited
-//! `max_batch_delay`; it assembles the next batch while the worker runs the current one.
+//! `max_batch_delay`, and while the worker runs the current batch the next one keeps growing
+//! (up to `max_batch_size`) until the worker is free.
 pub mod batcher;
 pub mod worker;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::history::HistorySnapshot;
 use crate::metrics::Metrics;
@@ -59,7 +60,8 @@ pub struct InferRequest {
 
 /// Commands the worker thread executes in order.
 pub enum WorkerCommand {
-    Batch(Vec<InferRequest>),
+    /// A batch to run; the permit marks the worker busy until the batch is done.
+    Batch(Vec<InferRequest>, OwnedSemaphorePermit),
     /// Drop anything cached about a user (erasure).
     Forget(Arc<str>),
 }
@@ -85,7 +87,6 @@ impl Engine {
     /// task. `ready` fires once the worker has warmed up.
     pub fn start(artifact: Artifact, config: EngineConfig, metrics: Arc<Metrics>) -> (Self, oneshot::Receiver<()>) {
         let (queue, requests) = mpsc::channel(config.queue_capacity);
-        // Capacity 1: one batch waits while one runs, so batches form while the device is busy.
         let (commands, worker_commands) = mpsc::channel(1);
         let (ready_tx, ready) = oneshot::channel();
         worker::InferenceWorker::spawn(
@@ -98,6 +99,7 @@ impl Engine {
         tokio::spawn(batcher::batching_task(
             requests,
             commands.clone(),
+            Arc::new(Semaphore::new(1)),
             config,
             metrics.clone(),
         ));

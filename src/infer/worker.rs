@@ -98,7 +98,8 @@ impl InferenceWorker {
     fn run(&mut self, mut commands: mpsc::Receiver<WorkerCommand>) {
         while let Some(command) = commands.blocking_recv() {
             match command {
-                WorkerCommand::Batch(batch) => tch::no_grad(|| self.execute(batch)),
+                // The permit is released when the batch is done: the batcher may hand over the next.
+                WorkerCommand::Batch(batch, _busy) => tch::no_grad(|| self.execute(batch)),
                 WorkerCommand::Forget(user) => {
                     self.cache.remove(&user);
                 }
