@@ -30,6 +30,12 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Rust ignores SIGPIPE, which turns `xsrec … | head` into a panic on the next println!;
+    // the default action ends the process quietly, as for any Unix filter.
+    // SAFETY: called before any thread exists; SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match Cli::parse().command {
         Command::Data(command) => cli::data::run(&command),
         Command::Train(args) => cli::train::run(&args),
