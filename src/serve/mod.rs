@@ -41,8 +41,10 @@ pub struct ServeConfig {
     pub history_shards: usize,
     #[arg(long, env = "XSREC_MAX_BATCH_SIZE", default_value_t = 64)]
     pub max_batch_size: usize,
-    /// How long the oldest request may wait for its batch to fill (0 = take what is there).
-    #[arg(long, env = "XSREC_MAX_BATCH_DELAY_US", default_value_t = 1000)]
+    /// How long the oldest request may wait for more to join it while the worker is idle. 0 (the
+    /// default) sends an idle worker whatever is there; batches still grow while it is busy,
+    /// which is where they pay off (docs/BENCHMARKS.md, batcher A/B).
+    #[arg(long, env = "XSREC_MAX_BATCH_DELAY_US", default_value_t = 0)]
     pub max_batch_delay_us: u64,
     #[arg(long, env = "XSREC_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
     pub max_concurrent_requests: usize,
