@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Summarises runs/quality/*/eval.json (from scripts/quality.sh) as the markdown in docs/QUALITY.md.
+"""Summarises runs/quality/*/eval.json (from scripts/quality.sh) as the markdown in docs/QUALITY.md;
+MAIN=VARIANT picks the variant every other one is compared with (default transformer-L200).
 
 Per variant: mean ± std over seeds of the test metrics, the new-session / same-session split, and
 training time; then paired bootstrap 95% intervals over users of the difference in test NDCG@10
 (each user's value averaged over seeds first) between the main model and every other variant.
 """
 import json
+import os
 import pathlib
 import random
 import re
@@ -13,7 +15,7 @@ import statistics
 import sys
 
 ROOT = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "runs/quality")
-MAIN = "transformer-L200"
+MAIN = os.environ.get("MAIN", "transformer-L200")
 METRICS = ["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR", "AUC"]
 
 

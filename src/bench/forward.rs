@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::ceilings::Ceilings;
 use super::cost::batch_cost;
-use super::{median, rank_batch, synchronize, synthetic_history, Stage};
+use super::{median, rank_batch, seen_and_padding, synchronize, synthetic_history, Stage};
 use crate::model::{encode, trim_to_longest, EncodedSeq, HistoryView, SeqModel};
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,10 +59,7 @@ pub fn measure(
             .collect();
         trim_to_longest(&rows)
     };
-    let exclude: Vec<Vec<i64>> = histories
-        .iter()
-        .map(|(items, _)| std::iter::once(0).chain(items.iter().map(|&i| i64::from(i))).collect())
-        .collect();
+    let exclude: Vec<Vec<i64>> = histories.iter().map(|(items, _)| seen_and_padding(items)).collect();
     let kind = model.net.item_table().kind();
     let element_bytes = kind.elt_size_in_bytes() as f64;
     let progress = ProgressBar::new(batch_sizes.len() as u64)

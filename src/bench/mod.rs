@@ -76,6 +76,11 @@ pub fn rank_batch(
     })
 }
 
+/// What the API leaves out of a ranking by default: the padding item and everything seen.
+pub fn seen_and_padding(items: &[u32]) -> Vec<i64> {
+    std::iter::once(0).chain(items.iter().map(|&i| i64::from(i))).collect()
+}
+
 /// A plausible cross-session history: bursts of events minutes apart, separated by gaps of
 /// hours to days. Items are uniform over `1..num_items`.
 pub fn synthetic_history(rng: &mut impl Rng, len: usize, num_items: usize, start: i64) -> (Vec<u32>, Vec<i64>) {

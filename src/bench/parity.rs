@@ -4,7 +4,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::{rank_batch, synthetic_history};
+use super::{rank_batch, seen_and_padding, synthetic_history};
 use crate::data::split::UserSequence;
 use crate::model::{encode, EncodedSeq, HistoryView, SeqModel};
 
@@ -23,8 +23,10 @@ impl Case {
             config.max_len,
             config.session_gap_secs,
         );
-        let exclude = std::iter::once(0).chain(items.iter().map(|&i| i64::from(i))).collect();
-        Self { row, exclude }
+        Self {
+            row,
+            exclude: seen_and_padding(items),
+        }
     }
 }
 
