@@ -2,7 +2,7 @@
 //! Run with `cargo bench`; results are recorded in docs/BENCHMARKS.md.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tch::{Device, Kind, Tensor};
-use xsrec::model::{encode, trim_to_longest, Arch, Batch, Features, HistoryView, ModelConfig, Scorer, SeqModel};
+use xsrec::model::{encode, Arch, Batch, Features, HistoryView, ModelConfig, Scorer, SeqModel};
 
 fn model(num_items: usize, max_len: usize) -> SeqModel {
     tch::manual_seed(0);
@@ -41,7 +41,7 @@ fn batch(batch: usize, num_items: usize) -> Batch {
             )
         })
         .collect();
-    Batch::new(&trim_to_longest(&rows), Device::Cpu)
+    Batch::trimmed(&rows, Device::Cpu)
 }
 
 fn forward_by_batch_size(c: &mut Criterion) {

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::ceilings::Ceilings;
 use super::cost::batch_cost;
 use super::{median, rank_batch, seen_and_padding, synchronize, synthetic_history, Stage};
-use crate::model::{encode, trim_to_longest, EncodedSeq, HistoryView, SeqModel};
+use crate::model::{encode, EncodedSeq, HistoryView, SeqModel};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ForwardRow {
@@ -49,15 +49,14 @@ pub fn measure(
         .collect();
     let types = vec![1u32; config.max_len];
     let encode_all = |histories: &[(Vec<u32>, Vec<i64>)]| -> Vec<EncodedSeq> {
-        let rows: Vec<EncodedSeq> = histories
+        histories
             .iter()
             .map(|(items, timestamps)| {
                 let at = timestamps[timestamps.len() - 1] + 60;
                 let view = HistoryView::new(items, timestamps, &types);
                 encode(view, at, config.max_len, config.session_gap_secs)
             })
-            .collect();
-        trim_to_longest(&rows)
+            .collect()
     };
     let exclude: Vec<Vec<i64>> = histories.iter().map(|(items, _)| seen_and_padding(items)).collect();
     let kind = model.net.item_table().kind();

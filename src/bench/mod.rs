@@ -7,6 +7,7 @@ pub mod forward;
 pub mod load;
 pub mod parity;
 
+use std::borrow::Borrow;
 use std::time::Instant;
 
 use rand::Rng;
@@ -47,7 +48,7 @@ pub fn median(values: &mut [f64]) -> f64 {
 /// The stages of serving one batch, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
-    /// Index batch host → device.
+    /// Index batch (padding-only columns dropped) host → device.
     CopyIn,
     /// Embeddings and encoder up to the newest position's hidden state.
     Forward,
@@ -57,15 +58,15 @@ pub enum Stage {
 
 /// What the inference worker does for a batch of top-k requests whose hidden states are not
 /// cached, with `stage_done` called after each stage (benchmarks synchronise and time there).
-pub fn rank_batch(
+pub fn rank_batch<R: Borrow<EncodedSeq>, E: AsRef<[i64]>>(
     model: &SeqModel,
-    rows: &[EncodedSeq],
-    exclude: &[Vec<i64>],
+    rows: &[R],
+    exclude: &[E],
     k: usize,
     mut stage_done: impl FnMut(Stage),
 ) -> Vec<Vec<(u32, f32)>> {
     tch::no_grad(|| {
-        let batch = Batch::new(rows, model.device());
+        let batch = Batch::trimmed(rows, model.device());
         stage_done(Stage::CopyIn);
         let hidden = model.last_hidden(&batch);
         stage_done(Stage::Forward);

@@ -73,9 +73,9 @@ pub fn rank_cases(model: &SeqModel, cases: &[Case], k: usize, batch_size: usize)
     cases
         .chunks(batch_size.max(1))
         .flat_map(|chunk| {
-            let rows: Vec<EncodedSeq> = chunk.iter().map(|c| c.row.clone()).collect();
-            let exclude: Vec<Vec<i64>> = chunk.iter().map(|c| c.exclude.clone()).collect();
-            rank_batch(model, &crate::model::trim_to_longest(&rows), &exclude, k, |_| {})
+            let rows: Vec<&EncodedSeq> = chunk.iter().map(|c| &c.row).collect();
+            let exclude: Vec<&[i64]> = chunk.iter().map(|c| c.exclude.as_slice()).collect();
+            rank_batch(model, &rows, &exclude, k, |_| {})
         })
         .collect()
 }

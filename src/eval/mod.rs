@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::session::starts_new_session;
 use crate::data::split::{SequenceSet, Target, UserSequence};
-use crate::model::{encode, mask_items, trim_to_longest, Batch, HistoryView, Scorer};
+use crate::model::{encode, mask_items, Batch, HistoryView, Scorer};
 pub use metrics::Metrics;
 
 /// Number of best items kept per case (for `--predictions-out`).
@@ -72,7 +72,7 @@ fn rank_chunk(scorer: &dyn Scorer, set: &SequenceSet, chunk: &[(usize, usize)], 
             )
         })
         .collect();
-    let batch = Batch::new(&trim_to_longest(&rows), opts.device);
+    let batch = Batch::trimmed(&rows, opts.device);
     let scores = scorer.score_next(&batch).to_kind(Kind::Float);
     let num_items = scores.size()[1] as usize;
     let targets: Vec<i64> = chunk.iter().map(|&(u, p)| i64::from(set.users[u].items[p])).collect();

@@ -10,7 +10,7 @@ use super::{Answer, InferError, InferRequest, Query, WorkerCommand};
 use crate::data::session::gap_bucket;
 use crate::metrics::Metrics;
 use crate::model::input::to_device_pinned;
-use crate::model::{encode, mask_items, padded_index, trim_to_longest, Artifact, Batch, HistoryView, SeqModel};
+use crate::model::{encode, mask_items, padded_index, Artifact, Batch, HistoryView, SeqModel};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -184,9 +184,7 @@ impl InferenceWorker {
                     encode(view, requests[i].at, config.max_len, config.session_gap_secs)
                 })
                 .collect();
-            let hidden = self
-                .model
-                .last_hidden(&Batch::new(&trim_to_longest(&encoded), self.config.device));
+            let hidden = self.model.last_hidden(&Batch::trimmed(&encoded, self.config.device));
             let caching = self.config.cache_capacity > 0;
             if caching {
                 self.make_room(misses.len());

@@ -1,5 +1,7 @@
 //! The one function that turns a user's history into model input, used by training, offline
 //! evaluation and serving alike.
+use std::borrow::Borrow;
+
 use tch::{Device, Tensor};
 
 use crate::data::session::{gap_bucket, session_indices, GAP_BUCKET_NONE, GAP_BUCKET_PAD};
@@ -87,25 +89,6 @@ impl EncodedSeq {
     pub fn real_len(&self) -> usize {
         self.items.iter().rev().take_while(|&&item| item != 0).count()
     }
-
-    /// The last `width` positions.
-    pub fn tail(&self, width: usize) -> Self {
-        let tail = |v: &[i64]| v[v.len() - width..].to_vec();
-        Self {
-            items: tail(&self.items),
-            types: tail(&self.types),
-            gaps: tail(&self.gaps),
-            prediction_gaps: tail(&self.prediction_gaps),
-            sessions: tail(&self.sessions),
-        }
-    }
-}
-
-/// Drops the leading columns that are padding in every row: attention never reads padding and
-/// positions are counted from the right, so the result is the same at a fraction of the cost.
-pub fn trim_to_longest(rows: &[EncodedSeq]) -> Vec<EncodedSeq> {
-    let width = rows.iter().map(EncodedSeq::real_len).max().unwrap_or(0).max(1);
-    rows.iter().map(|row| row.tail(width)).collect()
 }
 
 /// A batch of encoded rows as `[B, L]` int64 tensors on one device.
@@ -119,9 +102,23 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// All five fields travel to the device as one `[5, B, L]` host tensor: one copy per batch,
-    /// from pinned memory and asynchronous on CUDA, instead of five pageable ones.
-    pub fn new(rows: &[EncodedSeq], device: Device) -> Self {
+    /// Rows of equal length, as they are.
+    pub fn new<R: Borrow<EncodedSeq>>(rows: &[R], device: Device) -> Self {
+        let width = rows.first().map_or(0, |r| r.borrow().items.len());
+        Self::last_columns(rows, width, device)
+    }
+
+    /// Only the columns where some row has a real event: attention never reads padding and
+    /// positions are counted from the right, so the result is the same at a fraction of the cost.
+    pub fn trimmed<R: Borrow<EncodedSeq>>(rows: &[R], device: Device) -> Self {
+        let width = rows.iter().map(|r| r.borrow().real_len()).max().unwrap_or(0).max(1);
+        Self::last_columns(rows, width, device)
+    }
+
+    /// The last `width` columns of every row. All five fields travel to the device as one
+    /// `[5, B, width]` host tensor: one copy per batch, from pinned memory and asynchronous on
+    /// CUDA, instead of five pageable ones.
+    pub fn last_columns<R: Borrow<EncodedSeq>>(rows: &[R], width: usize, device: Device) -> Self {
         let fields: [fn(&EncodedSeq) -> &[i64]; 5] = [
             |r| &r.items,
             |r| &r.types,
@@ -129,12 +126,14 @@ impl Batch {
             |r| &r.prediction_gaps,
             |r| &r.sessions,
         ];
-        let width = rows.first().map_or(0, |r| r.items.len()) as i64;
-        let flat: Vec<i64> = fields
-            .iter()
-            .flat_map(|field| rows.iter().flat_map(move |row| field(row).iter().copied()))
-            .collect();
-        let host = Tensor::from_slice(&flat).view([5, rows.len() as i64, width]);
+        let mut flat = Vec::with_capacity(fields.len() * rows.len() * width);
+        for field in fields {
+            for row in rows {
+                let values = field(row.borrow());
+                flat.extend_from_slice(&values[values.len() - width..]);
+            }
+        }
+        let host = Tensor::from_slice(&flat).view([5, rows.len() as i64, width as i64]);
         let all = to_device_pinned(host, device);
         Self {
             items: all.get(0),

@@ -8,7 +8,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 pub use artifact::{Artifact, ArtifactError};
 pub use config::{Arch, Combine, Features, ModelConfig};
-pub use input::{encode, trim_to_longest, Batch, EncodedSeq, HistoryView};
+pub use input::{encode, Batch, EncodedSeq, HistoryView};
 
 /// Anything that ranks items for a batch of histories: the trained networks and the baselines
 /// are evaluated through this one interface.
@@ -108,7 +108,7 @@ impl Scorer for Popularity {
 }
 
 /// Sets `scores[row, item] = -inf` for each row's listed items.
-pub fn mask_items(scores: &Tensor, items: &[Vec<i64>]) -> Tensor {
+pub fn mask_items<R: AsRef<[i64]>>(scores: &Tensor, items: &[R]) -> Tensor {
     scores.scatter_value(1, &padded_index(items, scores.device()), f64::NEG_INFINITY)
 }
 

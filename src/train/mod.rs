@@ -197,9 +197,9 @@ fn run_epoch(
 
 /// The last `width` positions of each row: everything before them is padding for all rows.
 fn trimmed_batch(rows: &[&Window], width: usize, device: Device) -> (Batch, Tensor) {
-    let inputs: Vec<EncodedSeq> = rows.iter().map(|w| w.input.tail(width)).collect();
+    let inputs: Vec<&EncodedSeq> = rows.iter().map(|w| &w.input).collect();
     let targets = stack_rows(rows.iter().map(|w| &w.targets[w.targets.len() - width..]), device);
-    (Batch::new(&inputs, device), targets)
+    (Batch::last_columns(&inputs, width, device), targets)
 }
 
 fn batch_loss(model: &SeqModel, batch: &Batch, targets: &Tensor, cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> Tensor {
