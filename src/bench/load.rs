@@ -181,6 +181,9 @@ pub async fn preload(
 /// What the server reported about the same interval, from differences of its counters.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerBreakdown {
+    /// Mean time from the recommend handler's start to its response, as the server saw it: what
+    /// a client sees beyond this is HTTP, JSON and the client itself.
+    pub mean_recommend_ms: f64,
     pub batches: f64,
     pub mean_batch_size: f64,
     /// (upper bound, batches of at most that size and more than the previous bound).
@@ -197,7 +200,9 @@ pub struct ServerBreakdown {
 impl ServerBreakdown {
     fn between(before: &HashMap<String, f64>, after: &HashMap<String, f64>, seconds: f64) -> Self {
         let delta = |key: &str| after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0);
-        let mean_ms = |name: &str| 1e3 * delta(&format!("{name}_sum")) / delta(&format!("{name}_count")).max(1.0);
+        let mean_ms = |name: &str, labels: &str| {
+            1e3 * delta(&format!("{name}_sum{labels}")) / delta(&format!("{name}_count{labels}")).max(1.0)
+        };
         let batches = delta("xsrec_batch_size_count");
         let mut buckets: Vec<(f64, String, f64)> = after
             .keys()
@@ -218,12 +223,13 @@ impl ServerBreakdown {
             .collect();
         let busy = delta("xsrec_inference_duration_seconds_sum") + delta("xsrec_topk_duration_seconds_sum");
         Self {
+            mean_recommend_ms: mean_ms("xsrec_request_duration_seconds", "{route=\"/v1/recommend\"}"),
             batches,
             mean_batch_size: delta("xsrec_batch_size_sum") / batches.max(1.0),
             batch_size_histogram,
-            mean_queue_wait_ms: mean_ms("xsrec_queue_wait_seconds"),
-            mean_forward_ms: mean_ms("xsrec_inference_duration_seconds"),
-            mean_rank_ms: mean_ms("xsrec_topk_duration_seconds"),
+            mean_queue_wait_ms: mean_ms("xsrec_queue_wait_seconds", ""),
+            mean_forward_ms: mean_ms("xsrec_inference_duration_seconds", ""),
+            mean_rank_ms: mean_ms("xsrec_topk_duration_seconds", ""),
             worker_busy_fraction: busy / seconds,
         }
     }
@@ -340,7 +346,9 @@ mod tests {
         let after = parse_exposition(
             "xsrec_batch_size_bucket{le=\"1\"} 4\nxsrec_batch_size_bucket{le=\"+Inf\"} 8\n\
              xsrec_batch_size_sum 25\nxsrec_batch_size_count 8\n\
-             xsrec_inference_duration_seconds_sum 0.5\nxsrec_inference_duration_seconds_count 5\n",
+             xsrec_inference_duration_seconds_sum 0.5\nxsrec_inference_duration_seconds_count 5\n\
+             xsrec_request_duration_seconds_sum{route=\"/v1/recommend\"} 0.3\n\
+             xsrec_request_duration_seconds_count{route=\"/v1/recommend\"} 100\n",
         );
         let found = ServerBreakdown::between(&before, &after, 2.0);
         assert_eq!(found.batches, 5.0);
@@ -351,5 +359,6 @@ mod tests {
         );
         assert!((found.mean_forward_ms - 100.0).abs() < 1e-9);
         assert!((found.worker_busy_fraction - 0.25).abs() < 1e-9);
+        assert!((found.mean_recommend_ms - 3.0).abs() < 1e-9);
     }
 }

@@ -373,9 +373,11 @@ fn load_bench(args: &LoadArgs) -> anyhow::Result<()> {
             let level = load::run_level(&target, &workload, concurrency, Duration::from_secs(args.duration_secs)).await?;
             let s = &level.server;
             println!(
-                "{:?} c={concurrency}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, errors {} | batches: mean size {:.1}, queue wait {:.2} ms, forward {:.2} ms, rank {:.2} ms, worker busy {:.0}%",
+                "{:?} c={concurrency}: {:.0} req/s, mean {:.2} ms (server {:.2}), p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, errors {} | batches: mean size {:.1}, queue wait {:.2} ms, forward {:.2} ms, rank {:.2} ms, worker busy {:.0}%",
                 level.mode,
                 level.requests_per_sec,
+                level.mean_ms,
+                s.mean_recommend_ms,
                 level.p50_ms,
                 level.p99_ms,
                 level.max_ms,
