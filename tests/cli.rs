@@ -187,3 +187,58 @@ fn malformed_rows_stop_the_load_unless_skipped() {
     ])
     .contains("config.json"));
 }
+
+#[test]
+fn bench_commands_write_a_servable_model_and_complete_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("untrained");
+    let shape = ["--items", "300", "--d-model", "8", "--max-len", "12", "--layers", "1"];
+    ok(&[&["bench", "init-model", "--out", path(&model)][..], &shape].concat());
+    let artifact = xsrec::model::Artifact::load(&model, tch::Device::Cpu).unwrap();
+    assert_eq!(artifact.items.len(), 301);
+    assert_eq!(artifact.items.id(1), "i1");
+    assert_eq!(artifact.model.config.max_len, 12);
+
+    let report = dir.path().join("forward.json");
+    let forward_args = [
+        "bench",
+        "forward",
+        "--device",
+        "cpu",
+        "--precision",
+        "bf16",
+        "--model",
+        path(&model),
+    ];
+    let extra = ["--batch-sizes", "1,3", "--iters", "2", "--out", path(&report)];
+    let table = ok(&[&forward_args[..], &extra].concat());
+    assert!(table.contains("device ms"), "{table}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["batch_size"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 3]
+    );
+    for row in rows {
+        assert!(row["device_ms"].as_f64().unwrap() > 0.0 && row["floor_ms"].as_f64().unwrap() > 0.0);
+    }
+
+    let report = dir.path().join("parity.json");
+    ok(&[
+        "bench",
+        "parity",
+        "--device",
+        "cpu",
+        "--model",
+        path(&model),
+        "--users",
+        "20",
+        "--out",
+        path(&report),
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(report["agreement"]["fp32"]["identical_lists"], 20);
+    assert!(report["agreement"]["bf16"]["mean_overlap"].as_f64().unwrap() > 0.0);
+}
