@@ -707,7 +707,8 @@ async fn load_generator_preloads_users_and_reads_the_servers_batching_back() {
         seed: 1,
     };
     let target = Target::new(&server.base, 8).unwrap();
-    let preloaded = preload(&target, &workload, 12, 100, 4).await.unwrap();
+    // 12 events per user in calls of at most 5: every history spans calls.
+    let preloaded = preload(&target, &workload, 12, 5, 4).await.unwrap();
     assert_eq!(preloaded.events, 480);
     assert_eq!(server.metric("xsrec_users").await, 40.0);
     assert_eq!(server.metric("xsrec_history_events").await, 480.0);

@@ -163,7 +163,10 @@ pub async fn preload(
                             }));
                         }
                     }
-                    target.post("/v1/events", &json!({ "events": events })).await?;
+                    // A history longer than one call allows goes in several calls.
+                    for events in events.chunks(events_per_call.max(1)) {
+                        target.post("/v1/events", &json!({ "events": events })).await?;
+                    }
                 }
             })
         })
