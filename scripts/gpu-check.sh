@@ -66,9 +66,11 @@ step parity 180 "$BIN" bench parity --device "$DEVICE" --model models/default \
   --data data/ml-100k/ml-100k.inter --users 1000 --out "$LOGS/parity.json"
 for precision in fp32 bf16; do
   step "forward-ml100k-$precision" 120 "$BIN" bench forward --device "$DEVICE" --precision "$precision" \
-    --model models/default --batch-sizes "$SIZES" --threads "$THREADS" --out "$LOGS/forward-ml100k-$precision.json"
+    --model models/default --batch-sizes "$SIZES" --threads "$THREADS" --out "$LOGS/forward-ml100k-$precision.json" \
+    --plot "$LOGS/forward-ml100k-$precision.png"
   step "forward-large-$precision" 150 "$BIN" bench forward --device "$DEVICE" --precision "$precision" \
-    "${LARGE[@]}" --layers 2 --batch-sizes "$SIZES" --threads "$THREADS" --out "$LOGS/forward-large-$precision.json"
+    "${LARGE[@]}" --layers 2 --batch-sizes "$SIZES" --threads "$THREADS" --out "$LOGS/forward-large-$precision.json" \
+    --plot "$LOGS/forward-large-$precision.png"
 done
 step forward-large4-bf16 90 "$BIN" bench forward --device "$DEVICE" --precision bf16 "${LARGE[@]}" --layers 4 \
   --batch-sizes 1,64,256,1024 --threads "$THREADS" --out "$LOGS/forward-large4-bf16.json"

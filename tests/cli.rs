@@ -210,9 +210,20 @@ fn bench_commands_write_a_servable_model_and_complete_reports() {
         "--model",
         path(&model),
     ];
-    let extra = ["--batch-sizes", "1,3", "--iters", "2", "--out", path(&report)];
+    let plot = dir.path().join("forward.png");
+    let extra = [
+        "--batch-sizes",
+        "1,3",
+        "--iters",
+        "2",
+        "--out",
+        path(&report),
+        "--plot",
+        path(&plot),
+    ];
     let table = ok(&[&forward_args[..], &extra].concat());
     assert!(table.contains("device ms"), "{table}");
+    assert!(std::fs::metadata(&plot).unwrap().len() > 1000);
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(

@@ -6,6 +6,7 @@ pub mod cost;
 pub mod forward;
 pub mod load;
 pub mod parity;
+pub mod plot;
 
 use std::borrow::Borrow;
 use std::time::Instant;

@@ -12,6 +12,7 @@ use tch::Device;
 use super::{parse_device, write_json, DataArgs};
 use crate::bench::ceilings::Ceilings;
 use crate::bench::load::{self, Mode, Target, Workload};
+use crate::bench::plot::draw_forward;
 use crate::bench::{forward, parity};
 use crate::data::split::build_sequences;
 use crate::data::vocab::Vocab;
@@ -98,6 +99,9 @@ pub struct ForwardArgs {
     /// Timed batches per size (after three warm-up ones).
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
+    /// Also draw time per batch against batch size, with the floor, to this PNG.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
 }
@@ -253,6 +257,20 @@ fn forward_bench(args: &ForwardArgs) -> anyhow::Result<()> {
             r.floor_ms,
             100.0 * r.floor_fraction
         );
+    }
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "{} items, d {}, {} layers, max_len {}, {:?} on {device:?}",
+            c.num_items - 1,
+            c.d_model,
+            c.n_layers,
+            c.max_len,
+            args.precision
+        );
+        // The numbers matter more than the picture: a machine without fonts still gets them.
+        if let Err(e) = draw_forward(&rows, &title, path) {
+            eprintln!("warning: could not draw {}: {e:#}", path.display());
+        }
     }
     emit(
         args.device.out.as_deref(),
