@@ -5,9 +5,12 @@ use plotters::prelude::*;
 
 use super::forward::ForwardRow;
 
+/// A line of the chart: its legend, how to read it off a row, its colour.
+type Series = (&'static str, fn(&ForwardRow) -> f64, RGBColor);
+
 pub fn draw_forward(rows: &[ForwardRow], title: &str, path: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(!rows.is_empty(), "no batch sizes to draw");
-    let series: [(&str, fn(&ForwardRow) -> f64, RGBColor); 4] = [
+    let series: [Series; 4] = [
         ("device time (copy in → winners out)", |r| r.device_ms, BLUE),
         ("encoder", |r| r.forward_ms, GREEN),
         ("scores + top-k + copy out", |r| r.rank_out_ms, MAGENTA),
