@@ -71,7 +71,7 @@ pub fn rank_batch<R: Borrow<EncodedSeq>, E: AsRef<[i64]>>(
         stage_done(Stage::CopyIn);
         let hidden = model.last_hidden(&batch);
         stage_done(Stage::Forward);
-        let scores = mask_items(&model.net.score(&hidden), exclude);
+        let scores = mask_items(model.net.score(&hidden), exclude);
         let ranked = top_k(&scores, &vec![k; rows.len()], None);
         stage_done(Stage::RankOut);
         ranked

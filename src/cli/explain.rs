@@ -53,7 +53,7 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
     let seen: Vec<i64> = std::iter::once(0)
         .chain(user.items.iter().map(|&i| i64::from(i)))
         .collect();
-    let (scores, items) = mask_items(&model.score_next(&batch).to_kind(Kind::Float), &[seen]).topk(10, 1, true, true);
+    let (scores, items) = mask_items(model.score_next(&batch).to_kind(Kind::Float), &[seen]).topk(10, 1, true, true);
     let top: Vec<(String, f32)> = Vec::<i64>::try_from(items.view(-1))?
         .into_iter()
         .zip(Vec::<f32>::try_from(scores.view(-1))?)

@@ -92,7 +92,7 @@ fn rank_chunk(scorer: &dyn Scorer, set: &SequenceSet, chunk: &[(usize, usize)], 
         }
         masked.push(items);
     }
-    let scores = mask_items(&scores, &masked);
+    let scores = mask_items(scores, &masked);
     let target_index = Tensor::from_slice(&targets).to_device(scores.device()).unsqueeze(1);
     let target_scores = scores.gather(1, &target_index, false);
     // Ties count against the target: rank = (#items scoring >= target) − 1.

@@ -247,7 +247,7 @@ impl InferenceWorker {
                     _ => unreachable!(),
                 })
                 .collect();
-            let masked = mask_items(&rows_of(&ranking), &excluded);
+            let masked = mask_items(rows_of(&ranking), &excluded);
             let ks: Vec<usize> = ranking.iter().map(|&i| query_k(&requests[i].query)).collect();
             for (slot, ranked) in ranking.iter().zip(top_k(&masked, &ks, None)) {
                 answers[*slot] = Some(Answer::Items(ranked));

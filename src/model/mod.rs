@@ -107,9 +107,13 @@ impl Scorer for Popularity {
     }
 }
 
-/// Sets `scores[row, item] = -inf` for each row's listed items.
-pub fn mask_items<R: AsRef<[i64]>>(scores: &Tensor, items: &[R]) -> Tensor {
-    scores.scatter_value(1, &padded_index(items, scores.device()), f64::NEG_INFINITY)
+/// Sets `scores[row, item] = -inf` for each row's listed items, in place: a `[B, V]` copy is
+/// the largest memory pass of ranking a big catalogue, so `scores` must be a tensor nothing else
+/// still reads unmasked.
+pub fn mask_items<R: AsRef<[i64]>>(mut scores: Tensor, items: &[R]) -> Tensor {
+    let index = padded_index(items, scores.device());
+    let _ = scores.scatter_value_(1, &index, f64::NEG_INFINITY);
+    scores
 }
 
 /// `[B, W]` int64 tensor of ragged rows padded with 0 (the padding item) to the longest row.
