@@ -110,31 +110,23 @@ fn synth_train_eval_explain_round_trip() {
     assert_eq!(report["test"], config["info"]["metrics"]["test"]);
 
     let png = dir.path().join("why.png");
-    let explain_out = ok(&[
-        "explain",
-        "--model",
-        path(&model),
-        "--data",
-        path(&data),
-        "--user",
-        "u7",
-        "--out",
-        path(&png),
-    ]);
+    let explain = |user| {
+        [
+            "explain",
+            "--model",
+            path(&model),
+            "--data",
+            path(&data),
+            "--user",
+            user,
+            "--out",
+            path(&png),
+        ]
+    };
+    let explain_out = ok(&explain("u7"));
     assert_eq!(explain_out.lines().count(), 10);
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
-    assert!(failure(&[
-        "explain",
-        "--model",
-        path(&model),
-        "--data",
-        path(&data),
-        "--user",
-        "nobody",
-        "--out",
-        path(&png)
-    ])
-    .contains("user `nobody` has no events"));
+    assert!(failure(&explain("nobody")).contains("user `nobody` has no events"));
 }
 
 #[test]
@@ -150,30 +142,22 @@ fn malformed_rows_stop_the_load_unless_skipped() {
     text += "u1,i2,yesterday\n";
     std::fs::write(&data, text).unwrap();
     let out = dir.path().join("m");
-    let err = failure(&[
-        "train",
-        "--data",
-        path(&data),
-        "--out",
-        path(&out),
-        "--epochs",
-        "1",
-        "--quiet",
-    ]);
+    let train = |extra: &[&'static str]| {
+        let base = [
+            "train",
+            "--data",
+            path(&data),
+            "--out",
+            path(&out),
+            "--epochs",
+            "1",
+            "--quiet",
+        ];
+        [&base[..], extra].concat()
+    };
+    let err = failure(&train(&[]));
     assert!(err.contains("events.csv:102:") && err.contains("yesterday"), "{err}");
-    let trained = xsrec(&[
-        "train",
-        "--data",
-        path(&data),
-        "--out",
-        path(&out),
-        "--epochs",
-        "1",
-        "--max-len",
-        "8",
-        "--quiet",
-        "--skip-bad-rows",
-    ]);
+    let trained = xsrec(&train(&["--max-len", "8", "--skip-bad-rows"]));
     assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
     assert!(String::from_utf8_lossy(&trained.stderr).contains("skipped 1 malformed rows"));
     let err = failure(&["train", "--data", "nowhere.parquet", "--out", path(&out)]);
