@@ -312,8 +312,9 @@ fn parity_bench(args: &ParityArgs) -> anyhow::Result<()> {
         cases.len(),
         args.k
     );
+    let mut model = Artifact::load(&args.model, device)?.model;
+    // fp32 first: casting to bf16 is one-way.
     for precision in [Precision::Fp32, Precision::Bf16] {
-        let mut model = Artifact::load(&args.model, device)?.model;
         model.set_precision(precision);
         let found = parity::agreement(&cpu, &parity::rank_cases(&model, &cases, args.k, args.batch_size));
         println!(
