@@ -57,8 +57,10 @@ def test_torchrun_ddp_training_is_served_by_xsrec(log, tmp_path):
     out = tmp_path / "ddp-model"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "models" / "torch"), OMP_NUM_THREADS="1")
     torchrun = pathlib.Path(sys.executable).with_name("torchrun")
-    subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "xsrec_torch.train", "--data", str(log), "--out", str(out), *SMALL],
-                   check=True, env=env, capture_output=True)
+    # --standalone: a free local port for the rendezvous, so a busy 29500 cannot fail the run.
+    run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "xsrec_torch.train",
+                          "--data", str(log), "--out", str(out), *SMALL], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, f"torchrun failed:\n{run.stdout}\n{run.stderr}"
     config = json.loads((out / "config.json").read_text())
     assert config["info"]["world_size"] == 2
     assert config["model"]["features"]["event_type"] is True
