@@ -29,6 +29,10 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
 #[test]
 fn synth_train_eval_explain_round_trip() {
     let dir = tempfile::tempdir().unwrap();
@@ -72,8 +76,7 @@ fn synth_train_eval_explain_round_trip() {
     ] {
         assert!(model.join(file).exists(), "{file} missing");
     }
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let config = read_json(&model.join("config.json"));
     assert_eq!(
         config["model"]["features"]["event_type"], true,
         "synthetic data has event types"
@@ -106,7 +109,7 @@ fn synth_train_eval_explain_round_trip() {
         assert!(fields[0].starts_with('u') && fields[1..].iter().all(|f| f.starts_with('i')));
     }
     // The model's own evaluation at training time and a later `eval` agree exactly.
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = read_json(&json);
     assert_eq!(report["test"], config["info"]["metrics"]["test"]);
 
     let png = dir.path().join("why.png");
@@ -184,7 +187,8 @@ fn bench_commands_write_a_servable_model_and_complete_reports() {
     assert_eq!(artifact.model.config.max_len, 12);
 
     let report = dir.path().join("forward.json");
-    let forward_args = [
+    let plot = dir.path().join("forward.png");
+    let table = ok(&[
         "bench",
         "forward",
         "--device",
@@ -193,9 +197,6 @@ fn bench_commands_write_a_servable_model_and_complete_reports() {
         "bf16",
         "--model",
         path(&model),
-    ];
-    let plot = dir.path().join("forward.png");
-    let extra = [
         "--batch-sizes",
         "1,3",
         "--iters",
@@ -204,11 +205,10 @@ fn bench_commands_write_a_servable_model_and_complete_reports() {
         path(&report),
         "--plot",
         path(&plot),
-    ];
-    let table = ok(&[&forward_args[..], &extra].concat());
+    ]);
     assert!(table.contains("device ms"), "{table}");
     assert!(std::fs::metadata(&plot).unwrap().len() > 1000);
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let report = read_json(&report);
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(
         rows.iter()
@@ -233,7 +233,7 @@ fn bench_commands_write_a_servable_model_and_complete_reports() {
         "--out",
         path(&report),
     ]);
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let report = read_json(&report);
     assert_eq!(report["agreement"]["fp32"]["identical_lists"], 20);
     assert!(report["agreement"]["bf16"]["mean_overlap"].as_f64().unwrap() > 0.0);
 }
