@@ -43,13 +43,13 @@ fmt:
 
 lint: venv
 	cargo fmt --all -- --check
-	cargo clippy --release --all-targets -- -D warnings
+	cargo clippy --release --all-targets --features failpoints -- -D warnings
 
 # The serving tests replay ml-100k histories through the default model, hence `data`.
 # One libtorch thread per test process: with a core taken by anything else, two spinning OpenMP
 # threads made the training test 40x slower (590 s instead of 14 s, measured); alone it costs little.
 test: lint data
-	OMP_NUM_THREADS=1 cargo test --release
+	OMP_NUM_THREADS=1 cargo test --release --features failpoints
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q models/torch/tests
 
 bench: venv

@@ -25,6 +25,9 @@ enum Command {
     /// Measure the inference path: ceilings, batch timings, device parity, HTTP load.
     #[command(subcommand)]
     Bench(cli::bench::BenchCommand),
+    /// The durable history store offline: import a log, export for training, compact.
+    #[command(subcommand)]
+    History(cli::history::HistoryCommand),
     /// Serve recommendations over HTTP.
     Serve(xsrec::serve::ServeConfig),
 }
@@ -36,6 +39,9 @@ fn main() -> anyhow::Result<()> {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Fault injection for tests (FAILPOINTS=name=action); compiled out of normal builds.
+    #[cfg(feature = "failpoints")]
+    let _faults = fail::FailScenario::setup();
     match Cli::parse().command {
         Command::Data(command) => cli::data::run(&command),
         Command::Train(args) => cli::train::run(&args),
@@ -43,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         Command::Explain(args) => cli::explain::run(&args),
         Command::Score(args) => cli::score::run(&args),
         Command::Bench(command) => cli::bench::run(&command),
+        Command::History(command) => cli::history::run(&command),
         Command::Serve(config) => cli::serve::run(&config),
     }
 }

@@ -1,8 +1,8 @@
 //! Prometheus metrics of the service, all registered at start so `/metrics` is never empty.
 //! Names carry the `xsrec_` prefix and base units; labels take small fixed value sets only.
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -29,6 +29,14 @@ pub struct Metrics {
     pub events_ingested: IntCounter,
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
+    pub cached_states: IntGauge,
+    pub worker_failures: IntCounter,
+    pub journal_batches: IntCounter,
+    pub journal_events: IntCounter,
+    pub journal_fsyncs: IntCounter,
+    pub journal_fsync_seconds: Counter,
+    pub journal_disk_bytes: IntGauge,
+    pub ready: IntGauge,
     pub model_info: IntGaugeVec,
     pub device_info: IntGaugeVec,
 }
@@ -114,6 +122,26 @@ impl Metrics {
                 "xsrec_cache_misses_total",
                 "Recommendations that needed a Transformer pass",
             ),
+            cached_states: gauge(
+                "xsrec_cached_states",
+                "Users whose hidden state the inference worker holds",
+            ),
+            worker_failures: counter(
+                "xsrec_inference_failures_total",
+                "Inference batches that failed (their requests got inference_failed)",
+            ),
+            journal_batches: counter(
+                "xsrec_journal_batches_total",
+                "Write batches committed to the history journal (one per group commit)",
+            ),
+            journal_events: counter("xsrec_journal_events_total", "Events written to the history journal"),
+            journal_fsyncs: counter("xsrec_journal_fsyncs_total", "fsyncs of the history journal"),
+            journal_fsync_seconds: reg(
+                &registry,
+                Counter::new("xsrec_journal_fsync_seconds_total", "Time spent in journal fsyncs").expect("counter"),
+            ),
+            journal_disk_bytes: gauge("xsrec_journal_disk_bytes", "Bytes the history journal takes on disk"),
+            ready: gauge("xsrec_ready", "1 when the service is ready to serve, else 0"),
             model_info: reg(
                 &registry,
                 IntGaugeVec::new(

@@ -1,204 +1,17 @@
 //! The service over real HTTP on an ephemeral port, with a real model trained on a synthetic log.
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::Duration;
 
-use clap::Parser;
+use common::{fixture, ranked, server, server_for, users, Server};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tch::Device;
 use xsrec::data::split::{build_sequences, SequenceSet, UserSequence};
-use xsrec::data::synth::{synthesize, SynthConfig};
-use xsrec::data::vocab::Vocab;
 use xsrec::data::Event;
-use xsrec::model::artifact::{Artifact, ArtifactConfig, FORMAT_VERSION};
-use xsrec::model::{Features, ModelConfig};
-use xsrec::serve::{start, RunningServer, ServeConfig};
-use xsrec::train::{train, Loss, TrainConfig};
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    model: PathBuf,
-    events: Vec<Event>,
-}
-
-/// One small model for every test in this binary, trained once.
-fn fixture() -> &'static Fixture {
-    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-    FIXTURE.get_or_init(|| {
-        let events = synthesize(&SynthConfig::new(300, 150, 4));
-        let set = build_sequences(&events, Vocab::new(), Vocab::new(), true);
-        let config = ModelConfig {
-            arch: xsrec::model::Arch::Transformer,
-            num_items: set.items.len(),
-            num_event_types: set.event_types.len(),
-            max_len: 30,
-            d_model: 16,
-            n_heads: 2,
-            n_layers: 1,
-            ffn_dim: 32,
-            dropout: 0.1,
-            tied_output: true,
-            features: Features::default(),
-            session_gap_secs: 1800,
-        };
-        let cfg = TrainConfig {
-            seed: 1,
-            max_epochs: 2,
-            batch_size: 64,
-            learning_rate: 3e-3,
-            weight_decay: 0.0,
-            grad_clip: 1.0,
-            patience: 2,
-            loss: Loss::Full,
-            negatives: 0,
-            mask_seen: true,
-            device: Device::Cpu,
-            progress: false,
-        };
-        let model = train(&set, config, &cfg).model;
-        let dir = tempfile::tempdir().unwrap();
-        let artifact = Artifact {
-            config: ArtifactConfig {
-                format_version: FORMAT_VERSION,
-                model: model.config.clone(),
-                event_types: set.event_types.ids().to_vec(),
-                info: json!({}),
-            },
-            item_counts: set.train_item_counts(),
-            item_categories: (0..set.items.len())
-                .map(|i| match i {
-                    0 => vec![],
-                    i if i % 3 == 0 => vec!["even".to_string(), "three".into()],
-                    i if i % 2 == 0 => vec!["even".to_string()],
-                    _ => vec!["odd".to_string()],
-                })
-                .collect(),
-            items: set.items,
-            event_types: set.event_types,
-            model,
-        };
-        artifact.save(dir.path()).unwrap();
-        Fixture {
-            model: dir.path().to_path_buf(),
-            _dir: dir,
-            events,
-        }
-    })
-}
-
-fn config(model: &Path, extra: &[&str]) -> ServeConfig {
-    #[derive(Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        config: ServeConfig,
-    }
-    let mut args = vec![
-        "test",
-        "--model",
-        model.to_str().unwrap(),
-        "--addr",
-        "127.0.0.1:0",
-        "--device",
-        "cpu",
-    ];
-    args.extend_from_slice(extra);
-    Wrapper::parse_from(args).config
-}
-
-struct Server {
-    running: RunningServer,
-    base: String,
-    client: reqwest::Client,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn server(extra: &[&str]) -> Server {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = start(config(&fixture().model, extra), async move {
-        let _ = stopped.await;
-    })
-    .await
-    .unwrap();
-    let base = format!("http://{}", running.addr);
-    let client = reqwest::Client::new();
-    for _ in 0..200 {
-        if client
-            .get(format!("{base}/health/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == StatusCode::OK
-        {
-            return Server {
-                running,
-                base,
-                client,
-                _stop: stop,
-            };
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("server never became ready");
-}
-
-impl Server {
-    async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        let response = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn get(&self, path: &str) -> (StatusCode, String) {
-        let response = self.client.get(format!("{}{path}", self.base)).send().await.unwrap();
-        (response.status(), response.text().await.unwrap())
-    }
-
-    async fn ingest(&self, events: &[&Event]) {
-        for chunk in events.chunks(500) {
-            let body: Vec<Value> = chunk
-                .iter()
-                .map(|e| json!({"user_id": e.user_id, "item_id": e.item_id, "timestamp": e.timestamp, "event_type": e.event_type}))
-                .collect();
-            let (status, reply) = self.post("/v1/events", &json!({ "events": body })).await;
-            assert_eq!(status, StatusCode::OK, "{reply}");
-        }
-    }
-
-    async fn metric(&self, name: &str) -> f64 {
-        let (_, text) = self.get("/metrics").await;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing"))
-    }
-}
-
-fn users(events: &[Event]) -> BTreeMap<&str, Vec<&Event>> {
-    let mut by_user: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
-    for e in events {
-        by_user.entry(&e.user_id).or_default().push(e);
-    }
-    by_user
-}
-
-/// (item id, score) pairs of a recommend response.
-fn ranked(reply: &Value) -> Vec<(String, f64)> {
-    reply["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| (i["item_id"].as_str().unwrap().to_owned(), i["score"].as_f64().unwrap()))
-        .collect()
-}
+use xsrec::model::artifact::Artifact;
 
 fn assert_same_ranking(a: &[(String, f64)], b: &[(String, f64)]) {
     assert_eq!(a.len(), b.len());
@@ -524,23 +337,23 @@ async fn every_bad_input_gets_its_status_and_code() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("user_not_found"));
 
-    server.running.state.ready.store(false, Ordering::Release);
+    let failures = server
+        .metric("xsrec_request_failures_total{reason=\"invalid_request\",route=\"/v1/recommend\"}")
+        .await;
+    assert!(failures >= 6.0, "{failures}");
+
+    // A drain turns readiness off at once; liveness stays.
+    server.running.core.health.start_draining();
     expect_error(
         &server,
         "/v1/recommend",
         &json!({"user_id": "u"}),
         StatusCode::SERVICE_UNAVAILABLE,
-        "not_ready",
+        "shutting_down",
     )
     .await;
     assert_eq!(server.get("/health/ready").await.0, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(server.get("/health/live").await.0, StatusCode::OK);
-    server.running.state.set_ready();
-
-    let failures = server
-        .metric("xsrec_request_failures_total{reason=\"invalid_request\",route=\"/v1/recommend\"}")
-        .await;
-    assert!(failures >= 6.0, "{failures}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -763,21 +576,7 @@ async fn default_model_serves_ml100k_histories_exactly_as_offline_eval_scores_th
         artifact.event_types.clone(),
         false,
     );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = start(config(&model, &["--history-cap", "1000"]), async move {
-        let _ = stopped.await;
-    })
-    .await
-    .unwrap();
-    let server = Server {
-        base: format!("http://{}", running.addr),
-        running,
-        client: reqwest::Client::new(),
-        _stop: stop,
-    };
-    while server.get("/health/ready").await.0 != StatusCode::OK {
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let server = server_for(&model, &["--history-cap", "1000"]).await;
     let offline = [false, true].map(|exclude_seen| offline_top(&artifact, &set, exclude_seen));
     for seq in set.users.iter().step_by(37) {
         let target = seq.len() - 1;

@@ -1,45 +1,39 @@
-//! The one error type of the HTTP API: every variant has a status and a stable machine code.
+//! The HTTP face of errors: the core's errors plus the few only HTTP can have (a body that is not
+//! JSON, too large, or of the wrong type), each with a status and a stable machine code.
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::recommend::error::quote;
+use crate::recommend::CoreError;
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ApiError {
-    #[error("{0}")]
+    #[error("{}", quote(.0))]
     MalformedJson(String),
-    #[error("{0}")]
-    InvalidRequest(String),
     #[error("request body exceeds the server's limit (--max-body-bytes)")]
     PayloadTooLarge,
-    #[error("{0}")]
+    #[error("{}", quote(.0))]
     UnsupportedMediaType(String),
-    #[error("user `{0}` has no history")]
-    UserNotFound(String),
-    #[error("the model has no item categories; start the server with --item-meta to enable interests")]
-    CategoriesUnavailable,
-    #[error("too many requests in flight; retry shortly")]
-    Overloaded,
-    #[error("the model is still loading")]
-    NotReady,
-    #[error("the request did not finish within its deadline of {0} ms")]
-    DeadlineExceeded(u64),
-    #[error("the server is shutting down")]
-    ShuttingDown,
+    #[error(transparent)]
+    Core(#[from] CoreError),
 }
 
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
-            Self::InvalidRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::UserNotFound(_) => StatusCode::NOT_FOUND,
-            Self::CategoriesUnavailable => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-            Self::NotReady | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            Self::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Core(core) => match core {
+                CoreError::InvalidRequest(_) | CoreError::CategoriesUnavailable => StatusCode::UNPROCESSABLE_ENTITY,
+                CoreError::UserNotFound(_) => StatusCode::NOT_FOUND,
+                CoreError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+                CoreError::NotReady(_) | CoreError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                CoreError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+                CoreError::InferenceFailed(_) | CoreError::StorageFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
         }
     }
 
@@ -47,37 +41,28 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::MalformedJson(_) => "malformed_json",
-            Self::InvalidRequest(_) => "invalid_request",
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
-            Self::UserNotFound(_) => "user_not_found",
-            Self::CategoriesUnavailable => "categories_unavailable",
-            Self::Overloaded => "overloaded",
-            Self::NotReady => "not_ready",
-            Self::DeadlineExceeded(_) => "deadline_exceeded",
-            Self::ShuttingDown => "shutting_down",
+            Self::Core(core) => core.code(),
         }
     }
 
-    pub const ALL_CODES: [&'static str; 10] = [
-        "malformed_json",
-        "invalid_request",
-        "payload_too_large",
-        "unsupported_media_type",
-        "user_not_found",
-        "categories_unavailable",
-        "overloaded",
-        "not_ready",
-        "deadline_exceeded",
-        "shutting_down",
-    ];
+    /// Every code a response can carry.
+    pub fn all_codes() -> impl Iterator<Item = &'static str> {
+        ["malformed_json", "payload_too_large", "unsupported_media_type"]
+            .into_iter()
+            .chain(CoreError::ALL_CODES)
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"code": self.code(), "message": self.to_string()}});
         let mut response = (self.status(), Json(body)).into_response();
-        if matches!(self, Self::Overloaded | Self::NotReady) {
+        if matches!(
+            self,
+            Self::Core(CoreError::Overloaded | CoreError::NotReady(_) | CoreError::ShuttingDown)
+        ) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

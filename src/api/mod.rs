@@ -1,13 +1,10 @@
-//! The HTTP API: router, shared state, request validation and the mapping of every failure to a
-//! JSON error with a status. Handlers never touch tensors; they talk to the history store and
-//! the inference engine.
+//! The HTTP API: a thin axum adapter over the core ([`Recommender`]): router, admission and
+//! metrics layers, JSON decoding, and the mapping of every failure to a JSON error with a status.
 pub mod error;
 mod handlers;
-pub mod types;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
@@ -15,64 +12,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use tokio::sync::Semaphore;
 
-use crate::data::vocab::Vocab;
-use crate::history::HistoryStore;
-use crate::infer::Engine;
-use crate::metrics::Metrics;
+use crate::recommend::error::quote;
+use crate::recommend::{CoreError, Recommender};
 pub use error::{ApiError, FailureReason};
-
-/// Request limits, all configurable at start.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_events_per_call: usize,
-    pub max_id_bytes: usize,
-    pub max_k: usize,
-    pub max_candidates: usize,
-    pub max_batch_requests: usize,
-    pub request_timeout: Duration,
-    pub max_body_bytes: usize,
-}
-
-/// What the API knows about items without asking the model.
-pub struct Catalog {
-    pub items: Vocab,
-    /// External id per item index, shared with stored events.
-    pub item_ids: Vec<Arc<str>>,
-    pub event_types: Vocab,
-    /// Item indices by descending training popularity (the fallback ranking).
-    pub popular: Vec<u32>,
-    pub item_counts: Vec<u64>,
-    /// Category names; the inference worker's category index `c` is `categories[c]`.
-    pub categories: Vec<String>,
-    /// Category mass of the popularity distribution, largest first (the interests fallback).
-    pub popular_interests: Vec<(usize, f32)>,
-}
-
-pub struct AppState {
-    pub store: Arc<HistoryStore>,
-    pub engine: Engine,
-    pub catalog: Catalog,
-    pub model_version: String,
-    /// `config.json` of the loaded model, served by `GET /v1/model`.
-    pub model_config: serde_json::Value,
-    pub limits: Limits,
-    pub metrics: Arc<Metrics>,
-    pub ready: AtomicBool,
-    /// Permits for `/v1` requests in flight (`--max-concurrent-requests`).
-    pub admission: Arc<Semaphore>,
-}
-
-impl AppState {
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Release);
-    }
-}
 
 /// Routes under `/v1` pass admission control; health, metrics and the spec never wait.
 pub const V1_ROUTES: [&str; 7] = [
@@ -86,12 +29,12 @@ pub const V1_ROUTES: [&str; 7] = [
 ];
 pub const OPS_ROUTES: [&str; 4] = ["/health/live", "/health/ready", "/metrics", "/openapi.json"];
 
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: Arc<Recommender>) -> Router {
     // Every route's request counter exists before any traffic, so dashboards see zeros.
     for route in V1_ROUTES.iter().chain(&OPS_ROUTES) {
         state.metrics.requests.with_label_values(&[route, "200"]);
     }
-    for code in ApiError::ALL_CODES {
+    for code in ApiError::all_codes() {
         state
             .metrics
             .request_failures
@@ -117,19 +60,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Admission control: a request beyond `max_concurrent_requests` is refused at once with 429
-/// rather than queued, so that overload cannot grow latency without bound.
-async fn admit(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    if !state.is_ready() {
-        return ApiError::NotReady.into_response();
-    }
-    match state.admission.clone().try_acquire_owned() {
+/// Admission is the core's decision (readiness, then a permit); refusals are 429 or 503 at once.
+async fn admit(State(core): State<Arc<Recommender>>, request: Request, next: Next) -> Response {
+    match core.admit() {
         Ok(_permit) => next.run(request).await,
-        Err(_) => ApiError::Overloaded.into_response(),
+        Err(refused) => ApiError::from(refused).into_response(),
     }
 }
 
-async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn track(State(state): State<Arc<Recommender>>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -164,7 +103,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         use axum::extract::rejection::JsonRejection;
         match Json::<T>::from_request(request, state).await {
             Ok(Json(value)) => Ok(Self(value)),
-            Err(JsonRejection::JsonDataError(e)) => Err(ApiError::InvalidRequest(e.body_text())),
+            Err(JsonRejection::JsonDataError(e)) => Err(CoreError::InvalidRequest(quote(&e.body_text())).into()),
             Err(JsonRejection::MissingJsonContentType(e)) => Err(ApiError::UnsupportedMediaType(e.body_text())),
             Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::PayloadTooLarge),
             Err(e) => Err(ApiError::MalformedJson(e.body_text())),

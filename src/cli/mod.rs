@@ -4,6 +4,7 @@ pub mod bench;
 pub mod data;
 pub mod eval;
 pub mod explain;
+pub mod history;
 pub mod score;
 pub mod serve;
 pub mod train;

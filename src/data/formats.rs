@@ -296,6 +296,40 @@ fn parse_meta<'a>(row: &'a str, layout: &MetaLayout, fields: &mut Vec<&'a str>) 
     Ok((id, ItemMeta { title, categories }))
 }
 
+/// Streams events into a RecBole `.inter` file that [`load_events`] reads back unchanged (the
+/// format `xsrec history export` writes for `xsrec train`). Ids must hold no tab or line break.
+pub struct InterWriter {
+    out: BufWriter<File>,
+    path: std::path::PathBuf,
+}
+
+impl InterWriter {
+    pub fn create(path: &Path) -> Result<Self, DataError> {
+        let file = File::create(path).map_err(io_at(path))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        writeln!(out, "user_id:token\titem_id:token\ttimestamp:float\tevent_type:token").map_err(io_at(path))?;
+        Ok(Self {
+            out,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn write(
+        &mut self,
+        user_id: &str,
+        item_id: &str,
+        timestamp: i64,
+        event_type: Option<&str>,
+    ) -> Result<(), DataError> {
+        let event_type = event_type.unwrap_or("");
+        writeln!(self.out, "{user_id}\t{item_id}\t{timestamp}\t{event_type}").map_err(io_at(&self.path))
+    }
+
+    pub fn finish(mut self) -> Result<(), DataError> {
+        self.out.flush().map_err(io_at(&self.path))
+    }
+}
+
 /// Writes the CSV that [`load_events`] reads back unchanged: header
 /// `user_id,item_id,timestamp,event_type`, an empty `event_type` for `None`.
 ///

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::health::Health;
 use crate::history::HistorySnapshot;
 use crate::metrics::Metrics;
 use crate::model::Artifact;
@@ -45,6 +46,9 @@ pub enum InferError {
     DeadlineExceeded,
     #[error("the inference worker has stopped")]
     Stopped,
+    /// The batch this request was in failed (a libtorch error or a panic); the worker goes on.
+    #[error("{0}")]
+    Failed(String),
 }
 
 pub struct InferRequest {
@@ -62,8 +66,9 @@ pub struct InferRequest {
 pub enum WorkerCommand {
     /// A batch to run; the permit marks the worker busy until the batch is done.
     Batch(Vec<InferRequest>, OwnedSemaphorePermit),
-    /// Drop anything cached about a user (erasure).
-    Forget(Arc<str>),
+    /// Drop anything cached about a user (erasure), and never cache a state computed from a
+    /// history older than `erased_at` (a request queued before the erasure may still run).
+    Forget { user: Arc<str>, erased_at: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -85,7 +90,12 @@ pub struct Engine {
 impl Engine {
     /// Starts the worker thread (which owns `artifact`'s model from here on) and the batching
     /// task. `ready` fires once the worker has warmed up.
-    pub fn start(artifact: Artifact, config: EngineConfig, metrics: Arc<Metrics>) -> (Self, oneshot::Receiver<()>) {
+    pub fn start(
+        artifact: Artifact,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> (Self, oneshot::Receiver<()>) {
         let (queue, requests) = mpsc::channel(config.queue_capacity);
         let (commands, worker_commands) = mpsc::channel(1);
         let (ready_tx, ready) = oneshot::channel();
@@ -95,6 +105,7 @@ impl Engine {
             worker_commands,
             ready_tx,
             metrics.clone(),
+            health,
         );
         tokio::spawn(batcher::batching_task(
             requests,
@@ -139,8 +150,8 @@ impl Engine {
         answer.await.unwrap_or(Err(InferError::Stopped))
     }
 
-    pub async fn forget(&self, user: Arc<str>) {
+    pub async fn forget(&self, user: Arc<str>, erased_at: u64) {
         // A stopped worker holds no cache to clear.
-        let _ = self.commands.send(WorkerCommand::Forget(user)).await;
+        let _ = self.commands.send(WorkerCommand::Forget { user, erased_at }).await;
     }
 }

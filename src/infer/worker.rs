@@ -1,13 +1,15 @@
 //! The inference worker: the one thread that owns the model and runs libtorch for whole batches.
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Answer, InferError, InferRequest, Query, WorkerCommand};
 use crate::data::session::gap_bucket;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::model::input::to_device_pinned;
 use crate::model::{encode, mask_items, padded_index, Artifact, Batch, HistoryView, SeqModel};
@@ -19,7 +21,14 @@ pub struct WorkerConfig {
     pub cache_capacity: usize,
     /// Batch sizes run once at start so that no request pays for first-use set-up.
     pub warmup_batch_sizes: Vec<usize>,
+    /// The longest a request can wait for its batch: how long an erasure must be remembered.
+    pub max_request_age: Duration,
 }
+
+/// Batches failing in a row before the worker declares itself broken (readiness off, the server
+/// exits non-zero for its orchestrator to restart it). One failure is treated as a bad batch:
+/// its requests get `inference_failed`, the cache is dropped, and serving goes on.
+pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
 
 /// A user's final hidden state, valid while the history version and prediction-gap bucket match.
 struct CachedState {
@@ -37,6 +46,11 @@ pub struct InferenceWorker {
     config: WorkerConfig,
     tick: u64,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// Recently erased users: (erasure version, when). States computed from an older history of
+    /// theirs must not enter the cache.
+    forgotten: HashMap<Arc<str>, (u64, Instant)>,
+    consecutive_failures: u32,
 }
 
 impl InferenceWorker {
@@ -46,19 +60,26 @@ impl InferenceWorker {
         commands: mpsc::Receiver<WorkerCommand>,
         ready: oneshot::Sender<()>,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
     ) {
         std::thread::Builder::new()
             .name("inference-worker".into())
             .spawn(move || {
-                let mut worker = Self::new(artifact, config, metrics);
-                tch::no_grad(|| worker.warm_up());
-                let _ = ready.send(());
-                worker.run(commands);
+                let worker_health = health.clone();
+                let outcome = catch_unwind(AssertUnwindSafe(move || {
+                    let mut worker = Self::new(artifact, config, metrics, worker_health);
+                    tch::no_grad(|| worker.warm_up());
+                    let _ = ready.send(());
+                    worker.run(commands);
+                }));
+                if let Err(panic) = outcome {
+                    health.fail(format!("the inference worker died: {}", panic_message(&*panic)));
+                }
             })
             .expect("spawn inference worker");
     }
 
-    fn new(artifact: Artifact, config: WorkerConfig, metrics: Arc<Metrics>) -> Self {
+    fn new(artifact: Artifact, config: WorkerConfig, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
         let categories = category_matrix(&artifact.item_categories, config.device);
         Self {
             model: artifact.model,
@@ -67,6 +88,9 @@ impl InferenceWorker {
             config,
             tick: 0,
             metrics,
+            health,
+            forgotten: HashMap::new(),
+            consecutive_failures: 0,
         }
     }
 
@@ -100,10 +124,9 @@ impl InferenceWorker {
             match command {
                 // The permit is released when the batch is done: the batcher may hand over the next.
                 WorkerCommand::Batch(batch, _busy) => tch::no_grad(|| self.execute(batch)),
-                WorkerCommand::Forget(user) => {
-                    self.cache.remove(&user);
-                }
+                WorkerCommand::Forget { user, erased_at } => self.forget(user, erased_at),
             }
+            self.metrics.cached_states.set(self.cache.len() as i64);
         }
     }
 
@@ -129,15 +152,66 @@ impl InferenceWorker {
         self.metrics.batch_size.observe(live.len() as f64);
         self.metrics.executions.inc();
         self.metrics.inferences.inc_by(live.len() as u64);
-        let started = Instant::now();
-        let hidden = self.hidden_states(&live);
-        self.metrics.inference_duration.observe(started.elapsed().as_secs_f64());
-        let started = Instant::now();
-        let answers = self.answer(&live, &hidden);
-        self.metrics.topk_duration.observe(started.elapsed().as_secs_f64());
-        for (request, answer) in live.into_iter().zip(answers) {
-            let _ = request.reply.send(Ok(answer));
+        // libtorch reports errors as panics through tch; one bad batch must not take the thread.
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            fail::fail_point!("inference-batch");
+            let started = Instant::now();
+            let hidden = self.hidden_states(&live);
+            self.metrics.inference_duration.observe(started.elapsed().as_secs_f64());
+            let started = Instant::now();
+            let answers = self.answer(&live, &hidden);
+            self.metrics.topk_duration.observe(started.elapsed().as_secs_f64());
+            answers
+        }));
+        match outcome {
+            Ok(answers) => {
+                self.consecutive_failures = 0;
+                for (request, answer) in live.into_iter().zip(answers) {
+                    let _ = request.reply.send(Ok(answer));
+                }
+            }
+            Err(panic) => self.fail_batch(live, &panic_message(&*panic)),
         }
+    }
+
+    fn fail_batch(&mut self, live: Vec<InferRequest>, message: &str) {
+        self.consecutive_failures += 1;
+        self.metrics.worker_failures.inc();
+        // A half-finished batch may have left states behind that nothing vouches for.
+        self.cache.clear();
+        eprintln!(
+            "inference batch of {} failed ({} in a row): {message}",
+            live.len(),
+            self.consecutive_failures
+        );
+        if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES {
+            self.health.fail(format!(
+                "the inference worker failed {} batches in a row, last: {message}",
+                self.consecutive_failures
+            ));
+        }
+        for request in live {
+            let _ = request
+                .reply
+                .send(Err(InferError::Failed(format!("the batch failed: {message}"))));
+        }
+    }
+
+    fn forget(&mut self, user: Arc<str>, erased_at: u64) {
+        self.cache.remove(&user);
+        let now = Instant::now();
+        let horizon = self.config.max_request_age;
+        self.forgotten
+            .retain(|_, (_, when)| now.duration_since(*when) <= horizon);
+        self.forgotten.insert(user, (erased_at, now));
+    }
+
+    /// Whether a state computed from `request`'s history may be cached: not when the user was
+    /// erased after that history was read.
+    fn cacheable(&self, request: &InferRequest) -> bool {
+        self.forgotten
+            .get(&request.user)
+            .is_none_or(|&(erased_at, _)| request.history.version > erased_at)
     }
 
     /// The prediction-gap bucket is the only feature that depends on the moment of prediction.
@@ -191,7 +265,7 @@ impl InferenceWorker {
             }
             for (j, &i) in misses.iter().enumerate() {
                 let row = hidden.get(j as i64);
-                if caching {
+                if caching && self.cacheable(&requests[i]) {
                     let state = CachedState {
                         version: requests[i].history.version,
                         bucket: buckets[i],
@@ -298,6 +372,15 @@ fn query_k(query: &Query) -> usize {
         Query::TopK { k, .. } | Query::Candidates { k, .. } => *k,
         Query::Interests { top } => *top,
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    crate::recommend::error::quote(text)
 }
 
 /// Per row, the best `ks[row]` finite entries as (column, value) — or (`columns[row, column]`,

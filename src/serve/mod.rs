@@ -1,21 +1,22 @@
 //! The service: configuration, start-up (load, warm up, bind), and graceful shutdown.
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::api::{self, AppState, Catalog, Limits};
+use crate::api;
 use crate::data::formats::load_item_meta;
-use crate::history::HistoryStore;
-use crate::infer::{worker::category_names, Engine, EngineConfig, WorkerConfig};
+use crate::health::Health;
+use crate::history::{FsyncPolicy, Histories, HistoryStore, Journal, JournalConfig};
+use crate::infer::{Engine, EngineConfig, WorkerConfig};
 use crate::metrics::Metrics;
 use crate::model::{Artifact, Precision};
+use crate::recommend::{Catalog, Limits, Recommender};
 
 /// `xsrec serve` settings; every flag can also come from its `XSREC_*` environment variable.
 #[derive(Debug, Clone, Args)]
@@ -34,7 +35,22 @@ pub struct ServeConfig {
     /// Item categories for /v1/interests (RecBole `.item` or TSV), replacing the artifact's.
     #[arg(long, env = "XSREC_ITEM_META")]
     pub item_meta: Option<PathBuf>,
-    /// Events kept per user; defaults to the model's max_len.
+    /// Where histories are kept durably (created if missing). Without it, histories live in
+    /// memory only and a restart forgets every user.
+    #[arg(long, env = "XSREC_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// With --data-dir: when acknowledged events reach the disk. `always`: before the response
+    /// (concurrent writers share one fsync); `interval`: at most --fsync-interval-ms later (a
+    /// killed process loses nothing, a power cut at most that window); `never`: when the OS likes.
+    #[arg(long, env = "XSREC_FSYNC", value_enum, default_value_t = FsyncPolicy::Interval)]
+    pub fsync: FsyncPolicy,
+    #[arg(long, env = "XSREC_FSYNC_INTERVAL_MS", default_value_t = 1000)]
+    pub fsync_interval_ms: u64,
+    /// With --data-dir: how soon after an erasure (DELETE /v1/users/{id}) the store's files are
+    /// compacted, after which the erased user's id is in no file of the data directory.
+    #[arg(long, env = "XSREC_ERASURE_COMPACTION_SECS", default_value_t = 60)]
+    pub erasure_compaction_secs: u64,
+    /// Events kept in memory per user (the journal keeps all); defaults to the model's max_len.
     #[arg(long, env = "XSREC_HISTORY_CAP")]
     pub history_cap: Option<usize>,
     #[arg(long, env = "XSREC_HISTORY_SHARDS", default_value_t = 64)]
@@ -81,43 +97,10 @@ fn weights_version(dir: &std::path::Path) -> anyhow::Result<String> {
     Ok(format!("{hash:016x}"))
 }
 
-fn catalog(artifact: &Artifact) -> Catalog {
-    let item_ids: Vec<Arc<str>> = std::iter::once("")
-        .chain(artifact.items.ids().iter().map(String::as_str))
-        .map(Arc::from)
-        .collect();
-    let mut popular: Vec<u32> = (1..artifact.items.len() as u32).collect();
-    popular.sort_by(|&a, &b| {
-        artifact.item_counts[b as usize]
-            .cmp(&artifact.item_counts[a as usize])
-            .then(a.cmp(&b))
-    });
-    let categories = category_names(&artifact.item_categories);
-    let total: u64 = artifact.item_counts.iter().sum();
-    let mut mass = vec![0f32; categories.len()];
-    for (item, item_categories) in artifact.item_categories.iter().enumerate() {
-        for category in item_categories {
-            let c = categories.binary_search(category).expect("listed");
-            mass[c] += artifact.item_counts[item] as f32 / total.max(1) as f32 / item_categories.len() as f32;
-        }
-    }
-    let mut popular_interests: Vec<(usize, f32)> = mass.into_iter().enumerate().collect();
-    popular_interests.sort_by(|a, b| b.1.total_cmp(&a.1));
-    Catalog {
-        items: artifact.items.clone(),
-        item_ids,
-        event_types: artifact.event_types.clone(),
-        popular,
-        item_counts: artifact.item_counts.clone(),
-        categories,
-        popular_interests,
-    }
-}
-
 /// A started server: its address, and the task that ends when it has shut down.
 pub struct RunningServer {
     pub addr: SocketAddr,
-    pub state: Arc<AppState>,
+    pub core: Arc<Recommender>,
     pub finished: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -156,12 +139,13 @@ pub async fn start(
         ])
         .set(1);
     let model_config = serde_json::to_value(&artifact.config)?;
-    let catalog = catalog(&artifact);
+    let catalog = Catalog::new(&artifact);
     let history_cap = config.history_cap.unwrap_or(artifact.config.model.max_len);
     let warmup_batch_sizes = std::iter::successors(Some(1usize), |&n| {
         (n < config.max_batch_size).then(|| (n * 2).min(config.max_batch_size))
     })
     .collect();
+    let request_timeout = Duration::from_millis(config.request_timeout_ms);
     let engine_config = EngineConfig {
         max_batch_size: config.max_batch_size,
         max_batch_delay: Duration::from_micros(config.max_batch_delay_us),
@@ -170,46 +154,102 @@ pub async fn start(
             device,
             cache_capacity: config.cache_capacity,
             warmup_batch_sizes,
+            max_request_age: request_timeout + Duration::from_secs(1),
         },
     };
-    let (engine, warmed_up) = Engine::start(artifact, engine_config, metrics.clone());
+    let health = Arc::new(Health::default());
+    let (engine, warmed_up) = Engine::start(artifact, engine_config, metrics.clone(), health.clone());
     let limits = Limits {
         max_events_per_call: config.max_events_per_call,
-        max_id_bytes: 256,
+        max_id_bytes: crate::recommend::MAX_ID_BYTES,
         max_k: 1000,
         max_candidates: config.max_candidates,
         max_batch_requests: config.max_batch_requests,
-        request_timeout: Duration::from_millis(config.request_timeout_ms),
+        request_timeout,
         max_body_bytes: config.max_body_bytes,
     };
-    let store = Arc::new(HistoryStore::new(config.history_shards, history_cap));
-    let state = Arc::new(AppState {
-        store,
+    let journal = match &config.data_dir {
+        Some(dir) => {
+            let journal = Journal::open(JournalConfig {
+                dir: dir.clone(),
+                fsync: config.fsync,
+                fsync_interval: Duration::from_millis(config.fsync_interval_ms),
+                erasure_compaction_delay: Duration::from_secs(config.erasure_compaction_secs),
+            })
+            .with_context(|| format!("opening the history store in {}", dir.display()))?;
+            eprintln!(
+                "histories: durable in {} (fsync {:?}{}); memory keeps the newest {history_cap} events per user",
+                dir.display(),
+                config.fsync,
+                match config.fsync {
+                    FsyncPolicy::Interval => format!(", every {} ms", config.fsync_interval_ms),
+                    _ => String::new(),
+                }
+            );
+            Some(journal)
+        }
+        None => {
+            eprintln!("histories: in memory only (no --data-dir): a restart forgets every user");
+            None
+        }
+    };
+    let histories = Arc::new(Histories::with_journal(
+        config.history_shards,
+        history_cap,
+        journal.clone(),
+    ));
+    let core = Arc::new(Recommender {
+        store: histories.clone(),
         engine,
         catalog,
         model_version,
         model_config,
         limits,
         metrics,
-        ready: AtomicBool::new(false),
+        health: health.clone(),
         admission: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+        scrape: Default::default(),
     });
     let listener = TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("binding {}", config.addr))?;
     let addr = listener.local_addr()?;
-    let ready_state = state.clone();
-    tokio::spawn(async move {
-        if warmed_up.await.is_ok() {
-            ready_state.set_ready();
+    // Live at once, ready once the histories are back and the model is warm.
+    let recovering = core.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        match histories.recover(|logged| recovering.catalog.resolve_logged(logged), |_| {}) {
+            Ok(0) => recovering.health.set_recovered(),
+            Ok(events) => {
+                let users = histories.stats().users;
+                eprintln!(
+                    "recovered {events} events of {users} users in {:.2} s",
+                    started.elapsed().as_secs_f64()
+                );
+                recovering.health.set_recovered();
+            }
+            Err(error) => recovering.health.fail(format!("recovering histories: {error}")),
         }
     });
-    let app = api::router(state.clone());
+    let warming = health.clone();
+    tokio::spawn(async move {
+        if warmed_up.await.is_ok() {
+            warming.set_warmed_up();
+        }
+    });
+    let app = api::router(core.clone());
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let finished = tokio::spawn(async move {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let draining = health.clone();
+        let failed = health.clone();
         let signal = async move {
-            shutdown.await;
+            tokio::select! {
+                _ = shutdown => {}
+                _ = failed.failed() => {}
+            }
+            // Readiness goes 503 first, so balancers stop sending while in-flight work finishes.
+            draining.start_draining();
             let _ = stop_tx.send(());
         };
         let serving = axum::serve(listener, app).with_graceful_shutdown(signal);
@@ -218,12 +258,20 @@ pub async fn start(
             let _ = stop_rx.await;
             tokio::time::sleep(grace).await;
         };
-        tokio::select! {
+        let outcome = tokio::select! {
             served = serving => served.context("serving"),
-            _ = drained => anyhow::bail!("in-flight requests did not finish within {grace:?} of shutdown"),
+            _ = drained => Err(anyhow::anyhow!("in-flight requests did not finish within {grace:?} of shutdown")),
+        };
+        if let Some(journal) = journal {
+            // Everything acknowledged is written; this makes it fsynced too before the exit.
+            tokio::task::spawn_blocking(move || journal.close()).await?;
         }
+        if let Some(reason) = health.failure() {
+            anyhow::bail!("stopped because the service failed: {reason}");
+        }
+        outcome
     });
-    Ok(RunningServer { addr, state, finished })
+    Ok(RunningServer { addr, core, finished })
 }
 
 /// Completes on SIGTERM or SIGINT.

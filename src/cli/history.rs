@@ -1,0 +1,129 @@
+//! `xsrec history`: the durable history store offline — seed it from a log, export it for
+//! training, compact it. The server must be stopped (the store admits one process at a time).
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::data::formats::InterWriter;
+use crate::history::{Journal, JournalConfig, LoggedEvent};
+use crate::recommend::{check_event, MAX_ID_BYTES};
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum HistoryCommand {
+    /// Append every event of a log (any format `xsrec train` reads) to the store, per user in
+    /// file order, as if ingested.
+    Import {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        data: super::DataArgs,
+    },
+    /// Write the stored events as a RecBole `.inter` file (per user, in arrival order).
+    Export {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Only events at or after this Unix time.
+        #[arg(long)]
+        since: Option<i64>,
+    },
+    /// Merge the store's files, removing what erasures left behind.
+    Compact {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+fn open(data_dir: &std::path::Path) -> anyhow::Result<Journal> {
+    Journal::open(JournalConfig::offline(data_dir.to_path_buf()))
+        .with_context(|| format!("opening the history store in {}", data_dir.display()))
+}
+
+pub fn run(command: &HistoryCommand) -> anyhow::Result<()> {
+    match command {
+        HistoryCommand::Import { data_dir, data } => {
+            let events = data.load()?;
+            for (i, e) in events.iter().enumerate() {
+                check_event(
+                    &format!("event {}", i + 1),
+                    &e.user_id,
+                    &e.item_id,
+                    e.timestamp,
+                    e.event_type.as_deref(),
+                    MAX_ID_BYTES,
+                )
+                .with_context(|| format!("{}: nothing was imported", data.data.display()))?;
+            }
+            let journal = open(data_dir)?;
+            let started = Instant::now();
+            let mut by_user: HashMap<&str, Vec<LoggedEvent>> = HashMap::new();
+            for e in &events {
+                by_user.entry(&e.user_id).or_default().push(LoggedEvent {
+                    item_id: Arc::from(e.item_id.as_str()),
+                    timestamp: e.timestamp,
+                    event_type: e.event_type.as_deref().map(Arc::from),
+                });
+            }
+            let progress = ProgressBar::new(events.len() as u64).with_style(
+                ProgressStyle::with_template("importing {bar:40} {pos}/{len} events ({per_sec}, eta {eta})")
+                    .expect("template"),
+            );
+            let users = by_user.len();
+            for (user, logged) in by_user {
+                progress.inc(logged.len() as u64);
+                if let Some(commit) = journal.append(Arc::from(user), logged, false) {
+                    commit.wait_blocking()?;
+                }
+            }
+            // Everything queued before it is written once this one is.
+            journal.compact().wait_blocking()?;
+            journal.close();
+            progress.finish_and_clear();
+            let seconds = started.elapsed().as_secs_f64();
+            eprintln!(
+                "imported {} events of {users} users into {} in {seconds:.2} s ({:.0} events/s)",
+                events.len(),
+                data_dir.display(),
+                events.len() as f64 / seconds.max(1e-9)
+            );
+        }
+        HistoryCommand::Export { data_dir, out, since } => {
+            let journal = open(data_dir)?;
+            let mut writer = InterWriter::create(out)?;
+            let (mut written, mut users) = (0u64, 0u64);
+            let mut failure = None;
+            journal.for_each_user(|user, events| {
+                let mut any = false;
+                for e in events.iter().filter(|e| since.is_none_or(|t| e.timestamp >= t)) {
+                    if failure.is_none() {
+                        failure = writer
+                            .write(user, &e.item_id, e.timestamp, e.event_type.as_deref())
+                            .err();
+                    }
+                    written += 1;
+                    any = true;
+                }
+                users += u64::from(any);
+            })?;
+            if let Some(error) = failure {
+                return Err(error.into());
+            }
+            writer.finish()?;
+            journal.close();
+            eprintln!("exported {written} events of {users} users to {}", out.display());
+        }
+        HistoryCommand::Compact { data_dir } => {
+            let journal = open(data_dir)?;
+            journal.compact().wait_blocking()?;
+            journal.close();
+            eprintln!("compacted {}", data_dir.display());
+        }
+    }
+    Ok(())
+}

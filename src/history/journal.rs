@@ -1,0 +1,761 @@
+//! The durable journal: every acknowledged event, kept in fjall (an LSM storage engine with its
+//! own write-ahead log) until the user is erased. One writer thread turns whatever queued while it
+//! was busy into one write batch, so concurrent requests share one write and, with
+//! `--fsync always`, one fsync (group commit).
+//!
+//! Why fjall and not redb (docs/RELIABILITY.md has the measurements): fjall separates "written to
+//! the OS" from "fsynced" (`PersistMode::Buffer` vs `SyncData`), which is exactly Redis's
+//! appendfsync contract — with `interval` a killed process loses nothing and a power cut at most
+//! the interval. A redb commit without fsync is rolled back by its crash recovery, so `interval`
+//! would lose acknowledged events on a plain kill.
+//!
+//! Layout: keyspace `events`, key = user length (u16 BE) ‖ user bytes ‖ sequence (u64 BE), so one
+//! user's events are contiguous and in arrival order; value = timestamp (i64 BE) ‖ type length
+//! (u16 BE, `u16::MAX` for none) ‖ type ‖ item id. Keyspace `meta` holds the next sequence number,
+//! written in the same batch as the events it covers.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use tokio::sync::oneshot;
+
+use super::{Commit, JournalTotals, NewEvent, StoreError};
+
+/// When acknowledged events reach the disk itself (they always reach the OS before the ack).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FsyncPolicy {
+    /// Acknowledge only after an fsync; concurrent writers share one.
+    Always,
+    /// fsync at most every `--fsync-interval-ms`: a power cut loses at most that window.
+    Interval,
+    /// Leave flushing to the OS.
+    Never,
+}
+
+#[derive(Debug, Clone)]
+pub struct JournalConfig {
+    pub dir: PathBuf,
+    pub fsync: FsyncPolicy,
+    pub fsync_interval: Duration,
+    /// How soon after an erasure the files are compacted, so that the erased user's bytes leave
+    /// the disk (erasures in the meantime share the compaction).
+    pub erasure_compaction_delay: Duration,
+}
+
+impl JournalConfig {
+    /// For offline tools (import, export, compact): fsync at the end, compact when asked.
+    pub fn offline(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            fsync: FsyncPolicy::Never,
+            fsync_interval: Duration::from_secs(1),
+            erasure_compaction_delay: Duration::from_secs(60),
+        }
+    }
+}
+
+/// An event as the journal keeps it: external ids only, so it outlives any model's vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedEvent {
+    pub item_id: Arc<str>,
+    pub timestamp: i64,
+    pub event_type: Option<Arc<str>>,
+}
+
+impl From<&NewEvent> for LoggedEvent {
+    fn from(new: &NewEvent) -> Self {
+        Self {
+            item_id: new.event.item_id.clone(),
+            timestamp: new.event.timestamp,
+            event_type: new.type_id.clone(),
+        }
+    }
+}
+
+type Ack = oneshot::Sender<Result<(), StoreError>>;
+
+enum JournalCommand {
+    Append {
+        user: Arc<str>,
+        events: Vec<LoggedEvent>,
+        ack: Option<Ack>,
+    },
+    Erase {
+        user: Arc<str>,
+        ack: Ack,
+    },
+    /// Flush, fsync and merge everything on disk, dropping erased users' bytes from every file.
+    Compact {
+        ack: Ack,
+    },
+}
+
+#[derive(Debug, Default)]
+struct JournalStats {
+    batches: AtomicU64,
+    events: AtomicU64,
+    fsyncs: AtomicU64,
+    fsync_micros: AtomicU64,
+}
+
+/// The open fjall database and its two keyspaces (cheap handles; clones share them).
+#[derive(Clone)]
+struct Store {
+    db: Database,
+    events: Keyspace,
+    meta: Keyspace,
+}
+
+impl Store {
+    fn open(path: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(path).map_err(|e| io_error(path, e))?;
+        let db = Database::builder(path)
+            // Acknowledgement is ours to decide (see `FsyncPolicy`), batch by batch.
+            .manual_journal_persist(true)
+            .open()
+            .map_err(|e| fjall_error(path, e))?;
+        let uncompressed = || {
+            // Compression would hide an erased user's id from a byte search of the files, and
+            // short keys with small values gain little from it.
+            KeyspaceCreateOptions::default()
+                .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
+                .manual_journal_persist(true)
+        };
+        let events = db.keyspace("events", uncompressed).map_err(|e| fjall_error(path, e))?;
+        let meta = db.keyspace("meta", uncompressed).map_err(|e| fjall_error(path, e))?;
+        Ok(Self { db, events, meta })
+    }
+
+    fn next_seq(&self, path: &Path) -> Result<u64, StoreError> {
+        match self.meta.get(NEXT_SEQ).map_err(|e| fjall_error(path, e))? {
+            Some(bytes) => Ok(u64::from_be_bytes(
+                bytes
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| corrupt(path, "the sequence counter is not 8 bytes"))?,
+            )),
+            None => Ok(0),
+        }
+    }
+}
+
+/// The store's directories inside the data directory: the live one, a compaction's copy being
+/// written, and the copy it replaced. Only a finished, fsynced copy is ever renamed to live.
+fn live_dir(dir: &Path) -> PathBuf {
+    dir.join("journal")
+}
+fn fresh_dir(dir: &Path) -> PathBuf {
+    dir.join("journal.compacting")
+}
+fn retired_dir(dir: &Path) -> PathBuf {
+    dir.join("journal.retired")
+}
+
+/// Finishes or undoes a compaction that a crash interrupted.
+fn settle_interrupted_compaction(dir: &Path) -> Result<(), StoreError> {
+    let (live, fresh, retired) = (live_dir(dir), fresh_dir(dir), retired_dir(dir));
+    if !live.exists() && fresh.exists() {
+        // The crash fell between the two renames: the copy is complete.
+        std::fs::rename(&fresh, &live).map_err(|e| io_error(&fresh, e))?;
+    }
+    for leftover in [fresh, retired] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(&leftover).map_err(|e| io_error(&leftover, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error(dir, e))
+}
+
+struct Shared {
+    /// `None` only inside a compaction's swap (under the write lock), after it failed, or after
+    /// [`Journal::close`].
+    store: RwLock<Option<Store>>,
+    next_seq: AtomicU64,
+    failure: OnceLock<String>,
+    stats: JournalStats,
+    config: JournalConfig,
+}
+
+/// Handle to the journal; clones share the one writer thread.
+#[derive(Clone)]
+pub struct Journal {
+    shared: Arc<Shared>,
+    commands: Arc<Mutex<Option<mpsc::Sender<JournalCommand>>>>,
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+const NEXT_SEQ: &[u8] = b"next_seq";
+const NO_TYPE: u16 = u16::MAX;
+/// The writer takes at most this many queued commands into one batch.
+const MAX_GROUP: usize = 4096;
+
+impl Journal {
+    /// Opens (or creates) the journal in `config.dir` and starts its writer thread. fjall replays
+    /// its own write-ahead log here; a torn tail from a crash is cut at the last whole record.
+    pub fn open(config: JournalConfig) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&config.dir).map_err(|e| io_error(&config.dir, e))?;
+        settle_interrupted_compaction(&config.dir)?;
+        let path = live_dir(&config.dir);
+        let store = Store::open(&path)?;
+        let next_seq = store.next_seq(&path)?;
+        let shared = Arc::new(Shared {
+            store: RwLock::new(Some(store)),
+            next_seq: AtomicU64::new(next_seq),
+            failure: OnceLock::new(),
+            stats: JournalStats::default(),
+            config,
+        });
+        let (sender, receiver) = mpsc::channel();
+        let writer = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || JournalWriter::new(writer).run(receiver))
+            .map_err(|e| StoreError::Journal(format!("spawning the journal writer: {e}")))?;
+        Ok(Self {
+            shared,
+            commands: Arc::new(Mutex::new(Some(sender))),
+            writer: Arc::new(Mutex::new(Some(writer))),
+        })
+    }
+
+    pub fn config(&self) -> &JournalConfig {
+        &self.shared.config
+    }
+
+    pub fn totals(&self) -> JournalTotals {
+        let stats = &self.shared.stats;
+        JournalTotals {
+            batches: stats.batches.load(Ordering::Relaxed),
+            events: stats.events.load(Ordering::Relaxed),
+            fsyncs: stats.fsyncs.load(Ordering::Relaxed),
+            fsync_seconds: stats.fsync_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            disk_bytes: self.shared.store().map_or(0, |s| s.db.disk_space().unwrap_or(0)),
+        }
+    }
+
+    pub fn health(&self) -> Result<(), StoreError> {
+        match self.shared.failure.get() {
+            Some(message) => Err(StoreError::Journal(message.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn send(&self, command: JournalCommand) -> bool {
+        let commands = self.commands.lock().unwrap_or_else(|e| e.into_inner());
+        commands.as_ref().is_some_and(|c| c.send(command).is_ok())
+    }
+
+    /// Queues `events` for `user`; with `acknowledge`, the returned commit resolves once they
+    /// (and everything queued before them) are written.
+    pub fn append(&self, user: Arc<str>, events: Vec<LoggedEvent>, acknowledge: bool) -> Option<Commit> {
+        let (ack, commit) = match acknowledge {
+            true => {
+                let (sender, receiver) = oneshot::channel();
+                (Some(sender), Some(Commit::pending(receiver)))
+            }
+            false => (None, None),
+        };
+        if !self.send(JournalCommand::Append { user, events, ack }) {
+            return Some(Commit::failed(StoreError::Stopped));
+        }
+        commit
+    }
+
+    pub fn erase(&self, user: Arc<str>) -> Commit {
+        self.request(|ack| JournalCommand::Erase { user, ack })
+    }
+
+    /// Merges the files so that erased users leave no byte behind (see [`JournalCommand::Compact`]).
+    pub fn compact(&self) -> Commit {
+        self.request(|ack| JournalCommand::Compact { ack })
+    }
+
+    fn request(&self, command: impl FnOnce(Ack) -> JournalCommand) -> Commit {
+        let (sender, receiver) = oneshot::channel();
+        if !self.send(command(sender)) {
+            return Commit::failed(StoreError::Stopped);
+        }
+        Commit::pending(receiver)
+    }
+
+    /// Stops the writer once everything queued is written and fsynced, and waits for it; later
+    /// writes fail with [`StoreError::Stopped`].
+    pub fn close(&self) {
+        self.commands.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(writer) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = writer.join();
+        }
+        // Releases the files (and fjall's lock on them) for another process or a reopen.
+        if let Some(store) = self.shared.store.write().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = store.db.persist(PersistMode::SyncAll);
+        }
+    }
+
+    /// Every user's logged events, one user at a time in key order, each in arrival order.
+    pub fn for_each_user(&self, mut f: impl FnMut(&str, &[LoggedEvent])) -> Result<(), StoreError> {
+        let path = &self.shared.config.dir;
+        let mut user: Vec<u8> = Vec::new();
+        let mut events: Vec<LoggedEvent> = Vec::new();
+        let mut flush = |user: &[u8], events: &mut Vec<LoggedEvent>| -> Result<(), StoreError> {
+            if !events.is_empty() {
+                let name = std::str::from_utf8(user).map_err(|_| corrupt(path, "a user id is not UTF-8"))?;
+                f(name, events);
+                events.clear();
+            }
+            Ok(())
+        };
+        for entry in self.shared.store()?.events.iter() {
+            let (key, value) = entry.into_inner().map_err(|e| fjall_error(path, e))?;
+            let (key_user, _) = decode_key(&key).ok_or_else(|| corrupt(path, "an event key is malformed"))?;
+            if key_user != user.as_slice() {
+                flush(&user, &mut events)?;
+                user.clear();
+                user.extend_from_slice(key_user);
+            }
+            events.push(decode_value(&value).ok_or_else(|| corrupt(path, "an event record is malformed"))?);
+        }
+        flush(&user, &mut events)
+    }
+}
+
+impl Shared {
+    fn store(&self) -> Result<Store, StoreError> {
+        self.store
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Journal("the store is closed (shut down, or a compaction failed)".into()))
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Ok(store) = self.store() {
+            let _ = store.db.persist(PersistMode::SyncAll);
+        }
+    }
+}
+
+/// The thread that owns all writes.
+struct JournalWriter {
+    shared: Arc<Shared>,
+    /// Written to the OS but not yet fsynced.
+    dirty: bool,
+    last_sync: Instant,
+    /// When the compaction owed to an erasure is due.
+    compaction_due: Option<Instant>,
+}
+
+impl JournalWriter {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            dirty: false,
+            last_sync: Instant::now(),
+            compaction_due: None,
+        }
+    }
+
+    fn run(mut self, commands: mpsc::Receiver<JournalCommand>) {
+        loop {
+            let received = match self.next_deadline() {
+                Some(deadline) => commands.recv_timeout(deadline.saturating_duration_since(Instant::now())),
+                None => commands.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            };
+            match received {
+                Ok(first) => {
+                    let mut group = vec![first];
+                    group.extend(commands.try_iter().take(MAX_GROUP - 1));
+                    self.execute(group);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => self.run_due_work(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        if let Err(error) = self.sync() {
+            self.fail(&error);
+        }
+    }
+
+    /// The earliest of a pending fsync (`interval`) and a pending erasure compaction.
+    fn next_deadline(&self) -> Option<Instant> {
+        let config = &self.shared.config;
+        let sync =
+            (self.dirty && config.fsync == FsyncPolicy::Interval).then(|| self.last_sync + config.fsync_interval);
+        match (sync, self.compaction_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn run_due_work(&mut self) {
+        let now = Instant::now();
+        let mut result = Ok(());
+        if self.compaction_due.is_some_and(|due| due <= now) {
+            result = self.compact();
+        } else if self.dirty && self.shared.config.fsync == FsyncPolicy::Interval {
+            result = self.sync();
+        }
+        if let Err(error) = result {
+            self.fail(&error);
+        }
+    }
+
+    fn execute(&mut self, group: Vec<JournalCommand>) {
+        let mut acks = Vec::new();
+        let mut store = match self.shared.store() {
+            Ok(store) => store,
+            Err(error) => {
+                self.fail(&error);
+                return reply_all(group, &Err(error));
+            }
+        };
+        let mut batch = store.db.batch();
+        let mut result = self.health();
+        for command in group {
+            match command {
+                JournalCommand::Append { user, events, ack } => {
+                    if result.is_ok() {
+                        self.stage(&store, &mut batch, &user, &events);
+                    }
+                    acks.extend(ack);
+                }
+                JournalCommand::Erase { user, ack } => {
+                    // The erasure must see the appends staged before it, so those go first.
+                    result = result
+                        .and_then(|()| self.commit(std::mem::replace(&mut batch, store.db.batch())))
+                        .and_then(|()| self.stage_erasure(&store, &mut batch, &user));
+                    let delay = self.shared.config.erasure_compaction_delay;
+                    self.compaction_due.get_or_insert_with(|| Instant::now() + delay);
+                    acks.push(ack);
+                }
+                JournalCommand::Compact { ack } => {
+                    result = result
+                        .and_then(|()| self.commit(std::mem::replace(&mut batch, store.db.batch())))
+                        .and_then(|()| self.compact());
+                    // Later commands of this group go to the compacted store.
+                    match self.shared.store() {
+                        Ok(compacted) => store = compacted,
+                        Err(error) => result = Err(error),
+                    }
+                    batch = store.db.batch();
+                    acks.push(ack);
+                }
+            }
+        }
+        let result = result
+            .and_then(|()| self.commit(batch))
+            .and_then(|()| match self.shared.config.fsync {
+                FsyncPolicy::Always => self.sync(),
+                FsyncPolicy::Interval if self.last_sync.elapsed() >= self.shared.config.fsync_interval => self.sync(),
+                _ => Ok(()),
+            });
+        if let Err(error) = &result {
+            self.fail(error);
+        }
+        for ack in acks {
+            let _ = ack.send(result.clone());
+        }
+    }
+
+    fn stage(&self, store: &Store, batch: &mut fjall::OwnedWriteBatch, user: &str, events: &[LoggedEvent]) {
+        let first = self.shared.next_seq.fetch_add(events.len() as u64, Ordering::Relaxed);
+        for (seq, event) in (first..).zip(events) {
+            batch.insert(&store.events, encode_key(user, seq), encode_value(event));
+        }
+        let next = first + events.len() as u64;
+        batch.insert(&store.meta, NEXT_SEQ, next.to_be_bytes().to_vec());
+        self.shared
+            .stats
+            .events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+    }
+
+    fn stage_erasure(&self, store: &Store, batch: &mut fjall::OwnedWriteBatch, user: &str) -> Result<(), StoreError> {
+        let path = &self.shared.config.dir;
+        for entry in store.events.prefix(user_prefix(user)) {
+            let key = entry.key().map_err(|e| fjall_error(path, e))?;
+            batch.remove(&store.events, key);
+        }
+        Ok(())
+    }
+
+    /// Writes the batch to fjall's log and pushes it to the OS (survives a killed process).
+    fn commit(&mut self, batch: fjall::OwnedWriteBatch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let path = &self.shared.config.dir;
+        batch
+            .durability(Some(PersistMode::Buffer))
+            .commit()
+            .map_err(|e| fjall_error(path, e))?;
+        self.shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.shared
+            .store()?
+            .db
+            .persist(PersistMode::SyncData)
+            .map_err(|e| fjall_error(&self.shared.config.dir, e))?;
+        let stats = &self.shared.stats;
+        stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        stats
+            .fsync_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.dirty = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// Rewrites the live records into a fresh store and swaps it in. Deleted records (erased
+    /// users) exist only as tombstones and old log segments in the retired store, which is then
+    /// removed whole: afterwards no file holds an erased user's bytes. Costs one pass over the
+    /// live data, during which writes wait (reads are served from memory).
+    fn compact(&mut self) -> Result<(), StoreError> {
+        self.compaction_due = None;
+        self.dirty = true;
+        self.sync()?;
+        let dir = self.shared.config.dir.clone();
+        let (live, fresh, retired) = (live_dir(&dir), fresh_dir(&dir), retired_dir(&dir));
+        if fresh.exists() {
+            std::fs::remove_dir_all(&fresh).map_err(|e| io_error(&fresh, e))?;
+        }
+        {
+            let copy = Store::open(&fresh)?;
+            let mut batch = copy.db.batch();
+            for entry in self.shared.store()?.events.iter() {
+                let (key, value) = entry.into_inner().map_err(|e| fjall_error(&live, e))?;
+                batch.insert(&copy.events, key, value);
+                if batch.len() >= 10_000 {
+                    batch.commit().map_err(|e| fjall_error(&fresh, e))?;
+                    batch = copy.db.batch();
+                }
+            }
+            let next = self.shared.next_seq.load(Ordering::Relaxed);
+            batch.insert(&copy.meta, NEXT_SEQ, next.to_be_bytes().to_vec());
+            batch.commit().map_err(|e| fjall_error(&fresh, e))?;
+            copy.db
+                .persist(PersistMode::SyncAll)
+                .map_err(|e| fjall_error(&fresh, e))?;
+        }
+        let mut store = self.shared.store.write().unwrap_or_else(|e| e.into_inner());
+        // Readers only clone the handles under the read lock, so none sees the gap.
+        drop(store.take()); // fjall joins its threads when the last handle goes
+        std::fs::rename(&live, &retired).map_err(|e| io_error(&live, e))?;
+        // From here a crash leaves the copy complete and `live` missing: open() finishes the swap.
+        std::fs::rename(&fresh, &live).map_err(|e| io_error(&fresh, e))?;
+        sync_dir(&dir)?;
+        *store = Some(Store::open(&live)?);
+        drop(store);
+        std::fs::remove_dir_all(&retired).map_err(|e| io_error(&retired, e))?;
+        Ok(())
+    }
+
+    fn health(&self) -> Result<(), StoreError> {
+        match self.shared.failure.get() {
+            Some(message) => Err(StoreError::Journal(message.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&self, error: &StoreError) {
+        let _ = self.shared.failure.set(error.to_string());
+    }
+}
+
+fn reply_all(group: Vec<JournalCommand>, result: &Result<(), StoreError>) {
+    for command in group {
+        let ack = match command {
+            JournalCommand::Append { ack, .. } => ack,
+            JournalCommand::Erase { ack, .. } | JournalCommand::Compact { ack } => Some(ack),
+        };
+        if let Some(ack) = ack {
+            let _ = ack.send(result.clone());
+        }
+    }
+}
+
+fn user_prefix(user: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + user.len() + 8);
+    key.extend_from_slice(&(user.len() as u16).to_be_bytes());
+    key.extend_from_slice(user.as_bytes());
+    key
+}
+
+fn encode_key(user: &str, seq: u64) -> Vec<u8> {
+    let mut key = user_prefix(user);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn decode_key(key: &[u8]) -> Option<(&[u8], u64)> {
+    let len = u16::from_be_bytes(key.get(..2)?.try_into().ok()?) as usize;
+    let user = key.get(2..2 + len)?;
+    let seq = u64::from_be_bytes(key.get(2 + len..)?.try_into().ok()?);
+    Some((user, seq))
+}
+
+fn encode_value(event: &LoggedEvent) -> Vec<u8> {
+    let kind = event.event_type.as_deref().unwrap_or("");
+    let mut value = Vec::with_capacity(10 + kind.len() + event.item_id.len());
+    value.extend_from_slice(&event.timestamp.to_be_bytes());
+    let kind_len = match &event.event_type {
+        Some(kind) => kind.len() as u16,
+        None => NO_TYPE,
+    };
+    value.extend_from_slice(&kind_len.to_be_bytes());
+    value.extend_from_slice(kind.as_bytes());
+    value.extend_from_slice(event.item_id.as_bytes());
+    value
+}
+
+fn decode_value(value: &[u8]) -> Option<LoggedEvent> {
+    let timestamp = i64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+    let kind_len = u16::from_be_bytes(value.get(8..10)?.try_into().ok()?);
+    let (event_type, rest) = match kind_len {
+        NO_TYPE => (None, value.get(10..)?),
+        len => {
+            let end = 10 + len as usize;
+            (
+                Some(Arc::from(std::str::from_utf8(value.get(10..end)?).ok()?)),
+                value.get(end..)?,
+            )
+        }
+    };
+    Some(LoggedEvent {
+        item_id: Arc::from(std::str::from_utf8(rest).ok()?),
+        timestamp,
+        event_type,
+    })
+}
+
+fn io_error(path: &Path, error: std::io::Error) -> StoreError {
+    StoreError::Journal(format!("{}: {error}", path.display()))
+}
+
+fn fjall_error(path: &Path, error: fjall::Error) -> StoreError {
+    StoreError::Journal(format!("{}: {error}", path.display()))
+}
+
+fn corrupt(path: &Path, what: &str) -> StoreError {
+    StoreError::Journal(format!(
+        "{}: {what}; the data directory is damaged (restore it from a backup, or move it away to start empty)",
+        path.display()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(item: &str, timestamp: i64, kind: Option<&str>) -> LoggedEvent {
+        LoggedEvent {
+            item_id: Arc::from(item),
+            timestamp,
+            event_type: kind.map(Arc::from),
+        }
+    }
+
+    /// Every file under `dir` whose bytes contain `needle`.
+    pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if std::fs::read(&path)
+                    .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+                    .unwrap_or(false)
+                {
+                    found.push(path);
+                }
+            }
+        }
+        found
+    }
+
+    fn logged(journal: &Journal) -> Vec<(String, Vec<LoggedEvent>)> {
+        let mut all = Vec::new();
+        journal
+            .for_each_user(|user, events| all.push((user.to_owned(), events.to_vec())))
+            .unwrap();
+        all
+    }
+
+    #[test]
+    fn appends_survive_reopening_in_order_and_erased_users_leave_no_byte_after_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = JournalConfig::offline(dir.path().to_path_buf());
+        let (gone, kept) = ("erase-me-7f3a9c", "keep-me-41d0e2");
+        let journal = Journal::open(config.clone()).unwrap();
+        for round in 0..3 {
+            for user in [gone, kept] {
+                let events = vec![event(&format!("item-{round}"), 100 - round, Some("view"))];
+                let _ = journal.append(Arc::from(user), events, false);
+            }
+        }
+        journal
+            .append(Arc::from(kept), vec![event("last", 5, None)], true)
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
+        assert!(
+            !files_containing(dir.path(), gone.as_bytes()).is_empty(),
+            "the search must see a stored id"
+        );
+        journal.erase(Arc::from(gone)).wait_blocking().unwrap();
+        journal.compact().wait_blocking().unwrap();
+        journal.close();
+        assert_eq!(files_containing(dir.path(), gone.as_bytes()), Vec::<PathBuf>::new());
+        assert!(!files_containing(dir.path(), kept.as_bytes()).is_empty());
+
+        let reopened = Journal::open(config).unwrap();
+        let users = logged(&reopened);
+        assert_eq!(users.len(), 1);
+        assert_eq!(users[0].0, kept);
+        let items: Vec<&str> = users[0].1.iter().map(|e| &*e.item_id).collect();
+        assert_eq!(items, ["item-0", "item-1", "item-2", "last"], "arrival order");
+        // New events go after the recovered ones.
+        reopened
+            .append(Arc::from(kept), vec![event("after", 1, None)], true)
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
+        assert_eq!(logged(&reopened)[0].1.last().unwrap().item_id.as_ref(), "after");
+        reopened.close();
+    }
+
+    #[test]
+    fn records_round_trip_including_odd_ids() {
+        for e in [
+            event("Toy Story (1995)", -5, None),
+            event("i", i64::MAX, Some("")),
+            event("é,\"x\"", 0, Some("purchase")),
+        ] {
+            assert_eq!(decode_value(&encode_value(&e)), Some(e));
+        }
+        let key = encode_key("user 42", 7);
+        assert_eq!(decode_key(&key), Some((&b"user 42"[..], 7)));
+        assert!(key.starts_with(&user_prefix("user 42")));
+        assert!(!encode_key("user 4", 7).starts_with(&user_prefix("user 42")));
+        assert_eq!(decode_key(&key[..key.len() - 1]), None);
+    }
+}

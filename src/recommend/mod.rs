@@ -1,0 +1,416 @@
+//! The transport-free core: validation, admission, history, fallback and health behind typed
+//! operations. REST (`api/`) and gRPC are thin adapters over a [`Recommender`]; nothing here
+//! knows HTTP, and nothing here touches a tensor (the engine does).
+pub mod catalog;
+pub mod error;
+pub mod types;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub use catalog::Catalog;
+pub use error::CoreError;
+use types::*;
+
+use crate::health::{Health, Readiness};
+use crate::history::{HistorySnapshot, HistoryStore, NewEvent};
+use crate::infer::{Answer, Engine, InferError, Query};
+use crate::metrics::Metrics;
+
+/// Latest accepted timestamp (and moment of prediction): 9999-12-31T23:59:59Z. Bounds keep time
+/// arithmetic far from overflow and refuse values that can only be mistakes (milliseconds sent as
+/// seconds stay accepted until year 9999 in seconds, i.e. about 1973 in milliseconds: those are
+/// refused too, which is what a client sending milliseconds needs to hear).
+pub const MAX_TIMESTAMP: i64 = 253_402_300_799;
+
+/// Request limits, all configurable at start.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_events_per_call: usize,
+    pub max_id_bytes: usize,
+    pub max_k: usize,
+    pub max_candidates: usize,
+    pub max_batch_requests: usize,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+pub struct Recommender {
+    pub store: Arc<dyn HistoryStore>,
+    pub engine: Engine,
+    pub catalog: Catalog,
+    pub model_version: String,
+    /// `config.json` of the loaded model.
+    pub model_config: serde_json::Value,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// Permits for requests in flight (`--max-concurrent-requests`).
+    pub admission: Arc<Semaphore>,
+    /// One scrape at a time brings the read-off counters up to date.
+    pub scrape: std::sync::Mutex<()>,
+}
+
+pub fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn invalid(message: String) -> CoreError {
+    CoreError::InvalidRequest(message)
+}
+
+/// Ids must be non-blank, bounded, and free of control characters (which would break the
+/// tab-separated logs that `xsrec history export` writes for training).
+fn check_id(field: &str, value: &str, max_bytes: usize) -> Result<(), CoreError> {
+    if value.trim().is_empty() || value.len() > max_bytes || value.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "`{field}` must be a non-blank string of at most {max_bytes} bytes without control characters (got {} bytes)",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_range(field: &str, value: usize, max: usize) -> Result<(), CoreError> {
+    if !(1..=max).contains(&value) {
+        return Err(invalid(format!("`{field}` must be in 1..={max}, got {value}")));
+    }
+    Ok(())
+}
+
+fn check_time(field: &str, value: i64) -> Result<(), CoreError> {
+    if !(0..=MAX_TIMESTAMP).contains(&value) {
+        return Err(invalid(format!(
+            "`{field}` must be Unix seconds in 0..={MAX_TIMESTAMP}, got {value}"
+        )));
+    }
+    Ok(())
+}
+
+/// The rules every stored event meets, whichever way it arrives (ingest, import).
+pub fn check_event(
+    field: &str,
+    user_id: &str,
+    item_id: &str,
+    timestamp: i64,
+    event_type: Option<&str>,
+    max_id_bytes: usize,
+) -> Result<(), CoreError> {
+    check_id(&format!("{field}.user_id"), user_id, max_id_bytes)?;
+    check_id(&format!("{field}.item_id"), item_id, max_id_bytes)?;
+    check_time(&format!("{field}.timestamp"), timestamp)?;
+    match event_type {
+        Some(event_type) => check_id(&format!("{field}.event_type"), event_type, max_id_bytes),
+        None => Ok(()),
+    }
+}
+
+/// Longest user, item or type id accepted.
+pub const MAX_ID_BYTES: usize = 256;
+
+impl Recommender {
+    /// Readiness from everything that can make the service unable to answer correctly.
+    pub fn readiness(&self) -> Readiness {
+        match (self.health.readiness(), self.store.health()) {
+            (Readiness::Ready, Err(error)) => Readiness::Failed(error.to_string()),
+            (readiness, _) => readiness,
+        }
+    }
+
+    /// A permit for one request, or why there is none: refused at once rather than queued, so
+    /// that overload cannot grow latency without bound.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, CoreError> {
+        match self.readiness() {
+            Readiness::Ready => {}
+            Readiness::Draining => return Err(CoreError::ShuttingDown),
+            Readiness::Starting(reason) => return Err(CoreError::NotReady(reason.to_owned())),
+            Readiness::Failed(reason) => return Err(CoreError::NotReady(reason)),
+        }
+        self.admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| CoreError::Overloaded)
+    }
+
+    pub async fn ingest(&self, request: EventsRequest) -> Result<EventsResponse, CoreError> {
+        let limits = &self.limits;
+        if request.events.is_empty() || request.events.len() > limits.max_events_per_call {
+            return Err(invalid(format!(
+                "`events` must hold 1..={} events, got {}",
+                limits.max_events_per_call,
+                request.events.len()
+            )));
+        }
+        // Validate everything before storing anything: a bad event rejects the whole call.
+        for (i, event) in request.events.iter().enumerate() {
+            check_event(
+                &format!("events[{i}]"),
+                &event.user_id,
+                &event.item_id,
+                event.timestamp,
+                event.event_type.as_deref(),
+                limits.max_id_bytes,
+            )?;
+        }
+        let accepted = request.events.len();
+        let mut unknown_items = 0;
+        let mut by_user: HashMap<String, Vec<NewEvent>> = HashMap::new();
+        for event in request.events {
+            let mut stored = self.catalog.resolve(&event.item_id, event.event_type.as_deref());
+            stored.timestamp = event.timestamp;
+            unknown_items += usize::from(stored.item == 0);
+            let type_id = event.event_type.map(|t| match self.catalog.event_types.get(&t) {
+                Some(known) => self.catalog.event_type_ids[known as usize].clone(),
+                None => Arc::from(t),
+            });
+            by_user
+                .entry(event.user_id)
+                .or_default()
+                .push(NewEvent { event: stored, type_id });
+        }
+        let writes = by_user
+            .into_iter()
+            .map(|(user, events)| (Arc::from(user), events))
+            .collect();
+        self.store
+            .append(writes)
+            .wait()
+            .await
+            .map_err(|e| CoreError::StorageFailed(e.to_string()))?;
+        self.metrics.events_ingested.inc_by(accepted as u64);
+        Ok(EventsResponse {
+            accepted,
+            unknown_items,
+        })
+    }
+
+    /// Runs one query through the engine within the request deadline.
+    async fn ask(&self, user: &str, history: HistorySnapshot, at: i64, query: Query) -> Result<Answer, CoreError> {
+        let timeout = self.limits.request_timeout;
+        let deadline = Instant::now() + timeout;
+        let answer = self
+            .engine
+            .infer(Arc::from(user), Arc::new(history), at, query, deadline);
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(InferError::Stopped)) => Err(CoreError::ShuttingDown),
+            Ok(Err(InferError::Failed(reason))) => Err(CoreError::InferenceFailed(reason)),
+            Ok(Err(InferError::DeadlineExceeded)) | Err(_) => {
+                Err(CoreError::DeadlineExceeded(timeout.as_millis() as u64))
+            }
+        }
+    }
+
+    /// A history the model can read: at least one known item.
+    fn usable_history(&self, user: &str) -> Option<HistorySnapshot> {
+        self.store.snapshot(user).filter(|h| !h.items.is_empty())
+    }
+
+    pub async fn recommend(&self, request: RecommendRequest) -> Result<RecommendResponse, CoreError> {
+        let limits = &self.limits;
+        check_id("user_id", &request.user_id, limits.max_id_bytes)?;
+        check_range("k", request.k, limits.max_k)?;
+        if let Some(at) = request.at {
+            check_time("at", at)?;
+        }
+        let catalog = &self.catalog;
+        let mut unknown_candidates = Vec::new();
+        let candidates = match &request.candidates {
+            None => None,
+            Some(list) => {
+                if list.is_empty() || list.len() > limits.max_candidates {
+                    return Err(invalid(format!(
+                        "`candidates` must hold 1..={} items, got {}",
+                        limits.max_candidates,
+                        list.len()
+                    )));
+                }
+                let mut known = Vec::with_capacity(list.len());
+                for (i, id) in list.iter().enumerate() {
+                    check_id(&format!("candidates[{i}]"), id, limits.max_id_bytes)?;
+                    match catalog.items.get(id) {
+                        Some(index) => known.push(i64::from(index)),
+                        None => unknown_candidates.push(id.clone()),
+                    }
+                }
+                known.sort_unstable();
+                known.dedup();
+                Some(known)
+            }
+        };
+        let at = request.at.unwrap_or_else(now_secs);
+        let (ranked, fallback) = match self.store.snapshot(&request.user_id) {
+            _ if candidates.as_ref().is_some_and(Vec::is_empty) => (Vec::new(), None),
+            Some(history) if !history.items.is_empty() => {
+                let query = match candidates {
+                    Some(candidates) => Query::Candidates {
+                        k: request.k,
+                        candidates,
+                    },
+                    None => {
+                        let exclude = if request.exclude_seen {
+                            history.items.iter().map(|&i| i64::from(i)).collect()
+                        } else {
+                            Vec::new()
+                        };
+                        Query::TopK { k: request.k, exclude }
+                    }
+                };
+                match self.ask(&request.user_id, history, at, query).await? {
+                    Answer::Items(items) => (items, None),
+                    Answer::Categories(_) => unreachable!("item queries get item answers"),
+                }
+            }
+            // No history the model can read: popularity answers (seen items left out when asked).
+            snapshot => {
+                let seen: HashSet<u32> = match (request.exclude_seen, snapshot) {
+                    (true, Some(history)) => history.events.iter().map(|e| e.item).collect(),
+                    _ => HashSet::new(),
+                };
+                let ranked = catalog.popular_items(request.k, candidates.as_deref(), &seen);
+                (ranked, Some("popular".to_owned()))
+            }
+        };
+        Ok(RecommendResponse {
+            user_id: request.user_id,
+            items: ranked
+                .into_iter()
+                .map(|(item, score)| ScoredItem {
+                    item_id: catalog.items.id(item).to_owned(),
+                    score,
+                })
+                .collect(),
+            model_version: self.model_version.clone(),
+            fallback,
+            unknown_candidates,
+        })
+    }
+
+    pub async fn recommend_batch(&self, request: BatchRecommendRequest) -> Result<BatchRecommendResponse, CoreError> {
+        let max = self.limits.max_batch_requests;
+        if request.requests.is_empty() || request.requests.len() > max {
+            return Err(invalid(format!(
+                "`requests` must hold 1..={max} requests, got {}",
+                request.requests.len()
+            )));
+        }
+        // All at once: the batcher turns them into as few forward passes as it can.
+        let pending = request.requests.into_iter().map(|request| self.recommend(request));
+        let results = futures_util::future::join_all(pending).await;
+        let mut out = Vec::with_capacity(results.len());
+        for (i, result) in results.into_iter().enumerate() {
+            out.push(result.map_err(|e| match e {
+                CoreError::InvalidRequest(message) => invalid(format!("requests[{i}]: {message}")),
+                other => other,
+            })?);
+        }
+        Ok(BatchRecommendResponse { results: out })
+    }
+
+    pub async fn interests(&self, request: InterestsRequest) -> Result<InterestsResponse, CoreError> {
+        check_id("user_id", &request.user_id, self.limits.max_id_bytes)?;
+        if let Some(at) = request.at {
+            check_time("at", at)?;
+        }
+        let catalog = &self.catalog;
+        if catalog.categories.is_empty() {
+            return Err(CoreError::CategoriesUnavailable);
+        }
+        check_range("top", request.top, catalog.categories.len())?;
+        let (ranked, fallback) = match self.usable_history(&request.user_id) {
+            None => (
+                catalog.popular_interests.iter().take(request.top).copied().collect(),
+                Some("popular".to_owned()),
+            ),
+            Some(history) => {
+                let at = request.at.unwrap_or_else(now_secs);
+                let query = Query::Interests { top: request.top };
+                match self.ask(&request.user_id, history, at, query).await? {
+                    Answer::Categories(ranked) => (ranked, None),
+                    Answer::Items(_) => unreachable!("interest queries get category answers"),
+                }
+            }
+        };
+        Ok(InterestsResponse {
+            user_id: request.user_id,
+            interests: ranked
+                .into_iter()
+                .map(|(c, score)| CategoryScore {
+                    category: catalog.categories[c].clone(),
+                    score,
+                })
+                .collect(),
+            model_version: self.model_version.clone(),
+            fallback,
+        })
+    }
+
+    pub fn history(&self, user: &str) -> Result<HistoryResponse, CoreError> {
+        check_id("user_id", user, self.limits.max_id_bytes)?;
+        let snapshot = self
+            .store
+            .snapshot(user)
+            .ok_or_else(|| CoreError::UserNotFound(user.to_owned()))?;
+        let types = &self.catalog.event_types;
+        let events = snapshot
+            .events
+            .iter()
+            .map(|e| HistoryEvent {
+                item_id: e.item_id.to_string(),
+                timestamp: e.timestamp,
+                event_type: Some(types.id(e.event_type))
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned),
+                known_item: e.item != 0,
+            })
+            .collect();
+        Ok(HistoryResponse {
+            user_id: user.to_owned(),
+            events,
+        })
+    }
+
+    /// Erases a user from memory, the inference cache and the journal; returns once the erasure
+    /// is as durable as an ingest would be.
+    pub async fn forget(&self, user: &str) -> Result<(), CoreError> {
+        check_id("user_id", user, self.limits.max_id_bytes)?;
+        let (erased_at, commit) = self
+            .store
+            .remove(user)
+            .ok_or_else(|| CoreError::UserNotFound(user.to_owned()))?;
+        self.engine.forget(Arc::from(user), erased_at).await;
+        commit.wait().await.map_err(|e| CoreError::StorageFailed(e.to_string()))
+    }
+
+    pub fn model(&self) -> serde_json::Value {
+        serde_json::json!({"version": self.model_version, "config": self.model_config})
+    }
+
+    /// Brings the gauges that are read rather than counted up to date (before a scrape).
+    pub fn refresh_gauges(&self) {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        let stats = self.store.stats();
+        self.metrics.users.set(stats.users as i64);
+        self.metrics.events_held.set(stats.events as i64);
+        self.metrics.history_bytes.set(stats.bytes as i64);
+        self.metrics.ready.set(i64::from(self.readiness() == Readiness::Ready));
+        if let Some(journal) = stats.journal {
+            let m = &self.metrics;
+            // Counters only move forward: add what the journal's totals gained since last time.
+            m.journal_batches
+                .inc_by(journal.batches.saturating_sub(m.journal_batches.get()));
+            m.journal_events
+                .inc_by(journal.events.saturating_sub(m.journal_events.get()));
+            m.journal_fsyncs
+                .inc_by(journal.fsyncs.saturating_sub(m.journal_fsyncs.get()));
+            m.journal_fsync_seconds
+                .inc_by((journal.fsync_seconds - m.journal_fsync_seconds.get()).max(0.0));
+            m.journal_disk_bytes.set(journal.disk_bytes as i64);
+        }
+    }
+}

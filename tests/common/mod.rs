@@ -1,0 +1,217 @@
+//! What the black-box test binaries share: one small model trained on a synthetic log, and a
+//! server on an ephemeral port with a client. Each binary uses only part of it.
+#![allow(dead_code)]
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use clap::Parser;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tch::Device;
+use xsrec::data::split::build_sequences;
+use xsrec::data::synth::{synthesize, SynthConfig};
+use xsrec::data::vocab::Vocab;
+use xsrec::data::Event;
+use xsrec::model::artifact::{Artifact, ArtifactConfig, FORMAT_VERSION};
+use xsrec::model::{Features, ModelConfig};
+use xsrec::serve::{start, RunningServer, ServeConfig};
+use xsrec::train::{train, Loss, TrainConfig};
+
+pub struct Fixture {
+    _dir: tempfile::TempDir,
+    pub model: PathBuf,
+    pub events: Vec<Event>,
+}
+
+/// One small model for every test in this binary, trained once.
+pub fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let events = synthesize(&SynthConfig::new(300, 150, 4));
+        let set = build_sequences(&events, Vocab::new(), Vocab::new(), true);
+        let config = ModelConfig {
+            arch: xsrec::model::Arch::Transformer,
+            num_items: set.items.len(),
+            num_event_types: set.event_types.len(),
+            max_len: 30,
+            d_model: 16,
+            n_heads: 2,
+            n_layers: 1,
+            ffn_dim: 32,
+            dropout: 0.1,
+            tied_output: true,
+            features: Features::default(),
+            session_gap_secs: 1800,
+        };
+        let cfg = TrainConfig {
+            seed: 1,
+            max_epochs: 2,
+            batch_size: 64,
+            learning_rate: 3e-3,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            patience: 2,
+            loss: Loss::Full,
+            negatives: 0,
+            mask_seen: true,
+            device: Device::Cpu,
+            progress: false,
+        };
+        let model = train(&set, config, &cfg).model;
+        let dir = tempfile::tempdir().unwrap();
+        let artifact = Artifact {
+            config: ArtifactConfig {
+                format_version: FORMAT_VERSION,
+                model: model.config.clone(),
+                event_types: set.event_types.ids().to_vec(),
+                info: json!({}),
+            },
+            item_counts: set.train_item_counts(),
+            item_categories: (0..set.items.len())
+                .map(|i| match i {
+                    0 => vec![],
+                    i if i % 3 == 0 => vec!["even".to_string(), "three".into()],
+                    i if i % 2 == 0 => vec!["even".to_string()],
+                    _ => vec!["odd".to_string()],
+                })
+                .collect(),
+            items: set.items,
+            event_types: set.event_types,
+            model,
+        };
+        artifact.save(dir.path()).unwrap();
+        Fixture {
+            model: dir.path().to_path_buf(),
+            _dir: dir,
+            events,
+        }
+    })
+}
+
+pub fn config(model: &Path, extra: &[&str]) -> ServeConfig {
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        config: ServeConfig,
+    }
+    let mut args = vec![
+        "test",
+        "--model",
+        model.to_str().unwrap(),
+        "--addr",
+        "127.0.0.1:0",
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    Wrapper::parse_from(args).config
+}
+
+pub struct Server {
+    pub running: RunningServer,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+pub async fn server(extra: &[&str]) -> Server {
+    server_for(&fixture().model, extra).await
+}
+
+/// A server for `model`, once it is ready (at most 60 s).
+pub async fn server_for(model: &Path, extra: &[&str]) -> Server {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = start(config(model, extra), async move {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", running.addr);
+    let client = reqwest::Client::new();
+    let server = Server {
+        running,
+        base,
+        client,
+        stop: Some(stop),
+    };
+    server.wait_ready(Duration::from_secs(60)).await;
+    server
+}
+
+impl Server {
+    pub async fn wait_ready(&self, limit: Duration) {
+        let started = std::time::Instant::now();
+        while self.get("/health/ready").await.0 != StatusCode::OK {
+            assert!(started.elapsed() < limit, "server not ready within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, String) {
+        let response = self.client.get(format!("{}{path}", self.base)).send().await.unwrap();
+        (response.status(), response.text().await.unwrap())
+    }
+
+    pub async fn ingest(&self, events: &[&Event]) {
+        for chunk in events.chunks(500) {
+            let body: Vec<Value> = chunk
+                .iter()
+                .map(|e| json!({"user_id": e.user_id, "item_id": e.item_id, "timestamp": e.timestamp, "event_type": e.event_type}))
+                .collect();
+            let (status, reply) = self.post("/v1/events", &json!({ "events": body })).await;
+            assert_eq!(status, StatusCode::OK, "{reply}");
+        }
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    }
+}
+
+pub fn users(events: &[Event]) -> BTreeMap<&str, Vec<&Event>> {
+    let mut by_user: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
+    for e in events {
+        by_user.entry(&e.user_id).or_default().push(e);
+    }
+    by_user
+}
+
+/// (item id, score) pairs of a recommend response.
+pub fn ranked(reply: &Value) -> Vec<(String, f64)> {
+    reply["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["item_id"].as_str().unwrap().to_owned(), i["score"].as_f64().unwrap()))
+        .collect()
+}
+
+impl Server {
+    /// Graceful shutdown, as on SIGTERM; returns how the server ended.
+    pub async fn shut_down(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().expect("running").send(());
+        self.running.finished.await?
+    }
+
+    pub async fn delete(&self, path: &str) -> StatusCode {
+        let url = format!("{}{path}", self.base);
+        self.client.delete(url).send().await.unwrap().status()
+    }
+}
