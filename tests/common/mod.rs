@@ -215,3 +215,80 @@ impl Server {
         self.client.delete(url).send().await.unwrap().status()
     }
 }
+
+/// `xsrec serve` as a separate process (for kills and fault injection), on an ephemeral port.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub base: String,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl ServerProcess {
+    pub fn spawn(model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_xsrec"))
+            .args(["serve", "--model", model.to_str().unwrap()])
+            .args(["--addr", "127.0.0.1:0", "--device", "cpu"])
+            .args(extra)
+            .envs(env.iter().copied())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = lines_tx.send(line);
+            }
+        });
+        let base = loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(60))
+                .expect("server start-up line");
+            if let Some(rest) = line.strip_prefix("listening on ") {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        Self { child, base, lines }
+    }
+
+    pub async fn wait_ready(&self, client: &reqwest::Client, limit: Duration) {
+        let started = std::time::Instant::now();
+        loop {
+            let ready = client.get(format!("{}/health/ready", self.base)).send().await;
+            if ready.is_ok_and(|r| r.status() == StatusCode::OK) {
+                return;
+            }
+            assert!(started.elapsed() < limit, "server not ready within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL: no drain, no final fsync
+        let _ = self.child.wait();
+    }
+
+    /// Waits (at most `limit`) for the process to exit on its own.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(started.elapsed() < limit, "server still running after {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stderr_so_far(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,501 @@
+//! Durable state over real HTTP: restarts, SIGKILLs, erasure down to the bytes on disk, a failing
+//! inference worker, and the inference cache's rules.
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{fixture, server, users, ServerProcess};
+use rand::{Rng, SeedableRng};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+fn dir_arg(dir: &Path) -> &str {
+    dir.to_str().unwrap()
+}
+
+/// `(item_id, timestamp, event_type)` of a user's history as the server returns it.
+async fn history(client: &reqwest::Client, base: &str, user: &str) -> Vec<(String, i64, Option<String>)> {
+    let response = client
+        .get(format!("{base}/v1/users/{user}/history"))
+        .send()
+        .await
+        .unwrap();
+    if response.status() == StatusCode::NOT_FOUND {
+        return Vec::new();
+    }
+    let body: Value = response.json().await.unwrap();
+    body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["item_id"].as_str().unwrap().to_owned(),
+                e["timestamp"].as_i64().unwrap(),
+                e["event_type"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn histories_survive_a_restart_and_the_journal_keeps_more_than_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = fixture();
+    let by_user = users(&fx.events);
+    let durable = ["--data-dir", dir_arg(dir.path()), "--fsync", "always"];
+    let first = server(&[&durable[..], &["--history-cap", "1000"]].concat()).await;
+    // Shuffled chunks, so events arrive out of order across calls; plus unknown items and types.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut all: Vec<&xsrec::data::Event> = fx.events.iter().collect();
+    for i in (1..all.len()).rev() {
+        all.swap(i, rng.gen_range(0..=i));
+    }
+    first.ingest(&all).await;
+    let extra = json!({"events": [
+        {"user_id": "odd user, \"quoted\"", "item_id": "not in the catalogue", "timestamp": 5, "event_type": "never-seen-type"},
+        {"user_id": "odd user, \"quoted\"", "item_id": "i1", "timestamp": 5}
+    ]});
+    assert_eq!(first.post("/v1/events", &extra).await.0, StatusCode::OK);
+    let names: Vec<&str> = by_user.keys().copied().chain(["odd user, \"quoted\""]).collect();
+    let mut before = BTreeMap::new();
+    for user in &names {
+        before.insert(*user, history(&first.client, &first.base, user).await);
+    }
+    let probe = json!({"user_id": names[0], "k": 10, "at": 10_000_000});
+    let (_, expected) = first.post("/v1/recommend", &probe).await;
+    first.shut_down().await.unwrap();
+
+    // Same memory cap: the very same histories and answers.
+    let second = server(&[&durable[..], &["--history-cap", "1000"]].concat()).await;
+    for user in &names {
+        assert_eq!(
+            history(&second.client, &second.base, user).await,
+            before[user],
+            "{user}"
+        );
+    }
+    assert_eq!(second.post("/v1/recommend", &probe).await.1["items"], expected["items"]);
+    second.shut_down().await.unwrap();
+
+    // A smaller memory cap keeps the newest events; the journal still has them all.
+    let small = server(&[&durable[..], &["--history-cap", "3"]].concat()).await;
+    for user in &names {
+        let full = &before[user];
+        assert_eq!(
+            history(&small.client, &small.base, user).await,
+            full[full.len().saturating_sub(3)..],
+            "{user}"
+        );
+    }
+    small.shut_down().await.unwrap();
+    let again = server(&[&durable[..], &["--history-cap", "1000"]].concat()).await;
+    assert_eq!(history(&again.client, &again.base, names[1]).await, before[names[1]]);
+    // The type the model never saw is kept by name on disk (memory reads it as untyped).
+    let exported = dir.path().join("export.inter");
+    again.shut_down().await.unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_xsrec"))
+        .args(["history", "export", "--data-dir", dir_arg(dir.path()), "--out"])
+        .arg(&exported)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&exported).unwrap();
+    assert!(text.contains("odd user, \"quoted\"\tnot in the catalogue\t5\tnever-seen-type"));
+    let loaded = xsrec::data::formats::load_events(&exported, &Default::default()).unwrap();
+    assert_eq!(loaded.events.len(), fx.events.len() + 2);
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle)) {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erased_user_is_in_no_file_after_compaction_and_stays_erased_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--data-dir",
+        dir_arg(dir.path()),
+        "--erasure-compaction-secs",
+        "0",
+        "--history-cap",
+        "1000",
+    ];
+    let server = server(&args).await;
+    let (gone, kept) = ("erase-me-5c1e0b9a", "keep-me-9d24e7f1");
+    for user in [gone, kept] {
+        let events: Vec<Value> = (0..50)
+            .map(|i| json!({"user_id": user, "item_id": format!("i{}", i % 7 + 1), "timestamp": 1000 + i}))
+            .collect();
+        assert_eq!(
+            server.post("/v1/events", &json!({ "events": events })).await.0,
+            StatusCode::OK
+        );
+    }
+    let (status, _) = server.post("/v1/recommend", &json!({"user_id": gone})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        !files_containing(dir.path(), gone.as_bytes()).is_empty(),
+        "the search must find a stored user before the erasure"
+    );
+    assert_eq!(
+        server.delete(&format!("/v1/users/{gone}")).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(server.delete(&format!("/v1/users/{gone}")).await, StatusCode::NOT_FOUND);
+    let started = std::time::Instant::now();
+    while !files_containing(dir.path(), gone.as_bytes()).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "erased bytes still on disk"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!files_containing(dir.path(), kept.as_bytes()).is_empty());
+    assert_eq!(
+        server.metric("xsrec_cached_states").await,
+        0.0,
+        "no cached state of anyone left"
+    );
+    // Writes after the compaction land in the new files.
+    let late = json!({"events": [{"user_id": kept, "item_id": "i2", "timestamp": 5000}]});
+    assert_eq!(server.post("/v1/events", &late).await.0, StatusCode::OK);
+    server.shut_down().await.unwrap();
+
+    let server = common::server(&args).await;
+    assert_eq!(history(&server.client, &server.base, gone).await, Vec::new());
+    let kept_history = history(&server.client, &server.base, kept).await;
+    assert_eq!(kept_history.len(), 51);
+    assert_eq!(kept_history.last().unwrap().1, 5000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_queued_before_an_erasure_does_not_put_the_user_back_into_the_cache() {
+    // The recommend waits 300 ms in the batcher; the erasure lands meanwhile.
+    let server = server(&["--max-batch-delay-us", "300000"]).await;
+    let user = "racing-user";
+    let events: Vec<Value> = (0..5)
+        .map(|i| json!({"user_id": user, "item_id": format!("i{}", i + 1), "timestamp": 100 + i}))
+        .collect();
+    assert_eq!(
+        server.post("/v1/events", &json!({ "events": events })).await.0,
+        StatusCode::OK
+    );
+    let queued = tokio::spawn({
+        let client = server.client.clone();
+        let url = format!("{}/v1/recommend", server.base);
+        async move {
+            client
+                .post(url)
+                .json(&json!({"user_id": user}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    // Erase as soon as the request is queued (the queue-depth gauge shows it).
+    let started = std::time::Instant::now();
+    while server.metric("xsrec_queue_depth").await < 1.0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the request never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        server.delete(&format!("/v1/users/{user}")).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        queued.await.unwrap(),
+        StatusCode::OK,
+        "the queued request is still answered"
+    );
+    assert_eq!(server.metric("xsrec_cached_states").await, 0.0);
+}
+
+async fn cache_counts(server: &common::Server) -> (f64, f64) {
+    (
+        server.metric("xsrec_cache_hits_total").await,
+        server.metric("xsrec_cache_misses_total").await,
+    )
+}
+
+async fn ask_at(server: &common::Server, user: &str, at: i64) -> Value {
+    let (status, reply) = server.post("/v1/recommend", &json!({"user_id": user, "at": at})).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    reply["items"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_answers_only_while_history_and_gap_bucket_are_unchanged() {
+    let server = server(&[]).await;
+    let user = "cached-user";
+    let events: Vec<Value> = (0..5)
+        .map(|i| json!({"user_id": user, "item_id": format!("i{}", i + 1), "timestamp": 1000 + i}))
+        .collect();
+    assert_eq!(
+        server.post("/v1/events", &json!({ "events": events })).await.0,
+        StatusCode::OK
+    );
+    let (h0, m0) = cache_counts(&server).await;
+    // The newest event is at 1004: gaps of 5 and 6 s share a log2 bucket, 3,600 s does not.
+    let first = ask_at(&server, user, 1009).await;
+    assert_eq!(cache_counts(&server).await, (h0, m0 + 1.0), "first answer computes");
+    assert_eq!(
+        ask_at(&server, user, 1010).await,
+        first,
+        "a hit returns the same answer"
+    );
+    assert_eq!(
+        cache_counts(&server).await,
+        (h0 + 1.0, m0 + 1.0),
+        "same history, same gap bucket: hit"
+    );
+    ask_at(&server, user, 1004 + 3600).await;
+    assert_eq!(
+        cache_counts(&server).await,
+        (h0 + 1.0, m0 + 2.0),
+        "a new session's gap bucket: miss"
+    );
+    let more = json!({"events": [{"user_id": user, "item_id": "i9", "timestamp": 1006}]});
+    assert_eq!(server.post("/v1/events", &more).await.0, StatusCode::OK);
+    ask_at(&server, user, 1010).await;
+    assert_eq!(cache_counts(&server).await, (h0 + 1.0, m0 + 3.0), "a new event: miss");
+}
+
+/// One crash round's driver: four clients ingest batches for 40 users at a steady pace and record
+/// what was acknowledged, until the server is killed.
+#[derive(Default)]
+struct Ledger {
+    /// Per user: every event sent (item id → timestamp) and the acknowledged ones.
+    sent: HashMap<String, HashMap<String, i64>>,
+    acked: HashMap<String, HashSet<String>>,
+    next_event: u64,
+}
+
+async fn drive(base: String, ledger: Arc<Mutex<Ledger>>, seed: u64) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    loop {
+        let mut batch = Vec::new();
+        {
+            let mut ledger = ledger.lock().unwrap();
+            for _ in 0..rng.gen_range(1..=20) {
+                let user = format!("crash-user-{}", rng.gen_range(0..40));
+                ledger.next_event += 1;
+                let (item, timestamp) = (format!("ev{}", ledger.next_event), ledger.next_event as i64);
+                ledger
+                    .sent
+                    .entry(user.clone())
+                    .or_default()
+                    .insert(item.clone(), timestamp);
+                batch.push((user, item, timestamp));
+            }
+        }
+        let events: Vec<Value> = batch
+            .iter()
+            .map(|(user, item, timestamp)| json!({"user_id": user, "item_id": item, "timestamp": timestamp}))
+            .collect();
+        let response = client
+            .post(format!("{base}/v1/events"))
+            .json(&json!({ "events": events }))
+            .send()
+            .await;
+        match response {
+            Ok(r) if r.status() == StatusCode::OK => {
+                let mut ledger = ledger.lock().unwrap();
+                for (user, item, _) in batch {
+                    ledger.acked.entry(user).or_default().insert(item);
+                }
+            }
+            _ => return, // the server is gone
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn crash_rounds(fsync: &str, kills: usize, seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = fixture();
+    let args = [
+        "--data-dir",
+        dir_arg(dir.path()),
+        "--fsync",
+        fsync,
+        "--history-cap",
+        "1000000",
+    ];
+    let client = reqwest::Client::new();
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for round in 0..=kills {
+        let mut server = ServerProcess::spawn(&fx.model, &args, &[]);
+        server.wait_ready(&client, Duration::from_secs(60)).await;
+        // Everything acknowledged before the last kill is back, once, in order, and nothing
+        // appears that was never sent.
+        let (sent, acked) = {
+            let ledger = ledger.lock().unwrap();
+            (ledger.sent.clone(), ledger.acked.clone())
+        };
+        for (user, acked) in &acked {
+            let events = history(&client, &server.base, user).await;
+            let items: Vec<&String> = events.iter().map(|e| &e.0).collect();
+            let unique: HashSet<&String> = items.iter().copied().collect();
+            assert_eq!(
+                unique.len(),
+                items.len(),
+                "{fsync} round {round}: duplicates for {user}"
+            );
+            for item in acked {
+                assert!(
+                    unique.contains(item),
+                    "{fsync} round {round}: acknowledged {item} of {user} lost"
+                );
+            }
+            for (item, timestamp, _) in &events {
+                assert_eq!(
+                    sent[user].get(item),
+                    Some(timestamp),
+                    "{fsync}: phantom {item} for {user}"
+                );
+            }
+            assert!(
+                events.windows(2).all(|w| w[0].1 < w[1].1),
+                "{fsync}: {user} out of order"
+            );
+        }
+        if round == kills {
+            break;
+        }
+        let drivers: Vec<_> = (0..4)
+            .map(|d| {
+                tokio::spawn(drive(
+                    server.base.clone(),
+                    ledger.clone(),
+                    seed * 100 + round as u64 * 10 + d,
+                ))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..800))).await;
+        server.kill();
+        for driver in drivers {
+            driver.await.unwrap();
+        }
+    }
+    let ledger = ledger.lock().unwrap();
+    let acked: usize = ledger.acked.values().map(HashSet::len).sum();
+    eprintln!("{fsync}: {kills} kills, {acked} acknowledged events, none lost");
+    assert!(
+        acked > 100,
+        "the driver acknowledged too little to mean anything: {acked}"
+    );
+}
+
+/// `XSREC_CRASH_KILLS` sets the kills per mode (3 in `make test`; the long run in
+/// docs/RELIABILITY.md uses 25).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_no_acknowledged_event_with_fsync_always_or_interval() {
+    let kills = std::env::var("XSREC_CRASH_KILLS").map_or(3, |k| k.parse().unwrap());
+    crash_rounds("always", kills, 1).await;
+    crash_rounds("interval", kills, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_fails_its_requests_and_the_worker_goes_on() {
+    let fx = fixture();
+    let server = ServerProcess::spawn(&fx.model, &[], &[("FAILPOINTS", "inference-batch=1*panic(injected)")]);
+    let client = reqwest::Client::new();
+    server.wait_ready(&client, Duration::from_secs(60)).await;
+    let events = json!({"events": [{"user_id": "u", "item_id": "i1", "timestamp": 1}]});
+    client
+        .post(format!("{}/v1/events", server.base))
+        .json(&events)
+        .send()
+        .await
+        .unwrap();
+    let ask = || {
+        client
+            .post(format!("{}/v1/recommend", server.base))
+            .json(&json!({"user_id": "u"}))
+            .send()
+    };
+    let failed = ask().await.unwrap();
+    assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body: Value = failed.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "inference_failed", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("injected"),
+        "{body}"
+    );
+    assert_eq!(
+        ask().await.unwrap().status(),
+        StatusCode::OK,
+        "the next batch is served"
+    );
+    let ready = client
+        .get(format!("{}/health/ready", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    let metrics = client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("xsrec_inference_failures_total 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_keeps_failing_turns_readiness_off_and_the_process_exits_non_zero() {
+    let fx = fixture();
+    let mut server = ServerProcess::spawn(
+        &fx.model,
+        &[],
+        &[("FAILPOINTS", "inference-batch=panic(broken device)")],
+    );
+    let client = reqwest::Client::new();
+    server.wait_ready(&client, Duration::from_secs(60)).await;
+    let events = json!({"events": [{"user_id": "u", "item_id": "i1", "timestamp": 1}]});
+    client
+        .post(format!("{}/v1/events", server.base))
+        .json(&events)
+        .send()
+        .await
+        .unwrap();
+    for _ in 0..xsrec::infer::worker::MAX_CONSECUTIVE_FAILURES {
+        let response = client
+            .post(format!("{}/v1/recommend", server.base))
+            .json(&json!({"user_id": "u"}))
+            .send()
+            .await;
+        if let Ok(response) = response {
+            assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        }
+    }
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "{status}");
+    let log = server.stderr_so_far().join("\n");
+    assert!(log.contains("failed 3 batches in a row"), "{log}");
+}
