@@ -517,6 +517,7 @@ async fn load_generator_preloads_users_and_reads_the_servers_batching_back() {
         users: 40,
         item_ids: artifact.items.ids().into(),
         k: 5,
+        ingest_batch: 10,
         seed: 1,
     };
     let target = Target::new(&server.base, 8).unwrap();
@@ -535,6 +536,20 @@ async fn load_generator_preloads_users_and_reads_the_servers_batching_back() {
     // No cache: every recommendation went through a batch of its own or a shared one.
     assert!(level.server.mean_batch_size * level.server.batches >= level.requests as f64);
     assert!(level.p50_ms <= level.p99_ms && level.p99_ms <= level.max_ms);
+
+    // Ingest mode: every acknowledged call stored its whole batch.
+    let ingested = server.metric("xsrec_events_ingested_total").await;
+    let ingest = Workload {
+        mode: Mode::Ingest,
+        ..workload
+    };
+    let level = run_level(&target, &ingest, 4, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(level.errors, 0, "{:?}", level.first_error);
+    let stored = server.metric("xsrec_events_ingested_total").await - ingested;
+    assert_eq!(stored, (level.requests * 10) as f64);
+    assert!((level.events_per_sec - stored / level.seconds).abs() < 1e-6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

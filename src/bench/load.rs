@@ -22,6 +22,8 @@ pub enum Mode {
     Recommend,
     /// A new event for a random user, then a recommendation for that user (the cache cannot help).
     Fresh,
+    /// Only ingest: calls of `ingest_batch` new events for random users (the store's write path).
+    Ingest,
 }
 
 /// The server under test.
@@ -106,6 +108,8 @@ pub struct Workload {
     /// The served catalogue's ids, events pick from these.
     pub item_ids: Arc<[String]>,
     pub k: usize,
+    /// Events per call in `Mode::Ingest`.
+    pub ingest_batch: usize,
     pub seed: u64,
 }
 
@@ -243,8 +247,10 @@ pub struct LevelReport {
     pub mode: Mode,
     pub concurrency: usize,
     pub seconds: f64,
-    /// Recommendations answered with 200.
+    /// Calls answered with 200: recommendations, or ingest calls in `Mode::Ingest`.
     pub requests: usize,
+    /// Events stored per second (`Mode::Ingest`, else 0).
+    pub events_per_sec: f64,
     pub errors: usize,
     pub first_error: Option<String>,
     pub requests_per_sec: f64,
@@ -256,7 +262,8 @@ pub struct LevelReport {
     pub server: ServerBreakdown,
 }
 
-/// Keeps `concurrency` clients busy for `duration`; latency is that of the recommend call.
+/// Keeps `concurrency` clients busy for `duration`; latency is that of the recommend call (of the
+/// ingest call in `Mode::Ingest`).
 pub async fn run_level(
     target: &Target,
     workload: &Workload,
@@ -264,7 +271,12 @@ pub async fn run_level(
     duration: Duration,
 ) -> anyhow::Result<LevelReport> {
     let Workload {
-        mode, users, k, seed, ..
+        mode,
+        users,
+        k,
+        ingest_batch,
+        seed,
+        ..
     } = *workload;
     let before = target.metrics().await.context("reading /metrics before the run")?;
     let started = Instant::now();
@@ -278,6 +290,26 @@ pub async fn run_level(
                 let (mut errors, mut first_error) = (0usize, None);
                 while Instant::now() < until {
                     let user = user_id(rng.gen_range(0..users.max(1)));
+                    if mode == Mode::Ingest {
+                        let events: Vec<_> = (0..ingest_batch.max(1))
+                            .map(|_| {
+                                json!({
+                                    "user_id": user_id(rng.gen_range(0..users.max(1))),
+                                    "item_id": item_ids[rng.gen_range(0..item_ids.len())],
+                                    "timestamp": unix_now(),
+                                })
+                            })
+                            .collect();
+                        let sent = Instant::now();
+                        match target.post("/v1/events", &json!({ "events": events })).await {
+                            Ok(()) => latencies_us.push(sent.elapsed().as_micros() as u64),
+                            Err(e) => {
+                                errors += 1;
+                                first_error.get_or_insert(e.to_string());
+                            }
+                        }
+                        continue;
+                    }
                     if mode == Mode::Fresh {
                         let event = json!({ "events": [{
                             "user_id": user,
@@ -327,6 +359,10 @@ pub async fn run_level(
         errors,
         first_error,
         requests_per_sec: requests as f64 / seconds,
+        events_per_sec: match mode {
+            Mode::Ingest => (requests * ingest_batch.max(1)) as f64 / seconds,
+            _ => 0.0,
+        },
         mean_ms: latencies_us.iter().sum::<u64>() as f64 / requests.max(1) as f64 / 1e3,
         p50_ms: percentile(0.50),
         p90_ms: percentile(0.90),

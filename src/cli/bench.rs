@@ -159,6 +159,9 @@ pub struct LoadArgs {
     pub duration_secs: u64,
     #[arg(long, default_value_t = 10)]
     pub k: usize,
+    /// Events per call with `--mode ingest`.
+    #[arg(long, default_value_t = 100)]
+    pub ingest_batch: usize,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
     /// How long to wait for the server to become ready.
@@ -368,6 +371,7 @@ fn load_bench(args: &LoadArgs) -> anyhow::Result<()> {
         users: args.users,
         item_ids: items.ids().into(),
         k: args.k,
+        ingest_batch: args.ingest_batch,
         seed: args.seed,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -391,6 +395,9 @@ fn load_bench(args: &LoadArgs) -> anyhow::Result<()> {
         for &concurrency in &args.concurrency {
             let level = load::run_level(&target, &workload, concurrency, Duration::from_secs(args.duration_secs)).await?;
             let s = &level.server;
+            if level.mode == Mode::Ingest {
+                println!("  {:.0} events/s in calls of {}", level.events_per_sec, args.ingest_batch);
+            }
             println!(
                 "{:?} c={concurrency}: {:.0} req/s, mean {:.2} ms (server {:.2}), p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, errors {} | batches: mean size {:.1}, queue wait {:.2} ms, forward {:.2} ms, rank {:.2} ms, worker busy {:.0}%",
                 level.mode,
