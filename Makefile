@@ -30,9 +30,11 @@ build: venv
 data: build
 	$(BIN) data fetch movielens-100k --out data
 
-# The main job: serve the committed default model (trained first if it is missing).
+# The main job: serve the committed default model (trained first if it is missing), keeping
+# histories durably in state/ (git-ignored) so a restart forgets nobody.
+STATE_DIR := state
 run: build $(DEFAULT_MODEL)/model.safetensors
-	$(BIN) serve --model $(DEFAULT_MODEL)
+	$(BIN) serve --model $(DEFAULT_MODEL) --data-dir $(STATE_DIR) --fsync interval
 
 $(DEFAULT_MODEL)/model.safetensors:
 	$(MAKE) data

@@ -10,6 +10,7 @@ use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::data::formats::InterWriter;
+use crate::history::journal::Replayed;
 use crate::history::{Journal, JournalConfig, LoggedEvent};
 use crate::recommend::{check_event, MAX_ID_BYTES};
 
@@ -95,27 +96,37 @@ pub fn run(command: &HistoryCommand) -> anyhow::Result<()> {
         }
         HistoryCommand::Export { data_dir, out, since } => {
             let journal = open(data_dir)?;
-            let mut writer = InterWriter::create(out)?;
-            let (mut written, mut users) = (0u64, 0u64);
-            let mut failure = None;
-            journal.for_each_user(|user, events| {
-                let mut any = false;
-                for e in events.iter().filter(|e| since.is_none_or(|t| e.timestamp >= t)) {
-                    if failure.is_none() {
-                        failure = writer
-                            .write(user, &e.item_id, e.timestamp, e.event_type.as_deref())
-                            .err();
+            // Replay applies erasures; users come out in first-seen order, events in arrival order.
+            let mut order: Vec<Arc<str>> = Vec::new();
+            let mut by_user: HashMap<Arc<str>, Vec<LoggedEvent>> = HashMap::new();
+            journal.replay(|change| match change {
+                Replayed::Append(user, events) => {
+                    let kept = events.into_iter().filter(|e| since.is_none_or(|t| e.timestamp >= t));
+                    match by_user.get_mut(user) {
+                        Some(held) => held.extend(kept),
+                        None => {
+                            let user: Arc<str> = Arc::from(user);
+                            order.push(user.clone());
+                            by_user.insert(user, kept.collect());
+                        }
                     }
-                    written += 1;
-                    any = true;
                 }
-                users += u64::from(any);
+                Replayed::Erase(user) => {
+                    by_user.remove(user);
+                }
             })?;
-            if let Some(error) = failure {
-                return Err(error.into());
+            journal.close();
+            let mut writer = InterWriter::create(out)?;
+            let (mut written, mut users) = (0usize, 0usize);
+            for user in order {
+                let Some(events) = by_user.remove(&user) else { continue };
+                users += usize::from(!events.is_empty());
+                for e in &events {
+                    writer.write(&user, &e.item_id, e.timestamp, e.event_type.as_deref())?;
+                }
+                written += events.len();
             }
             writer.finish()?;
-            journal.close();
             eprintln!("exported {written} events of {users} users to {}", out.display());
         }
         HistoryCommand::Compact { data_dir } => {

@@ -9,10 +9,12 @@
 //! the interval. A redb commit without fsync is rolled back by its crash recovery, so `interval`
 //! would lose acknowledged events on a plain kill.
 //!
-//! Layout: keyspace `events`, key = user length (u16 BE) ‖ user bytes ‖ sequence (u64 BE), so one
-//! user's events are contiguous and in arrival order; value = timestamp (i64 BE) ‖ type length
-//! (u16 BE, `u16::MAX` for none) ‖ type ‖ item id. Keyspace `meta` holds the next sequence number,
-//! written in the same batch as the events it covers.
+//! Layout: one keyspace, `records`, keyed by a sequence number (u64 BE), so iteration order is
+//! arrival order. A record is either a run of appends — everything one group commit wrote, as
+//! (user, events) groups in the order memory applied them — or an erasure marker for one user.
+//! One fjall insert per group commit (not per event) keeps the journal's cost per event small.
+//! Recovery replays the records in order, which rebuilds exactly the histories the live appends
+//! built; compaction rewrites the records without what erasures removed.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock, RwLock};
@@ -104,8 +106,7 @@ struct JournalStats {
 #[derive(Clone)]
 struct Store {
     db: Database,
-    events: Keyspace,
-    meta: Keyspace,
+    records: Keyspace,
 }
 
 impl Store {
@@ -117,26 +118,24 @@ impl Store {
             .open()
             .map_err(|e| fjall_error(path, e))?;
         let uncompressed = || {
-            // Compression would hide an erased user's id from a byte search of the files, and
-            // short keys with small values gain little from it.
+            // Compression would hide an erased user's id from a byte search of the files (the
+            // erasure test's evidence), and costs CPU on the ingest path.
             KeyspaceCreateOptions::default()
                 .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
                 .manual_journal_persist(true)
         };
-        let events = db.keyspace("events", uncompressed).map_err(|e| fjall_error(path, e))?;
-        let meta = db.keyspace("meta", uncompressed).map_err(|e| fjall_error(path, e))?;
-        Ok(Self { db, events, meta })
+        let records = db.keyspace("records", uncompressed).map_err(|e| fjall_error(path, e))?;
+        Ok(Self { db, records })
     }
 
+    /// One past the newest record's sequence number.
     fn next_seq(&self, path: &Path) -> Result<u64, StoreError> {
-        match self.meta.get(NEXT_SEQ).map_err(|e| fjall_error(path, e))? {
-            Some(bytes) => Ok(u64::from_be_bytes(
-                bytes
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| corrupt(path, "the sequence counter is not 8 bytes"))?,
-            )),
+        match self.records.last_key_value() {
             None => Ok(0),
+            Some(entry) => {
+                let key = entry.key().map_err(|e| fjall_error(path, e))?;
+                Ok(decode_seq(&key).ok_or_else(|| corrupt(path, "a record key is not 8 bytes"))? + 1)
+            }
         }
     }
 }
@@ -192,7 +191,6 @@ pub struct Journal {
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
-const NEXT_SEQ: &[u8] = b"next_seq";
 const NO_TYPE: u16 = u16::MAX;
 /// The writer takes at most this many queued commands into one batch.
 const MAX_GROUP: usize = 4096;
@@ -299,31 +297,24 @@ impl Journal {
         }
     }
 
-    /// Every user's logged events, one user at a time in key order, each in arrival order.
-    pub fn for_each_user(&self, mut f: impl FnMut(&str, &[LoggedEvent])) -> Result<(), StoreError> {
+    /// Every record in arrival order: what [`Histories::recover`](super::Histories::recover)
+    /// replays, and what export reads.
+    pub fn replay(&self, mut apply: impl FnMut(Replayed<'_>)) -> Result<u64, StoreError> {
         let path = &self.shared.config.dir;
-        let mut user: Vec<u8> = Vec::new();
-        let mut events: Vec<LoggedEvent> = Vec::new();
-        let mut flush = |user: &[u8], events: &mut Vec<LoggedEvent>| -> Result<(), StoreError> {
-            if !events.is_empty() {
-                let name = std::str::from_utf8(user).map_err(|_| corrupt(path, "a user id is not UTF-8"))?;
-                f(name, events);
-                events.clear();
-            }
-            Ok(())
-        };
-        for entry in self.shared.store()?.events.iter() {
-            let (key, value) = entry.into_inner().map_err(|e| fjall_error(path, e))?;
-            let (key_user, _) = decode_key(&key).ok_or_else(|| corrupt(path, "an event key is malformed"))?;
-            if key_user != user.as_slice() {
-                flush(&user, &mut events)?;
-                user.clear();
-                user.extend_from_slice(key_user);
-            }
-            events.push(decode_value(&value).ok_or_else(|| corrupt(path, "an event record is malformed"))?);
+        let mut records = 0u64;
+        for entry in self.shared.store()?.records.iter() {
+            let (_, value) = entry.into_inner().map_err(|e| fjall_error(path, e))?;
+            decode_record(&value, &mut apply).ok_or_else(|| corrupt(path, "a journal record is malformed"))?;
+            records += 1;
         }
-        flush(&user, &mut events)
+        Ok(records)
     }
+}
+
+/// One replayed change.
+pub enum Replayed<'a> {
+    Append(&'a str, Vec<LoggedEvent>),
+    Erase(&'a str),
 }
 
 impl Shared {
@@ -419,25 +410,35 @@ impl JournalWriter {
             }
         };
         let mut batch = store.db.batch();
+        let mut appends = Vec::new();
         let mut result = self.health();
         for command in group {
             match command {
                 JournalCommand::Append { user, events, ack } => {
                     if result.is_ok() {
-                        self.stage(&store, &mut batch, &user, &events);
+                        encode_group(&mut appends, &user, &events);
+                        self.shared
+                            .stats
+                            .events
+                            .fetch_add(events.len() as u64, Ordering::Relaxed);
+                        if appends.len() >= MAX_RECORD_BYTES {
+                            self.stage(&store, &mut batch, RECORD_APPEND, &mut appends);
+                        }
                     }
                     acks.extend(ack);
                 }
                 JournalCommand::Erase { user, ack } => {
-                    // The erasure must see the appends staged before it, so those go first.
-                    result = result
-                        .and_then(|()| self.commit(std::mem::replace(&mut batch, store.db.batch())))
-                        .and_then(|()| self.stage_erasure(&store, &mut batch, &user));
+                    // After the appends before it, so that replay removes exactly what was there.
+                    self.stage(&store, &mut batch, RECORD_APPEND, &mut appends);
+                    let mut marker = Vec::new();
+                    put_str(&mut marker, &user);
+                    self.stage(&store, &mut batch, RECORD_ERASE, &mut marker);
                     let delay = self.shared.config.erasure_compaction_delay;
                     self.compaction_due.get_or_insert_with(|| Instant::now() + delay);
                     acks.push(ack);
                 }
                 JournalCommand::Compact { ack } => {
+                    self.stage(&store, &mut batch, RECORD_APPEND, &mut appends);
                     result = result
                         .and_then(|()| self.commit(std::mem::replace(&mut batch, store.db.batch())))
                         .and_then(|()| self.compact());
@@ -451,6 +452,7 @@ impl JournalWriter {
                 }
             }
         }
+        self.stage(&store, &mut batch, RECORD_APPEND, &mut appends);
         let result = result
             .and_then(|()| self.commit(batch))
             .and_then(|()| match self.shared.config.fsync {
@@ -466,26 +468,16 @@ impl JournalWriter {
         }
     }
 
-    fn stage(&self, store: &Store, batch: &mut fjall::OwnedWriteBatch, user: &str, events: &[LoggedEvent]) {
-        let first = self.shared.next_seq.fetch_add(events.len() as u64, Ordering::Relaxed);
-        for (seq, event) in (first..).zip(events) {
-            batch.insert(&store.events, encode_key(user, seq), encode_value(event));
+    /// Adds `body` (emptied) to the batch as the next record, unless it is empty.
+    fn stage(&self, store: &Store, batch: &mut fjall::OwnedWriteBatch, kind: u8, body: &mut Vec<u8>) {
+        if body.is_empty() {
+            return;
         }
-        let next = first + events.len() as u64;
-        batch.insert(&store.meta, NEXT_SEQ, next.to_be_bytes().to_vec());
-        self.shared
-            .stats
-            .events
-            .fetch_add(events.len() as u64, Ordering::Relaxed);
-    }
-
-    fn stage_erasure(&self, store: &Store, batch: &mut fjall::OwnedWriteBatch, user: &str) -> Result<(), StoreError> {
-        let path = &self.shared.config.dir;
-        for entry in store.events.prefix(user_prefix(user)) {
-            let key = entry.key().map_err(|e| fjall_error(path, e))?;
-            batch.remove(&store.events, key);
-        }
-        Ok(())
+        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut record = Vec::with_capacity(1 + body.len());
+        record.push(kind);
+        record.append(body);
+        batch.insert(&store.records, seq.to_be_bytes().to_vec(), record);
     }
 
     /// Writes the batch to fjall's log and pushes it to the OS (survives a killed process).
@@ -523,9 +515,9 @@ impl JournalWriter {
         Ok(())
     }
 
-    /// Rewrites the live records into a fresh store and swaps it in. Deleted records (erased
-    /// users) exist only as tombstones and old log segments in the retired store, which is then
-    /// removed whole: afterwards no file holds an erased user's bytes. Costs one pass over the
+    /// Rewrites the records into a fresh store without the events that erasures removed (nor the
+    /// markers), swaps it in and removes the old store whole: afterwards no file holds an erased
+    /// user's bytes. Costs one pass over the
     /// live data, during which writes wait (reads are served from memory).
     fn compact(&mut self) -> Result<(), StoreError> {
         self.compaction_due = None;
@@ -539,16 +531,34 @@ impl JournalWriter {
         {
             let copy = Store::open(&fresh)?;
             let mut batch = copy.db.batch();
-            for entry in self.shared.store()?.events.iter() {
+            // Newest first: an erasure marker is met before the events it removes.
+            let mut erased: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
+            for entry in self.shared.store()?.records.iter().rev() {
                 let (key, value) = entry.into_inner().map_err(|e| fjall_error(&live, e))?;
-                batch.insert(&copy.events, key, value);
-                if batch.len() >= 10_000 {
+                let mut kept = Vec::new();
+                let mut changed = false;
+                decode_record(&value, &mut |change| match change {
+                    Replayed::Erase(user) => {
+                        erased.insert(Arc::from(user));
+                        changed = true;
+                    }
+                    Replayed::Append(user, events) if !erased.contains(user) => encode_group(&mut kept, user, &events),
+                    Replayed::Append(..) => changed = true,
+                })
+                .ok_or_else(|| corrupt(&live, "a journal record is malformed"))?;
+                match (changed, kept.is_empty()) {
+                    (false, _) => batch.insert(&copy.records, key, value),
+                    (true, true) => {}
+                    (true, false) => {
+                        kept.insert(0, RECORD_APPEND);
+                        batch.insert(&copy.records, key, kept);
+                    }
+                }
+                if batch.len() >= 1_000 {
                     batch.commit().map_err(|e| fjall_error(&fresh, e))?;
                     batch = copy.db.batch();
                 }
             }
-            let next = self.shared.next_seq.load(Ordering::Relaxed);
-            batch.insert(&copy.meta, NEXT_SEQ, next.to_be_bytes().to_vec());
             batch.commit().map_err(|e| fjall_error(&fresh, e))?;
             copy.db
                 .persist(PersistMode::SyncAll)
@@ -591,58 +601,94 @@ fn reply_all(group: Vec<JournalCommand>, result: &Result<(), StoreError>) {
     }
 }
 
-fn user_prefix(user: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(2 + user.len() + 8);
-    key.extend_from_slice(&(user.len() as u16).to_be_bytes());
-    key.extend_from_slice(user.as_bytes());
-    key
+const RECORD_APPEND: u8 = 0;
+const RECORD_ERASE: u8 = 1;
+/// A run of appends is cut into records of about this size.
+const MAX_RECORD_BYTES: usize = 1 << 20;
+
+fn decode_seq(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.try_into().ok()?))
 }
 
-fn encode_key(user: &str, seq: u64) -> Vec<u8> {
-    let mut key = user_prefix(user);
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
+fn put_str(out: &mut Vec<u8>, text: &str) {
+    out.extend_from_slice(&(text.len() as u16).to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
 }
 
-fn decode_key(key: &[u8]) -> Option<(&[u8], u64)> {
-    let len = u16::from_be_bytes(key.get(..2)?.try_into().ok()?) as usize;
-    let user = key.get(2..2 + len)?;
-    let seq = u64::from_be_bytes(key.get(2 + len..)?.try_into().ok()?);
-    Some((user, seq))
-}
-
-fn encode_value(event: &LoggedEvent) -> Vec<u8> {
-    let kind = event.event_type.as_deref().unwrap_or("");
-    let mut value = Vec::with_capacity(10 + kind.len() + event.item_id.len());
-    value.extend_from_slice(&event.timestamp.to_be_bytes());
-    let kind_len = match &event.event_type {
-        Some(kind) => kind.len() as u16,
-        None => NO_TYPE,
-    };
-    value.extend_from_slice(&kind_len.to_be_bytes());
-    value.extend_from_slice(kind.as_bytes());
-    value.extend_from_slice(event.item_id.as_bytes());
-    value
-}
-
-fn decode_value(value: &[u8]) -> Option<LoggedEvent> {
-    let timestamp = i64::from_be_bytes(value.get(..8)?.try_into().ok()?);
-    let kind_len = u16::from_be_bytes(value.get(8..10)?.try_into().ok()?);
-    let (event_type, rest) = match kind_len {
-        NO_TYPE => (None, value.get(10..)?),
-        len => {
-            let end = 10 + len as usize;
-            (
-                Some(Arc::from(std::str::from_utf8(value.get(10..end)?).ok()?)),
-                value.get(end..)?,
-            )
+/// One user's events of an append record: user, count (u32 BE), then per event timestamp
+/// (i64 BE), type (length u16 BE, `u16::MAX` for none, then bytes) and item id (length, bytes).
+fn encode_group(out: &mut Vec<u8>, user: &str, events: &[LoggedEvent]) {
+    put_str(out, user);
+    out.extend_from_slice(&(events.len() as u32).to_be_bytes());
+    for event in events {
+        out.extend_from_slice(&event.timestamp.to_be_bytes());
+        match &event.event_type {
+            Some(kind) => put_str(out, kind),
+            None => out.extend_from_slice(&NO_TYPE.to_be_bytes()),
         }
-    };
-    Some(LoggedEvent {
-        item_id: Arc::from(std::str::from_utf8(rest).ok()?),
-        timestamp,
-        event_type,
-    })
+        put_str(out, &event.item_id);
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (self.0.get(..n)?, self.0.get(n..)?);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_be_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn i64(&mut self) -> Option<i64> {
+        Some(i64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn str_of(&mut self, len: u16) -> Option<&'a str> {
+        std::str::from_utf8(self.take(len as usize)?).ok()
+    }
+    fn str(&mut self) -> Option<&'a str> {
+        let len = self.u16()?;
+        self.str_of(len)
+    }
+}
+
+/// Calls `apply` for each change in the record; `None` if it is malformed.
+fn decode_record(record: &[u8], apply: &mut impl FnMut(Replayed<'_>)) -> Option<()> {
+    let (&kind, body) = record.split_first()?;
+    let mut reader = Reader(body);
+    match kind {
+        RECORD_ERASE => {
+            let user = reader.str()?;
+            reader.0.is_empty().then(|| apply(Replayed::Erase(user)))
+        }
+        RECORD_APPEND => {
+            while !reader.0.is_empty() {
+                let user = reader.str()?;
+                let count = reader.u32()? as usize;
+                let mut events = Vec::with_capacity(count.min(reader.0.len() / 12));
+                for _ in 0..count {
+                    let timestamp = reader.i64()?;
+                    let event_type = match reader.u16()? {
+                        NO_TYPE => None,
+                        len => Some(Arc::from(reader.str_of(len)?)),
+                    };
+                    let item_id = Arc::from(reader.str()?);
+                    events.push(LoggedEvent {
+                        item_id,
+                        timestamp,
+                        event_type,
+                    });
+                }
+                apply(Replayed::Append(user, events));
+            }
+            Some(())
+        }
+        _ => None,
+    }
 }
 
 fn io_error(path: &Path, error: std::io::Error) -> StoreError {
@@ -692,10 +738,17 @@ mod tests {
         found
     }
 
+    /// Per user, what replay leaves: appends in order, erasures removing.
     fn logged(journal: &Journal) -> Vec<(String, Vec<LoggedEvent>)> {
-        let mut all = Vec::new();
+        let mut all: Vec<(String, Vec<LoggedEvent>)> = Vec::new();
         journal
-            .for_each_user(|user, events| all.push((user.to_owned(), events.to_vec())))
+            .replay(|change| match change {
+                Replayed::Append(user, events) => match all.iter_mut().find(|(u, _)| u == user) {
+                    Some((_, kept)) => kept.extend(events),
+                    None => all.push((user.to_owned(), events)),
+                },
+                Replayed::Erase(user) => all.retain(|(u, _)| u != user),
+            })
             .unwrap();
         all
     }
@@ -744,18 +797,47 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip_including_odd_ids() {
-        for e in [
-            event("Toy Story (1995)", -5, None),
-            event("i", i64::MAX, Some("")),
-            event("é,\"x\"", 0, Some("purchase")),
-        ] {
-            assert_eq!(decode_value(&encode_value(&e)), Some(e));
+    fn records_round_trip_including_odd_ids_and_malformed_ones_are_refused() {
+        let groups = vec![
+            (
+                "Toy Story fan, \"x\"".to_owned(),
+                vec![event("Toy Story (1995)", -5, None), event("i", i64::MAX, Some(""))],
+            ),
+            ("é".to_owned(), vec![event("é,\"x\"", 0, Some("purchase"))]),
+        ];
+        let mut record = vec![RECORD_APPEND];
+        for (user, events) in &groups {
+            encode_group(&mut record, user, events);
         }
-        let key = encode_key("user 42", 7);
-        assert_eq!(decode_key(&key), Some((&b"user 42"[..], 7)));
-        assert!(key.starts_with(&user_prefix("user 42")));
-        assert!(!encode_key("user 4", 7).starts_with(&user_prefix("user 42")));
-        assert_eq!(decode_key(&key[..key.len() - 1]), None);
+        let mut seen = Vec::new();
+        decode_record(&record, &mut |change| match change {
+            Replayed::Append(user, events) => seen.push((user.to_owned(), events)),
+            Replayed::Erase(_) => panic!("no erasure here"),
+        })
+        .unwrap();
+        assert_eq!(seen, groups);
+        // A cut record is refused, unless it falls between groups: then it reads as fewer groups.
+        for cut in 1..record.len() {
+            let mut prefix = Vec::new();
+            let decoded = decode_record(&record[..cut], &mut |change| {
+                if let Replayed::Append(user, events) = change {
+                    prefix.push((user.to_owned(), events));
+                }
+            });
+            if decoded.is_some() {
+                assert!(prefix.len() < groups.len() && groups.starts_with(&prefix), "cut at {cut}");
+            }
+        }
+        let mut marker = vec![RECORD_ERASE];
+        put_str(&mut marker, "gone");
+        let mut erased = None;
+        decode_record(&marker, &mut |change| {
+            if let Replayed::Erase(user) = change {
+                erased = Some(user.to_owned());
+            }
+        })
+        .unwrap();
+        assert_eq!(erased.as_deref(), Some("gone"));
+        assert!(decode_record(&[7, 0, 0], &mut |_| {}).is_none(), "unknown kind");
     }
 }

@@ -7,7 +7,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use super::journal::{Journal, LoggedEvent};
+use super::journal::{Journal, LoggedEvent, Replayed};
 use super::{Commit, HistorySnapshot, HistoryStore, NewEvent, StoreError, StoreStats, StoredEvent, EVENT_BYTES};
 
 #[derive(Debug, Default)]
@@ -96,26 +96,35 @@ impl Histories {
         history.version
     }
 
-    /// Rebuilds memory from the journal (start-up): each user's logged events are replayed in
-    /// arrival order, which gives the very history the live appends built. `resolve` maps a
-    /// logged event to the model's indices. Returns the number of events read.
-    pub fn recover(
-        &self,
-        resolve: impl Fn(&LoggedEvent) -> StoredEvent,
-        mut progress: impl FnMut(u64),
-    ) -> Result<u64, StoreError> {
+    /// Rebuilds memory from the journal (start-up) by replaying its records in arrival order —
+    /// the very appends and erasures that built the live histories. `resolve` maps a logged
+    /// event to the model's indices. Returns the number of events read.
+    pub fn recover(&self, resolve: impl Fn(&LoggedEvent) -> StoredEvent) -> Result<u64, StoreError> {
         let Some(journal) = &self.journal else { return Ok(0) };
         let mut read = 0u64;
-        journal.for_each_user(|user, events| {
-            read += events.len() as u64;
-            // Only the newest `capacity` by (timestamp, arrival) can survive the replay.
-            let mut stored: Vec<StoredEvent> = events.iter().map(&resolve).collect();
-            stored.sort_by_key(|e| e.timestamp); // stable: arrival order breaks ties
-            let keep = stored.len().saturating_sub(self.capacity);
-            self.apply(user, stored.drain(keep..));
-            progress(read);
+        journal.replay(|change| match change {
+            Replayed::Append(user, events) => {
+                read += events.len() as u64;
+                self.apply(user, events.iter().map(&resolve));
+            }
+            Replayed::Erase(user) => {
+                self.forget_in_memory(user);
+            }
         })?;
         Ok(read)
+    }
+
+    fn forget_in_memory(&self, user: &str) -> Option<UserHistory> {
+        let mut shard = self.shard(user).write().unwrap_or_else(|e| e.into_inner());
+        self.remove_locked(&mut shard, user)
+    }
+
+    fn remove_locked(&self, shard: &mut HashMap<Arc<str>, UserHistory>, user: &str) -> Option<UserHistory> {
+        let history = shard.remove(user)?;
+        self.users.fetch_sub(1, Ordering::Relaxed);
+        self.events.fetch_sub(history.events.len(), Ordering::Relaxed);
+        self.key_bytes.fetch_sub(user.len(), Ordering::Relaxed);
+        Some(history)
     }
 }
 
@@ -161,11 +170,9 @@ impl HistoryStore for Histories {
 
     fn remove(&self, user: &str) -> Option<(u64, Commit)> {
         let mut shard = self.shard(user).write().unwrap_or_else(|e| e.into_inner());
-        let history = shard.remove(user)?;
-        self.users.fetch_sub(1, Ordering::Relaxed);
-        self.events.fetch_sub(history.events.len(), Ordering::Relaxed);
-        self.key_bytes.fetch_sub(user.len(), Ordering::Relaxed);
+        self.remove_locked(&mut shard, user)?;
         let version = self.next_version.fetch_add(1, Ordering::Relaxed);
+        // Still under the shard lock: the journal sees the erasure where memory did.
         let commit = match &self.journal {
             Some(journal) => journal.erase(Arc::from(user)),
             None => Commit::done(),

@@ -218,7 +218,7 @@ pub async fn start(
     let recovering = core.clone();
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        match histories.recover(|logged| recovering.catalog.resolve_logged(logged), |_| {}) {
+        match histories.recover(|logged| recovering.catalog.resolve_logged(logged)) {
             Ok(0) => recovering.health.set_recovered(),
             Ok(events) => {
                 let users = histories.stats().users;
