@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{fixture, ranked, server, server_for, users, Server};
+use common::{fixture, ranked, server, server_for, users, Server, ServerProcess};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tch::Device;
@@ -432,78 +432,67 @@ async fn metrics_and_spec_are_there_before_any_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let fx = fixture();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xsrec"))
-        .args([
-            "serve",
-            "--model",
-            fx.model.to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-            "--device",
-            "cpu",
-        ])
-        .args(["--max-batch-delay-us", "600000", "--max-batch-size", "64"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let base = loop {
-        let line = lines_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("server start-up line");
-        if let Some(rest) = line.strip_prefix("listening on ") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
+    let mut server = ServerProcess::spawn(
+        &fixture().model,
+        &["--max-batch-delay-us", "600000", "--max-batch-size", "64"],
+        &[],
+    );
     let client = reqwest::Client::new();
-    while !client
-        .get(format!("{base}/health/ready"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == StatusCode::OK)
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    server.wait_ready(&client, Duration::from_secs(60)).await;
+    let base = server.base.clone();
     let body = json!({"events": [{"user_id": "7", "item_id": "i1", "timestamp": 10}]});
-    assert!(client
+    let ingested = client
         .post(format!("{base}/v1/events"))
         .json(&body)
         .send()
         .await
-        .unwrap()
-        .status()
-        .is_success());
-    // This request sits in the batcher for 600 ms; the signal arrives while it waits.
+        .unwrap();
+    assert!(ingested.status().is_success());
+    // This request sits in the batcher for 600 ms; the signal arrives once it is queued.
     let in_flight = tokio::spawn({
         let client = client.clone();
         let url = format!("{base}/v1/recommend");
         async move { client.post(url).json(&json!({"user_id": "7"})).send().await }
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+    let started = std::time::Instant::now();
+    loop {
+        let metrics = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.lines().any(|l| l == "xsrec_queue_depth 1") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the request never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
+    // Draining: readiness is off at once (or the listener is already closed).
+    let ready = client.get(format!("{base}/health/ready")).send().await;
+    assert!(ready.is_err() || ready.unwrap().status() == StatusCode::SERVICE_UNAVAILABLE);
     let response = in_flight.await.unwrap().expect("in-flight request answered");
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.json::<Value>().await.unwrap()["user_id"], "7");
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "exit status {status}");
-    let rest: Vec<String> = lines_rx.try_iter().collect();
-    assert!(rest.iter().any(|l| l.contains("shut down cleanly")), "{rest:?}");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.wait_exit(Duration::from_secs(30));
+        (status, server.stderr_so_far())
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "exit status {}", status.0);
+    assert!(
+        status.1.iter().any(|l| l.contains("shut down cleanly")),
+        "{:?}",
+        status.1
+    );
 }
 
 /// The committed default model on real ml-100k histories (`make test` fetches the data first).
