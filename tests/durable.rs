@@ -418,19 +418,25 @@ async fn sigkill_loses_no_acknowledged_event_with_fsync_always_or_interval() {
     crash_rounds("interval", kills, 2).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_batch_fails_its_requests_and_the_worker_goes_on() {
-    let fx = fixture();
-    let server = ServerProcess::spawn(&fx.model, &[], &[("FAILPOINTS", "inference-batch=1*panic(injected)")]);
+/// A server whose inference batches fail as `fault` says (a `fail` crate action), with user `u`.
+async fn server_with_faults(fault: &str) -> (ServerProcess, reqwest::Client) {
+    let fault = format!("inference-batch={fault}");
+    let server = ServerProcess::spawn(&fixture().model, &[], &[("FAILPOINTS", fault.as_str())]);
     let client = reqwest::Client::new();
     server.wait_ready(&client, Duration::from_secs(60)).await;
     let events = json!({"events": [{"user_id": "u", "item_id": "i1", "timestamp": 1}]});
-    client
+    let ingested = client
         .post(format!("{}/v1/events", server.base))
         .json(&events)
         .send()
-        .await
-        .unwrap();
+        .await;
+    assert_eq!(ingested.unwrap().status(), StatusCode::OK);
+    (server, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_fails_its_requests_and_the_worker_goes_on() {
+    let (server, client) = server_with_faults("1*panic(injected)").await;
     let ask = || {
         client
             .post(format!("{}/v1/recommend", server.base))
@@ -469,21 +475,7 @@ async fn a_failed_batch_fails_its_requests_and_the_worker_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_keeps_failing_turns_readiness_off_and_the_process_exits_non_zero() {
-    let fx = fixture();
-    let mut server = ServerProcess::spawn(
-        &fx.model,
-        &[],
-        &[("FAILPOINTS", "inference-batch=panic(broken device)")],
-    );
-    let client = reqwest::Client::new();
-    server.wait_ready(&client, Duration::from_secs(60)).await;
-    let events = json!({"events": [{"user_id": "u", "item_id": "i1", "timestamp": 1}]});
-    client
-        .post(format!("{}/v1/events", server.base))
-        .json(&events)
-        .send()
-        .await
-        .unwrap();
+    let (mut server, client) = server_with_faults("panic(broken device)").await;
     for _ in 0..xsrec::infer::worker::MAX_CONSECUTIVE_FAILURES {
         let response = client
             .post(format!("{}/v1/recommend", server.base))
