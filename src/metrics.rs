@@ -23,6 +23,7 @@ pub struct Metrics {
     pub inferences: IntCounter,
     pub executions: IntCounter,
     pub queue_depth: IntGauge,
+    pub inference_limit: IntGauge,
     pub users: IntGauge,
     pub events_held: IntGauge,
     pub history_bytes: IntGauge,
@@ -37,6 +38,7 @@ pub struct Metrics {
     pub journal_fsync_seconds: Counter,
     pub journal_disk_bytes: IntGauge,
     pub ready: IntGauge,
+    pub open_connections: IntGauge,
     pub model_info: IntGaugeVec,
     pub device_info: IntGaugeVec,
 }
@@ -110,6 +112,10 @@ impl Metrics {
                 "Batches executed by the inference worker",
             ),
             queue_depth: gauge("xsrec_queue_depth", "Requests waiting for a batch"),
+            inference_limit: gauge(
+                "xsrec_inference_limit",
+                "Requests the engine admits at once, adapted to its queue delay (--queue-delay-target-ms)",
+            ),
             users: gauge("xsrec_users", "Users with a history in memory"),
             events_held: gauge("xsrec_history_events", "Events held in memory"),
             history_bytes: gauge("xsrec_history_bytes", "Approximate bytes of the in-memory histories"),
@@ -142,6 +148,7 @@ impl Metrics {
             ),
             journal_disk_bytes: gauge("xsrec_journal_disk_bytes", "Bytes the history journal takes on disk"),
             ready: gauge("xsrec_ready", "1 when the service is ready to serve, else 0"),
+            open_connections: gauge("xsrec_open_connections", "Client connections open (--max-connections)"),
             model_info: reg(
                 &registry,
                 IntGaugeVec::new(

@@ -424,6 +424,13 @@ async fn metrics_and_spec_are_there_before_any_traffic() {
             "{route} missing from the OpenAPI spec"
         );
     }
+    let documented = &spec["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"];
+    for code in xsrec::api::ApiError::all_codes() {
+        assert!(
+            documented.as_array().unwrap().contains(&json!(code)),
+            "error code {code} missing from the OpenAPI spec"
+        );
+    }
     let (_, model) = server.get("/v1/model").await;
     let model: Value = serde_json::from_str(&model).unwrap();
     assert_eq!(model["config"]["model"]["max_len"], 30);

@@ -14,6 +14,8 @@ pub enum ApiError {
     MalformedJson(String),
     #[error("request body exceeds the server's limit (--max-body-bytes)")]
     PayloadTooLarge,
+    #[error("the request body did not arrive within {0} ms (--body-read-timeout-ms)")]
+    BodyTimeout(u64),
     #[error("{}", quote(.0))]
     UnsupportedMediaType(String),
     #[error(transparent)]
@@ -25,6 +27,7 @@ impl ApiError {
         match self {
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Core(core) => match core {
                 CoreError::InvalidRequest(_) | CoreError::CategoriesUnavailable => StatusCode::UNPROCESSABLE_ENTITY,
@@ -42,6 +45,7 @@ impl ApiError {
         match self {
             Self::MalformedJson(_) => "malformed_json",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::BodyTimeout(_) => "body_timeout",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::Core(core) => core.code(),
         }
@@ -49,9 +53,14 @@ impl ApiError {
 
     /// Every code a response can carry.
     pub fn all_codes() -> impl Iterator<Item = &'static str> {
-        ["malformed_json", "payload_too_large", "unsupported_media_type"]
-            .into_iter()
-            .chain(CoreError::ALL_CODES)
+        [
+            "malformed_json",
+            "payload_too_large",
+            "body_timeout",
+            "unsupported_media_type",
+        ]
+        .into_iter()
+        .chain(CoreError::ALL_CODES)
     }
 }
 

@@ -4,7 +4,7 @@ pub mod error;
 mod handlers;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
@@ -29,7 +29,7 @@ pub const V1_ROUTES: [&str; 7] = [
 ];
 pub const OPS_ROUTES: [&str; 4] = ["/health/live", "/health/ready", "/metrics", "/openapi.json"];
 
-pub fn router(state: Arc<Recommender>) -> Router {
+pub fn router(state: Arc<Recommender>, body_read_timeout: Duration) -> Router {
     // Every route's request counter exists before any traffic, so dashboards see zeros.
     for route in V1_ROUTES.iter().chain(&OPS_ROUTES) {
         state.metrics.requests.with_label_values(&[route, "200"]);
@@ -48,7 +48,10 @@ pub fn router(state: Arc<Recommender>) -> Router {
         .route("/v1/users/{id}/history", get(handlers::history))
         .route("/v1/users/{id}", axum::routing::delete(handlers::forget))
         .route("/v1/model", get(handlers::model))
-        .route_layer(middleware::from_fn_with_state(state.clone(), admit));
+        .route_layer(middleware::from_fn_with_state(
+            (state.clone(), body_read_timeout),
+            admit,
+        ));
     Router::new()
         .merge(v1)
         .route("/health/live", get(handlers::live))
@@ -60,10 +63,31 @@ pub fn router(state: Arc<Recommender>) -> Router {
         .with_state(state)
 }
 
-/// Admission is the core's decision (readiness, then a permit); refusals are 429 or 503 at once.
-async fn admit(State(core): State<Arc<Recommender>>, request: Request, next: Next) -> Response {
+/// The whole body first, within `body_read_timeout`, then admission (the core's decision:
+/// readiness, then a permit), so a client that trickles its body holds a connection but never a
+/// permit that real requests need. Refusals are 429 or 503 at once.
+async fn admit(
+    State((core, body_read_timeout)): State<(Arc<Recommender>, Duration)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let limit = core.limits.max_body_bytes;
+    let body = match tokio::time::timeout(body_read_timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(error)) => {
+            let too_large =
+                std::error::Error::source(&error).is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            let refused = match too_large {
+                true => ApiError::PayloadTooLarge,
+                false => ApiError::MalformedJson(format!("reading the request body failed: {error}")),
+            };
+            return refused.into_response();
+        }
+        Err(_) => return ApiError::BodyTimeout(body_read_timeout.as_millis() as u64).into_response(),
+    };
     match core.admit() {
-        Ok(_permit) => next.run(request).await,
+        Ok(_permit) => next.run(Request::from_parts(parts, axum::body::Body::from(body))).await,
         Err(refused) => ApiError::from(refused).into_response(),
     }
 }

@@ -45,7 +45,9 @@ impl Target {
         })
     }
 
-    async fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+    /// Sends one call; any HTTP answer is `Ok` with its status (the body is read in full: that
+    /// is part of what a client pays, and it frees the connection).
+    async fn send(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<(reqwest::StatusCode, String)> {
         let response = self
             .client
             .post(format!("{}{path}", self.base))
@@ -53,8 +55,11 @@ impl Target {
             .send()
             .await?;
         let status = response.status();
-        // Read the body in full: that is part of what a client pays, and it frees the connection.
-        let text = response.text().await?;
+        Ok((status, response.text().await?))
+    }
+
+    async fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+        let (status, text) = self.send(path, body).await?;
         if !status.is_success() {
             bail!("{path}: HTTP {status}: {text}");
         }
@@ -245,12 +250,20 @@ impl ServerBreakdown {
 #[derive(Debug, Clone, Serialize)]
 pub struct LevelReport {
     pub mode: Mode,
+    /// Clients in a closed loop, or the most calls outstanding at once in an open loop.
     pub concurrency: usize,
+    /// Calls started per second in an open loop (`--rate`); None for a closed loop.
+    pub offered_per_sec: Option<f64>,
     pub seconds: f64,
     /// Calls answered with 200: recommendations, or ingest calls in `Mode::Ingest`.
     pub requests: usize,
     /// Events stored per second (`Mode::Ingest`, else 0).
     pub events_per_sec: f64,
+    /// Calls turned away with 429 (load shedding), and how fast that answer came.
+    pub shed: usize,
+    pub shed_p99_ms: f64,
+    /// Open loop: calls not started because `concurrency` were already outstanding.
+    pub not_sent: usize,
     pub errors: usize,
     pub first_error: Option<String>,
     pub requests_per_sec: f64,
@@ -262,113 +275,214 @@ pub struct LevelReport {
     pub server: ServerBreakdown,
 }
 
-/// Keeps `concurrency` clients busy for `duration`; latency is that of the recommend call (of the
-/// ingest call in `Mode::Ingest`).
+/// What became of one simulated client's call.
+enum Outcome {
+    Served(Duration),
+    Shed(Duration),
+    Failed(String),
+}
+
+/// One call of `workload` (for `Mode::Fresh` an event first, untimed), timed.
+async fn call(target: &Target, workload: &Workload, rng: &mut ChaCha8Rng) -> Outcome {
+    let users = workload.users.max(1);
+    let user = user_id(rng.gen_range(0..users));
+    let item_ids = &workload.item_ids;
+    let (path, body) = match workload.mode {
+        Mode::Ingest => {
+            let events: Vec<_> = (0..workload.ingest_batch.max(1))
+                .map(|_| {
+                    json!({
+                        "user_id": user_id(rng.gen_range(0..users)),
+                        "item_id": item_ids[rng.gen_range(0..item_ids.len())],
+                        "timestamp": unix_now(),
+                    })
+                })
+                .collect();
+            ("/v1/events", json!({ "events": events }))
+        }
+        Mode::Recommend | Mode::Fresh => {
+            if workload.mode == Mode::Fresh {
+                let event = json!({ "events": [{
+                    "user_id": user,
+                    "item_id": item_ids[rng.gen_range(0..item_ids.len())],
+                    "timestamp": unix_now(),
+                }]});
+                if let Err(e) = target.post("/v1/events", &event).await {
+                    return Outcome::Failed(e.to_string());
+                }
+            }
+            ("/v1/recommend", json!({ "user_id": user, "k": workload.k }))
+        }
+    };
+    let sent = Instant::now();
+    match target.send(path, &body).await {
+        Ok((status, _)) if status.is_success() => Outcome::Served(sent.elapsed()),
+        Ok((reqwest::StatusCode::TOO_MANY_REQUESTS, _)) => Outcome::Shed(sent.elapsed()),
+        Ok((status, text)) => Outcome::Failed(format!("{path}: HTTP {status}: {text}")),
+        Err(e) => Outcome::Failed(e.to_string()),
+    }
+}
+
+/// Outcomes of a level, gathered from its clients.
+#[derive(Default)]
+struct Tally {
+    served_us: Vec<u64>,
+    shed_us: Vec<u64>,
+    errors: usize,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    fn add(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Served(latency) => self.served_us.push(latency.as_micros() as u64),
+            Outcome::Shed(latency) => self.shed_us.push(latency.as_micros() as u64),
+            Outcome::Failed(error) => {
+                self.errors += 1;
+                self.first_error.get_or_insert(error);
+            }
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.served_us.extend(other.served_us);
+        self.shed_us.extend(other.shed_us);
+        self.errors += other.errors;
+        self.first_error = self.first_error.take().or(other.first_error);
+    }
+}
+
+/// Milliseconds at quantile `p` of microsecond samples, sorted here.
+fn quantile_ms(samples: &mut [u64], p: f64) -> f64 {
+    samples.sort_unstable();
+    samples
+        .get(((samples.len() as f64 * p) as usize).min(samples.len().saturating_sub(1)))
+        .map_or(0.0, |&us| us as f64 / 1e3)
+}
+
+/// Keeps `concurrency` clients busy for `duration` (a closed loop: each sends its next call
+/// when the last is answered); latency is that of the recommend call (of the ingest call in
+/// `Mode::Ingest`).
 pub async fn run_level(
     target: &Target,
     workload: &Workload,
     concurrency: usize,
     duration: Duration,
 ) -> anyhow::Result<LevelReport> {
-    let Workload {
-        mode,
-        users,
-        k,
-        ingest_batch,
-        seed,
-        ..
-    } = *workload;
     let before = target.metrics().await.context("reading /metrics before the run")?;
     let started = Instant::now();
     let until = started + duration;
     let clients: Vec<_> = (0..concurrency.max(1))
         .map(|client| {
-            let (target, item_ids) = (target.clone(), workload.item_ids.clone());
+            let (target, workload) = (target.clone(), workload.clone());
             tokio::spawn(async move {
-                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (client as u64) << 32);
-                let mut latencies_us = Vec::new();
-                let (mut errors, mut first_error) = (0usize, None);
+                let mut rng = ChaCha8Rng::seed_from_u64(workload.seed ^ (client as u64) << 32);
+                let mut tally = Tally::default();
                 while Instant::now() < until {
-                    let user = user_id(rng.gen_range(0..users.max(1)));
-                    if mode == Mode::Ingest {
-                        let events: Vec<_> = (0..ingest_batch.max(1))
-                            .map(|_| {
-                                json!({
-                                    "user_id": user_id(rng.gen_range(0..users.max(1))),
-                                    "item_id": item_ids[rng.gen_range(0..item_ids.len())],
-                                    "timestamp": unix_now(),
-                                })
-                            })
-                            .collect();
-                        let sent = Instant::now();
-                        match target.post("/v1/events", &json!({ "events": events })).await {
-                            Ok(()) => latencies_us.push(sent.elapsed().as_micros() as u64),
-                            Err(e) => {
-                                errors += 1;
-                                first_error.get_or_insert(e.to_string());
-                            }
-                        }
-                        continue;
-                    }
-                    if mode == Mode::Fresh {
-                        let event = json!({ "events": [{
-                            "user_id": user,
-                            "item_id": item_ids[rng.gen_range(0..item_ids.len())],
-                            "timestamp": unix_now(),
-                        }]});
-                        if let Err(e) = target.post("/v1/events", &event).await {
-                            errors += 1;
-                            first_error.get_or_insert(e.to_string());
-                            continue;
-                        }
-                    }
-                    let sent = Instant::now();
-                    match target.post("/v1/recommend", &json!({ "user_id": user, "k": k })).await {
-                        Ok(()) => latencies_us.push(sent.elapsed().as_micros() as u64),
-                        Err(e) => {
-                            errors += 1;
-                            first_error.get_or_insert(e.to_string());
-                        }
-                    }
+                    tally.add(call(&target, &workload, &mut rng).await);
                 }
-                (latencies_us, errors, first_error)
+                tally
             })
         })
         .collect();
-    let (mut latencies_us, mut errors, mut first_error) = (Vec::new(), 0, None);
+    let mut tally = Tally::default();
     for client in clients {
-        let (latencies, client_errors, client_error) = client.await?;
-        latencies_us.extend(latencies);
-        errors += client_errors;
-        first_error = first_error.or(client_error);
+        tally.merge(client.await?);
     }
+    report(target, workload, concurrency, None, 0, started, &before, tally).await
+}
+
+/// Starts calls at `rate` per second for `duration` whether or not earlier ones are answered
+/// (an open loop, as independent users arrive), with at most `max_outstanding` in flight: the
+/// way to offer a server more than it can take and see what it does with the excess.
+pub async fn run_rate(
+    target: &Target,
+    workload: &Workload,
+    rate: f64,
+    max_outstanding: usize,
+    duration: Duration,
+) -> anyhow::Result<LevelReport> {
+    let before = target.metrics().await.context("reading /metrics before the run")?;
+    let outstanding = Arc::new(tokio::sync::Semaphore::new(max_outstanding.max(1)));
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let mut rng = ChaCha8Rng::seed_from_u64(workload.seed);
+    let (mut started_calls, mut not_sent) = (0u64, 0usize);
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    while started.elapsed() < duration {
+        tick.tick().await;
+        let due = (started.elapsed().as_secs_f64() * rate) as u64;
+        while started_calls < due {
+            started_calls += 1;
+            let Ok(permit) = outstanding.clone().try_acquire_owned() else {
+                not_sent += 1;
+                continue;
+            };
+            let (target, workload, done) = (target.clone(), workload.clone(), done_tx.clone());
+            let mut call_rng = ChaCha8Rng::seed_from_u64(rng.gen());
+            tokio::spawn(async move {
+                let outcome = call(&target, &workload, &mut call_rng).await;
+                drop(permit);
+                let _ = done.send(outcome);
+            });
+        }
+    }
+    drop(done_tx);
+    let mut tally = Tally::default();
+    while let Some(outcome) = done.recv().await {
+        tally.add(outcome);
+    }
+    report(
+        target,
+        workload,
+        max_outstanding,
+        Some(rate),
+        not_sent,
+        started,
+        &before,
+        tally,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn report(
+    target: &Target,
+    workload: &Workload,
+    concurrency: usize,
+    offered_per_sec: Option<f64>,
+    not_sent: usize,
+    started: Instant,
+    before: &HashMap<String, f64>,
+    mut tally: Tally,
+) -> anyhow::Result<LevelReport> {
     let seconds = started.elapsed().as_secs_f64();
     let after = target.metrics().await.context("reading /metrics after the run")?;
-    latencies_us.sort_unstable();
-    let percentile = |p: f64| {
-        latencies_us
-            .get(((latencies_us.len() as f64 * p) as usize).min(latencies_us.len().saturating_sub(1)))
-            .map_or(0.0, |&us| us as f64 / 1e3)
-    };
-    let requests = latencies_us.len();
+    let requests = tally.served_us.len();
+    let mean_ms = tally.served_us.iter().sum::<u64>() as f64 / requests.max(1) as f64 / 1e3;
+    let served = &mut tally.served_us;
     Ok(LevelReport {
-        mode,
+        mode: workload.mode,
         concurrency,
+        offered_per_sec,
         seconds,
         requests,
-        errors,
-        first_error,
-        requests_per_sec: requests as f64 / seconds,
-        events_per_sec: match mode {
-            Mode::Ingest => (requests * ingest_batch.max(1)) as f64 / seconds,
+        events_per_sec: match workload.mode {
+            Mode::Ingest => (requests * workload.ingest_batch.max(1)) as f64 / seconds,
             _ => 0.0,
         },
-        mean_ms: latencies_us.iter().sum::<u64>() as f64 / requests.max(1) as f64 / 1e3,
-        p50_ms: percentile(0.50),
-        p90_ms: percentile(0.90),
-        p99_ms: percentile(0.99),
-        max_ms: latencies_us.last().map_or(0.0, |&us| us as f64 / 1e3),
-        server: ServerBreakdown::between(&before, &after, seconds),
+        shed: tally.shed_us.len(),
+        shed_p99_ms: quantile_ms(&mut tally.shed_us, 0.99),
+        not_sent,
+        errors: tally.errors,
+        first_error: tally.first_error,
+        requests_per_sec: requests as f64 / seconds,
+        mean_ms,
+        p50_ms: quantile_ms(served, 0.50),
+        p90_ms: quantile_ms(served, 0.90),
+        p99_ms: quantile_ms(served, 0.99),
+        max_ms: quantile_ms(served, 1.0),
+        server: ServerBreakdown::between(before, &after, seconds),
     })
 }
 

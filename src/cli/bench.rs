@@ -153,8 +153,14 @@ pub struct LoadArgs {
     pub events_per_call: usize,
     #[arg(long, value_enum, default_value_t = Mode::Recommend)]
     pub mode: Mode,
+    /// Closed-loop clients per level (each sends its next call when the last is answered); with
+    /// --rate, the most calls outstanding at once.
     #[arg(long, value_delimiter = ',', default_value = "64,256")]
     pub concurrency: Vec<usize>,
+    /// Open-loop levels instead: calls started per second whether or not earlier ones were
+    /// answered (how overload is offered; see docs/RELIABILITY.md).
+    #[arg(long, value_delimiter = ',')]
+    pub rate: Vec<f64>,
     #[arg(long, default_value_t = 20)]
     pub duration_secs: u64,
     #[arg(long, default_value_t = 10)]
@@ -392,14 +398,22 @@ fn load_bench(args: &LoadArgs) -> anyhow::Result<()> {
             None
         };
         let mut levels = Vec::new();
-        for &concurrency in &args.concurrency {
-            let level = load::run_level(&target, &workload, concurrency, Duration::from_secs(args.duration_secs)).await?;
+        let duration = Duration::from_secs(args.duration_secs);
+        let open_loop = args.rate.iter().map(|&rate| (Some(rate), max_connections));
+        let closed_loop = args.concurrency.iter().map(|&concurrency| (None, concurrency));
+        let plan: Vec<_> = if args.rate.is_empty() { closed_loop.collect() } else { open_loop.collect() };
+        for (rate, concurrency) in plan {
+            let level = match rate {
+                Some(rate) => load::run_rate(&target, &workload, rate, concurrency, duration).await?,
+                None => load::run_level(&target, &workload, concurrency, duration).await?,
+            };
             let s = &level.server;
             if level.mode == Mode::Ingest {
                 println!("  {:.0} events/s in calls of {}", level.events_per_sec, args.ingest_batch);
             }
+            let offered = rate.map_or(String::new(), |rate| format!(" offered {rate:.0}/s"));
             println!(
-                "{:?} c={concurrency}: {:.0} req/s, mean {:.2} ms (server {:.2}), p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, errors {} | batches: mean size {:.1}, queue wait {:.2} ms, forward {:.2} ms, rank {:.2} ms, worker busy {:.0}%",
+                "{:?} c={concurrency}{offered}: {:.0} req/s, mean {:.2} ms (server {:.2}), p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, shed {} (p99 {:.2} ms), not sent {}, errors {} | batches: mean size {:.1}, queue wait {:.2} ms, forward {:.2} ms, rank {:.2} ms, worker busy {:.0}%",
                 level.mode,
                 level.requests_per_sec,
                 level.mean_ms,
@@ -407,6 +421,9 @@ fn load_bench(args: &LoadArgs) -> anyhow::Result<()> {
                 level.p50_ms,
                 level.p99_ms,
                 level.max_ms,
+                level.shed,
+                level.shed_p99_ms,
+                level.not_sent,
                 level.errors,
                 s.mean_batch_size,
                 s.mean_queue_wait_ms,

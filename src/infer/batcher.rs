@@ -1,67 +1,65 @@
-//! The batching task: owns the request queue and cuts it into batches.
+//! Batching, on the inference worker's own thread: the worker blocks on the request queue, and
+//! when it is free takes everything waiting (up to `max_batch_size`) as its next batch. While
+//! it computes, the next batch grows in the queue, so under load batches grow instead of
+//! queueing behind one another, and an idle worker starts on a lone request at once. Nothing
+//! here waits on the async runtime: however busy the HTTP side is, the worker picks up work the
+//! moment it is free, and the queue delay it reports is its own.
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::{mpsc, Semaphore};
-
-use super::{EngineConfig, InferRequest, WorkerCommand};
+use super::limit::AdaptiveLimit;
+use super::{InferRequest, WorkerInput};
 use crate::metrics::Metrics;
 
-/// Runs until the queue's senders are gone and the queue is empty, then stops the worker by
-/// dropping its command channel.
-///
-/// A batch closes when it is full or its oldest request has waited `max_batch_delay`, and is
-/// handed over once the worker is free (`worker_free` holds one permit, which travels with the
-/// batch and returns when the worker is done). While the worker is still busy the closed batch
-/// keeps taking requests up to `max_batch_size`: under load batches grow instead of queueing
-/// behind one another, and with a delay of 0 an idle worker gets each request at once.
-pub async fn batching_task(
-    mut queue: mpsc::Receiver<InferRequest>,
-    worker: mpsc::Sender<WorkerCommand>,
-    worker_free: Arc<Semaphore>,
-    config: EngineConfig,
-    metrics: Arc<Metrics>,
-) {
-    let max_batch = config.max_batch_size.max(1);
-    let mut open = true;
-    while let Some(first) = queue.recv().await {
-        // The delay runs from when the oldest request arrived, not from when we looked.
-        let close_at = tokio::time::Instant::from_std(first.enqueued + config.max_batch_delay);
-        let mut batch = vec![first];
-        while open && batch.len() < max_batch {
-            match queue.try_recv() {
-                Ok(request) => {
-                    batch.push(request);
-                    continue;
-                }
-                Err(TryRecvError::Disconnected) => open = false,
-                Err(TryRecvError::Empty) if tokio::time::Instant::now() >= close_at => break,
-                Err(TryRecvError::Empty) => tokio::select! {
-                    request = queue.recv() => match request {
-                        Some(request) => batch.push(request),
-                        None => open = false,
-                    },
-                    _ = tokio::time::sleep_until(close_at) => break,
-                },
-            }
-        }
-        let permit = loop {
-            if !open || batch.len() >= max_batch {
-                break worker_free.clone().acquire_owned().await;
-            }
-            tokio::select! {
-                biased;
-                permit = worker_free.clone().acquire_owned() => break permit,
-                request = queue.recv() => match request {
-                    Some(request) => batch.push(request),
-                    None => open = false,
-                },
+pub struct Batcher {
+    pub inputs: Receiver<WorkerInput>,
+    pub max_batch_size: usize,
+    /// How long the oldest request may wait for more to join it while the worker is idle.
+    pub max_batch_delay: Duration,
+    pub limit: Arc<AdaptiveLimit>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Batcher {
+    /// The next batch, applying erasures met on the way as they come; `None` once every sender
+    /// is gone and the queue is empty.
+    pub fn next_batch(&mut self, mut forget: impl FnMut(Arc<str>, u64)) -> Option<Vec<InferRequest>> {
+        let first = loop {
+            match self.inputs.recv().ok()? {
+                WorkerInput::Request(request) => break request,
+                WorkerInput::Forget { user, erased_at } => forget(user, erased_at),
             }
         };
-        let Ok(permit) = permit else { break };
-        metrics.queue_depth.sub(batch.len() as i64);
-        if worker.send(WorkerCommand::Batch(batch, permit)).await.is_err() {
-            break;
+        // The delay runs from when the oldest request arrived, not from when we looked.
+        let close_at = first.enqueued + self.max_batch_delay;
+        let mut batch = vec![first];
+        while batch.len() < self.max_batch_size.max(1) {
+            let input = match self.inputs.try_recv() {
+                Ok(input) => input,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    if now >= close_at {
+                        break;
+                    }
+                    match self.inputs.recv_timeout(close_at - now) {
+                        Ok(input) => input,
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            };
+            match input {
+                WorkerInput::Request(request) => batch.push(request),
+                WorkerInput::Forget { user, erased_at } => forget(user, erased_at),
+            }
         }
+        self.metrics.queue_depth.sub(batch.len() as i64);
+        let now = Instant::now();
+        if let Some(youngest) = batch.iter().map(|r| r.enqueued).max() {
+            self.limit.observe(now.saturating_duration_since(youngest), now);
+            self.metrics.inference_limit.set(self.limit.limit() as i64);
+        }
+        Some(batch)
     }
 }

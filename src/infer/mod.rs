@@ -1,24 +1,26 @@
-//! Inference: a bounded queue drained by the batching task into whole batches, which one
-//! inference worker thread per device turns into scores with libtorch.
+//! Inference: a queue, bounded by an adaptive limit, that one inference worker thread per
+//! device drains in whole batches and turns into scores with libtorch.
 //!
 //! ```text
-//! Engine::infer ──▶ queue ──▶ batching_task ──▶ (one batch in flight) ──▶ InferenceWorker ──▶ reply
+//! Engine::infer ──▶ AdaptiveLimit ──▶ queue ──▶ InferenceWorker (Batcher, then libtorch) ──▶ reply
 //! ```
-//! The batcher closes a batch at `max_batch_size` requests or once its oldest request has waited
-//! `max_batch_delay`, and while the worker runs the current batch the next one keeps growing
-//! (up to `max_batch_size`) until the worker is free.
+//! A batch is everything waiting when the worker is free, up to `max_batch_size` (optionally
+//! held up to `max_batch_delay` for more); while the worker runs one batch the next one grows.
 pub mod batcher;
+pub mod limit;
 pub mod worker;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
 
 use crate::health::Health;
 use crate::history::HistorySnapshot;
 use crate::metrics::Metrics;
 use crate::model::Artifact;
+use limit::AdaptiveLimit;
+pub use limit::LimitConfig;
 pub use worker::WorkerConfig;
 
 /// What to compute from a user's next-item scores.
@@ -42,6 +44,9 @@ pub enum Answer {
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum InferError {
+    /// The engine holds as many requests as its adaptive limit allows (a standing queue).
+    #[error("the inference queue is full")]
+    Overloaded,
     #[error("the request's deadline passed before it was served")]
     DeadlineExceeded,
     #[error("the inference worker has stopped")]
@@ -62,66 +67,56 @@ pub struct InferRequest {
     pub reply: oneshot::Sender<Result<Answer, InferError>>,
 }
 
-/// Commands the worker thread executes in order.
-pub enum WorkerCommand {
-    /// A batch to run; the permit marks the worker busy until the batch is done.
-    Batch(Vec<InferRequest>, OwnedSemaphorePermit),
+/// What the worker thread takes from its queue, in order.
+pub enum WorkerInput {
+    Request(InferRequest),
     /// Drop anything cached about a user (erasure), and never cache a state computed from a
     /// history older than `erased_at` (a request queued before the erasure may still run).
-    Forget { user: Arc<str>, erased_at: u64 },
+    Forget {
+        user: Arc<str>,
+        erased_at: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub max_batch_size: usize,
     pub max_batch_delay: Duration,
-    pub queue_capacity: usize,
+    /// Bounds the queue too: every queued request holds a place under the limit.
+    pub limit: LimitConfig,
     pub worker: WorkerConfig,
 }
 
 /// Cheap, cloneable handle used by request handlers.
 #[derive(Clone)]
 pub struct Engine {
-    queue: mpsc::Sender<InferRequest>,
-    commands: mpsc::Sender<WorkerCommand>,
+    /// Unbounded as a channel; the limit bounds what is in it.
+    queue: std::sync::mpsc::Sender<WorkerInput>,
+    limit: Arc<AdaptiveLimit>,
     metrics: Arc<Metrics>,
 }
 
 impl Engine {
-    /// Starts the worker thread (which owns `artifact`'s model from here on) and the batching
-    /// task. `ready` fires once the worker has warmed up.
+    /// Starts the worker thread (which owns `artifact`'s model from here on). `ready` fires
+    /// once the worker has warmed up.
     pub fn start(
         artifact: Artifact,
         config: EngineConfig,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> (Self, oneshot::Receiver<()>) {
-        let (queue, requests) = mpsc::channel(config.queue_capacity);
-        let (commands, worker_commands) = mpsc::channel(1);
+        let (queue, inputs) = std::sync::mpsc::channel();
         let (ready_tx, ready) = oneshot::channel();
-        worker::InferenceWorker::spawn(
-            artifact,
-            config.worker.clone(),
-            worker_commands,
-            ready_tx,
-            metrics.clone(),
-            health,
-        );
-        tokio::spawn(batcher::batching_task(
-            requests,
-            commands.clone(),
-            Arc::new(Semaphore::new(1)),
-            config,
-            metrics.clone(),
-        ));
-        (
-            Self {
-                queue,
-                commands,
-                metrics,
-            },
-            ready,
-        )
+        let limit = AdaptiveLimit::new(config.limit.clone());
+        let batcher = batcher::Batcher {
+            inputs,
+            max_batch_size: config.max_batch_size,
+            max_batch_delay: config.max_batch_delay,
+            limit: limit.clone(),
+            metrics: metrics.clone(),
+        };
+        worker::InferenceWorker::spawn(artifact, config.worker, batcher, ready_tx, metrics.clone(), health);
+        (Self { queue, limit, metrics }, ready)
     }
 
     pub async fn infer(
@@ -132,6 +127,7 @@ impl Engine {
         query: Query,
         deadline: Instant,
     ) -> Result<Answer, InferError> {
+        let _place = self.limit.try_enter().ok_or(InferError::Overloaded)?;
         let (reply, answer) = oneshot::channel();
         let request = InferRequest {
             user,
@@ -143,15 +139,15 @@ impl Engine {
             reply,
         };
         self.metrics.queue_depth.inc();
-        if self.queue.send(request).await.is_err() {
+        if self.queue.send(WorkerInput::Request(request)).is_err() {
             self.metrics.queue_depth.dec();
             return Err(InferError::Stopped);
         }
         answer.await.unwrap_or(Err(InferError::Stopped))
     }
 
-    pub async fn forget(&self, user: Arc<str>, erased_at: u64) {
+    pub fn forget(&self, user: Arc<str>, erased_at: u64) {
         // A stopped worker holds no cache to clear.
-        let _ = self.commands.send(WorkerCommand::Forget { user, erased_at }).await;
+        let _ = self.queue.send(WorkerInput::Forget { user, erased_at });
     }
 }

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-use super::{Answer, InferError, InferRequest, Query, WorkerCommand};
+use super::batcher::Batcher;
+use super::{Answer, InferError, InferRequest, Query};
 use crate::data::session::gap_bucket;
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -57,7 +58,7 @@ impl InferenceWorker {
     pub fn spawn(
         artifact: Artifact,
         config: WorkerConfig,
-        commands: mpsc::Receiver<WorkerCommand>,
+        batcher: Batcher,
         ready: oneshot::Sender<()>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
@@ -70,7 +71,7 @@ impl InferenceWorker {
                     let mut worker = Self::new(artifact, config, metrics, worker_health);
                     tch::no_grad(|| worker.warm_up());
                     let _ = ready.send(());
-                    worker.run(commands);
+                    worker.run(batcher);
                 }));
                 if let Err(panic) = outcome {
                     health.fail(format!("the inference worker died: {}", panic_message(&*panic)));
@@ -119,13 +120,10 @@ impl InferenceWorker {
         }
     }
 
-    fn run(&mut self, mut commands: mpsc::Receiver<WorkerCommand>) {
-        while let Some(command) = commands.blocking_recv() {
-            match command {
-                // The permit is released when the batch is done: the batcher may hand over the next.
-                WorkerCommand::Batch(batch, _busy) => tch::no_grad(|| self.execute(batch)),
-                WorkerCommand::Forget { user, erased_at } => self.forget(user, erased_at),
-            }
+    /// Runs batches until the engine is gone and its queue is empty.
+    fn run(&mut self, mut batcher: Batcher) {
+        while let Some(batch) = batcher.next_batch(|user, erased_at| self.forget(user, erased_at)) {
+            tch::no_grad(|| self.execute(batch));
             self.metrics.cached_states.set(self.cache.len() as i64);
         }
     }
@@ -199,6 +197,7 @@ impl InferenceWorker {
 
     fn forget(&mut self, user: Arc<str>, erased_at: u64) {
         self.cache.remove(&user);
+        self.metrics.cached_states.set(self.cache.len() as i64);
         let now = Instant::now();
         let horizon = self.config.max_request_age;
         self.forgotten

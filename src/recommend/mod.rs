@@ -199,6 +199,7 @@ impl Recommender {
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(InferError::Stopped)) => Err(CoreError::ShuttingDown),
+            Ok(Err(InferError::Overloaded)) => Err(CoreError::Overloaded),
             Ok(Err(InferError::Failed(reason))) => Err(CoreError::InferenceFailed(reason)),
             Ok(Err(InferError::DeadlineExceeded)) | Err(_) => {
                 Err(CoreError::DeadlineExceeded(timeout.as_millis() as u64))
@@ -383,7 +384,7 @@ impl Recommender {
             .store
             .remove(user)
             .ok_or_else(|| CoreError::UserNotFound(user.to_owned()))?;
-        self.engine.forget(Arc::from(user), erased_at).await;
+        self.engine.forget(Arc::from(user), erased_at);
         commit.wait().await.map_err(|e| CoreError::StorageFailed(e.to_string()))
     }
 

@@ -1,4 +1,6 @@
 //! The service: configuration, start-up (load, warm up, bind), and graceful shutdown.
+mod connections;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use crate::api;
 use crate::data::formats::load_item_meta;
 use crate::health::Health;
 use crate::history::{FsyncPolicy, Histories, HistoryStore, Journal, JournalConfig};
-use crate::infer::{Engine, EngineConfig, WorkerConfig};
+use crate::infer::{Engine, EngineConfig, LimitConfig, WorkerConfig};
 use crate::metrics::Metrics;
 use crate::model::{Artifact, Precision};
 use crate::recommend::{Catalog, Limits, Recommender};
@@ -64,8 +66,25 @@ pub struct ServeConfig {
     pub max_batch_delay_us: u64,
     #[arg(long, env = "XSREC_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
     pub max_concurrent_requests: usize,
+    /// Queue delay the inference engine aims to stay under: while even the least-waiting
+    /// request of every batch in 100 ms waited longer, fewer requests are let in (the rest get
+    /// 429 at once), so admitted ones stay fast under overload. 0 keeps the static limit
+    /// (--max-concurrent-requests) only.
+    #[arg(long, env = "XSREC_QUEUE_DELAY_TARGET_MS", default_value_t = 5)]
+    pub queue_delay_target_ms: u64,
     #[arg(long, env = "XSREC_REQUEST_TIMEOUT_MS", default_value_t = 2000)]
     pub request_timeout_ms: u64,
+    /// Open client connections at most; past it, new ones wait in the kernel's accept backlog.
+    #[arg(long, env = "XSREC_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers; also how long an idle
+    /// keep-alive connection is kept.
+    #[arg(long, env = "XSREC_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+    /// How long a client may take to send a request's body (408 `body_timeout` after). Requests
+    /// are admitted only once their body is in, so slow senders hold no admission permit.
+    #[arg(long, env = "XSREC_BODY_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub body_read_timeout_ms: u64,
     #[arg(long, env = "XSREC_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
     #[arg(long, env = "XSREC_MAX_EVENTS_PER_CALL", default_value_t = 1000)]
@@ -149,7 +168,12 @@ pub async fn start(
     let engine_config = EngineConfig {
         max_batch_size: config.max_batch_size,
         max_batch_delay: Duration::from_micros(config.max_batch_delay_us),
-        queue_capacity: config.max_concurrent_requests.max(1) * 2,
+        limit: LimitConfig {
+            target: Duration::from_millis(config.queue_delay_target_ms),
+            interval: Duration::from_millis(100),
+            min: config.max_batch_size,
+            max: config.max_concurrent_requests.max(1),
+        },
         worker: WorkerConfig {
             device,
             cache_capacity: config.cache_capacity,
@@ -237,7 +261,12 @@ pub async fn start(
             warming.set_warmed_up();
         }
     });
-    let app = api::router(core.clone());
+    let app = api::router(core.clone(), Duration::from_millis(config.body_read_timeout_ms));
+    let connection_limits = connections::ConnectionLimits {
+        max_connections: config.max_connections,
+        header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+    };
+    let connection_metrics = core.metrics.clone();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let finished = tokio::spawn(async move {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -252,14 +281,14 @@ pub async fn start(
             draining.start_draining();
             let _ = stop_tx.send(());
         };
-        let serving = axum::serve(listener, app).with_graceful_shutdown(signal);
+        let serving = connections::serve(listener, app, connection_limits, connection_metrics, signal);
         let drained = async move {
             // After the signal, in-flight requests get `grace` to finish.
             let _ = stop_rx.await;
             tokio::time::sleep(grace).await;
         };
         let outcome = tokio::select! {
-            served = serving => served.context("serving"),
+            () = serving => Ok(()),
             _ = drained => Err(anyhow::anyhow!("in-flight requests did not finish within {grace:?} of shutdown")),
         };
         if let Some(journal) = journal {
