@@ -14,13 +14,7 @@ CONCURRENCY=${CONCURRENCY:-16,64}
 RECOVER_EVENTS=${RECOVER_EVENTS:-10000000}
 PORT=${PORT:-18282}
 OUT=runs/durable
-BIN=target/release/xsrec
-mkdir -p "$OUT"
-[ -x "$BIN" ] || make build
-
-server_pid=
-stop_server() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null; server_pid=; }
-trap stop_server EXIT
+. scripts/bench-common.sh
 
 results="$OUT/results.md"
 {

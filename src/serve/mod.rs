@@ -101,6 +101,10 @@ pub struct ServeConfig {
     /// than it saves (measured in docs/BENCHMARKS.md).
     #[arg(long, env = "XSREC_TORCH_THREADS", default_value_t = 1)]
     pub torch_threads: usize,
+    /// Nice value of the HTTP threads (0..=19; the inference worker stays at 0), so that under
+    /// CPU contention answering admitted requests wins over accepting and rejecting new ones.
+    #[arg(long, env = "XSREC_HTTP_THREAD_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub http_thread_nice: i32,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[arg(long, env = "XSREC_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
