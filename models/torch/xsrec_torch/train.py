@@ -183,6 +183,9 @@ def main(argv=None):
             json.dump(log, f, indent=2)
         print(f"best epoch {best[1]}; test NDCG@10 {test['all']['means'].get('NDCG@10', 0):.4f}; wrote {args.out}", flush=True)
     if distributed:
+        # Ranks leave together: a rank that tears gloo down while rank 0 is still evaluating and
+        # saving can abort in gloo's threads ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
