@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
 use crate::recommend::error::quote;
-use crate::recommend::{CoreError, Recommender};
+use crate::recommend::{CoreError, Recommender, Work};
 pub use error::{ApiError, FailureReason};
 
 /// Routes under `/v1` pass admission control; health, metrics and the spec never wait.
@@ -86,7 +86,12 @@ async fn admit(
         }
         Err(_) => return ApiError::BodyTimeout(body_read_timeout.as_millis() as u64).into_response(),
     };
-    match core.admit() {
+    let route = parts.extensions.get::<MatchedPath>().map(MatchedPath::as_str);
+    let work = match route {
+        Some("/v1/recommend" | "/v1/recommend/batch" | "/v1/interests") => Work::Inference,
+        _ => Work::Other,
+    };
+    match core.admit(work) {
         Ok(_permit) => next.run(Request::from_parts(parts, axum::body::Body::from(body))).await,
         Err(refused) => ApiError::from(refused).into_response(),
     }

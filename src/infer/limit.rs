@@ -21,10 +21,10 @@ pub struct LimitConfig {
 }
 
 /// On a standing queue the limit shrinks by target/delay (the share of the queue that would
-/// have been fine), at least by a fifth and at most by half; it regrows by a twentieth. Cuts are
+/// have been fine), at least by a fifth and at most to a quarter; it regrows by a twentieth. Cuts are
 /// quick because every interval over target is latency every admitted request pays; growth is
 /// cautious because it is only a guess that more would fit.
-const DECREASE: (f64, f64) = (0.5, 0.8);
+const DECREASE: (f64, f64) = (0.25, 0.8);
 const INCREASE: f64 = 1.05;
 
 pub struct AdaptiveLimit {
@@ -83,8 +83,22 @@ impl AdaptiveLimit {
             return Some(Admitted(self.clone()));
         }
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.window.lock().unwrap_or_else(|e| e.into_inner()).refused = true;
+        self.note_refusal();
         None
+    }
+
+    /// Whether a request arriving now would find a place (a refusal counts as one): lets a front
+    /// end turn work away before it spends anything on it.
+    pub fn has_room(&self) -> bool {
+        let room = self.in_flight.load(Ordering::Acquire) < self.limit();
+        if !room {
+            self.note_refusal();
+        }
+        room
+    }
+
+    fn note_refusal(&self) {
+        self.window.lock().unwrap_or_else(|e| e.into_inner()).refused = true;
     }
 
     /// Reports the queue delay of the youngest request of a batch that just started (the least
@@ -144,8 +158,10 @@ mod tests {
     fn places_are_counted_and_given_back() {
         let limit = limit(5);
         let held: Vec<_> = (0..100).map(|_| limit.try_enter().expect("under the limit")).collect();
+        assert!(!limit.has_room());
         assert!(limit.try_enter().is_none(), "the 101st is refused");
         drop(held);
+        assert!(limit.has_room());
         assert!(limit.try_enter().is_some());
     }
 
@@ -158,7 +174,7 @@ mod tests {
         interval(&limit, start, 2, 6);
         assert_eq!(limit.limit(), 64);
         interval(&limit, start, 3, 50);
-        assert_eq!(limit.limit(), 32, "ten times the target: halved");
+        assert_eq!(limit.limit(), 16, "ten times the target: cut to a quarter");
         for n in 4..40 {
             interval(&limit, start, n, 50);
         }

@@ -146,6 +146,11 @@ impl Engine {
         answer.await.unwrap_or(Err(InferError::Stopped))
     }
 
+    /// Whether the engine would take a request now (see [`AdaptiveLimit::has_room`]).
+    pub fn has_room(&self) -> bool {
+        self.limit.has_room()
+    }
+
     pub fn forget(&self, user: Arc<str>, erased_at: u64) {
         // A stopped worker holds no cache to clear.
         let _ = self.queue.send(WorkerInput::Forget { user, erased_at });

@@ -26,6 +26,14 @@ use crate::metrics::Metrics;
 /// refused too, which is what a client sending milliseconds needs to hear).
 pub const MAX_TIMESTAMP: i64 = 253_402_300_799;
 
+/// What a request will ask of the service, as far as admission cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Recommendations and interests: the inference engine's queue.
+    Inference,
+    Other,
+}
+
 /// Request limits, all configurable at start.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -123,13 +131,18 @@ impl Recommender {
     }
 
     /// A permit for one request, or why there is none: refused at once rather than queued, so
-    /// that overload cannot grow latency without bound.
-    pub fn admit(&self) -> Result<OwnedSemaphorePermit, CoreError> {
+    /// that overload cannot grow latency without bound. Work for the inference engine is turned
+    /// away here already while the engine is full, before anything is decoded or looked up:
+    /// under overload a refusal must cost as little as possible.
+    pub fn admit(&self, work: Work) -> Result<OwnedSemaphorePermit, CoreError> {
         match self.readiness() {
             Readiness::Ready => {}
             Readiness::Draining => return Err(CoreError::ShuttingDown),
             Readiness::Starting(reason) => return Err(CoreError::NotReady(reason.to_owned())),
             Readiness::Failed(reason) => return Err(CoreError::NotReady(reason)),
+        }
+        if work == Work::Inference && !self.engine.has_room() {
+            return Err(CoreError::Overloaded);
         }
         self.admission
             .clone()
