@@ -8,7 +8,8 @@
 #   static  recommendations for random users whose history does not change (the cache can help)
 #   fresh   one new event then a recommendation for the same user (no cache can help)
 # wrk is closed-loop; set RATE_PER_CONN=N to pace every connection at N requests/s instead
-# (open-loop-like fixed rate). Results: a markdown table on stdout and in runs/load/results.md,
+# (open-loop-like fixed rate). MODES="on off" and CONNS="1 16 64" choose the cells; SERVE_FLAGS
+# adds server flags (e.g. "--data-dir /tmp/state --fsync interval"). Results: a markdown table on stdout and in runs/load/results.md,
 # plus the server's own per-route latency histograms (runs/load/metrics-*.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,15 +35,15 @@ results="$OUT/results.md"
   echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
 } > "$results"
 
-for mode in on off; do
+for mode in ${MODES:-on off}; do
   if [ "$mode" = on ]; then batch_flags=(--max-batch-size 64 --max-batch-delay-us 1000); else batch_flags=(--max-batch-size 1 --max-batch-delay-us 0); fi
   target/release/xsrec serve --model "$MODEL" --addr "127.0.0.1:$PORT" --device cpu \
-    --history-cap "$EVENTS" --max-concurrent-requests 4096 "${batch_flags[@]}" > "$OUT/server-$mode.log" 2>&1 &
+    --history-cap "$EVENTS" --max-concurrent-requests 4096 "${batch_flags[@]}" ${SERVE_FLAGS:-} > "$OUT/server-$mode.log" 2>&1 &
   server_pid=$!
   until curl -sf "$BASE/health/ready" >/dev/null; do sleep 0.2; done
   python3 scripts/load/preload.py "$BASE" "$USERS" "$EVENTS" "$ITEMS"
   for workload in static fresh; do
-    for conns in 1 16 64; do
+    for conns in ${CONNS:-1 16 64}; do
       line=$(XSREC_USERS=$USERS XSREC_ITEMS=$ITEMS XSREC_RATE_PER_CONN=${RATE_PER_CONN:-0} \
         wrk -t"$conns" -c"$conns" -d"${DURATION}s" -s "scripts/load/$workload.lua" "$BASE" | grep '^RESULT')
       eval "$(echo "$line" | sed 's/^RESULT //')"
