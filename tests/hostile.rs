@@ -4,8 +4,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -107,4 +109,109 @@ async fn connections_past_the_cap_wait_until_one_closes() {
         status.expect("served once a slot freed").unwrap().unwrap(),
         StatusCode::OK
     );
+}
+
+/// Any JSON value, a few levels deep, with the numbers and strings that break parsers.
+fn any_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        ".{0,40}".prop_map(Value::from),
+        Just(Value::from("u".repeat(300))),
+    ];
+    leaf.prop_recursive(3, 24, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::btree_map(".{0,12}", inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// Bodies for `route`: its own fields with values of any type, plus garbage around them.
+fn body_for(route: &'static str) -> BoxedStrategy<Vec<u8>> {
+    let fields: &[&str] = match route {
+        "/v1/events" => &["events"],
+        "/v1/recommend" => &["user_id", "k", "at", "candidates", "exclude_seen"],
+        "/v1/recommend/batch" => &["requests"],
+        _ => &["user_id", "top", "at"],
+    };
+    let event = prop::collection::btree_map(
+        prop::sample::select(vec!["user_id", "item_id", "timestamp", "event_type", "extra"]),
+        any_json(),
+        0..5,
+    )
+    .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()));
+    let value = prop_oneof![
+        3 => any_json(),
+        2 => prop::collection::vec(event, 0..4).prop_map(Value::Array),
+    ];
+    let object = prop::collection::btree_map(prop::sample::select(fields.to_vec()), value, 0..5)
+        .prop_map(|m| serde_json::to_vec(&m).unwrap());
+    prop_oneof![
+        4 => object,
+        1 => prop::collection::vec(any::<u8>(), 0..200),
+        1 => any_json().prop_map(|v| serde_json::to_vec(&v).unwrap()),
+    ]
+    .boxed()
+}
+
+#[test]
+fn any_request_body_gets_a_json_answer_and_never_a_server_error() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = runtime.block_on(server(&[]));
+    let fx = fixture();
+    let by_user = users(&fx.events);
+    let (user, events) = by_user.iter().next().unwrap();
+    runtime.block_on(server.ingest(events));
+    let known_codes: Vec<&str> = xsrec::api::ApiError::all_codes().collect();
+    let routes = prop::sample::select(vec![
+        "/v1/events",
+        "/v1/recommend",
+        "/v1/recommend/batch",
+        "/v1/interests",
+    ]);
+    let case = routes.prop_flat_map(|route| (Just(route), body_for(route)));
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 400,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&case, |(route, body)| {
+            let (status, text) = runtime.block_on(async {
+                let response = server
+                    .client
+                    .post(format!("{}{route}", server.base))
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                (response.status(), response.text().await.unwrap())
+            });
+            prop_assert!(
+                [200, 400, 404, 413, 422].contains(&status.as_u16()),
+                "{route} {} → {status}: {text}",
+                String::from_utf8_lossy(&body)
+            );
+            if status != StatusCode::OK {
+                let reply: Value = serde_json::from_str(&text).unwrap();
+                let code = reply["error"]["code"].as_str().unwrap_or_default();
+                prop_assert!(known_codes.contains(&code), "{code}: {text}");
+                prop_assert!(text.len() < 2048, "the error echoes too much: {} bytes", text.len());
+            }
+            Ok(())
+        })
+        .unwrap();
+    // The one user stored before is untouched by whatever was refused.
+    let (status, history) = runtime.block_on(server.get(&format!("/v1/users/{user}/history")));
+    assert_eq!(status, StatusCode::OK);
+    assert!(history.contains(&events.last().unwrap().item_id));
 }
