@@ -1,6 +1,11 @@
 use clap::{Parser, Subcommand};
 use xsrec::cli;
 
+/// See Cargo.toml: with the unprefixed feature this is also the C/C++ `malloc` libtorch uses.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Cross-session next-item recommendation on libtorch.
 #[derive(Debug, Parser)]
 #[command(version, about)]

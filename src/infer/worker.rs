@@ -268,7 +268,9 @@ impl InferenceWorker {
                     let state = CachedState {
                         version: requests[i].history.version,
                         bucket: buckets[i],
-                        hidden: row.shallow_clone(),
+                        // A copy of its own: a view would keep the whole batch's `[B, L, d]`
+                        // activations alive for as long as any one of its users stays cached.
+                        hidden: row.copy(),
                         last_used: self.tick,
                     };
                     self.cache.insert(requests[i].user.clone(), state);
