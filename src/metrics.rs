@@ -28,6 +28,7 @@ pub struct Metrics {
     pub events_held: IntGauge,
     pub history_bytes: IntGauge,
     pub events_ingested: IntCounter,
+    pub expired_events: IntCounter,
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub cached_states: IntGauge,
@@ -120,6 +121,10 @@ impl Metrics {
             events_held: gauge("xsrec_history_events", "Events held in memory"),
             history_bytes: gauge("xsrec_history_bytes", "Approximate bytes of the in-memory histories"),
             events_ingested: counter("xsrec_events_ingested_total", "Events accepted by /v1/events"),
+            expired_events: counter(
+                "xsrec_expired_events_total",
+                "Events dropped from memory for being older than --retention",
+            ),
             cache_hits: counter(
                 "xsrec_cache_hits_total",
                 "Recommendations served from a cached user state",

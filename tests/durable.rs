@@ -186,6 +186,49 @@ async fn an_erased_user_is_in_no_file_after_compaction_and_stays_erased_after_a_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_old_events_from_memory_at_once_and_from_disk_at_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--data-dir",
+        dir_arg(dir.path()),
+        "--fsync",
+        "always",
+        "--retention",
+        "8s",
+    ];
+    let server = common::server(&args).await;
+    let now = xsrec::data::unix_now();
+    let events = json!({"events": [
+        {"user_id": "mixed", "item_id": "old-item-3c1f", "timestamp": now - 1000},
+        // An hour ahead, so that the test can take its time without this one expiring too.
+        {"user_id": "mixed", "item_id": "i1", "timestamp": now + 3600},
+        {"user_id": "only-old", "item_id": "old-item-3c1f", "timestamp": now - 2000},
+    ]});
+    assert_eq!(server.post("/v1/events", &events).await.0, StatusCode::OK);
+    let started = std::time::Instant::now();
+    while history(&server.client, &server.base, "mixed").await.len() > 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "memory kept events past retention"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(history(&server.client, &server.base, "only-old").await, Vec::new());
+    assert!(server.metric("xsrec_expired_events_total").await >= 2.0);
+    // Retention compactions run every quarter of the retention: then no file has the old item.
+    while !files_containing(dir.path(), b"old-item-3c1f").is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(20), "old events still on disk");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.shut_down().await.unwrap();
+
+    let server = common::server(&args).await;
+    let kept = history(&server.client, &server.base, "mixed").await;
+    assert_eq!(kept, vec![("i1".to_owned(), now + 3600, None)]);
+    assert_eq!(history(&server.client, &server.base, "only-old").await, Vec::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_queued_before_an_erasure_does_not_put_the_user_back_into_the_cache() {
     // The recommend waits 300 ms in the batcher; the erasure lands meanwhile.
     let server = server(&["--max-batch-delay-us", "300000"]).await;

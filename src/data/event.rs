@@ -10,3 +10,10 @@ pub struct Event {
     /// e.g. "view", "click", "cart", "purchase"; `None` when the source has no types.
     pub event_type: Option<String>,
 }
+
+/// Now, in the unit of event timestamps (Unix seconds).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

@@ -9,4 +9,4 @@ pub mod synth;
 pub mod vocab;
 
 pub use error::DataError;
-pub use event::Event;
+pub use event::{unix_now, Event};

@@ -44,6 +44,10 @@ pub struct JournalConfig {
     /// How soon after an erasure the files are compacted, so that the erased user's bytes leave
     /// the disk (erasures in the meantime share the compaction).
     pub erasure_compaction_delay: Duration,
+    /// Events older than this (by their timestamp, against the clock) are dropped at recovery and
+    /// by compactions, which then run every quarter of it (between 1 s and 1 h). `None`: kept
+    /// until erased.
+    pub retention: Option<Duration>,
 }
 
 impl JournalConfig {
@@ -54,7 +58,20 @@ impl JournalConfig {
             fsync: FsyncPolicy::Never,
             fsync_interval: Duration::from_secs(1),
             erasure_compaction_delay: Duration::from_secs(60),
+            retention: None,
         }
+    }
+
+    /// The oldest timestamp retention keeps now.
+    pub fn retention_horizon(&self) -> Option<i64> {
+        self.retention
+            .map(|keep| crate::data::unix_now().saturating_sub(keep.as_secs().min(i64::MAX as u64) as i64))
+    }
+
+    /// How often retention compactions run.
+    fn retention_every(&self) -> Option<Duration> {
+        self.retention
+            .map(|keep| (keep / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600)))
     }
 }
 
@@ -224,6 +241,10 @@ impl Journal {
         })
     }
 
+    pub fn retention_horizon(&self) -> Option<i64> {
+        self.shared.config.retention_horizon()
+    }
+
     pub fn config(&self) -> &JournalConfig {
         &self.shared.config
     }
@@ -343,15 +364,19 @@ struct JournalWriter {
     last_sync: Instant,
     /// When the compaction owed to an erasure is due.
     compaction_due: Option<Instant>,
+    /// When the next retention compaction is due.
+    retention_due: Option<Instant>,
 }
 
 impl JournalWriter {
     fn new(shared: Arc<Shared>) -> Self {
+        let retention_due = shared.config.retention_every().map(|every| Instant::now() + every);
         Self {
             shared,
             dirty: false,
             last_sync: Instant::now(),
             compaction_due: None,
+            retention_due,
         }
     }
 
@@ -376,21 +401,23 @@ impl JournalWriter {
         }
     }
 
-    /// The earliest of a pending fsync (`interval`) and a pending erasure compaction.
+    /// The earliest of a pending fsync (`interval`), a pending erasure compaction and the next
+    /// retention compaction.
     fn next_deadline(&self) -> Option<Instant> {
         let config = &self.shared.config;
         let sync =
             (self.dirty && config.fsync == FsyncPolicy::Interval).then(|| self.last_sync + config.fsync_interval);
-        match (sync, self.compaction_due) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [sync, self.compaction_due, self.retention_due]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn run_due_work(&mut self) {
         let now = Instant::now();
         let mut result = Ok(());
-        if self.compaction_due.is_some_and(|due| due <= now) {
+        let due = |at: Option<Instant>| at.is_some_and(|due| due <= now);
+        if due(self.compaction_due) || due(self.retention_due) {
             result = self.compact();
         } else if self.dirty && self.shared.config.fsync == FsyncPolicy::Interval {
             result = self.sync();
@@ -516,11 +543,13 @@ impl JournalWriter {
     }
 
     /// Rewrites the records into a fresh store without the events that erasures removed (nor the
-    /// markers), swaps it in and removes the old store whole: afterwards no file holds an erased
+    /// markers) or that are past retention, swaps it in and removes the old store whole: afterwards no file holds an erased
     /// user's bytes. Costs one pass over the
     /// live data, during which writes wait (reads are served from memory).
     fn compact(&mut self) -> Result<(), StoreError> {
         self.compaction_due = None;
+        self.retention_due = self.shared.config.retention_every().map(|every| Instant::now() + every);
+        let horizon = self.shared.config.retention_horizon().unwrap_or(i64::MIN);
         self.dirty = true;
         self.sync()?;
         let dir = self.shared.config.dir.clone();
@@ -542,7 +571,14 @@ impl JournalWriter {
                         erased.insert(Arc::from(user));
                         changed = true;
                     }
-                    Replayed::Append(user, events) if !erased.contains(user) => encode_group(&mut kept, user, &events),
+                    Replayed::Append(user, events) if !erased.contains(user) => {
+                        let before = events.len();
+                        let events: Vec<LoggedEvent> = events.into_iter().filter(|e| e.timestamp >= horizon).collect();
+                        changed |= events.len() < before;
+                        if !events.is_empty() {
+                            encode_group(&mut kept, user, &events);
+                        }
+                    }
                     Replayed::Append(..) => changed = true,
                 })
                 .ok_or_else(|| corrupt(&live, "a journal record is malformed"))?;

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::journal::{Journal, LoggedEvent, Replayed};
-use super::{Commit, HistorySnapshot, HistoryStore, NewEvent, StoreError, StoreStats, StoredEvent, EVENT_BYTES};
+use super::{
+    Commit, Expired, HistorySnapshot, HistoryStore, NewEvent, StoreError, StoreStats, StoredEvent, EVENT_BYTES,
+};
 
 #[derive(Debug, Default)]
 struct UserHistory {
@@ -97,10 +99,12 @@ impl Histories {
     }
 
     /// Rebuilds memory from the journal (start-up) by replaying its records in arrival order —
-    /// the very appends and erasures that built the live histories. `resolve` maps a logged
-    /// event to the model's indices. Returns the number of events read.
+    /// the very appends and erasures that built the live histories — and then drops what is past
+    /// the journal's retention (a compaction may not have removed it from disk yet). `resolve`
+    /// maps a logged event to the model's indices. Returns the number of events read.
     pub fn recover(&self, resolve: impl Fn(&LoggedEvent) -> StoredEvent) -> Result<u64, StoreError> {
         let Some(journal) = &self.journal else { return Ok(0) };
+        let horizon = journal.retention_horizon();
         let mut read = 0u64;
         journal.replay(|change| match change {
             Replayed::Append(user, events) => {
@@ -111,7 +115,38 @@ impl Histories {
                 self.forget_in_memory(user);
             }
         })?;
+        if let Some(horizon) = horizon {
+            self.expire_in_memory(horizon);
+        }
         Ok(read)
+    }
+
+    /// Drops every event older than `horizon` (Unix seconds) from memory, and the users left
+    /// with none; each changed history gets a new version, so no cached state outlives it.
+    fn expire_in_memory(&self, horizon: i64) -> Expired {
+        let mut expired = Expired::default();
+        for shard in &self.shards {
+            let mut shard = shard.write().unwrap_or_else(|e| e.into_inner());
+            let mut emptied = Vec::new();
+            for (user, history) in shard.iter_mut() {
+                let old = history.events.partition_point(|e| e.timestamp < horizon);
+                if old == 0 {
+                    continue;
+                }
+                history.events.drain(..old);
+                self.events.fetch_sub(old, Ordering::Relaxed);
+                expired.events += old;
+                history.version = self.next_version.fetch_add(1, Ordering::Relaxed);
+                if history.events.is_empty() {
+                    emptied.push(user.clone());
+                }
+            }
+            expired.users += emptied.len();
+            for user in emptied {
+                self.remove_locked(&mut shard, &user);
+            }
+        }
+        expired
     }
 
     fn forget_in_memory(&self, user: &str) -> Option<UserHistory> {
@@ -194,6 +229,11 @@ impl HistoryStore for Histories {
     fn health(&self) -> Result<(), StoreError> {
         self.journal.as_ref().map_or(Ok(()), Journal::health)
     }
+
+    fn expire(&self, horizon: i64) -> Expired {
+        // Memory only: the journal drops the same events from disk at its retention compactions.
+        self.expire_in_memory(horizon)
+    }
 }
 
 #[cfg(test)]
@@ -237,6 +277,22 @@ mod tests {
         assert_eq!(snap.items, [3, 4]);
         assert_eq!(snap.events[0].item, 0);
         assert_eq!(store.stats().events, 3);
+    }
+
+    #[test]
+    fn expiry_drops_old_events_then_emptied_users_and_renews_versions() {
+        let store = Histories::new(2, 10);
+        let kept = append(&store, "kept", [ev(1, 100), ev(2, 200), ev(3, 300)]);
+        append(&store, "gone", [ev(1, 50), ev(2, 150)]);
+        let expired = store.expire(200);
+        assert_eq!(expired, Expired { events: 3, users: 1 });
+        let snap = store.snapshot("kept").unwrap();
+        assert_eq!(snap.timestamps, [200, 300]);
+        assert!(snap.version > kept);
+        assert_eq!(store.snapshot("gone"), None);
+        let stats = store.stats();
+        assert_eq!((stats.users, stats.events), (1, 2));
+        assert_eq!(store.expire(200), Expired::default(), "nothing left to expire");
     }
 
     #[test]

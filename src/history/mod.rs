@@ -130,4 +130,14 @@ pub trait HistoryStore: Send + Sync {
     fn stats(&self) -> StoreStats;
     /// `Err` once the store can no longer keep its promise (the journal failed).
     fn health(&self) -> Result<(), StoreError>;
+    /// Retention: forgets every event older than `horizon` (Unix seconds), and users left with
+    /// none. Durable stores drop them from disk at their next compaction.
+    fn expire(&self, horizon: i64) -> Expired;
+}
+
+/// What one expiry pass removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Expired {
+    pub events: usize,
+    pub users: usize,
 }

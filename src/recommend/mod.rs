@@ -7,7 +7,7 @@ pub mod types;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -15,6 +15,7 @@ pub use catalog::Catalog;
 pub use error::CoreError;
 use types::*;
 
+use crate::data::unix_now;
 use crate::health::{Health, Readiness};
 use crate::history::{HistorySnapshot, HistoryStore, NewEvent};
 use crate::infer::{Answer, Engine, InferError, Query};
@@ -60,12 +61,6 @@ pub struct Recommender {
     pub admission: Arc<Semaphore>,
     /// One scrape at a time brings the read-off counters up to date.
     pub scrape: std::sync::Mutex<()>,
-}
-
-pub fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn invalid(message: String) -> CoreError {
@@ -257,7 +252,7 @@ impl Recommender {
                 Some(known)
             }
         };
-        let at = request.at.unwrap_or_else(now_secs);
+        let at = request.at.unwrap_or_else(unix_now);
         let (ranked, fallback) = match self.store.snapshot(&request.user_id) {
             _ if candidates.as_ref().is_some_and(Vec::is_empty) => (Vec::new(), None),
             Some(history) if !history.items.is_empty() => {
@@ -342,7 +337,7 @@ impl Recommender {
                 Some("popular".to_owned()),
             ),
             Some(history) => {
-                let at = request.at.unwrap_or_else(now_secs);
+                let at = request.at.unwrap_or_else(unix_now);
                 let query = Query::Interests { top: request.top };
                 match self.ask(&request.user_id, history, at, query).await? {
                     Answer::Categories(ranked) => (ranked, None),

@@ -52,6 +52,11 @@ pub struct ServeConfig {
     /// compacted, after which the erased user's id is in no file of the data directory.
     #[arg(long, env = "XSREC_ERASURE_COMPACTION_SECS", default_value_t = 60)]
     pub erasure_compaction_secs: u64,
+    /// Forget events older than this (by their timestamp), in memory at once and on disk at the
+    /// store's next compaction: e.g. `90d`, `12h`, `30m`, `3600s` (bare numbers are seconds).
+    /// Without it, events are kept until erased.
+    #[arg(long, env = "XSREC_RETENTION", value_parser = parse_retention)]
+    pub retention: Option<Duration>,
     /// Events kept in memory per user (the journal keeps all); defaults to the model's max_len.
     #[arg(long, env = "XSREC_HISTORY_CAP")]
     pub history_cap: Option<usize>,
@@ -108,6 +113,26 @@ pub struct ServeConfig {
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[arg(long, env = "XSREC_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+}
+
+fn parse_retention(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let seconds_per = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit `{unit}` (use s, m, h or d)")),
+    };
+    match number.parse::<u64>() {
+        Ok(n) if n > 0 => n
+            .checked_mul(seconds_per)
+            .map(Duration::from_secs)
+            .ok_or_else(|| "too long".to_owned()),
+        _ => Err(format!(
+            "expected a positive whole number with an optional unit, got `{text}`"
+        )),
+    }
 }
 
 /// A 64-bit FNV-1a of the weights: the same bytes give the same version on every machine.
@@ -203,6 +228,7 @@ pub async fn start(
                 fsync: config.fsync,
                 fsync_interval: Duration::from_millis(config.fsync_interval_ms),
                 erasure_compaction_delay: Duration::from_secs(config.erasure_compaction_secs),
+                retention: config.retention,
             })
             .with_context(|| format!("opening the history store in {}", dir.display()))?;
             eprintln!(
@@ -259,6 +285,9 @@ pub async fn start(
             Err(error) => recovering.health.fail(format!("recovering histories: {error}")),
         }
     });
+    if let Some(retention) = config.retention {
+        tokio::spawn(expire_periodically(core.clone(), retention));
+    }
     let warming = health.clone();
     tokio::spawn(async move {
         if warmed_up.await.is_ok() {
@@ -307,6 +336,21 @@ pub async fn start(
     Ok(RunningServer { addr, core, finished })
 }
 
+/// Retention in memory: every quarter of the retention (between 1 s and a minute), the events
+/// past it leave memory; the journal drops them from disk at its own compactions.
+async fn expire_periodically(core: Arc<Recommender>, retention: Duration) {
+    let mut every = tokio::time::interval((retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)));
+    loop {
+        every.tick().await;
+        let horizon = crate::data::unix_now().saturating_sub(retention.as_secs().min(i64::MAX as u64) as i64);
+        let store = core.store.clone();
+        let Ok(expired) = tokio::task::spawn_blocking(move || store.expire(horizon)).await else {
+            return;
+        };
+        core.metrics.expired_events.inc_by(expired.events as u64);
+    }
+}
+
 /// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
@@ -315,5 +359,22 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = interrupt => {},
         _ = terminate.recv() => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_takes_whole_numbers_with_a_unit() {
+        assert_eq!(parse_retention("90d"), Ok(Duration::from_secs(90 * 86_400)));
+        assert_eq!(parse_retention("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_retention("30m"), Ok(Duration::from_secs(1_800)));
+        assert_eq!(parse_retention("3600"), Ok(Duration::from_secs(3_600)));
+        assert_eq!(parse_retention("5s"), Ok(Duration::from_secs(5)));
+        for bad in ["", "0d", "d", "1.5h", "-3d", "7w", "99999999999999999999d"] {
+            assert!(parse_retention(bad).is_err(), "{bad}");
+        }
     }
 }
