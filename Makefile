@@ -15,7 +15,7 @@ DEFAULT_MODEL := models/default
 # The documented recipe of the default model (see README "The default model").
 DEFAULT_TRAIN_FLAGS := --max-len 50 --seed 42 --threads 1
 
-.PHONY: venv build data run test fmt lint bench load quality clean
+.PHONY: venv build data run test fmt lint bench load quality fuzz clean
 
 venv: $(TORCH_STAMP)
 
@@ -67,3 +67,14 @@ quality: data
 clean:
 	cargo clean
 	rm -rf runs
+
+# Coverage-guided fuzzing (cargo-fuzz, nightly) of request decoding through the real router and of
+# journal record decoding; FUZZ_SECONDS per target. No sanitizer (-s none): libtorch is not built
+# for one; panics and aborts are what is caught. The targets need libtorch on the loader path.
+FUZZ_SECONDS ?= 20
+TORCH_LIB = $(shell $(VENV)/bin/python -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+fuzz: venv
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd fuzz && for target in journal_record request_decoding; do \
+	  LD_LIBRARY_PATH=$(TORCH_LIB) cargo +nightly fuzz run -s none -O $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done

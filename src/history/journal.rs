@@ -692,8 +692,9 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Calls `apply` for each change in the record; `None` if it is malformed.
-fn decode_record(record: &[u8], apply: &mut impl FnMut(Replayed<'_>)) -> Option<()> {
+/// Calls `apply` for each change in the record; `None` if it is malformed. (Public for the fuzz
+/// target that feeds it arbitrary bytes.)
+pub fn decode_record(record: &[u8], apply: &mut impl FnMut(Replayed<'_>)) -> Option<()> {
     let (&kind, body) = record.split_first()?;
     let mut reader = Reader(body);
     match kind {

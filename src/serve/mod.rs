@@ -135,6 +135,20 @@ fn parse_retention(text: &str) -> Result<Duration, String> {
     }
 }
 
+impl ServeConfig {
+    /// The settings that `xsrec serve ARGS…` would have (for embedding the server: tests, fuzz
+    /// targets); `args` are the flags alone.
+    pub fn from_args(args: &[&str]) -> Result<Self, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            config: ServeConfig,
+        }
+        use clap::Parser;
+        Flags::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).map(|flags| flags.config)
+    }
+}
+
 /// A 64-bit FNV-1a of the weights: the same bytes give the same version on every machine.
 fn weights_version(dir: &std::path::Path) -> anyhow::Result<String> {
     let path = dir.join(crate::model::artifact::WEIGHTS_FILE);

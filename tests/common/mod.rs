@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use clap::Parser;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tch::Device;
@@ -91,13 +90,7 @@ pub fn fixture() -> &'static Fixture {
 }
 
 pub fn config(model: &Path, extra: &[&str]) -> ServeConfig {
-    #[derive(Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        config: ServeConfig,
-    }
     let mut args = vec![
-        "test",
         "--model",
         model.to_str().unwrap(),
         "--addr",
@@ -106,7 +99,7 @@ pub fn config(model: &Path, extra: &[&str]) -> ServeConfig {
         "cpu",
     ];
     args.extend_from_slice(extra);
-    Wrapper::parse_from(args).config
+    ServeConfig::from_args(&args).unwrap()
 }
 
 pub struct Server {
