@@ -26,11 +26,15 @@ struct Target {
 fn target() -> &'static Target {
     static TARGET: OnceLock<Target> = OnceLock::new();
     TARGET.get_or_init(|| {
-        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/default");
         let router = runtime.block_on(async {
             let config =
-                xsrec::serve::ServeConfig::from_args(&["--model", model, "--addr", "127.0.0.1:0", "--device", "cpu"]).unwrap();
+                xsrec::serve::ServeConfig::from_args(&["--model", model, "--addr", "127.0.0.1:0", "--device", "cpu"])
+                    .unwrap();
             let server = xsrec::serve::start(config, std::future::pending()).await.unwrap();
             while server.core.readiness() != xsrec::health::Readiness::Ready {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -42,7 +46,9 @@ fn target() -> &'static Target {
 }
 
 fuzz_target!(|input: &[u8]| {
-    let Some((&route, body)) = input.split_first() else { return };
+    let Some((&route, body)) = input.split_first() else {
+        return;
+    };
     let (method, path) = ROUTES[route as usize % ROUTES.len()];
     let target = target();
     let request = Request::builder()
