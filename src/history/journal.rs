@@ -653,7 +653,8 @@ fn put_str(out: &mut Vec<u8>, text: &str) {
 
 /// One user's events of an append record: user, count (u32 BE), then per event timestamp
 /// (i64 BE), type (length u16 BE, `u16::MAX` for none, then bytes) and item id (length, bytes).
-fn encode_group(out: &mut Vec<u8>, user: &str, events: &[LoggedEvent]) {
+/// (Public for the storage-engine bench, so that both engines store the very same bytes.)
+pub fn encode_group(out: &mut Vec<u8>, user: &str, events: &[LoggedEvent]) {
     put_str(out, user);
     out.extend_from_slice(&(events.len() as u32).to_be_bytes());
     for event in events {
