@@ -530,7 +530,8 @@ async fn load_generator_preloads_users_and_reads_the_servers_batching_back() {
     let batched: f64 = level.server.batch_size_histogram.iter().map(|(_, n)| n).sum();
     assert_eq!(batched, level.server.batches);
     // No cache: every recommendation went through a batch of its own or a shared one.
-    assert!(level.server.mean_batch_size * level.server.batches >= level.requests as f64);
+    // (mean × count re-multiplies a quotient: allow its rounding.)
+    assert!(level.server.mean_batch_size * level.server.batches >= level.requests as f64 - 1e-6);
     assert!(level.p50_ms <= level.p99_ms && level.p99_ms <= level.max_ms);
 
     // Ingest mode: every acknowledged call stored its whole batch.

@@ -13,29 +13,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use tch::Device;
 
 use crate::data::formats::{load_events, load_item_meta, ItemMeta, LoadOptions};
 use crate::data::Event;
-
-/// `auto` picks the first CUDA device when one is usable, else the CPU.
-pub fn parse_device(name: &str) -> anyhow::Result<Device> {
-    Ok(match name {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::Cuda(n),
-            None => bail!("unknown device `{other}`: use auto, cpu, cuda or cuda:N"),
-        },
-    })
-    .and_then(|device| {
-        if device.is_cuda() && !tch::Cuda::is_available() {
-            bail!("device `{name}` requested but no CUDA device is usable (is libtorch_cuda linked?)");
-        }
-        Ok(device)
-    })
-}
+pub use crate::model::parse_device;
 
 /// Input data flags shared by every command that reads an event log.
 #[derive(Debug, Clone, Args)]

@@ -7,6 +7,7 @@ use serde_json::json;
 
 use super::eval::evaluate_model;
 use super::{parse_device, write_json, DataArgs};
+use crate::data::formats::item_categories;
 use crate::data::session::DEFAULT_SESSION_GAP_SECS;
 use crate::data::split::build_sequences;
 use crate::data::vocab::Vocab;
@@ -150,14 +151,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         markdown_table(&[("model (test)".into(), test), ("popularity (test)".into(), popularity)])
     );
     let meta = args.data.load_item_meta()?;
-    let item_categories: Vec<Vec<String>> = std::iter::once(Vec::new())
-        .chain(set.items.ids().iter().map(|id| {
-            meta.as_ref()
-                .and_then(|m| m.get(id))
-                .map(|m| m.categories.clone())
-                .unwrap_or_default()
-        }))
-        .collect();
+    let item_categories = item_categories(&set.items, meta.as_ref());
     let info = json!({
         "data": {
             "source": args.data.data.display().to_string(),

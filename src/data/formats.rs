@@ -217,6 +217,26 @@ pub struct ItemMeta {
     pub categories: Vec<String>,
 }
 
+/// Each item's categories, indexed like the model's items (index 0, the padding item, has none;
+/// items without metadata have none).
+pub fn item_categories(items: &super::vocab::Vocab, meta: Option<&HashMap<String, ItemMeta>>) -> Vec<Vec<String>> {
+    std::iter::once(Vec::new())
+        .chain(items.ids().iter().map(|id| {
+            meta.and_then(|m| m.get(id))
+                .map(|m| m.categories.clone())
+                .unwrap_or_default()
+        }))
+        .collect()
+}
+
+/// Sorted distinct category names: category `c` is the `c`-th of them everywhere.
+pub fn category_names(item_categories: &[Vec<String>]) -> Vec<String> {
+    let mut names: Vec<String> = item_categories.iter().flatten().cloned().collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// Where the fields of an item sit in a row of a metadata file.
 #[derive(Debug, Clone, Copy)]
 struct MetaLayout {

@@ -9,9 +9,10 @@ use tokio::sync::oneshot;
 
 use super::batcher::Batcher;
 use super::{Answer, InferError, InferRequest, Query};
-use crate::data::session::gap_bucket;
+use crate::data::formats::category_names;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::model::input::moment_key;
 use crate::model::input::to_device_pinned;
 use crate::model::{encode, mask_items, padded_index, Artifact, Batch, HistoryView, SeqModel};
 
@@ -213,13 +214,11 @@ impl InferenceWorker {
             .is_none_or(|&(erased_at, _)| request.history.version > erased_at)
     }
 
-    /// The prediction-gap bucket is the only feature that depends on the moment of prediction.
+    /// What besides the history version a cached state depends on (see [`moment_key`]).
     fn cache_bucket(&self, request: &InferRequest) -> i64 {
-        let config = &self.model.config;
-        match request.history.timestamps.last() {
-            Some(&last) if config.features.prediction_gap => gap_bucket(request.at - last, config.session_gap_secs),
-            _ => 0,
-        }
+        let (h, config) = (&request.history, &self.model.config);
+        let view = HistoryView::new(&h.items, &h.timestamps, &h.types);
+        moment_key(view, request.at, &config.features, config.session_gap_secs)
     }
 
     /// `[B, d]` final hidden states: cached where still valid, one forward pass for the rest.
@@ -434,12 +433,4 @@ fn category_matrix(item_categories: &[Vec<String>], device: Device) -> Option<Te
             .view([item_categories.len() as i64, names.len() as i64])
             .to_device(device),
     )
-}
-
-/// Sorted distinct category names.
-pub fn category_names(item_categories: &[Vec<String>]) -> Vec<String> {
-    let mut names: Vec<String> = item_categories.iter().flatten().cloned().collect();
-    names.sort();
-    names.dedup();
-    names
 }

@@ -4,6 +4,7 @@ use std::borrow::Borrow;
 
 use tch::{Device, Tensor};
 
+use super::Features;
 use crate::data::session::{gap_bucket, session_indices, GAP_BUCKET_NONE, GAP_BUCKET_PAD};
 
 /// A user's events in the model's index space, oldest first.
@@ -51,6 +52,23 @@ pub struct EncodedSeq {
     pub sessions: Vec<i64>,
 }
 
+/// The only part of a row that depends on the moment of prediction: the bucket of the gap from
+/// the newest event to `predict_at` (0 for an empty history, and when the model does not read
+/// prediction gaps). Two moments with the same key give the model the same input, so a state
+/// computed for one serves the other: this is the inference cache's staleness rule, kept here
+/// so that a new feature depending on the moment must change it too (the test below holds
+/// `encode` to it).
+pub fn moment_key(history: HistoryView, predict_at: i64, features: &Features, session_gap_secs: i64) -> i64 {
+    match history.timestamps.last() {
+        Some(&last) if features.prediction_gap => last_prediction_gap(last, predict_at, session_gap_secs),
+        _ => 0,
+    }
+}
+
+fn last_prediction_gap(last: i64, predict_at: i64, session_gap_secs: i64) -> i64 {
+    gap_bucket(predict_at - last, session_gap_secs)
+}
+
 /// Encodes the newest `max_len` events of `history`. Position `j` predicts what happens at the
 /// next event's time, and the last position predicts what happens at `predict_at`.
 ///
@@ -77,8 +95,10 @@ pub fn encode(history: HistoryView, predict_at: i64, max_len: usize, session_gap
             0 => GAP_BUCKET_NONE,
             _ => gap_bucket(ts - history.timestamps[i - 1], session_gap_secs),
         };
-        let next_ts = history.timestamps.get(i + 1).copied().unwrap_or(predict_at);
-        seq.prediction_gaps[j] = gap_bucket(next_ts - ts, session_gap_secs);
+        seq.prediction_gaps[j] = match history.timestamps.get(i + 1) {
+            Some(&next_ts) => gap_bucket(next_ts - ts, session_gap_secs),
+            None => last_prediction_gap(ts, predict_at, session_gap_secs),
+        };
         seq.sessions[j] = i64::from(window_sessions[offset]);
     }
     seq
@@ -183,6 +203,38 @@ pub fn to_device_pinned(host: Tensor, device: Device) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The cache's rule: moments with the same key encode to the very same row.
+        #[test]
+        fn moments_with_the_same_key_encode_identically(
+            gaps in prop::collection::vec(0i64..200_000, 0..12),
+            first in 0i64..1_000_000_000,
+            moments in prop::collection::vec(0i64..3_000_000, 2..6),
+            max_len in 1usize..8,
+            session_gap_secs in 60i64..7200,
+        ) {
+            let timestamps: Vec<i64> = gaps.iter().scan(first, |t, g| { *t += g; Some(*t) }).collect();
+            let items: Vec<u32> = (1..=timestamps.len() as u32).collect();
+            let types = vec![1u32; items.len()];
+            let view = || HistoryView::new(&items, &timestamps, &types);
+            let features = Features::default();
+            let last = timestamps.last().copied().unwrap_or(first);
+            for a in &moments {
+                for b in &moments {
+                    let (at_a, at_b) = (last + a, last + b);
+                    let key = |at| moment_key(view(), at, &features, session_gap_secs);
+                    if key(at_a) == key(at_b) {
+                        prop_assert_eq!(
+                            encode(view(), at_a, max_len, session_gap_secs),
+                            encode(view(), at_b, max_len, session_gap_secs)
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn encodes_left_padded_with_gaps_sessions_and_prediction_gap() {

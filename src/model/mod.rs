@@ -27,6 +27,31 @@ pub enum Precision {
     Bf16,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error("unknown device `{0}`: use auto, cpu, cuda or cuda:N")]
+    Unknown(String),
+    #[error("device `{0}` requested but no CUDA device is usable (is libtorch_cuda linked?)")]
+    NoCuda(String),
+}
+
+/// `auto` picks the first CUDA device when one is usable, else the CPU.
+pub fn parse_device(name: &str) -> Result<Device, DeviceError> {
+    let device = match name {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::Cuda(n),
+            None => return Err(DeviceError::Unknown(other.to_owned())),
+        },
+    };
+    if device.is_cuda() && !tch::Cuda::is_available() {
+        return Err(DeviceError::NoCuda(name.to_owned()));
+    }
+    Ok(device)
+}
+
 /// A trained (or freshly initialised) network with its parameters.
 pub struct SeqModel {
     pub config: ModelConfig,

@@ -3,9 +3,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use crate::data::formats::category_names;
 use crate::data::vocab::Vocab;
 use crate::history::{LoggedEvent, StoredEvent};
-use crate::infer::worker::category_names;
 use crate::model::Artifact;
 
 pub struct Catalog {

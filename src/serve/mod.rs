@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::api;
-use crate::data::formats::load_item_meta;
+use crate::data::formats::{item_categories, load_item_meta};
 use crate::health::Health;
 use crate::history::{FsyncPolicy, Histories, HistoryStore, Journal, JournalConfig};
 use crate::infer::{Engine, EngineConfig, LimitConfig, WorkerConfig};
@@ -173,21 +173,13 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<RunningServer> {
     tch::set_num_threads(config.torch_threads.max(1) as i32);
-    let device = crate::cli::parse_device(&config.device)?;
+    let device = crate::model::parse_device(&config.device)?;
     let mut artifact =
         Artifact::load(&config.model, device).with_context(|| format!("loading model {}", config.model.display()))?;
     artifact.model.set_precision(config.precision);
     if let Some(path) = &config.item_meta {
-        let meta = load_item_meta(path)?;
-        artifact.item_categories = std::iter::once(Vec::new())
-            .chain(
-                artifact
-                    .items
-                    .ids()
-                    .iter()
-                    .map(|id| meta.get(id).map(|m| m.categories.clone()).unwrap_or_default()),
-            )
-            .collect();
+        let meta = load_item_meta(path).with_context(|| format!("loading --item-meta {}", path.display()))?;
+        artifact.item_categories = item_categories(&artifact.items, Some(&meta));
     }
     let model_version = weights_version(&config.model)?;
     let metrics = Arc::new(Metrics::new());
