@@ -2,7 +2,7 @@
 //! round-trips and load-time validation.
 use tch::{Device, Kind, Tensor};
 use xsrec::data::vocab::Vocab;
-use xsrec::model::artifact::{Artifact, ArtifactConfig, FORMAT_VERSION};
+use xsrec::model::artifact::{Artifact, FORMAT_VERSION};
 use xsrec::model::{encode, Arch, Batch, Combine, Features, HistoryView, ModelConfig, Scorer, SeqModel};
 
 const MAX_LEN: usize = 16;
@@ -180,27 +180,14 @@ fn a_row_scores_the_same_alone_and_in_a_batch() {
 fn artifact(model: SeqModel) -> Artifact {
     let items = Vocab::from_ids((1..30).map(|i| format!("item{i}")));
     let event_types = Vocab::from_ids(["".to_string(), "view".into(), "buy".into()]);
-    Artifact {
-        config: ArtifactConfig {
-            format_version: FORMAT_VERSION,
-            model: model.config.clone(),
-            event_types: event_types.ids().to_vec(),
-            info: serde_json::json!({"note": "test"}),
-        },
-        item_counts: (0..30).collect(),
-        item_categories: (0..30)
-            .map(|i| {
-                if i % 2 == 1 {
-                    vec!["Drama".to_string(), "War".into()]
-                } else {
-                    vec![]
-                }
-            })
-            .collect(),
-        items,
-        event_types,
-        model,
-    }
+    let item_categories = (0..30)
+        .map(|i| match i % 2 {
+            1 => vec!["Drama".to_string(), "War".into()],
+            _ => vec![],
+        })
+        .collect();
+    let info = serde_json::json!({"note": "test"});
+    Artifact::new(model, items, event_types, (0..30).collect(), item_categories, info)
 }
 
 #[test]

@@ -16,7 +16,7 @@ use crate::bench::plot::draw_forward;
 use crate::bench::{forward, parity};
 use crate::data::split::build_sequences;
 use crate::data::vocab::Vocab;
-use crate::model::artifact::{read_items, ArtifactConfig, FORMAT_VERSION, ITEMS_FILE};
+use crate::model::artifact::{read_items, ITEMS_FILE};
 use crate::model::{Arch, Artifact, Features, ModelConfig, Precision, SeqModel};
 
 #[derive(Debug, Subcommand)]
@@ -347,19 +347,14 @@ fn init_model(args: &InitModelArgs) -> anyhow::Result<()> {
     let item_counts = std::iter::once(0)
         .chain((1..config.num_items as u64).map(|i| config.num_items as u64 - i))
         .collect();
-    let artifact = Artifact {
-        config: ArtifactConfig {
-            format_version: FORMAT_VERSION,
-            model: config.clone(),
-            event_types: vec![String::new()],
-            info: json!({ "untrained": true, "seed": args.seed }),
-        },
-        items,
-        event_types: Vocab::from_ids([String::new()]),
-        item_counts,
-        item_categories: vec![Vec::new(); config.num_items],
+    let artifact = Artifact::new(
         model,
-    };
+        items,
+        Vocab::from_ids([String::new()]),
+        item_counts,
+        vec![Vec::new(); config.num_items],
+        json!({ "untrained": true, "seed": args.seed }),
+    );
     artifact.save(&args.out)?;
     println!(
         "wrote untrained {:?} with {} items to {}",

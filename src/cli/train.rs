@@ -12,7 +12,7 @@ use crate::data::session::DEFAULT_SESSION_GAP_SECS;
 use crate::data::split::build_sequences;
 use crate::data::vocab::Vocab;
 use crate::eval::report::markdown_table;
-use crate::model::artifact::{Artifact, ArtifactConfig, FORMAT_VERSION};
+use crate::model::artifact::Artifact;
 use crate::model::{Arch, Combine, Features, ModelConfig};
 use crate::train::plot::draw_curves;
 use crate::train::{train, Loss, TrainConfig};
@@ -165,19 +165,14 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         "train_seconds": outcome.seconds,
         "metrics": { "validation": validation, "test": test, "popularity_test": popularity },
     });
-    let artifact = Artifact {
-        config: ArtifactConfig {
-            format_version: FORMAT_VERSION,
-            model: outcome.model.config.clone(),
-            event_types: set.event_types.ids().to_vec(),
-            info,
-        },
+    let artifact = Artifact::new(
+        outcome.model,
+        set.items,
+        set.event_types,
         item_counts,
-        items: set.items,
-        event_types: set.event_types,
         item_categories,
-        model: outcome.model,
-    };
+        info,
+    );
     artifact
         .save(&args.out)
         .with_context(|| format!("saving artifact to {}", args.out.display()))?;

@@ -65,6 +65,31 @@ pub struct Artifact {
 }
 
 impl Artifact {
+    /// An artifact of the current format for `model`: the config's model and event-type fields
+    /// are taken from `model` and `event_types`, so they cannot disagree with them.
+    pub fn new(
+        model: SeqModel,
+        items: Vocab,
+        event_types: Vocab,
+        item_counts: Vec<u64>,
+        item_categories: Vec<Vec<String>>,
+        info: serde_json::Value,
+    ) -> Self {
+        Self {
+            config: ArtifactConfig {
+                format_version: FORMAT_VERSION,
+                model: model.config.clone(),
+                event_types: event_types.ids().to_vec(),
+                info,
+            },
+            items,
+            event_types,
+            item_counts,
+            item_categories,
+            model,
+        }
+    }
+
     pub fn save(&self, dir: &Path) -> Result<(), ArtifactError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();

@@ -13,7 +13,7 @@ use xsrec::data::split::build_sequences;
 use xsrec::data::synth::{synthesize, SynthConfig};
 use xsrec::data::vocab::Vocab;
 use xsrec::data::Event;
-use xsrec::model::artifact::{Artifact, ArtifactConfig, FORMAT_VERSION};
+use xsrec::model::artifact::Artifact;
 use xsrec::model::{Features, ModelConfig};
 use xsrec::serve::{start, RunningServer, ServeConfig};
 use xsrec::train::{train, Loss, TrainConfig};
@@ -60,26 +60,23 @@ pub fn fixture() -> &'static Fixture {
         };
         let model = train(&set, config, &cfg).model;
         let dir = tempfile::tempdir().unwrap();
-        let artifact = Artifact {
-            config: ArtifactConfig {
-                format_version: FORMAT_VERSION,
-                model: model.config.clone(),
-                event_types: set.event_types.ids().to_vec(),
-                info: json!({}),
-            },
-            item_counts: set.train_item_counts(),
-            item_categories: (0..set.items.len())
-                .map(|i| match i {
-                    0 => vec![],
-                    i if i % 3 == 0 => vec!["even".to_string(), "three".into()],
-                    i if i % 2 == 0 => vec!["even".to_string()],
-                    _ => vec!["odd".to_string()],
-                })
-                .collect(),
-            items: set.items,
-            event_types: set.event_types,
+        let item_categories = (0..set.items.len())
+            .map(|i| match i {
+                0 => vec![],
+                i if i % 3 == 0 => vec!["even".to_string(), "three".into()],
+                i if i % 2 == 0 => vec!["even".to_string()],
+                _ => vec!["odd".to_string()],
+            })
+            .collect();
+        let item_counts = set.train_item_counts();
+        let artifact = Artifact::new(
             model,
-        };
+            set.items,
+            set.event_types,
+            item_counts,
+            item_categories,
+            json!({}),
+        );
         artifact.save(dir.path()).unwrap();
         Fixture {
             model: dir.path().to_path_buf(),
