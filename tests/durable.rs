@@ -507,14 +507,7 @@ async fn a_failed_batch_fails_its_requests_and_the_worker_goes_on() {
         .await
         .unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
-    let metrics = client
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics(&client).await;
     assert!(metrics.contains("xsrec_inference_failures_total 1"), "{metrics}");
 }
 

@@ -463,14 +463,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
     });
     let started = std::time::Instant::now();
     loop {
-        let metrics = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = server.metrics(&client).await;
         if metrics.lines().any(|l| l == "xsrec_queue_depth 1") {
             break;
         }

@@ -214,6 +214,12 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// The Prometheus exposition of the running process.
+    pub async fn metrics(&self, client: &reqwest::Client) -> String {
+        let response = client.get(format!("{}/metrics", self.base)).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
     pub fn spawn(model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::{BufRead, BufReader};
         use std::process::{Command, Stdio};
