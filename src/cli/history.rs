@@ -46,8 +46,13 @@ pub enum HistoryCommand {
     },
 }
 
+/// Opens the store in this process once a child has shown it can be read ([`probe`]).
 fn open(data_dir: &Path) -> anyhow::Result<Journal> {
     probe(data_dir)?;
+    open_here(data_dir)
+}
+
+fn open_here(data_dir: &Path) -> anyhow::Result<Journal> {
     Journal::open(JournalConfig::offline(data_dir.to_path_buf()))
         .with_context(|| format!("opening the history store in {}", data_dir.display()))
 }
@@ -169,8 +174,8 @@ pub fn run(command: &HistoryCommand) -> anyhow::Result<()> {
             eprintln!("exported {written} events of {users} users to {}", out.display());
         }
         HistoryCommand::Check { data_dir } => {
-            let journal = Journal::open(JournalConfig::offline(data_dir.clone()))
-                .with_context(|| format!("opening the history store in {}", data_dir.display()))?;
+            // This is the probe's child: it opens the store itself.
+            let journal = open_here(data_dir)?;
             let mut events = 0usize;
             let records = journal.replay(|change| {
                 if let Replayed::Append(_, logged) = change {

@@ -64,8 +64,7 @@ impl JournalConfig {
 
     /// The oldest timestamp retention keeps now.
     pub fn retention_horizon(&self) -> Option<i64> {
-        self.retention
-            .map(|keep| crate::data::unix_now().saturating_sub(keep.as_secs().min(i64::MAX as u64) as i64))
+        self.retention.map(super::retention_horizon)
     }
 
     /// How often retention compactions run.

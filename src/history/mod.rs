@@ -135,6 +135,11 @@ pub trait HistoryStore: Send + Sync {
     fn expire(&self, horizon: i64) -> Expired;
 }
 
+/// The oldest event timestamp that a retention of `keep` keeps now.
+pub fn retention_horizon(keep: std::time::Duration) -> i64 {
+    crate::data::unix_now().saturating_sub(keep.as_secs().min(i64::MAX as u64) as i64)
+}
+
 /// What one expiry pass removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Expired {

@@ -21,9 +21,9 @@ pub struct LimitConfig {
 }
 
 /// On a standing queue the limit shrinks by target/delay (the share of the queue that would
-/// have been fine), at least by a fifth and at most to a quarter; it regrows by a twentieth. Cuts are
-/// quick because every interval over target is latency every admitted request pays; growth is
-/// cautious because it is only a guess that more would fit.
+/// have been fine), at least by a fifth and at most to a quarter; it regrows by a twentieth.
+/// Cuts are quick because every interval over target is latency every admitted request pays;
+/// growth is cautious because it is only a guess that more would fit.
 const DECREASE: (f64, f64) = (0.25, 0.8);
 const INCREASE: f64 = 1.05;
 

@@ -348,7 +348,7 @@ async fn expire_periodically(core: Arc<Recommender>, retention: Duration) {
     let mut every = tokio::time::interval((retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)));
     loop {
         every.tick().await;
-        let horizon = crate::data::unix_now().saturating_sub(retention.as_secs().min(i64::MAX as u64) as i64);
+        let horizon = crate::history::retention_horizon(retention);
         let store = core.store.clone();
         let Ok(expired) = tokio::task::spawn_blocking(move || store.expire(horizon)).await else {
             return;
