@@ -2,7 +2,8 @@
 //! shape: 16 clients each sending calls of 100 events for random users among 10,000 and waiting
 //! for the acknowledgement. fjall runs through the real `Journal` (one writer thread, group
 //! commit); redb gets the same design — one writer thread that commits every waiting call in one
-//! write transaction — and stores the very same record bytes. Modes as `--fsync`: `always` (the
+//! write transaction — and stores the very same entries (one per user and call, keyed by user
+//! and sequence number). Modes as `--fsync`: `always` (the
 //! acknowledgement waits for an fsync) and `interval` (written at once, fsynced every second).
 //!
 //!   cargo bench --bench journal_engines          (results in docs/RELIABILITY.md)
@@ -13,14 +14,14 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use redb::{Database, Durability, TableDefinition};
-use xsrec::history::journal::encode_group;
+use xsrec::history::journal::encode_entry;
 use xsrec::history::{FsyncPolicy, Journal, JournalConfig, LoggedEvent};
 
 const CLIENTS: usize = 16;
 const EVENTS_PER_CALL: usize = 100;
 const USERS: usize = 10_000;
 const SECONDS: u64 = 8;
-const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+const EVENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("events");
 
 type Call = Vec<(Arc<str>, Vec<LoggedEvent>)>;
 
@@ -83,7 +84,7 @@ fn fjall(fsync: FsyncPolicy) -> f64 {
 fn redb(fsync: FsyncPolicy) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let db = Arc::new(Database::create(dir.path().join("journal.redb")).unwrap());
-    let (queue, calls) = mpsc::channel::<(Vec<u8>, mpsc::Sender<()>)>();
+    let (queue, calls) = mpsc::channel::<(Call, mpsc::Sender<()>)>();
     let writer = {
         let db = db.clone();
         std::thread::spawn(move || {
@@ -94,9 +95,10 @@ fn redb(fsync: FsyncPolicy) -> f64 {
                 let mut txn = db.begin_write().unwrap();
                 txn.set_durability(if sync { Durability::Immediate } else { Durability::None });
                 {
-                    let mut table = txn.open_table(RECORDS).unwrap();
-                    for (record, _) in &group {
-                        table.insert(seq, record.as_slice()).unwrap();
+                    let mut table = txn.open_table(EVENTS).unwrap();
+                    for (user, events) in group.iter().flat_map(|(call, _)| call) {
+                        let (key, value) = encode_entry(user, seq, events);
+                        table.insert(key.as_slice(), value.as_slice()).unwrap();
                         seq += 1;
                     }
                 }
@@ -111,12 +113,8 @@ fn redb(fsync: FsyncPolicy) -> f64 {
         })
     };
     let rate = drive(|call| {
-        let mut record = vec![0u8];
-        for (user, events) in &call {
-            encode_group(&mut record, user, events);
-        }
         let (ack, acked) = mpsc::channel();
-        queue.send((record, ack)).unwrap();
+        queue.send((call, ack)).unwrap();
         acked.recv().unwrap();
     });
     drop(queue);

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub users: IntGauge,
     pub events_held: IntGauge,
     pub history_bytes: IntGauge,
+    pub history_budget_bytes: IntGauge,
+    pub evictions: IntCounter,
+    pub reloads: IntCounter,
+    pub reload_seconds: Counter,
     pub events_ingested: IntCounter,
     pub expired_events: IntCounter,
     pub cache_hits: IntCounter,
@@ -120,6 +124,23 @@ impl Metrics {
             users: gauge("xsrec_users", "Users with a history in memory"),
             events_held: gauge("xsrec_history_events", "Events held in memory"),
             history_bytes: gauge("xsrec_history_bytes", "Approximate bytes of the in-memory histories"),
+            history_budget_bytes: gauge(
+                "xsrec_history_budget_bytes",
+                "--max-memory-bytes: the histories' budget (0: none)",
+            ),
+            evictions: counter(
+                "xsrec_history_evictions_total",
+                "Users that left memory (not the store) for the memory budget",
+            ),
+            reloads: counter(
+                "xsrec_history_reloads_total",
+                "Evicted users read back from the store on their next request",
+            ),
+            reload_seconds: reg(
+                &registry,
+                Counter::new("xsrec_history_reload_seconds_total", "Time spent reading evicted users back")
+                    .expect("counter"),
+            ),
             events_ingested: counter("xsrec_events_ingested_total", "Events accepted by /v1/events"),
             expired_events: counter(
                 "xsrec_expired_events_total",

@@ -1,12 +1,15 @@
 //! Any interleaving of ingest, erasure and restart keeps the durable histories equal to a plain
 //! model: every user's events sorted by time (ties in arrival order), the newest `cap` of them in
-//! memory, erased users empty, and a restart changing nothing.
+//! memory, erased users empty, and a restart changing nothing — with or without a memory budget
+//! small enough that users keep leaving memory and being read back.
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use xsrec::history::{Histories, HistoryStore, Journal, JournalConfig, LoggedEvent, NewEvent, StoredEvent};
+use xsrec::history::{
+    Histories, HistoryStore, Journal, JournalConfig, LoggedEvent, MemoryBudget, NewEvent, StoredEvent,
+};
 
 const USERS: usize = 3;
 
@@ -58,15 +61,22 @@ fn resolve(logged: &LoggedEvent) -> StoredEvent {
     }
 }
 
-fn open(dir: &Path, cap: usize) -> Histories {
+fn open(dir: &Path, cap: usize, budget: Option<usize>) -> Histories {
     let journal = Journal::open(JournalConfig::offline(dir.to_path_buf())).expect("open the journal");
-    let histories = Histories::with_journal(2, cap, Some(journal));
+    let mut histories = Histories::with_journal(2, cap, Some(journal));
+    if let Some(max_bytes) = budget {
+        let budget = MemoryBudget {
+            max_bytes,
+            resolve: Arc::new(resolve),
+        };
+        histories = histories.with_budget(budget).expect("a journal is attached");
+    }
     histories.recover(resolve).expect("recover");
     histories
 }
 
 fn served(histories: &Histories, user: usize) -> Option<Vec<(i64, String)>> {
-    let snapshot = histories.snapshot(&format!("u{user}"))?;
+    let snapshot = histories.snapshot(&format!("u{user}")).expect("the store reads")?;
     Some(
         snapshot
             .events
@@ -80,9 +90,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
-    fn histories_equal_the_model_through_any_interleaving(cap in 1usize..6, ops in prop::collection::vec(op(), 1..25)) {
+    fn histories_equal_the_model_through_any_interleaving(
+        cap in 1usize..6,
+        budget in prop::option::of(0usize..1_500),
+        ops in prop::collection::vec(op(), 1..25),
+    ) {
         let dir = tempfile::tempdir().unwrap();
-        let mut histories = open(dir.path(), cap);
+        let mut histories = open(dir.path(), cap, budget);
         let mut model = Model::default();
         for op in ops {
             match op {
@@ -113,7 +127,7 @@ proptest! {
                 }
                 Op::Restart => {
                     histories.journal().unwrap().close();
-                    histories = open(dir.path(), cap);
+                    histories = open(dir.path(), cap, budget);
                 }
             }
             for user in 0..USERS {

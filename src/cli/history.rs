@@ -10,7 +10,6 @@ use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::data::formats::InterWriter;
-use crate::history::journal::Replayed;
 use crate::history::{Journal, JournalConfig, LoggedEvent};
 use crate::recommend::{check_event, MAX_ID_BYTES};
 
@@ -140,36 +139,25 @@ pub fn run(command: &HistoryCommand) -> anyhow::Result<()> {
         }
         HistoryCommand::Export { data_dir, out, since } => {
             let journal = open(data_dir)?;
-            // Replay applies erasures; users come out in first-seen order, events in arrival order.
-            let mut order: Vec<Arc<str>> = Vec::new();
-            let mut by_user: HashMap<Arc<str>, Vec<LoggedEvent>> = HashMap::new();
-            journal.replay(|change| match change {
-                Replayed::Append(user, events) => {
-                    let kept = events.into_iter().filter(|e| since.is_none_or(|t| e.timestamp >= t));
-                    match by_user.get_mut(user) {
-                        Some(held) => held.extend(kept),
-                        None => {
-                            let user: Arc<str> = Arc::from(user);
-                            order.push(user.clone());
-                            by_user.insert(user, kept.collect());
+            // User after user, each user's events in arrival order.
+            let mut writer = InterWriter::create(out)?;
+            let (mut written, mut users) = (0usize, 0usize);
+            let mut last_user = String::new();
+            let mut failed = Ok(());
+            journal.replay(|user, _, events| {
+                for e in events.iter().filter(|e| since.is_none_or(|t| e.timestamp >= t)) {
+                    if failed.is_ok() {
+                        if user != last_user {
+                            users += 1;
+                            last_user = user.to_owned();
                         }
+                        failed = writer.write(user, &e.item_id, e.timestamp, e.event_type.as_deref());
+                        written += 1;
                     }
-                }
-                Replayed::Erase(user) => {
-                    by_user.remove(user);
                 }
             })?;
             journal.close();
-            let mut writer = InterWriter::create(out)?;
-            let (mut written, mut users) = (0usize, 0usize);
-            for user in order {
-                let Some(events) = by_user.remove(&user) else { continue };
-                users += usize::from(!events.is_empty());
-                for e in &events {
-                    writer.write(&user, &e.item_id, e.timestamp, e.event_type.as_deref())?;
-                }
-                written += events.len();
-            }
+            failed?;
             writer.finish()?;
             eprintln!("exported {written} events of {users} users to {}", out.display());
         }
@@ -177,13 +165,9 @@ pub fn run(command: &HistoryCommand) -> anyhow::Result<()> {
             // This is the probe's child: it opens the store itself.
             let journal = open_here(data_dir)?;
             let mut events = 0usize;
-            let records = journal.replay(|change| {
-                if let Replayed::Append(_, logged) = change {
-                    events += logged.len();
-                }
-            })?;
+            let entries = journal.replay(|_, _, logged| events += logged.len())?;
             journal.close();
-            eprintln!("{}: {records} records, {events} events, readable", data_dir.display());
+            eprintln!("{}: {entries} entries, {events} events, readable", data_dir.display());
         }
         HistoryCommand::Compact { data_dir } => {
             let journal = open(data_dir)?;

@@ -9,12 +9,13 @@
 //! the interval. A redb commit without fsync is rolled back by its crash recovery, so `interval`
 //! would lose acknowledged events on a plain kill.
 //!
-//! Layout: one keyspace, `records`, keyed by a sequence number (u64 BE), so iteration order is
-//! arrival order. A record is either a run of appends — everything one group commit wrote, as
-//! (user, events) groups in the order memory applied them — or an erasure marker for one user.
-//! One fjall insert per group commit (not per event) keeps the journal's cost per event small.
-//! Recovery replays the records in order, which rebuilds exactly the histories the live appends
-//! built; compaction rewrites the records without what erasures removed.
+//! Layout: keyspace `events` holds one entry per (user, append): the key is the user id (u16 BE
+//! length, bytes) then a global sequence number (u64 BE), the value that append's events. A
+//! user's entries are therefore adjacent and in arrival order: recovery reads users one after
+//! another, and a user who left memory (`--max-memory-bytes`) is read back with one prefix scan.
+//! Keyspace `meta` holds the layout's format number and the next sequence number (written in
+//! the same batch as the appends). An erasure deletes the user's entries; compaction rewrites the
+//! live entries into a fresh store, so that no file keeps the erased bytes.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock, RwLock};
@@ -122,8 +123,15 @@ struct JournalStats {
 #[derive(Clone)]
 struct Store {
     db: Database,
-    records: Keyspace,
+    events: Keyspace,
+    meta: Keyspace,
 }
+
+/// The on-disk layout this build reads and writes (see the module docs). Format 1 (one keyspace
+/// of multi-user records) was never released beyond development builds.
+const FORMAT: u8 = 2;
+const META_FORMAT: &[u8] = b"format";
+const META_NEXT_SEQ: &[u8] = b"next_seq";
 
 impl Store {
     fn open(path: &Path) -> Result<Self, StoreError> {
@@ -133,6 +141,13 @@ impl Store {
             .manual_journal_persist(true)
             .open()
             .map_err(|e| fjall_error(path, e))?;
+        if db.keyspace_exists("records") {
+            return Err(StoreError::Journal(format!(
+                "{}: written by an older development build of xsrec (journal format 1), which this \
+                 build cannot read; export it with that build and import the file with this one",
+                path.display()
+            )));
+        }
         let uncompressed = || {
             // Compression would hide an erased user's id from a byte search of the files (the
             // erasure test's evidence), and costs CPU on the ingest path.
@@ -140,18 +155,31 @@ impl Store {
                 .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
                 .manual_journal_persist(true)
         };
-        let records = db.keyspace("records", uncompressed).map_err(|e| fjall_error(path, e))?;
-        Ok(Self { db, records })
+        let events = db.keyspace("events", uncompressed).map_err(|e| fjall_error(path, e))?;
+        let meta = db.keyspace("meta", uncompressed).map_err(|e| fjall_error(path, e))?;
+        let store = Self { db, events, meta };
+        match store.meta.get(META_FORMAT).map_err(|e| fjall_error(path, e))? {
+            Some(format) if *format == [FORMAT] => {}
+            Some(format) => {
+                return Err(StoreError::Journal(format!(
+                    "{}: journal format {:?} is not this build's ({FORMAT}); use the xsrec that wrote it",
+                    path.display(),
+                    &*format
+                )))
+            }
+            None if store.events.first_key_value().is_none() => {
+                store.meta.insert(META_FORMAT, [FORMAT]).map_err(|e| fjall_error(path, e))?;
+            }
+            None => return Err(corrupt(path, "the journal's format marker is missing")),
+        }
+        Ok(store)
     }
 
-    /// One past the newest record's sequence number.
+    /// The next append's sequence number (kept in `meta` by every batch that appends).
     fn next_seq(&self, path: &Path) -> Result<u64, StoreError> {
-        match self.records.last_key_value() {
+        match self.meta.get(META_NEXT_SEQ).map_err(|e| fjall_error(path, e))? {
             None => Ok(0),
-            Some(entry) => {
-                let key = entry.key().map_err(|e| fjall_error(path, e))?;
-                Ok(decode_seq(&key).ok_or_else(|| corrupt(path, "a record key is not 8 bytes"))? + 1)
-            }
+            Some(bytes) => decode_seq(&bytes).ok_or_else(|| corrupt(path, "the next sequence number is not 8 bytes")),
         }
     }
 }
@@ -194,6 +222,9 @@ struct Shared {
     /// [`Journal::close`].
     store: RwLock<Option<Store>>,
     next_seq: AtomicU64,
+    /// Changes sent to the writer, and changes it has committed (both counts, in channel order).
+    queued: AtomicU64,
+    committed: AtomicU64,
     failure: OnceLock<String>,
     stats: JournalStats,
     config: JournalConfig,
@@ -223,6 +254,8 @@ impl Journal {
         let shared = Arc::new(Shared {
             store: RwLock::new(Some(store)),
             next_seq: AtomicU64::new(next_seq),
+            queued: AtomicU64::new(0),
+            committed: AtomicU64::new(0),
             failure: OnceLock::new(),
             stats: JournalStats::default(),
             config,
@@ -268,7 +301,21 @@ impl Journal {
 
     fn send(&self, command: JournalCommand) -> bool {
         let commands = self.commands.lock().unwrap_or_else(|e| e.into_inner());
-        commands.as_ref().is_some_and(|c| c.send(command).is_ok())
+        let sent = commands.as_ref().is_some_and(|c| c.send(command).is_ok());
+        // Counted under the lock, so that the count follows the channel's order.
+        self.shared.queued.fetch_add(u64::from(sent), Ordering::Relaxed);
+        sent
+    }
+
+    /// How many changes have been queued so far. A change queued before this call is readable
+    /// from the store (by [`Journal::load`]) once [`Journal::committed`] reaches the value.
+    pub fn queued(&self) -> u64 {
+        self.shared.queued.load(Ordering::Acquire)
+    }
+
+    /// How many of the queued changes are committed (visible to readers; fsynced or not).
+    pub fn committed(&self) -> u64 {
+        self.shared.committed.load(Ordering::Acquire)
     }
 
     /// Queues `events` for `user`; with `acknowledge`, the returned commit resolves once they
@@ -317,33 +364,66 @@ impl Journal {
         }
     }
 
-    /// Every record in arrival order: what [`Histories::recover`](super::Histories::recover)
-    /// replays, and what export reads.
-    pub fn replay(&self, mut apply: impl FnMut(Replayed<'_>)) -> Result<u64, StoreError> {
+    /// Every user's stored events, user after user, each user's in arrival order with the
+    /// append's sequence number (later appends have larger ones): what
+    /// [`Histories::recover`](super::Histories::recover) replays, and what export reads. Events
+    /// past retention are left out (a compaction may not have dropped them yet). Returns the
+    /// number of entries read.
+    pub fn replay(&self, mut apply: impl FnMut(&str, u64, Vec<LoggedEvent>)) -> Result<u64, StoreError> {
         let path = &self.shared.config.dir;
-        let mut records = 0u64;
-        for entry in self.shared.store()?.records.iter() {
-            let (_, value) = entry.into_inner().map_err(|e| fjall_error(path, e))?;
-            decode_record(&value, &mut apply).ok_or_else(|| corrupt(path, "a journal record is malformed"))?;
-            records += 1;
-        }
-        Ok(records)
+        let horizon = self.retention_horizon().unwrap_or(i64::MIN);
+        self.shared.read(|store| {
+            let mut entries = 0u64;
+            for entry in store.events.iter() {
+                let (key, value) = entry.into_inner().map_err(|e| fjall_error(path, e))?;
+                let (user, seq, mut events) =
+                    decode_entry(&key, &value).ok_or_else(|| corrupt(path, "a journal entry is malformed"))?;
+                events.retain(|e| e.timestamp >= horizon);
+                apply(user, seq, events);
+                entries += 1;
+            }
+            Ok(entries)
+        })
+    }
+
+    /// One user's stored events in arrival order, past retention left out (empty for a user the
+    /// store does not hold): what memory reloads a user from. Sees every change counted by
+    /// [`Journal::committed`]. A failed read fails the journal (health turns off).
+    pub fn load(&self, user: &str) -> Result<Vec<LoggedEvent>, StoreError> {
+        let path = &self.shared.config.dir;
+        let horizon = self.retention_horizon().unwrap_or(i64::MIN);
+        let read = |store: &Store| {
+            let mut events = Vec::new();
+            for entry in store.events.prefix(user_prefix(user)) {
+                let (key, value) = entry.into_inner().map_err(|e| fjall_error(path, e))?;
+                let (_, _, more) =
+                    decode_entry(&key, &value).ok_or_else(|| corrupt(path, "a journal entry is malformed"))?;
+                events.extend(more.into_iter().filter(|e| e.timestamp >= horizon));
+            }
+            Ok(events)
+        };
+        self.shared.read(read).inspect_err(|error| {
+            let _ = self.shared.failure.set(error.to_string());
+        })
     }
 }
 
-/// One replayed change.
-pub enum Replayed<'a> {
-    Append(&'a str, Vec<LoggedEvent>),
-    Erase(&'a str),
-}
-
 impl Shared {
+    /// Runs `f` on the store with the handle lock held, so that a compaction cannot rename the
+    /// files away under the reader (it swaps stores under the write lock).
+    fn read<T>(&self, f: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match &*self.store.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(store) => f(store),
+            None => Err(closed()),
+        }
+    }
+
     fn store(&self) -> Result<Store, StoreError> {
         self.store
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .ok_or_else(|| StoreError::Journal("the store is closed (shut down, or a compaction failed)".into()))
+            .ok_or_else(closed)
     }
 }
 
@@ -360,6 +440,8 @@ struct JournalWriter {
     shared: Arc<Shared>,
     /// Written to the OS but not yet fsynced.
     dirty: bool,
+    /// Commands committed so far (what `Shared::committed` publishes).
+    processed: u64,
     last_sync: Instant,
     /// When the compaction owed to an erasure is due.
     compaction_due: Option<Instant>,
@@ -373,6 +455,7 @@ impl JournalWriter {
         Self {
             shared,
             dirty: false,
+            processed: 0,
             last_sync: Instant::now(),
             compaction_due: None,
             retention_due,
@@ -427,6 +510,7 @@ impl JournalWriter {
     }
 
     fn execute(&mut self, group: Vec<JournalCommand>) {
+        let commands = group.len() as u64;
         let mut acks = Vec::new();
         let mut store = match self.shared.store() {
             Ok(store) => store,
@@ -436,37 +520,34 @@ impl JournalWriter {
             }
         };
         let mut batch = store.db.batch();
-        let mut appends = Vec::new();
         let mut result = self.health();
         for command in group {
             match command {
                 JournalCommand::Append { user, events, ack } => {
-                    if result.is_ok() {
-                        encode_group(&mut appends, &user, &events);
+                    if result.is_ok() && !events.is_empty() {
+                        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
+                        let (key, value) = encode_entry(&user, seq, &events);
+                        batch.insert(&store.events, key, value);
                         self.shared
                             .stats
                             .events
                             .fetch_add(events.len() as u64, Ordering::Relaxed);
-                        if appends.len() >= MAX_RECORD_BYTES {
-                            self.stage(&store, &mut batch, RECORD_APPEND, &mut appends);
-                        }
                     }
                     acks.extend(ack);
                 }
                 JournalCommand::Erase { user, ack } => {
-                    // After the appends before it, so that replay removes exactly what was there.
-                    self.stage(&store, &mut batch, RECORD_APPEND, &mut appends);
-                    let mut marker = Vec::new();
-                    put_str(&mut marker, &user);
-                    self.stage(&store, &mut batch, RECORD_ERASE, &mut marker);
+                    // Committed first, so that the scan for the user's entries sees this group's
+                    // appends before the erasure.
+                    result = result
+                        .and_then(|()| self.commit(&store, std::mem::replace(&mut batch, store.db.batch())))
+                        .and_then(|()| stage_erasure(&store, &mut batch, &user, &self.shared.config.dir));
                     let delay = self.shared.config.erasure_compaction_delay;
                     self.compaction_due.get_or_insert_with(|| Instant::now() + delay);
                     acks.push(ack);
                 }
                 JournalCommand::Compact { ack } => {
-                    self.stage(&store, &mut batch, RECORD_APPEND, &mut appends);
                     result = result
-                        .and_then(|()| self.commit(std::mem::replace(&mut batch, store.db.batch())))
+                        .and_then(|()| self.commit(&store, std::mem::replace(&mut batch, store.db.batch())))
                         .and_then(|()| self.compact());
                     // Later commands of this group go to the compacted store.
                     match self.shared.store() {
@@ -478,39 +559,33 @@ impl JournalWriter {
                 }
             }
         }
-        self.stage(&store, &mut batch, RECORD_APPEND, &mut appends);
         let result = result
-            .and_then(|()| self.commit(batch))
+            .and_then(|()| self.commit(&store, batch))
             .and_then(|()| match self.shared.config.fsync {
                 FsyncPolicy::Always => self.sync(),
                 FsyncPolicy::Interval if self.last_sync.elapsed() >= self.shared.config.fsync_interval => self.sync(),
                 _ => Ok(()),
             });
-        if let Err(error) = &result {
-            self.fail(error);
+        match &result {
+            Ok(()) => {
+                self.processed += commands;
+                self.shared.committed.store(self.processed, Ordering::Release);
+            }
+            Err(error) => self.fail(error),
         }
         for ack in acks {
             let _ = ack.send(result.clone());
         }
     }
 
-    /// Adds `body` (emptied) to the batch as the next record, unless it is empty.
-    fn stage(&self, store: &Store, batch: &mut fjall::OwnedWriteBatch, kind: u8, body: &mut Vec<u8>) {
-        if body.is_empty() {
-            return;
-        }
-        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
-        let mut record = Vec::with_capacity(1 + body.len());
-        record.push(kind);
-        record.append(body);
-        batch.insert(&store.records, seq.to_be_bytes().to_vec(), record);
-    }
-
-    /// Writes the batch to fjall's log and pushes it to the OS (survives a killed process).
-    fn commit(&mut self, batch: fjall::OwnedWriteBatch) -> Result<(), StoreError> {
+    /// Writes the batch (with the next sequence number) to fjall's log and pushes it to the OS:
+    /// it survives a killed process, and readers see it.
+    fn commit(&mut self, store: &Store, mut batch: fjall::OwnedWriteBatch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
+        let next_seq = self.shared.next_seq.load(Ordering::Relaxed);
+        batch.insert(&store.meta, META_NEXT_SEQ, next_seq.to_be_bytes());
         let path = &self.shared.config.dir;
         batch
             .durability(Some(PersistMode::Buffer))
@@ -541,10 +616,10 @@ impl JournalWriter {
         Ok(())
     }
 
-    /// Rewrites the records into a fresh store without the events that erasures removed (nor the
-    /// markers) or that are past retention, swaps it in and removes the old store whole: afterwards no file holds an erased
-    /// user's bytes. Costs one pass over the
-    /// live data, during which writes wait (reads are served from memory).
+    /// Rewrites the live entries into a fresh store without the events past retention, swaps it
+    /// in and removes the old store whole: afterwards no file holds an erased user's bytes (nor
+    /// the tombstones that name them). Costs one pass over the live data, during which writes
+    /// wait (reads of memory go on; reloads read the old store).
     fn compact(&mut self) -> Result<(), StoreError> {
         self.compaction_due = None;
         self.retention_due = self.shared.config.retention_every().map(|every| Instant::now() + every);
@@ -559,41 +634,24 @@ impl JournalWriter {
         {
             let copy = Store::open(&fresh)?;
             let mut batch = copy.db.batch();
-            // Newest first: an erasure marker is met before the events it removes.
-            let mut erased: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
-            for entry in self.shared.store()?.records.iter().rev() {
+            for entry in self.shared.store()?.events.iter() {
                 let (key, value) = entry.into_inner().map_err(|e| fjall_error(&live, e))?;
-                let mut kept = Vec::new();
-                let mut changed = false;
-                decode_record(&value, &mut |change| match change {
-                    Replayed::Erase(user) => {
-                        erased.insert(Arc::from(user));
-                        changed = true;
-                    }
-                    Replayed::Append(user, events) if !erased.contains(user) => {
-                        let before = events.len();
-                        let events: Vec<LoggedEvent> = events.into_iter().filter(|e| e.timestamp >= horizon).collect();
-                        changed |= events.len() < before;
-                        if !events.is_empty() {
-                            encode_group(&mut kept, user, &events);
-                        }
-                    }
-                    Replayed::Append(..) => changed = true,
-                })
-                .ok_or_else(|| corrupt(&live, "a journal record is malformed"))?;
-                match (changed, kept.is_empty()) {
-                    (false, _) => batch.insert(&copy.records, key, value),
-                    (true, true) => {}
-                    (true, false) => {
-                        kept.insert(0, RECORD_APPEND);
-                        batch.insert(&copy.records, key, kept);
-                    }
+                let (user, seq, events) =
+                    decode_entry(&key, &value).ok_or_else(|| corrupt(&live, "a journal entry is malformed"))?;
+                let kept: Vec<LoggedEvent> = events.iter().filter(|e| e.timestamp >= horizon).cloned().collect();
+                if kept.len() == events.len() {
+                    batch.insert(&copy.events, key, value);
+                } else if !kept.is_empty() {
+                    let (key, value) = encode_entry(user, seq, &kept);
+                    batch.insert(&copy.events, key, value);
                 }
                 if batch.len() >= 1_000 {
                     batch.commit().map_err(|e| fjall_error(&fresh, e))?;
                     batch = copy.db.batch();
                 }
             }
+            let next_seq = self.shared.next_seq.load(Ordering::Relaxed);
+            batch.insert(&copy.meta, META_NEXT_SEQ, next_seq.to_be_bytes());
             batch.commit().map_err(|e| fjall_error(&fresh, e))?;
             copy.db
                 .persist(PersistMode::SyncAll)
@@ -636,13 +694,8 @@ fn reply_all(group: Vec<JournalCommand>, result: &Result<(), StoreError>) {
     }
 }
 
-const RECORD_APPEND: u8 = 0;
-const RECORD_ERASE: u8 = 1;
-/// A run of appends is cut into records of about this size.
-const MAX_RECORD_BYTES: usize = 1 << 20;
-
-fn decode_seq(key: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(key.try_into().ok()?))
+fn decode_seq(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
 fn put_str(out: &mut Vec<u8>, text: &str) {
@@ -650,20 +703,39 @@ fn put_str(out: &mut Vec<u8>, text: &str) {
     out.extend_from_slice(text.as_bytes());
 }
 
-/// One user's events of an append record: user, count (u32 BE), then per event timestamp
-/// (i64 BE), type (length u16 BE, `u16::MAX` for none, then bytes) and item id (length, bytes).
-/// (Public for the storage-engine bench, so that both engines store the very same bytes.)
-pub fn encode_group(out: &mut Vec<u8>, user: &str, events: &[LoggedEvent]) {
-    put_str(out, user);
-    out.extend_from_slice(&(events.len() as u32).to_be_bytes());
+/// The start of every key of `user`'s entries.
+fn user_prefix(user: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + user.len() + 8);
+    put_str(&mut key, user);
+    key
+}
+
+/// One append as an entry: key = user (u16 BE length, bytes) and sequence number (u64 BE);
+/// value = event count (u32 BE), then per event timestamp (i64 BE), type (length u16 BE,
+/// `u16::MAX` for none, then bytes) and item id (length, bytes). (Public for the storage-engine
+/// bench, so that both engines store the very same bytes.)
+pub fn encode_entry(user: &str, seq: u64, events: &[LoggedEvent]) -> (Vec<u8>, Vec<u8>) {
+    let mut key = user_prefix(user);
+    key.extend_from_slice(&seq.to_be_bytes());
+    let mut value = Vec::with_capacity(4 + events.len() * 24);
+    value.extend_from_slice(&(events.len() as u32).to_be_bytes());
     for event in events {
-        out.extend_from_slice(&event.timestamp.to_be_bytes());
+        value.extend_from_slice(&event.timestamp.to_be_bytes());
         match &event.event_type {
-            Some(kind) => put_str(out, kind),
-            None => out.extend_from_slice(&NO_TYPE.to_be_bytes()),
+            Some(kind) => put_str(&mut value, kind),
+            None => value.extend_from_slice(&NO_TYPE.to_be_bytes()),
         }
-        put_str(out, &event.item_id);
+        put_str(&mut value, &event.item_id);
     }
+    (key, value)
+}
+
+/// Deletes every entry of `user` (in the batch).
+fn stage_erasure(store: &Store, batch: &mut fjall::OwnedWriteBatch, user: &str, path: &Path) -> Result<(), StoreError> {
+    for entry in store.events.prefix(user_prefix(user)) {
+        batch.remove(&store.events, entry.key().map_err(|e| fjall_error(path, e))?);
+    }
+    Ok(())
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -692,40 +764,37 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Calls `apply` for each change in the record; `None` if it is malformed. (Public for the fuzz
-/// target that feeds it arbitrary bytes.)
-pub fn decode_record(record: &[u8], apply: &mut impl FnMut(Replayed<'_>)) -> Option<()> {
-    let (&kind, body) = record.split_first()?;
-    let mut reader = Reader(body);
-    match kind {
-        RECORD_ERASE => {
-            let user = reader.str()?;
-            reader.0.is_empty().then(|| apply(Replayed::Erase(user)))
-        }
-        RECORD_APPEND => {
-            while !reader.0.is_empty() {
-                let user = reader.str()?;
-                let count = reader.u32()? as usize;
-                let mut events = Vec::with_capacity(count.min(reader.0.len() / 12));
-                for _ in 0..count {
-                    let timestamp = reader.i64()?;
-                    let event_type = match reader.u16()? {
-                        NO_TYPE => None,
-                        len => Some(Arc::from(reader.str_of(len)?)),
-                    };
-                    let item_id = Arc::from(reader.str()?);
-                    events.push(LoggedEvent {
-                        item_id,
-                        timestamp,
-                        event_type,
-                    });
-                }
-                apply(Replayed::Append(user, events));
-            }
-            Some(())
-        }
-        _ => None,
+/// The user, sequence number and events of one entry; `None` if either part is malformed or has bytes left
+/// over. (Public for the fuzz target that feeds it arbitrary bytes.)
+pub fn decode_entry<'k>(key: &'k [u8], value: &[u8]) -> Option<(&'k str, u64, Vec<LoggedEvent>)> {
+    let mut key = Reader(key);
+    let user = key.str()?;
+    let seq = decode_seq(key.take(8)?)?;
+    if !key.0.is_empty() {
+        return None;
     }
+    let mut value = Reader(value);
+    let count = value.u32()? as usize;
+    // Each event takes at least 12 bytes: a garbled count cannot make us reserve gigabytes.
+    let mut events = Vec::with_capacity(count.min(value.0.len() / 12));
+    for _ in 0..count {
+        let timestamp = value.i64()?;
+        let event_type = match value.u16()? {
+            NO_TYPE => None,
+            len => Some(Arc::from(value.str_of(len)?)),
+        };
+        let item_id = Arc::from(value.str()?);
+        events.push(LoggedEvent {
+            item_id,
+            timestamp,
+            event_type,
+        });
+    }
+    value.0.is_empty().then_some((user, seq, events))
+}
+
+fn closed() -> StoreError {
+    StoreError::Journal("the store is closed (shut down, or a compaction failed)".into())
 }
 
 fn io_error(path: &Path, error: std::io::Error) -> StoreError {
@@ -749,7 +818,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn logged_event() -> impl Strategy<Value = LoggedEvent> {
-        (".{1,12}", any::<i64>(), proptest::option::of(".{1,8}")).prop_map(|(item, timestamp, kind)| LoggedEvent {
+        (".{1,12}", any::<i64>(), proptest::option::of(".{0,8}")).prop_map(|(item, timestamp, kind)| LoggedEvent {
             item_id: Arc::from(item),
             timestamp,
             event_type: kind.map(Arc::from),
@@ -759,33 +828,40 @@ mod tests {
     proptest! {
         /// Recovery reads whatever bytes the disk gives back: garbage is refused, never a panic.
         #[test]
-        fn any_bytes_are_decoded_or_refused_without_panicking(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
-            let mut changes = 0;
-            let _ = decode_record(&bytes, &mut |_| changes += 1);
+        fn any_bytes_are_decoded_or_refused_without_panicking(
+            key in prop::collection::vec(any::<u8>(), 0..40),
+            value in prop::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let _ = decode_entry(&key, &value);
         }
 
+        /// Entries decode to what was encoded, and a cut anywhere never reads as whole.
         #[test]
-        fn append_records_decode_to_what_was_encoded(
-            groups in prop::collection::vec((".{1,16}", prop::collection::vec(logged_event(), 0..6)), 1..5)
+        fn entries_decode_to_what_was_encoded_and_cuts_are_refused(
+            user in ".{1,16}",
+            seq in any::<u64>(),
+            events in prop::collection::vec(logged_event(), 0..6),
         ) {
-            let mut record = vec![RECORD_APPEND];
-            for (user, events) in &groups {
-                encode_group(&mut record, user, events);
+            let (key, value) = encode_entry(&user, seq, &events);
+            let (decoded_user, decoded_seq, decoded) = decode_entry(&key, &value).expect("decodes");
+            prop_assert_eq!(decoded_user, user.as_str());
+            prop_assert_eq!(decoded_seq, seq);
+            prop_assert_eq!(&decoded, &events);
+            prop_assert!(key.starts_with(&user_prefix(&user)));
+            for cut in 0..value.len() {
+                prop_assert!(decode_entry(&key, &value[..cut]).is_none(), "value cut at {}", cut);
             }
-            let mut decoded = Vec::new();
-            let outcome = decode_record(&record, &mut |change| match change {
-                Replayed::Append(user, events) => decoded.push((user.to_owned(), events)),
-                Replayed::Erase(_) => panic!("an append record holds no erasure"),
-            });
-            prop_assert!(outcome.is_some());
-            prop_assert_eq!(&decoded, &groups);
-            // Cut anywhere, the record never reads as complete (cut between two groups it reads
-            // as fewer: fjall's checksum on every value is what catches that).
-            for cut in 1..record.len() {
-                let mut tail_groups = 0;
-                let whole = decode_record(&record[..cut], &mut |_| tail_groups += 1).is_some();
-                prop_assert!(!whole || tail_groups < groups.len(), "cut at {} read as complete", cut);
+            for cut in 0..key.len() {
+                prop_assert!(decode_entry(&key[..cut], &value).is_none(), "key cut at {}", cut);
             }
+        }
+    }
+
+    #[test]
+    fn one_users_prefix_never_matches_another_user() {
+        for (a, b) in [("ab", "abc"), ("a", "a\u{0}"), ("", "x")] {
+            let (key, _) = encode_entry(b, 7, &[]);
+            assert!(!key.starts_with(&user_prefix(a)), "{a:?} vs {b:?}");
         }
     }
 
@@ -797,16 +873,13 @@ mod tests {
         }
     }
 
-    /// Per user, what replay leaves: appends in order, erasures removing.
+    /// Every user replay gives back, with the events in order.
     fn logged(journal: &Journal) -> Vec<(String, Vec<LoggedEvent>)> {
         let mut all: Vec<(String, Vec<LoggedEvent>)> = Vec::new();
         journal
-            .replay(|change| match change {
-                Replayed::Append(user, events) => match all.iter_mut().find(|(u, _)| u == user) {
-                    Some((_, kept)) => kept.extend(events),
-                    None => all.push((user.to_owned(), events)),
-                },
-                Replayed::Erase(user) => all.retain(|(u, _)| u != user),
+            .replay(|user, _, events| match all.last_mut() {
+                Some((last, kept)) if last == user => kept.extend(events),
+                _ => all.push((user.to_owned(), events)),
             })
             .unwrap();
         all
@@ -829,7 +902,10 @@ mod tests {
             .unwrap()
             .wait_blocking()
             .unwrap();
+        assert_eq!(journal.load(gone).unwrap().len(), 3);
         journal.erase(Arc::from(gone)).wait_blocking().unwrap();
+        assert_eq!(journal.load(gone).unwrap(), [], "erased at once for readers");
+        assert_eq!(journal.committed(), journal.queued());
         journal.compact().wait_blocking().unwrap();
         journal.close();
 
@@ -839,7 +915,8 @@ mod tests {
         assert_eq!(users[0].0, kept);
         let items: Vec<&str> = users[0].1.iter().map(|e| &*e.item_id).collect();
         assert_eq!(items, ["item-0", "item-1", "item-2", "last"], "arrival order");
-        // New events go after the recovered ones.
+        assert_eq!(reopened.load(kept).unwrap(), users[0].1);
+        // New events go after the recovered ones (the sequence number survived the compaction).
         reopened
             .append(Arc::from(kept), vec![event("after", 1, None)], true)
             .unwrap()
@@ -850,50 +927,42 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip_including_odd_ids_and_malformed_ones_are_refused() {
-        let groups = vec![
-            (
-                "Toy Story fan, \"x\"".to_owned(),
-                vec![event("Toy Story (1995)", -5, None), event("i", i64::MAX, Some(""))],
-            ),
-            ("é".to_owned(), vec![event("é,\"x\"", 0, Some("purchase"))]),
-        ];
-        let mut record = vec![RECORD_APPEND];
-        for (user, events) in &groups {
-            encode_group(&mut record, user, events);
-        }
-        let mut seen = Vec::new();
-        decode_record(&record, &mut |change| match change {
-            Replayed::Append(user, events) => seen.push((user.to_owned(), events)),
-            Replayed::Erase(_) => panic!("no erasure here"),
-        })
-        .unwrap();
-        assert_eq!(seen, groups);
-        // A cut record is refused, unless it falls between groups: then it reads as fewer groups.
-        for cut in 1..record.len() {
-            let mut prefix = Vec::new();
-            let decoded = decode_record(&record[..cut], &mut |change| {
-                if let Replayed::Append(user, events) = change {
-                    prefix.push((user.to_owned(), events));
-                }
-            });
-            if decoded.is_some() {
-                assert!(
-                    prefix.len() < groups.len() && groups.starts_with(&prefix),
-                    "cut at {cut}"
-                );
-            }
-        }
-        let mut marker = vec![RECORD_ERASE];
-        put_str(&mut marker, "gone");
-        let mut erased = None;
-        decode_record(&marker, &mut |change| {
-            if let Replayed::Erase(user) = change {
-                erased = Some(user.to_owned());
-            }
-        })
-        .unwrap();
-        assert_eq!(erased.as_deref(), Some("gone"));
-        assert!(decode_record(&[7, 0, 0], &mut |_| {}).is_none(), "unknown kind");
+    fn an_erasure_in_the_same_group_as_appends_removes_them_and_later_appends_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(JournalConfig::offline(dir.path().to_path_buf())).unwrap();
+        // Queued back to back, these share the writer's group (or not: the outcome is the same).
+        let _ = journal.append(Arc::from("u"), vec![event("before", 1, None)], false);
+        let erased = journal.erase(Arc::from("u"));
+        let after = journal.append(Arc::from("u"), vec![event("after", 2, None)], true);
+        erased.wait_blocking().unwrap();
+        after.unwrap().wait_blocking().unwrap();
+        let items: Vec<String> = journal.load("u").unwrap().iter().map(|e| e.item_id.to_string()).collect();
+        assert_eq!(items, ["after"]);
+        journal.close();
+    }
+
+    #[test]
+    fn a_store_of_another_format_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(JournalConfig::offline(dir.path().to_path_buf())).unwrap();
+        journal.close();
+        let db = Database::builder(live_dir(dir.path())).open().unwrap();
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default).unwrap();
+        meta.insert(META_FORMAT, [9]).unwrap();
+        db.persist(PersistMode::SyncAll).unwrap();
+        drop((meta, db));
+        let refused = Journal::open(JournalConfig::offline(dir.path().to_path_buf())).err().unwrap();
+        assert!(refused.to_string().contains("journal format [9]"), "{refused}");
+    }
+
+    #[test]
+    fn odd_ids_round_trip_and_malformed_entries_are_refused() {
+        let events = vec![event("Toy Story (1995)", -5, None), event("é,\"x\"", i64::MAX, Some(""))];
+        let (key, value) = encode_entry("Toy Story fan, \"x\"", 3, &events);
+        assert_eq!(decode_entry(&key, &value), Some(("Toy Story fan, \"x\"", 3, events)));
+        let mut longer = value.clone();
+        longer.push(0);
+        assert_eq!(decode_entry(&key, &longer), None, "bytes left over");
+        assert_eq!(decode_entry(&key, &[0, 0, 0, 9]), None, "count larger than the events");
     }
 }

@@ -2,24 +2,61 @@
 //! that ingest and reads of different users rarely contend. With a journal attached, every change
 //! is handed to the journal while its shard is still locked, so the journal sees each user's
 //! changes in exactly the order memory applied them.
+//!
+//! With a memory budget (`--max-memory-bytes`), the least recently active users leave memory
+//! (never the journal) once the histories' bytes pass it, and are read back from the journal on
+//! their next request. A user may leave only once the journal has committed every change memory
+//! made to it, and an erased user is not read back before its erasure is committed, so a reload
+//! always gives back exactly what memory held (less what retention dropped since).
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockWriteGuard};
+use std::time::Instant;
 
-use super::journal::{Journal, LoggedEvent, Replayed};
+use super::journal::{Journal, LoggedEvent};
 use super::{
-    Commit, Expired, HistorySnapshot, HistoryStore, NewEvent, StoreError, StoreStats, StoredEvent, EVENT_BYTES,
+    Commit, Expired, HistorySnapshot, HistoryStore, MemoryTotals, NewEvent, StoreError, StoreStats, StoredEvent,
+    EVENT_BYTES,
 };
 
 #[derive(Debug, Default)]
 struct UserHistory {
     events: VecDeque<StoredEvent>,
     version: u64,
+    /// The eviction clock when the user was last read or written.
+    last_active: AtomicU64,
+    /// [`Journal::queued`] just after the user's newest change: the user may leave memory once
+    /// the journal has committed that many changes.
+    written: u64,
+}
+
+/// Bytes a user costs beyond its events: the map entry and the id.
+const USER_BYTES: usize = std::mem::size_of::<UserHistory>() + std::mem::size_of::<Arc<str>>();
+
+impl UserHistory {
+    fn bytes(&self, user: &str) -> usize {
+        self.events.len() * EVENT_BYTES + USER_BYTES + user.len()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    users: HashMap<Arc<str>, UserHistory>,
+    /// With a budget: users erased in memory whose erasure the journal has not committed yet,
+    /// with the commit count that covers it (a reload before then would read them back).
+    erasing: HashMap<Arc<str>, u64>,
+}
+
+/// `--max-memory-bytes`: how much the histories may hold, and how to read a user back.
+pub struct MemoryBudget {
+    pub max_bytes: usize,
+    /// Maps a stored event to the model's indices, as recovery does.
+    pub resolve: Arc<dyn Fn(&LoggedEvent) -> StoredEvent + Send + Sync>,
 }
 
 pub struct Histories {
-    shards: Vec<RwLock<HashMap<Arc<str>, UserHistory>>>,
+    shards: Vec<RwLock<Shard>>,
     hasher: RandomState,
     capacity: usize,
     next_version: AtomicU64,
@@ -27,6 +64,14 @@ pub struct Histories {
     events: AtomicUsize,
     key_bytes: AtomicUsize,
     journal: Option<Journal>,
+    budget: Option<MemoryBudget>,
+    /// Ticks on every read and write of a user (only with a budget).
+    clock: AtomicU64,
+    /// Set while one caller runs an eviction pass; the others go on.
+    evicting: AtomicBool,
+    evictions: AtomicU64,
+    reloads: AtomicU64,
+    reload_micros: AtomicU64,
 }
 
 impl Histories {
@@ -40,7 +85,7 @@ impl Histories {
     pub fn with_journal(shards: usize, capacity: usize, journal: Option<Journal>) -> Self {
         assert!(shards > 0 && capacity > 0, "shards and capacity must be positive");
         Self {
-            shards: (0..shards).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: (0..shards).map(|_| RwLock::default()).collect(),
             hasher: RandomState::new(),
             capacity,
             next_version: AtomicU64::new(1),
@@ -48,7 +93,25 @@ impl Histories {
             events: AtomicUsize::new(0),
             key_bytes: AtomicUsize::new(0),
             journal,
+            budget: None,
+            clock: AtomicU64::new(0),
+            evicting: AtomicBool::new(false),
+            evictions: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
+            reload_micros: AtomicU64::new(0),
         }
+    }
+
+    /// Bounds memory by `budget`; evicted users are read back from the journal, which is
+    /// therefore required.
+    pub fn with_budget(mut self, budget: MemoryBudget) -> Result<Self, StoreError> {
+        if self.journal.is_none() {
+            return Err(StoreError::Journal(
+                "a memory budget needs a durable store to read evicted users back from (--data-dir)".into(),
+            ));
+        }
+        self.budget = Some(budget);
+        Ok(self)
     }
 
     pub fn capacity(&self) -> usize {
@@ -59,30 +122,35 @@ impl Histories {
         self.journal.as_ref()
     }
 
-    fn shard(&self, user: &str) -> &RwLock<HashMap<Arc<str>, UserHistory>> {
+    fn shard(&self, user: &str) -> &RwLock<Shard> {
         &self.shards[self.hasher.hash_one(user) as usize % self.shards.len()]
     }
 
-    /// Memory only, no journal: the one place events enter a user's history.
-    fn apply(&self, user: &str, events: impl IntoIterator<Item = StoredEvent>) -> u64 {
-        let mut shard = self.shard(user).write().unwrap_or_else(|e| e.into_inner());
-        self.apply_locked(&mut shard, user, events)
+    fn write_shard(&self, user: &str) -> RwLockWriteGuard<'_, Shard> {
+        self.shard(user).write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn apply_locked(
+    fn touch(&self, history: &UserHistory) {
+        if self.budget.is_some() {
+            let now = self.clock.fetch_add(1, Ordering::Relaxed);
+            history.last_active.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+
+    /// The one place events enter a user's history; `active` is the user's recency.
+    fn apply_locked<'s>(
         &self,
-        shard: &mut HashMap<Arc<str>, UserHistory>,
+        shard: &'s mut Shard,
         user: &str,
         events: impl IntoIterator<Item = StoredEvent>,
-    ) -> u64 {
-        let history = match shard.get_mut(user) {
-            Some(history) => history,
-            None => {
-                self.users.fetch_add(1, Ordering::Relaxed);
-                self.key_bytes.fetch_add(user.len(), Ordering::Relaxed);
-                shard.entry(Arc::from(user)).or_default()
-            }
-        };
+        active: u64,
+    ) -> &'s mut UserHistory {
+        if !shard.users.contains_key(user) {
+            self.users.fetch_add(1, Ordering::Relaxed);
+            self.key_bytes.fetch_add(user.len(), Ordering::Relaxed);
+            shard.users.insert(Arc::from(user), UserHistory::default());
+        }
+        let history = shard.users.get_mut(user).expect("inserted above");
         let before = history.events.len();
         for event in events {
             let at = history.events.partition_point(|e| e.timestamp <= event.timestamp);
@@ -95,30 +163,117 @@ impl Histories {
         self.events.fetch_add(after, Ordering::Relaxed);
         self.events.fetch_sub(before, Ordering::Relaxed);
         history.version = self.next_version.fetch_add(1, Ordering::Relaxed);
-        history.version
+        history.last_active.fetch_max(active, Ordering::Relaxed);
+        history
     }
 
-    /// Rebuilds memory from the journal (start-up) by replaying its records in arrival order —
-    /// the very appends and erasures that built the live histories — and then drops what is past
-    /// the journal's retention (a compaction may not have removed it from disk yet). `resolve`
+    /// The user's history in memory, read back from the journal first if the budget evicted it;
+    /// `None` for a user with no events.
+    fn resident<'s>(&self, shard: &'s mut Shard, user: &str) -> Result<Option<&'s mut UserHistory>, StoreError> {
+        if shard.users.contains_key(user) {
+            return Ok(shard.users.get_mut(user));
+        }
+        let (Some(budget), Some(journal)) = (&self.budget, &self.journal) else {
+            return Ok(None);
+        };
+        if let Some(&covered) = shard.erasing.get(user) {
+            if journal.committed() < covered {
+                return Ok(None);
+            }
+            shard.erasing.remove(user);
+        }
+        let started = Instant::now();
+        let logged = journal.load(user)?;
+        if logged.is_empty() {
+            return Ok(None);
+        }
+        let active = self.clock.fetch_add(1, Ordering::Relaxed);
+        let history = self.apply_locked(shard, user, logged.iter().map(|e| (budget.resolve)(e)), active);
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        self.reload_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(Some(history))
+    }
+
+    /// Rebuilds memory from the journal (start-up): every user's stored appends, replayed in
+    /// arrival order, build the very histories the live appends built (retention already
+    /// applied). With a budget, the users written most recently are the ones kept. `resolve`
     /// maps a logged event to the model's indices. Returns the number of events read.
     pub fn recover(&self, resolve: impl Fn(&LoggedEvent) -> StoredEvent) -> Result<u64, StoreError> {
         let Some(journal) = &self.journal else { return Ok(0) };
-        let horizon = journal.retention_horizon();
-        let mut read = 0u64;
-        journal.replay(|change| match change {
-            Replayed::Append(user, events) => {
-                read += events.len() as u64;
-                self.apply(user, events.iter().map(&resolve));
+        let (mut read, mut newest) = (0u64, 0u64);
+        let mut previous = String::new();
+        journal.replay(|user, seq, events| {
+            read += events.len() as u64;
+            newest = newest.max(seq);
+            // Only between users: a user evicted halfway through its entries would come back
+            // with the rest of them only.
+            if user != previous {
+                self.evict_over_budget();
+                previous = user.to_owned();
             }
-            Replayed::Erase(user) => {
-                self.forget_in_memory(user);
+            if !events.is_empty() {
+                let mut shard = self.write_shard(user);
+                self.apply_locked(&mut shard, user, events.iter().map(&resolve), seq);
             }
         })?;
-        if let Some(horizon) = horizon {
-            self.expire_in_memory(horizon);
-        }
+        self.evict_over_budget();
+        // Live activity is newer than anything recovered.
+        self.clock.fetch_max(newest + 1, Ordering::Relaxed);
         Ok(read)
+    }
+
+    fn bytes(&self) -> usize {
+        let (users, events) = (self.users.load(Ordering::Relaxed), self.events.load(Ordering::Relaxed));
+        events * EVENT_BYTES + users * USER_BYTES + self.key_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Past the budget, evicts the least recently active users whose changes the journal has
+    /// committed until the histories hold 90% of it. One pass at a time: it reads every
+    /// shard's recency, picks the cut-off, then removes the users before it.
+    fn evict_over_budget(&self) {
+        let (Some(budget), Some(journal)) = (&self.budget, &self.journal) else { return };
+        if self.bytes() <= budget.max_bytes || self.evicting.swap(true, Ordering::Acquire) {
+            return;
+        }
+        let committed = journal.committed();
+        let mut candidates: Vec<(u64, usize)> = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.read().unwrap_or_else(|e| e.into_inner());
+            candidates.extend(
+                shard
+                    .users
+                    .iter()
+                    .filter(|(_, h)| h.written <= committed)
+                    .map(|(user, h)| (h.last_active.load(Ordering::Relaxed), h.bytes(user))),
+            );
+        }
+        candidates.sort_unstable();
+        let excess = self.bytes().saturating_sub(budget.max_bytes / 10 * 9);
+        let (mut freed, mut cutoff) = (0usize, 0u64);
+        for (active, bytes) in candidates {
+            if freed >= excess {
+                break;
+            }
+            freed += bytes;
+            cutoff = active + 1;
+        }
+        let mut evicted = 0;
+        for shard in &self.shards {
+            let mut shard = shard.write().unwrap_or_else(|e| e.into_inner());
+            let leaving: Vec<Arc<str>> = shard
+                .users
+                .iter()
+                .filter(|(_, h)| h.written <= committed && h.last_active.load(Ordering::Relaxed) < cutoff)
+                .map(|(user, _)| user.clone())
+                .collect();
+            evicted += leaving.len();
+            for user in leaving {
+                self.remove_locked(&mut shard, &user);
+            }
+        }
+        self.evictions.fetch_add(evicted as u64, Ordering::Relaxed);
+        self.evicting.store(false, Ordering::Release);
     }
 
     /// Drops every event older than `horizon` (Unix seconds) from memory, and the users left
@@ -128,7 +283,7 @@ impl Histories {
         for shard in &self.shards {
             let mut shard = shard.write().unwrap_or_else(|e| e.into_inner());
             let mut emptied = Vec::new();
-            for (user, history) in shard.iter_mut() {
+            for (user, history) in shard.users.iter_mut() {
                 let old = history.events.partition_point(|e| e.timestamp < horizon);
                 if old == 0 {
                     continue;
@@ -149,13 +304,8 @@ impl Histories {
         expired
     }
 
-    fn forget_in_memory(&self, user: &str) -> Option<UserHistory> {
-        let mut shard = self.shard(user).write().unwrap_or_else(|e| e.into_inner());
-        self.remove_locked(&mut shard, user)
-    }
-
-    fn remove_locked(&self, shard: &mut HashMap<Arc<str>, UserHistory>, user: &str) -> Option<UserHistory> {
-        let history = shard.remove(user)?;
+    fn remove_locked(&self, shard: &mut Shard, user: &str) -> Option<UserHistory> {
+        let history = shard.users.remove(user)?;
         self.users.fetch_sub(1, Ordering::Relaxed);
         self.events.fetch_sub(history.events.len(), Ordering::Relaxed);
         self.key_bytes.fetch_sub(user.len(), Ordering::Relaxed);
@@ -163,11 +313,23 @@ impl Histories {
     }
 }
 
+fn snapshot_of(history: &UserHistory) -> HistorySnapshot {
+    let known = history.events.iter().filter(|e| e.item != 0);
+    HistorySnapshot {
+        version: history.version,
+        items: known.clone().map(|e| e.item).collect(),
+        timestamps: known.clone().map(|e| e.timestamp).collect(),
+        types: known.map(|e| e.event_type).collect(),
+        events: history.events.iter().cloned().collect(),
+    }
+}
+
 impl HistoryStore for Histories {
     fn append(&self, writes: Vec<(Arc<str>, Vec<NewEvent>)>) -> Commit {
         let Some(journal) = &self.journal else {
             for (user, events) in writes {
-                self.apply(&user, events.into_iter().map(|e| e.event));
+                let mut shard = self.write_shard(&user);
+                self.apply_locked(&mut shard, &user, events.into_iter().map(|e| e.event), 0);
             }
             return Commit::done();
         };
@@ -178,51 +340,83 @@ impl HistoryStore for Histories {
         let mut commit = Commit::done();
         for (i, (user, events)) in writes.into_iter().enumerate() {
             let logged: Vec<LoggedEvent> = events.iter().map(LoggedEvent::from).collect();
-            let mut shard = self.shard(&user).write().unwrap_or_else(|e| e.into_inner());
-            self.apply_locked(&mut shard, &user, events.into_iter().map(|e| e.event));
+            let mut shard = self.write_shard(&user);
+            // An evicted user comes back first: the new events join the whole history.
+            if let Err(error) = self.resident(&mut shard, &user) {
+                return Commit::failed(error);
+            }
+            let active = self.clock.fetch_add(1, Ordering::Relaxed);
+            self.apply_locked(&mut shard, &user, events.into_iter().map(|e| e.event), active);
             // The journal keeps order, so the last write's acknowledgement covers the others.
             let ticket = journal.append(user.clone(), logged, i == last);
+            if let Some(history) = shard.users.get_mut(&*user) {
+                history.written = journal.queued();
+            }
             drop(shard);
             if let Some(ticket) = ticket {
                 commit = ticket;
             }
         }
+        self.evict_over_budget();
         commit
     }
 
-    fn snapshot(&self, user: &str) -> Option<HistorySnapshot> {
-        let shard = self.shard(user).read().unwrap_or_else(|e| e.into_inner());
-        let history = shard.get(user)?;
-        let known = history.events.iter().filter(|e| e.item != 0);
-        Some(HistorySnapshot {
-            version: history.version,
-            items: known.clone().map(|e| e.item).collect(),
-            timestamps: known.clone().map(|e| e.timestamp).collect(),
-            types: known.map(|e| e.event_type).collect(),
-            events: history.events.iter().cloned().collect(),
-        })
+    fn snapshot(&self, user: &str) -> Result<Option<HistorySnapshot>, StoreError> {
+        {
+            let shard = self.shard(user).read().unwrap_or_else(|e| e.into_inner());
+            if let Some(history) = shard.users.get(user) {
+                self.touch(history);
+                return Ok(Some(snapshot_of(history)));
+            }
+            if self.budget.is_none() {
+                return Ok(None);
+            }
+        }
+        let mut shard = self.write_shard(user);
+        let snapshot = self.resident(&mut shard, user)?.map(|history| snapshot_of(history));
+        drop(shard);
+        self.evict_over_budget();
+        Ok(snapshot)
     }
 
     fn remove(&self, user: &str) -> Option<(u64, Commit)> {
-        let mut shard = self.shard(user).write().unwrap_or_else(|e| e.into_inner());
-        self.remove_locked(&mut shard, user)?;
+        let mut shard = self.write_shard(user);
+        // An evicted user is still on disk: read back so that its erasure is known and counted.
+        let found = self.resident(&mut shard, user);
         let version = self.next_version.fetch_add(1, Ordering::Relaxed);
+        match found {
+            Ok(Some(_)) => {}
+            Ok(None) => return None,
+            Err(error) => return Some((version, Commit::failed(error))),
+        }
+        self.remove_locked(&mut shard, user);
         // Still under the shard lock: the journal sees the erasure where memory did.
         let commit = match &self.journal {
-            Some(journal) => journal.erase(Arc::from(user)),
+            Some(journal) => {
+                let commit = journal.erase(Arc::from(user));
+                if self.budget.is_some() {
+                    let committed = journal.committed();
+                    shard.erasing.retain(|_, covered| *covered > committed);
+                    shard.erasing.insert(Arc::from(user), journal.queued());
+                }
+                commit
+            }
             None => Commit::done(),
         };
         Some((version, commit))
     }
 
     fn stats(&self) -> StoreStats {
-        let (users, events) = (self.users.load(Ordering::Relaxed), self.events.load(Ordering::Relaxed));
-        let per_user = std::mem::size_of::<UserHistory>() + std::mem::size_of::<Arc<str>>();
         StoreStats {
-            users,
-            events,
-            bytes: events * EVENT_BYTES + users * per_user + self.key_bytes.load(Ordering::Relaxed),
+            users: self.users.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+            bytes: self.bytes(),
             journal: self.journal.as_ref().map(Journal::totals),
+            memory: MemoryTotals {
+                evictions: self.evictions.load(Ordering::Relaxed),
+                reloads: self.reloads.load(Ordering::Relaxed),
+                reload_seconds: self.reload_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            },
         }
     }
 
@@ -231,7 +425,8 @@ impl HistoryStore for Histories {
     }
 
     fn expire(&self, horizon: i64) -> Expired {
-        // Memory only: the journal drops the same events from disk at its retention compactions.
+        // Memory only: the journal drops the same events from disk at its retention compactions
+        // (and leaves them out of reloads until then).
         self.expire_in_memory(horizon)
     }
 }
@@ -254,8 +449,15 @@ mod tests {
 
     /// The old single-user call shape, for brevity.
     fn append<const N: usize>(store: &Histories, user: &str, events: [NewEvent; N]) -> u64 {
-        let _ = store.append(vec![(Arc::from(user), events.to_vec())]);
-        store.snapshot(user).unwrap().version
+        store
+            .append(vec![(Arc::from(user), events.to_vec())])
+            .wait_blocking()
+            .unwrap();
+        snap(store, user).version
+    }
+
+    fn snap(store: &Histories, user: &str) -> HistorySnapshot {
+        store.snapshot(user).unwrap().expect("the user has a history")
     }
 
     #[test]
@@ -263,7 +465,7 @@ mod tests {
         let store = Histories::new(4, 10);
         append(&store, "u", [ev(1, 100), ev(2, 300)]);
         append(&store, "u", [ev(3, 200), ev(4, 300), ev(5, 50)]);
-        let snap = store.snapshot("u").unwrap();
+        let snap = snap(&store, "u");
         assert_eq!(snap.items, [5, 1, 3, 2, 4]);
         assert_eq!(snap.timestamps, [50, 100, 200, 300, 300]);
     }
@@ -272,7 +474,7 @@ mod tests {
     fn capacity_keeps_the_newest_and_unknown_items_are_stored_but_not_model_input() {
         let store = Histories::new(2, 3);
         append(&store, "u", [ev(1, 1), ev(0, 2), ev(3, 3), ev(4, 4)]);
-        let snap = store.snapshot("u").unwrap();
+        let snap = snap(&store, "u");
         assert_eq!(snap.events.len(), 3);
         assert_eq!(snap.items, [3, 4]);
         assert_eq!(snap.events[0].item, 0);
@@ -286,10 +488,10 @@ mod tests {
         append(&store, "gone", [ev(1, 50), ev(2, 150)]);
         let expired = store.expire(200);
         assert_eq!(expired, Expired { events: 3, users: 1 });
-        let snap = store.snapshot("kept").unwrap();
+        let snap = snap(&store, "kept");
         assert_eq!(snap.timestamps, [200, 300]);
         assert!(snap.version > kept);
-        assert_eq!(store.snapshot("gone"), None);
+        assert_eq!(store.snapshot("gone"), Ok(None));
         let stats = store.stats();
         assert_eq!((stats.users, stats.events), (1, 2));
         assert_eq!(store.expire(200), Expired::default(), "nothing left to expire");
@@ -302,14 +504,88 @@ mod tests {
         let v2 = append(&store, "b", [ev(1, 1)]);
         let v3 = append(&store, "a", [ev(2, 2)]);
         assert!(v1 != v2 && v2 != v3 && v1 != v3);
-        assert_eq!(store.snapshot("a").unwrap().version, v3);
+        assert_eq!(snap(&store, "a").version, v3);
         assert_eq!(store.stats().users, 2);
         assert!(store.remove("a").is_some_and(|(version, _)| version > v3));
         assert!(store.remove("a").is_none());
-        assert_eq!(store.snapshot("a"), None);
+        assert_eq!(store.snapshot("a"), Ok(None));
         let stats = store.stats();
         assert_eq!((stats.users, stats.events), (1, 1));
         // A re-created user never reuses an old version.
         assert!(append(&store, "a", [ev(1, 1)]) > v3);
+    }
+
+    fn budgeted(dir: &std::path::Path, max_bytes: usize) -> Histories {
+        let journal = Journal::open(super::super::JournalConfig::offline(dir.to_path_buf())).unwrap();
+        let resolve = |logged: &LoggedEvent| StoredEvent {
+            item: logged.item_id.trim_start_matches('i').parse().unwrap(),
+            item_id: logged.item_id.clone(),
+            timestamp: logged.timestamp,
+            event_type: 1,
+        };
+        let store = Histories::with_journal(2, 4, Some(journal))
+            .with_budget(MemoryBudget {
+                max_bytes,
+                resolve: Arc::new(resolve),
+            })
+            .unwrap();
+        store.recover(resolve).unwrap();
+        store
+    }
+
+    #[test]
+    fn past_the_budget_the_least_recently_active_leave_memory_and_come_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let one_user = 4 * EVENT_BYTES + USER_BYTES + 2;
+        let store = budgeted(dir.path(), 3 * one_user);
+        for user in 0..3 {
+            append(&store, &format!("u{user}"), [ev(1, 10), ev(2, 20), ev(3, 30), ev(4, 40), ev(5, 50)]);
+        }
+        assert_eq!(store.stats().users, 3, "three fit");
+        snap(&store, "u0"); // u0 is now more recently active than u1
+        append(&store, "u3", [ev(7, 70)]);
+        let stats = store.stats();
+        assert!(stats.bytes <= 3 * one_user, "{stats:?}");
+        assert!(stats.memory.evictions >= 1);
+        // u1 was the least recently active: it left, u0 did not.
+        let resident = |user: &str| store.write_shard(user).users.contains_key(user);
+        assert!(!resident("u1") && resident("u0"));
+        // Read back on its next request, exactly as it was (capped to the newest 4).
+        let back = snap(&store, "u1");
+        assert_eq!(back.timestamps, [20, 30, 40, 50]);
+        assert_eq!(back.items, [2, 3, 4, 5]);
+        assert_eq!(store.stats().memory.reloads, 1);
+        // An evicted user's new events join its whole history.
+        for _ in 0..5 {
+            snap(&store, "u0");
+            snap(&store, "u1");
+            append(&store, "u3", [ev(8, 80)]);
+        }
+        assert!(!resident("u2"), "the least recently active");
+        append(&store, "u2", [ev(6, 25)]);
+        assert_eq!(snap(&store, "u2").timestamps, [25, 30, 40, 50]);
+    }
+
+    #[test]
+    fn an_evicted_user_can_be_erased_and_is_never_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = budgeted(dir.path(), 1); // nothing may stay once committed
+        append(&store, "gone", [ev(1, 10)]);
+        append(&store, "other", [ev(2, 20)]);
+        snap(&store, "other");
+        let (_, commit) = store.remove("gone").expect("on disk though not in memory");
+        commit.wait_blocking().unwrap();
+        assert_eq!(store.snapshot("gone"), Ok(None));
+        assert!(store.remove("gone").is_none());
+        assert_eq!(store.journal().unwrap().load("gone").unwrap(), []);
+    }
+
+    #[test]
+    fn a_budget_without_a_journal_is_refused() {
+        let refused = Histories::new(1, 1).with_budget(MemoryBudget {
+            max_bytes: 1,
+            resolve: Arc::new(|_| unreachable!()),
+        });
+        assert!(refused.err().unwrap().to_string().contains("--data-dir"));
     }
 }

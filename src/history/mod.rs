@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! ingest ──▶ Histories (memory, newest `cap` per user) ──▶ Journal (fjall: every acknowledged event)
-//!               ▲ snapshot/version for the batcher            │ recovered into memory at start
+//!               ▲ snapshot/version for the batcher            │ recovered into memory at start;
+//!               └──────── users evicted by the memory budget ◀─┘ read back on their next request
 //! ```
 //! Memory is what requests read; the journal is the truth on disk. Every change gives a user's
 //! history a new, globally unique version, so anything derived from a history (the inference
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 pub use journal::{FsyncPolicy, Journal, JournalConfig, LoggedEvent};
-pub use memory::Histories;
+pub use memory::{Histories, MemoryBudget};
 
 /// One event as memory holds it. `item` is the model's index, 0 when the model does not know the
 /// item: such events are kept (a retrained model may know them) but are not model input.
@@ -60,6 +61,17 @@ pub struct StoreStats {
     pub bytes: usize,
     /// `None` for a store without a journal.
     pub journal: Option<JournalTotals>,
+    pub memory: MemoryTotals,
+}
+
+/// Running totals of the memory budget (all zero without one).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct MemoryTotals {
+    /// Users that left memory for the budget.
+    pub evictions: u64,
+    /// Users read back from the store.
+    pub reloads: u64,
+    pub reload_seconds: f64,
 }
 
 /// Running totals of the durable journal.
@@ -123,7 +135,9 @@ pub trait HistoryStore: Send + Sync {
     /// Adds each user's events in timestamp order (ties keep arrival order, as file order does
     /// offline). Memory changes at once; the returned commit says when the write is durable.
     fn append(&self, writes: Vec<(Arc<str>, Vec<NewEvent>)>) -> Commit;
-    fn snapshot(&self, user: &str) -> Option<HistorySnapshot>;
+    /// The user's history; `Ok(None)` for a user with no events. A store that keeps only part of
+    /// its users in memory reads the others back here (an `Err` when that read fails).
+    fn snapshot(&self, user: &str) -> Result<Option<HistorySnapshot>, StoreError>;
     /// Forgets a user in memory and on disk. `None` when there was nothing to forget; otherwise
     /// the version the erasure took (later than every version the user's history had).
     fn remove(&self, user: &str) -> Option<(u64, Commit)>;

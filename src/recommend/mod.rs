@@ -50,7 +50,8 @@ pub struct Limits {
 pub struct Recommender {
     pub store: Arc<dyn HistoryStore>,
     pub engine: Engine,
-    pub catalog: Catalog,
+    /// Shared with the history store, which resolves the events it reads back with it.
+    pub catalog: Arc<Catalog>,
     pub model_version: String,
     /// `config.json` of the loaded model.
     pub model_config: serde_json::Value,
@@ -215,9 +216,11 @@ impl Recommender {
         }
     }
 
-    /// A history the model can read: at least one known item.
-    fn usable_history(&self, user: &str) -> Option<HistorySnapshot> {
-        self.store.snapshot(user).filter(|h| !h.items.is_empty())
+    /// The user's history (read back from the store if the memory budget evicted it).
+    fn history_of(&self, user: &str) -> Result<Option<HistorySnapshot>, CoreError> {
+        self.store
+            .snapshot(user)
+            .map_err(|e| CoreError::StorageFailed(format!("reading the history back: {e}")))
     }
 
     pub async fn recommend(&self, request: RecommendRequest) -> Result<RecommendResponse, CoreError> {
@@ -253,7 +256,7 @@ impl Recommender {
             }
         };
         let at = request.at.unwrap_or_else(unix_now);
-        let (ranked, fallback) = match self.store.snapshot(&request.user_id) {
+        let (ranked, fallback) = match self.history_of(&request.user_id)? {
             _ if candidates.as_ref().is_some_and(Vec::is_empty) => (Vec::new(), None),
             Some(history) if !history.items.is_empty() => {
                 let query = match candidates {
@@ -331,7 +334,8 @@ impl Recommender {
             return Err(CoreError::CategoriesUnavailable);
         }
         check_range("top", request.top, catalog.categories.len())?;
-        let (ranked, fallback) = match self.usable_history(&request.user_id) {
+        // Only a history with a known item is one the model can read.
+        let (ranked, fallback) = match self.history_of(&request.user_id)?.filter(|h| !h.items.is_empty()) {
             None => (
                 catalog.popular_interests.iter().take(request.top).copied().collect(),
                 Some("popular".to_owned()),
@@ -362,8 +366,7 @@ impl Recommender {
     pub fn history(&self, user: &str) -> Result<HistoryResponse, CoreError> {
         check_id("user_id", user, self.limits.max_id_bytes)?;
         let snapshot = self
-            .store
-            .snapshot(user)
+            .history_of(user)?
             .ok_or_else(|| CoreError::UserNotFound(user.to_owned()))?;
         let types = &self.catalog.event_types;
         let events = snapshot
@@ -407,10 +410,14 @@ impl Recommender {
         self.metrics.users.set(stats.users as i64);
         self.metrics.events_held.set(stats.events as i64);
         self.metrics.history_bytes.set(stats.bytes as i64);
+        let (m, memory) = (&self.metrics, stats.memory);
+        // Counters only move forward: add what the store's totals gained since last time.
+        m.evictions.inc_by(memory.evictions.saturating_sub(m.evictions.get()));
+        m.reloads.inc_by(memory.reloads.saturating_sub(m.reloads.get()));
+        m.reload_seconds
+            .inc_by((memory.reload_seconds - m.reload_seconds.get()).max(0.0));
         self.metrics.ready.set(i64::from(self.readiness() == Readiness::Ready));
         if let Some(journal) = stats.journal {
-            let m = &self.metrics;
-            // Counters only move forward: add what the journal's totals gained since last time.
             m.journal_batches
                 .inc_by(journal.batches.saturating_sub(m.journal_batches.get()));
             m.journal_events

@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use crate::api;
 use crate::data::formats::{item_categories, load_item_meta};
 use crate::health::Health;
-use crate::history::{FsyncPolicy, Histories, HistoryStore, Journal, JournalConfig};
+use crate::history::{FsyncPolicy, Histories, HistoryStore, Journal, JournalConfig, MemoryBudget};
 use crate::infer::{Engine, EngineConfig, LimitConfig, WorkerConfig};
 use crate::metrics::Metrics;
 use crate::model::{Artifact, Precision};
@@ -60,6 +60,11 @@ pub struct ServeConfig {
     /// Events kept in memory per user (the journal keeps all); defaults to the model's max_len.
     #[arg(long, env = "XSREC_HISTORY_CAP")]
     pub history_cap: Option<usize>,
+    /// With --data-dir: bytes the in-memory histories may hold (as `xsrec_history_bytes` counts
+    /// them; suffixes K, M, G for powers of 1024). Past it, the least recently active users leave
+    /// memory, not the store, and are read back on their next request. Default: no limit.
+    #[arg(long, env = "XSREC_MAX_MEMORY_BYTES", value_parser = parse_bytes)]
+    pub max_memory_bytes: Option<u64>,
     #[arg(long, env = "XSREC_HISTORY_SHARDS", default_value_t = 64)]
     pub history_shards: usize,
     #[arg(long, env = "XSREC_MAX_BATCH_SIZE", default_value_t = 64)]
@@ -115,24 +120,28 @@ pub struct ServeConfig {
     pub shutdown_grace_secs: u64,
 }
 
-fn parse_retention(text: &str) -> Result<Duration, String> {
+/// A positive whole number with an optional unit from `units` (unit, multiplier).
+fn parse_quantity(text: &str, units: &[(&str, u64)]) -> Result<u64, String> {
     let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let seconds_per = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("unknown unit `{unit}` (use s, m, h or d)")),
+    let Some(&(_, per)) = units.iter().find(|(name, _)| *name == unit) else {
+        let known: Vec<&str> = units.iter().map(|(name, _)| *name).filter(|n| !n.is_empty()).collect();
+        return Err(format!("unknown unit `{unit}` (use {})", known.join(", ")));
     };
     match number.parse::<u64>() {
-        Ok(n) if n > 0 => n
-            .checked_mul(seconds_per)
-            .map(Duration::from_secs)
-            .ok_or_else(|| "too long".to_owned()),
+        Ok(n) if n > 0 => n.checked_mul(per).ok_or_else(|| "too large".to_owned()),
         _ => Err(format!(
             "expected a positive whole number with an optional unit, got `{text}`"
         )),
     }
+}
+
+fn parse_retention(text: &str) -> Result<Duration, String> {
+    let units = [("", 1), ("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)];
+    parse_quantity(text, &units).map(Duration::from_secs)
+}
+
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    parse_quantity(text, &[("", 1), ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)])
 }
 
 impl ServeConfig {
@@ -193,7 +202,7 @@ pub async fn start(
         ])
         .set(1);
     let model_config = serde_json::to_value(&artifact.config)?;
-    let catalog = Catalog::new(&artifact);
+    let catalog = Arc::new(Catalog::new(&artifact));
     let history_cap = config.history_cap.unwrap_or(artifact.config.model.max_len);
     let warmup_batch_sizes = std::iter::successors(Some(1usize), |&n| {
         (n < config.max_batch_size).then(|| (n * 2).min(config.max_batch_size))
@@ -253,11 +262,21 @@ pub async fn start(
             None
         }
     };
-    let histories = Arc::new(Histories::with_journal(
-        config.history_shards,
-        history_cap,
-        journal.clone(),
-    ));
+    let mut histories = Histories::with_journal(config.history_shards, history_cap, journal.clone());
+    if let Some(max_bytes) = config.max_memory_bytes {
+        let resolving = catalog.clone();
+        histories = histories
+            .with_budget(MemoryBudget {
+                max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX),
+                resolve: Arc::new(move |logged| resolving.resolve_logged(logged)),
+            })
+            .context("--max-memory-bytes")?;
+        metrics.history_budget_bytes.set(i64::try_from(max_bytes).unwrap_or(i64::MAX));
+        eprintln!(
+            "histories: memory holds at most {max_bytes} bytes; the least recently active users leave it past that"
+        );
+    }
+    let histories = Arc::new(histories);
     let core = Arc::new(Recommender {
         store: histories.clone(),
         engine,
@@ -382,5 +401,17 @@ mod tests {
         for bad in ["", "0d", "d", "1.5h", "-3d", "7w", "99999999999999999999d"] {
             assert!(parse_retention(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn byte_sizes_take_binary_suffixes() {
+        assert_eq!(parse_bytes("512"), Ok(512));
+        assert_eq!(parse_bytes("64K"), Ok(64 << 10));
+        assert_eq!(parse_bytes("200M"), Ok(200 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        for bad in ["", "0", "1.5G", "2T", "M", "-1", "99999999999999999999G"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        assert!(parse_bytes("2T").unwrap_err().contains("K, M, G"));
     }
 }
