@@ -138,8 +138,11 @@ impl Metrics {
             ),
             reload_seconds: reg(
                 &registry,
-                Counter::new("xsrec_history_reload_seconds_total", "Time spent reading evicted users back")
-                    .expect("counter"),
+                Counter::new(
+                    "xsrec_history_reload_seconds_total",
+                    "Time spent reading evicted users back",
+                )
+                .expect("counter"),
             ),
             events_ingested: counter("xsrec_events_ingested_total", "Events accepted by /v1/events"),
             expired_events: counter(

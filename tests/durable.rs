@@ -377,17 +377,22 @@ async fn drive(base: String, ledger: Arc<Mutex<Ledger>>, seed: u64) {
     }
 }
 
-async fn crash_rounds(fsync: &str, kills: usize, seed: u64) {
+/// Rounds of ingest and SIGKILL; `extra` flags for the server.
+async fn crash_rounds(fsync: &str, kills: usize, seed: u64, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let fx = fixture();
     let args = [
-        "--data-dir",
-        dir_arg(dir.path()),
-        "--fsync",
-        fsync,
-        "--history-cap",
-        "1000000",
-    ];
+        &[
+            "--data-dir",
+            dir_arg(dir.path()),
+            "--fsync",
+            fsync,
+            "--history-cap",
+            "1000000",
+        ],
+        extra,
+    ]
+    .concat();
     let client = reqwest::Client::new();
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -428,6 +433,13 @@ async fn crash_rounds(fsync: &str, kills: usize, seed: u64) {
             );
         }
         if round == kills {
+            let metrics = server.metrics(&client).await;
+            let count = |name: &str| common::metric_value(&metrics, name);
+            if extra.contains(&"--max-memory-bytes") {
+                // The check above read most users back from the store.
+                assert!(count("xsrec_history_evictions_total") > 0.0, "{metrics}");
+                assert!(count("xsrec_history_reloads_total") > 0.0, "{metrics}");
+            }
             break;
         }
         let drivers: Vec<_> = (0..4)
@@ -455,12 +467,14 @@ async fn crash_rounds(fsync: &str, kills: usize, seed: u64) {
 }
 
 /// `XSREC_CRASH_KILLS` sets the kills per mode (3 in `make test`; the long run in
-/// docs/RELIABILITY.md uses 25).
+/// docs/RELIABILITY.md uses 25). The third mode keeps only a few users in memory, so that users
+/// keep leaving memory and coming back from the store while the kills land.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_no_acknowledged_event_with_fsync_always_or_interval() {
     let kills = std::env::var("XSREC_CRASH_KILLS").map_or(3, |k| k.parse().unwrap());
-    crash_rounds("always", kills, 1).await;
-    crash_rounds("interval", kills, 2).await;
+    crash_rounds("always", kills, 1, &[]).await;
+    crash_rounds("interval", kills, 2, &[]).await;
+    crash_rounds("interval", kills, 3, &["--max-memory-bytes", "8K"]).await;
 }
 
 /// A server whose inference batches fail as `fault` says (a `fail` crate action), with user `u`.

@@ -168,7 +168,10 @@ impl Store {
                 )))
             }
             None if store.events.first_key_value().is_none() => {
-                store.meta.insert(META_FORMAT, [FORMAT]).map_err(|e| fjall_error(path, e))?;
+                store
+                    .meta
+                    .insert(META_FORMAT, [FORMAT])
+                    .map_err(|e| fjall_error(path, e))?;
             }
             None => return Err(corrupt(path, "the journal's format marker is missing")),
         }
@@ -936,7 +939,12 @@ mod tests {
         let after = journal.append(Arc::from("u"), vec![event("after", 2, None)], true);
         erased.wait_blocking().unwrap();
         after.unwrap().wait_blocking().unwrap();
-        let items: Vec<String> = journal.load("u").unwrap().iter().map(|e| e.item_id.to_string()).collect();
+        let items: Vec<String> = journal
+            .load("u")
+            .unwrap()
+            .iter()
+            .map(|e| e.item_id.to_string())
+            .collect();
         assert_eq!(items, ["after"]);
         journal.close();
     }
@@ -951,13 +959,18 @@ mod tests {
         meta.insert(META_FORMAT, [9]).unwrap();
         db.persist(PersistMode::SyncAll).unwrap();
         drop((meta, db));
-        let refused = Journal::open(JournalConfig::offline(dir.path().to_path_buf())).err().unwrap();
+        let refused = Journal::open(JournalConfig::offline(dir.path().to_path_buf()))
+            .err()
+            .unwrap();
         assert!(refused.to_string().contains("journal format [9]"), "{refused}");
     }
 
     #[test]
     fn odd_ids_round_trip_and_malformed_entries_are_refused() {
-        let events = vec![event("Toy Story (1995)", -5, None), event("é,\"x\"", i64::MAX, Some(""))];
+        let events = vec![
+            event("Toy Story (1995)", -5, None),
+            event("é,\"x\"", i64::MAX, Some("")),
+        ];
         let (key, value) = encode_entry("Toy Story fan, \"x\"", 3, &events);
         assert_eq!(decode_entry(&key, &value), Some(("Toy Story fan, \"x\"", 3, events)));
         let mut longer = value.clone();

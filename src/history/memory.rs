@@ -232,7 +232,9 @@ impl Histories {
     /// committed until the histories hold 90% of it. One pass at a time: it reads every
     /// shard's recency, picks the cut-off, then removes the users before it.
     fn evict_over_budget(&self) {
-        let (Some(budget), Some(journal)) = (&self.budget, &self.journal) else { return };
+        let (Some(budget), Some(journal)) = (&self.budget, &self.journal) else {
+            return;
+        };
         if self.bytes() <= budget.max_bytes || self.evicting.swap(true, Ordering::Acquire) {
             return;
         }
@@ -539,7 +541,11 @@ mod tests {
         let one_user = 4 * EVENT_BYTES + USER_BYTES + 2;
         let store = budgeted(dir.path(), 3 * one_user);
         for user in 0..3 {
-            append(&store, &format!("u{user}"), [ev(1, 10), ev(2, 20), ev(3, 30), ev(4, 40), ev(5, 50)]);
+            append(
+                &store,
+                &format!("u{user}"),
+                [ev(1, 10), ev(2, 20), ev(3, 30), ev(4, 40), ev(5, 50)],
+            );
         }
         assert_eq!(store.stats().users, 3, "three fit");
         snap(&store, "u0"); // u0 is now more recently active than u1

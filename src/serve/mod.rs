@@ -271,7 +271,9 @@ pub async fn start(
                 resolve: Arc::new(move |logged| resolving.resolve_logged(logged)),
             })
             .context("--max-memory-bytes")?;
-        metrics.history_budget_bytes.set(i64::try_from(max_bytes).unwrap_or(i64::MAX));
+        metrics
+            .history_budget_bytes
+            .set(i64::try_from(max_bytes).unwrap_or(i64::MAX));
         eprintln!(
             "histories: memory holds at most {max_bytes} bytes; the least recently active users leave it past that"
         );

@@ -168,11 +168,16 @@ impl Server {
     }
 
     pub async fn metric(&self, name: &str) -> f64 {
-        let (_, text) = self.get("/metrics").await;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing"))
+        metric_value(&self.get("/metrics").await.1, name)
     }
+}
+
+/// The value of an unlabelled metric in a Prometheus exposition.
+pub fn metric_value(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing"))
 }
 
 pub fn users(events: &[Event]) -> BTreeMap<&str, Vec<&Event>> {
