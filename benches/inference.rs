@@ -1,8 +1,11 @@
-//! Forward-pass latency by batch size (ml-100k-sized model) and top-k latency by catalogue size.
+//! The inference worker's own steps, timed: its forward pass (to the newest position's hidden
+//! state) by batch size on an ml-100k-sized model, and its ranking step (scores against the item
+//! table, padding and 50 seen items per row masked, top 10) by catalogue size.
 //! Run with `cargo bench`; results are recorded in docs/BENCHMARKS.md.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tch::{Device, Kind, Tensor};
-use xsrec::model::{encode, Arch, Batch, Features, HistoryView, ModelConfig, Scorer, SeqModel};
+use xsrec::infer::worker::rank_excluding;
+use xsrec::model::{encode, Arch, Batch, Features, HistoryView, ModelConfig, SeqModel};
 
 fn model(num_items: usize, max_len: usize) -> SeqModel {
     tch::manual_seed(0);
@@ -51,7 +54,7 @@ fn forward_by_batch_size(c: &mut Criterion) {
         let input = batch(size, 1683);
         group.throughput(Throughput::Elements(size as u64));
         group.bench_with_input(BenchmarkId::from_parameter(size), &input, |b, input| {
-            b.iter(|| model.score_next(input))
+            b.iter(|| model.last_hidden(input))
         });
     }
     group.finish();
@@ -59,12 +62,15 @@ fn forward_by_batch_size(c: &mut Criterion) {
 
 fn topk_by_catalogue(c: &mut Criterion) {
     let mut group = c.benchmark_group("score_topk10_batch64");
-    for items in [1_683i64, 20_000, 100_000, 1_000_000] {
+    for items in [1_683usize, 20_000, 100_000, 1_000_000] {
+        let model = model(items, 200);
         let hidden = Tensor::randn([64, 64], (Kind::Float, Device::Cpu));
-        let table = Tensor::randn([items, 64], (Kind::Float, Device::Cpu));
+        let seen: Vec<Vec<i64>> = (0..64)
+            .map(|u| (0..50).map(|i| 1 + ((u * 31 + i * 7) % (items as i64 - 1))).collect())
+            .collect();
         group.throughput(Throughput::Elements(64));
         group.bench_with_input(BenchmarkId::from_parameter(items), &items, |b, _| {
-            b.iter(|| hidden.matmul(&table.tr()).topk(10, 1, true, true))
+            b.iter(|| rank_excluding(model.net.score(&hidden), &seen, &[10; 64]))
         });
     }
     group.finish();

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::ceilings::Ceilings;
 use super::cost::batch_cost;
-use super::{median, rank_batch, seen_and_padding, synchronize, synthetic_history, Stage};
-use crate::model::{encode, EncodedSeq, HistoryView, SeqModel};
+use super::{median, rank_batch, synchronize, synthetic_history, Stage};
+use crate::model::{encode, item_indices, EncodedSeq, HistoryView, SeqModel};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ForwardRow {
@@ -58,7 +58,7 @@ pub fn measure(
             })
             .collect()
     };
-    let exclude: Vec<Vec<i64>> = histories.iter().map(|(items, _)| seen_and_padding(items)).collect();
+    let exclude: Vec<Vec<i64>> = histories.iter().map(|(items, _)| item_indices(items)).collect();
     let kind = model.net.item_table().kind();
     let element_bytes = kind.elt_size_in_bytes() as f64;
     let progress = ProgressBar::new(batch_sizes.len() as u64)

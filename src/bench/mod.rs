@@ -14,8 +14,8 @@ use std::time::Instant;
 use rand::Rng;
 use tch::Device;
 
-use crate::infer::worker::top_k;
-use crate::model::{mask_items, Batch, EncodedSeq, SeqModel};
+use crate::infer::worker::rank_excluding;
+use crate::model::{Batch, EncodedSeq, SeqModel};
 
 /// Waits for queued device work, so that host clocks measure the device.
 pub fn synchronize(device: Device) {
@@ -71,16 +71,10 @@ pub fn rank_batch<R: Borrow<EncodedSeq>, E: AsRef<[i64]>>(
         stage_done(Stage::CopyIn);
         let hidden = model.last_hidden(&batch);
         stage_done(Stage::Forward);
-        let scores = mask_items(model.net.score(&hidden), exclude);
-        let ranked = top_k(&scores, &vec![k; rows.len()], None);
+        let ranked = rank_excluding(model.net.score(&hidden), exclude, &vec![k; rows.len()]);
         stage_done(Stage::RankOut);
         ranked
     })
-}
-
-/// What the API leaves out of a ranking by default: the padding item and everything seen.
-pub fn seen_and_padding(items: &[u32]) -> Vec<i64> {
-    std::iter::once(0).chain(items.iter().map(|&i| i64::from(i))).collect()
 }
 
 /// A plausible cross-session history: bursts of events minutes apart, separated by gaps of

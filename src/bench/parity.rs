@@ -4,8 +4,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::{rank_batch, seen_and_padding, synthetic_history};
+use super::{rank_batch, synthetic_history};
 use crate::data::split::UserSequence;
+use crate::model::item_indices;
 use crate::model::{encode, EncodedSeq, HistoryView, SeqModel};
 
 /// One history to rank: the encoded input and the items to leave out (seen ones, padding).
@@ -25,7 +26,7 @@ impl Case {
         );
         Self {
             row,
-            exclude: seen_and_padding(items),
+            exclude: item_indices(items),
         }
     }
 }

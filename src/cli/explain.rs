@@ -8,7 +8,7 @@ use tch::Kind;
 use super::{parse_device, DataArgs};
 use crate::data::split::build_sequences;
 use crate::eval::explain::{draw_attention, Explanation};
-use crate::model::{encode, mask_items, Artifact, Batch, HistoryView, Scorer};
+use crate::model::{encode, item_indices, mask_items, Artifact, Batch, HistoryView, Scorer};
 
 #[derive(Debug, Clone, Args)]
 pub struct ExplainArgs {
@@ -50,9 +50,7 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
     if attention.is_empty() {
         bail!("explain needs a Transformer model; this one is {:?}", model.config.arch);
     }
-    let seen: Vec<i64> = std::iter::once(0)
-        .chain(user.items.iter().map(|&i| i64::from(i)))
-        .collect();
+    let seen = item_indices(&user.items);
     let (scores, items) = mask_items(model.score_next(&batch).to_kind(Kind::Float), &[seen]).topk(10, 1, true, true);
     let top: Vec<(String, f32)> = Vec::<i64>::try_from(items.view(-1))?
         .into_iter()

@@ -76,10 +76,10 @@ fn rank_chunk(scorer: &dyn Scorer, set: &SequenceSet, chunk: &[(usize, usize)], 
     let scores = scorer.score_next(&batch).to_kind(Kind::Float);
     let num_items = scores.size()[1] as usize;
     let targets: Vec<i64> = chunk.iter().map(|&(u, p)| i64::from(set.users[u].items[p])).collect();
-    // Masked items get -inf; column 0 is padding and never a candidate.
+    // Masked items (and the padding item) get -inf.
     let mut masked: Vec<Vec<i64>> = Vec::with_capacity(chunk.len());
     for (&(u, p), &target) in chunk.iter().zip(&targets) {
-        let mut items = vec![0i64];
+        let mut items = Vec::new();
         if opts.exclude_seen {
             items.extend(
                 set.users[u].items[..p]

@@ -314,16 +314,15 @@ impl InferenceWorker {
 
         let ranking = group(|q| matches!(q, Query::TopK { .. }));
         if !ranking.is_empty() {
-            let excluded: Vec<Vec<i64>> = ranking
+            let excluded: Vec<&Vec<i64>> = ranking
                 .iter()
                 .map(|&i| match &requests[i].query {
-                    Query::TopK { exclude, .. } => std::iter::once(0).chain(exclude.iter().copied()).collect(),
+                    Query::TopK { exclude, .. } => exclude,
                     _ => unreachable!(),
                 })
                 .collect();
-            let masked = mask_items(rows_of(&ranking), &excluded);
             let ks: Vec<usize> = ranking.iter().map(|&i| query_k(&requests[i].query)).collect();
-            for (slot, ranked) in ranking.iter().zip(top_k(&masked, &ks, None)) {
+            for (slot, ranked) in ranking.iter().zip(rank_excluding(rows_of(&ranking), &excluded, &ks)) {
                 answers[*slot] = Some(Answer::Items(ranked));
             }
         }
@@ -381,6 +380,12 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("unknown panic");
     crate::recommend::error::quote(text)
+}
+
+/// The ranking step of top-k requests: per row, the best `ks[row]` items that are neither
+/// padding nor in that row's `exclude` list. (Public so that benchmarks time this very step.)
+pub fn rank_excluding<E: AsRef<[i64]>>(scores: Tensor, exclude: &[E], ks: &[usize]) -> Vec<Vec<(u32, f32)>> {
+    top_k(&mask_items(scores, exclude), ks, None)
 }
 
 /// Per row, the best `ks[row]` finite entries as (column, value) — or (`columns[row, column]`,

@@ -132,13 +132,19 @@ impl Scorer for Popularity {
     }
 }
 
-/// Sets `scores[row, item] = -inf` for each row's listed items, in place: a `[B, V]` copy is
-/// the largest memory pass of ranking a big catalogue, so `scores` must be a tensor nothing else
-/// still reads unmasked.
+/// Sets `scores[row, item] = -inf` for each row's listed items and for the padding item (never
+/// a recommendation), in place: a `[B, V]` copy is the largest memory pass of ranking a big
+/// catalogue, so `scores` must be a tensor nothing else still reads unmasked.
 pub fn mask_items<R: AsRef<[i64]>>(mut scores: Tensor, items: &[R]) -> Tensor {
     let index = padded_index(items, scores.device());
     let _ = scores.scatter_value_(1, &index, f64::NEG_INFINITY);
+    let _ = scores.narrow(1, 0, 1).fill_(f64::NEG_INFINITY);
     scores
+}
+
+/// Item indices as the index tensors take them.
+pub fn item_indices(items: &[u32]) -> Vec<i64> {
+    items.iter().map(|&i| i64::from(i)).collect()
 }
 
 /// `[B, W]` int64 tensor of ragged rows padded with 0 (the padding item) to the longest row.
@@ -152,4 +158,18 @@ pub fn padded_index<R: AsRef<[i64]>>(rows: &[R], device: Device) -> Tensor {
         Tensor::from_slice(&padded).view([rows.len() as i64, width as i64]),
         device,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masking_removes_listed_items_and_the_padding_item_and_nothing_else() {
+        let scores = Tensor::from_slice(&[9f32, 1., 2., 3., 9., 1., 2., 3.]).view([2, 4]);
+        let masked = mask_items(scores, &[vec![2i64], vec![]]);
+        let rows: Vec<Vec<f32>> = Vec::try_from(masked).unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(rows, [vec![inf, 1., inf, 3.], vec![inf, 1., 2., 3.]]);
+    }
 }

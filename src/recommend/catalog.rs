@@ -33,11 +33,7 @@ impl Catalog {
                 .collect()
         };
         let mut popular: Vec<u32> = (1..artifact.items.len() as u32).collect();
-        popular.sort_by(|&a, &b| {
-            artifact.item_counts[b as usize]
-                .cmp(&artifact.item_counts[a as usize])
-                .then(a.cmp(&b))
-        });
+        popular.sort_by(|&a, &b| popularity_order(&artifact.item_counts, a, b));
         let categories = category_names(&artifact.item_categories);
         let total: u64 = artifact.item_counts.iter().sum();
         let mut mass = vec![0f32; categories.len()];
@@ -89,10 +85,9 @@ impl Catalog {
         let count = |item: u32| self.item_counts[item as usize] as f32;
         match candidates {
             Some(candidates) => {
-                let mut ranked: Vec<(u32, f32)> = candidates.iter().map(|&i| (i as u32, count(i as u32))).collect();
-                ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-                ranked.truncate(k);
-                ranked
+                let mut ranked: Vec<u32> = candidates.iter().map(|&i| i as u32).collect();
+                ranked.sort_by(|&a, &b| popularity_order(&self.item_counts, a, b));
+                ranked.into_iter().take(k).map(|i| (i, count(i))).collect()
             }
             None => self
                 .popular
@@ -103,4 +98,9 @@ impl Catalog {
                 .collect(),
         }
     }
+}
+
+/// The popularity ranking's order: more training events first, ties by index.
+fn popularity_order(counts: &[u64], a: u32, b: u32) -> std::cmp::Ordering {
+    counts[b as usize].cmp(&counts[a as usize]).then(a.cmp(&b))
 }

@@ -20,6 +20,7 @@ use crate::health::{Health, Readiness};
 use crate::history::{HistorySnapshot, HistoryStore, NewEvent};
 use crate::infer::{Answer, Engine, InferError, Query};
 use crate::metrics::Metrics;
+use crate::model::item_indices;
 
 /// Latest accepted timestamp (and moment of prediction): 9999-12-31T23:59:59Z. Bounds keep time
 /// arithmetic far from overflow and refuse values that can only be mistakes (milliseconds sent as
@@ -266,7 +267,7 @@ impl Recommender {
                     },
                     None => {
                         let exclude = if request.exclude_seen {
-                            history.items.iter().map(|&i| i64::from(i)).collect()
+                            item_indices(&history.items)
                         } else {
                             Vec::new()
                         };
