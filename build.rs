@@ -1,4 +1,5 @@
-//! Makes the `xsrec` binaries find libtorch at run time and keep CUDA linked.
+//! Generates the gRPC code, and makes the `xsrec` binaries find libtorch at run time and keep
+//! CUDA linked.
 //!
 //! torch-sys links against the libtorch inside the Python `torch` wheel but leaves two things to
 //! the final binary: an rpath to that folder (otherwise the loader needs LD_LIBRARY_PATH) and
@@ -33,8 +34,27 @@ fn torch_lib_dir() -> Option<PathBuf> {
         .then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
 }
 
+/// Generates the gRPC service and messages from `proto/`, plus the descriptor set that the
+/// reflection service serves.
+fn compile_protos() {
+    let proto = "proto/xsrec/v1/recommender.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let descriptors = protox::compile([proto], ["proto"]).expect("proto/ compiles");
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    std::fs::write(
+        out.join("xsrec_descriptor.bin"),
+        prost::Message::encode_to_vec(&descriptors),
+    )
+    .expect("writing the descriptor set");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .compile_fds(descriptors)
+        .expect("generating the gRPC code");
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    compile_protos();
     let Some(lib) = torch_lib_dir() else {
         println!("cargo:warning=torch not found: run `make venv` and put .venv/bin first on PATH");
         return;

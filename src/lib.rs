@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod grpc;
 pub mod health;
 pub mod history;
 pub mod infer;

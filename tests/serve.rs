@@ -498,48 +498,9 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
 /// The committed default model on real ml-100k histories (`make test` fetches the data first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_generator_preloads_users_and_reads_the_servers_batching_back() {
-    use xsrec::bench::load::{preload, run_level, Mode, Target, Workload};
     let server = server(&["--cache-capacity", "0"]).await;
-    let artifact = Artifact::load(&fixture().model, Device::Cpu).unwrap();
-    let workload = Workload {
-        mode: Mode::Fresh,
-        users: 40,
-        item_ids: artifact.items.ids().into(),
-        k: 5,
-        ingest_batch: 10,
-        seed: 1,
-    };
-    let target = Target::new(&server.base, 8).unwrap();
-    // 12 events per user in calls of at most 5: every history spans calls.
-    let preloaded = preload(&target, &workload, 12, 5, 4).await.unwrap();
-    assert_eq!(preloaded.events, 480);
-    assert_eq!(server.metric("xsrec_users").await, 40.0);
-    assert_eq!(server.metric("xsrec_history_events").await, 480.0);
-    let level = run_level(&target, &workload, 8, Duration::from_millis(500))
-        .await
-        .unwrap();
-    assert_eq!(level.errors, 0, "{:?}", level.first_error);
-    assert!(level.requests > 0);
-    let batched: f64 = level.server.batch_size_histogram.iter().map(|(_, n)| n).sum();
-    assert_eq!(batched, level.server.batches);
-    // No cache: every recommendation went through a batch of its own or a shared one.
-    // (mean × count re-multiplies a quotient: allow its rounding.)
-    assert!(level.server.mean_batch_size * level.server.batches >= level.requests as f64 - 1e-6);
-    assert!(level.p50_ms <= level.p99_ms && level.p99_ms <= level.max_ms);
-
-    // Ingest mode: every acknowledged call stored its whole batch.
-    let ingested = server.metric("xsrec_events_ingested_total").await;
-    let ingest = Workload {
-        mode: Mode::Ingest,
-        ..workload
-    };
-    let level = run_level(&target, &ingest, 4, Duration::from_millis(300))
-        .await
-        .unwrap();
-    assert_eq!(level.errors, 0, "{:?}", level.first_error);
-    let stored = server.metric("xsrec_events_ingested_total").await - ingested;
-    assert_eq!(stored, (level.requests * 10) as f64);
-    assert!((level.events_per_sec - stored / level.seconds).abs() < 1e-6);
+    let target = xsrec::bench::load::Target::new(&server.base, 8).unwrap();
+    common::check_load_generator(&server, target).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,9 +32,17 @@ fn target() -> &'static Target {
             .unwrap();
         let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/default");
         let router = runtime.block_on(async {
-            let config =
-                xsrec::serve::ServeConfig::from_args(&["--model", model, "--addr", "127.0.0.1:0", "--device", "cpu"])
-                    .unwrap();
+            let flags = [
+                "--model",
+                model,
+                "--addr",
+                "127.0.0.1:0",
+                "--grpc-addr",
+                "off",
+                "--device",
+                "cpu",
+            ];
+            let config = xsrec::serve::ServeConfig::from_args(&flags).unwrap();
             let server = xsrec::serve::start(config, std::future::pending()).await.unwrap();
             while server.core.readiness() != xsrec::health::Readiness::Ready {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -27,21 +27,21 @@ pub async fn recommend(
     State(core): State<Arc<Recommender>>,
     ApiJson(body): ApiJson<RecommendRequest>,
 ) -> ApiResult<RecommendResponse> {
-    Ok(Json(core.recommend(body).await?))
+    Ok(Json(core.recommend(body, core.deadline(None)).await?))
 }
 
 pub async fn recommend_batch(
     State(core): State<Arc<Recommender>>,
     ApiJson(body): ApiJson<BatchRecommendRequest>,
 ) -> ApiResult<BatchRecommendResponse> {
-    Ok(Json(core.recommend_batch(body).await?))
+    Ok(Json(core.recommend_batch(body, core.deadline(None)).await?))
 }
 
 pub async fn interests(
     State(core): State<Arc<Recommender>>,
     ApiJson(body): ApiJson<InterestsRequest>,
 ) -> ApiResult<InterestsResponse> {
-    Ok(Json(core.interests(body).await?))
+    Ok(Json(core.interests(body, core.deadline(None)).await?))
 }
 
 pub async fn history(State(core): State<Arc<Recommender>>, Path(user): Path<String>) -> ApiResult<HistoryResponse> {

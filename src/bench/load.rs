@@ -1,7 +1,8 @@
-//! An HTTP load generator for `xsrec serve`, so a machine without wrk (or network) can still be
+//! A load generator for `xsrec serve`, so a machine without wrk (or network) can still be
 //! measured: it preloads users' histories through `/v1/events`, then keeps a fixed number of
-//! requests in flight for a while and reports throughput, latency percentiles and — from the
-//! server's own `/metrics` — how requests were batched and where the server's time went.
+//! requests in flight (or starts them at a fixed rate) over REST or gRPC for a while and reports
+//! throughput, latency percentiles and — from the server's own `/metrics` — how requests were
+//! batched and where the server's time went.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,6 +16,8 @@ use serde_json::json;
 
 use super::synthetic_history;
 use crate::data::unix_now;
+use crate::grpc::pb;
+use crate::grpc::pb::recommender_client::RecommenderClient;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -27,11 +30,31 @@ pub enum Mode {
     Ingest,
 }
 
-/// The server under test.
+/// The server under test: its REST base URL, and its gRPC address when the timed calls go over
+/// gRPC (preloading, readiness and metrics always use REST).
 #[derive(Clone)]
 pub struct Target {
     base: Arc<str>,
     client: reqwest::Client,
+    grpc: Option<RecommenderClient<tonic::transport::Channel>>,
+}
+
+/// One timed call, whatever the protocol.
+enum Ask {
+    /// (user, item, timestamp) triples.
+    Events(Vec<(String, String, i64)>),
+    Recommend {
+        user: String,
+        k: usize,
+    },
+}
+
+/// How the server answered a call.
+enum Answered {
+    Ok,
+    /// Refused by admission (429 / RESOURCE_EXHAUSTED).
+    Shed,
+    Refused(String),
 }
 
 impl Target {
@@ -43,6 +66,67 @@ impl Target {
         Ok(Self {
             base: base.trim_end_matches('/').into(),
             client,
+            grpc: None,
+        })
+    }
+
+    /// Sends the timed calls over gRPC to `addr` (host:port) from now on: one HTTP/2
+    /// connection, every call a stream on it, as gRPC clients do.
+    pub async fn over_grpc(mut self, addr: &str) -> anyhow::Result<Self> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("connecting to gRPC at {addr}"))?;
+        self.grpc = Some(RecommenderClient::new(channel));
+        Ok(self)
+    }
+
+    async fn ask(&self, ask: &Ask) -> anyhow::Result<Answered> {
+        let Some(grpc) = &self.grpc else {
+            let (path, body) = match ask {
+                Ask::Events(events) => {
+                    let events: Vec<_> = events
+                        .iter()
+                        .map(|(user, item, at)| json!({"user_id": user, "item_id": item, "timestamp": at}))
+                        .collect();
+                    ("/v1/events", json!({ "events": events }))
+                }
+                Ask::Recommend { user, k } => ("/v1/recommend", json!({ "user_id": user, "k": k })),
+            };
+            return Ok(match self.send(path, &body).await? {
+                (status, _) if status.is_success() => Answered::Ok,
+                (reqwest::StatusCode::TOO_MANY_REQUESTS, _) => Answered::Shed,
+                (status, text) => Answered::Refused(format!("{path}: HTTP {status}: {text}")),
+            });
+        };
+        let mut grpc = grpc.clone();
+        let outcome = match ask {
+            Ask::Events(events) => {
+                let events = events
+                    .iter()
+                    .map(|(user, item, at)| pb::Event {
+                        user_id: user.clone(),
+                        item_id: item.clone(),
+                        timestamp: *at,
+                        event_type: None,
+                    })
+                    .collect();
+                grpc.ingest_events(pb::IngestEventsRequest { events }).await.map(drop)
+            }
+            Ask::Recommend { user, k } => {
+                let request = pb::RecommendRequest {
+                    user_id: user.clone(),
+                    k: Some(*k as u32),
+                    ..Default::default()
+                };
+                grpc.recommend(request).await.map(drop)
+            }
+        };
+        Ok(match outcome {
+            Ok(()) => Answered::Ok,
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => Answered::Shed,
+            Err(status) => Answered::Refused(format!("gRPC {:?}: {}", status.code(), status.message())),
         })
     }
 
@@ -282,38 +366,35 @@ async fn call(target: &Target, workload: &Workload, rng: &mut ChaCha8Rng) -> Out
     let users = workload.users.max(1);
     let user = user_id(rng.gen_range(0..users));
     let item_ids = &workload.item_ids;
-    let (path, body) = match workload.mode {
-        Mode::Ingest => {
-            let events: Vec<_> = (0..workload.ingest_batch.max(1))
+    // An event of a random item for `user` happening now.
+    let event =
+        |rng: &mut ChaCha8Rng, user: String| (user, item_ids[rng.gen_range(0..item_ids.len())].clone(), unix_now());
+    let ask = match workload.mode {
+        Mode::Ingest => Ask::Events(
+            (0..workload.ingest_batch.max(1))
                 .map(|_| {
-                    json!({
-                        "user_id": user_id(rng.gen_range(0..users)),
-                        "item_id": item_ids[rng.gen_range(0..item_ids.len())],
-                        "timestamp": unix_now(),
-                    })
+                    let user = user_id(rng.gen_range(0..users));
+                    event(rng, user)
                 })
-                .collect();
-            ("/v1/events", json!({ "events": events }))
-        }
+                .collect(),
+        ),
         Mode::Recommend | Mode::Fresh => {
             if workload.mode == Mode::Fresh {
-                let event = json!({ "events": [{
-                    "user_id": user,
-                    "item_id": item_ids[rng.gen_range(0..item_ids.len())],
-                    "timestamp": unix_now(),
-                }]});
-                if let Err(e) = target.post("/v1/events", &event).await {
-                    return Outcome::Failed(e.to_string());
+                match target.ask(&Ask::Events(vec![event(rng, user.clone())])).await {
+                    Ok(Answered::Ok) => {}
+                    Ok(Answered::Shed) => return Outcome::Failed("the event was shed".into()),
+                    Ok(Answered::Refused(why)) => return Outcome::Failed(why),
+                    Err(e) => return Outcome::Failed(e.to_string()),
                 }
             }
-            ("/v1/recommend", json!({ "user_id": user, "k": workload.k }))
+            Ask::Recommend { user, k: workload.k }
         }
     };
     let sent = Instant::now();
-    match target.send(path, &body).await {
-        Ok((status, _)) if status.is_success() => Outcome::Served(sent.elapsed()),
-        Ok((reqwest::StatusCode::TOO_MANY_REQUESTS, _)) => Outcome::Shed(sent.elapsed()),
-        Ok((status, text)) => Outcome::Failed(format!("{path}: HTTP {status}: {text}")),
+    match target.ask(&ask).await {
+        Ok(Answered::Ok) => Outcome::Served(sent.elapsed()),
+        Ok(Answered::Shed) => Outcome::Shed(sent.elapsed()),
+        Ok(Answered::Refused(why)) => Outcome::Failed(why),
         Err(e) => Outcome::Failed(e.to_string()),
     }
 }

@@ -140,6 +140,10 @@ pub struct InitModelArgs {
 pub struct LoadArgs {
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// Send the timed calls over gRPC to this address (host:port) instead of REST; preloading,
+    /// readiness and the server's metrics still go through --url.
+    #[arg(long)]
+    pub grpc: Option<String>,
     /// The served model's directory (for its item ids).
     #[arg(long)]
     pub model: PathBuf,
@@ -378,7 +382,7 @@ fn load_bench(args: &LoadArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let max_connections = args.concurrency.iter().copied().max().unwrap_or(1);
-        let target = Target::new(&args.url, max_connections)?;
+        let mut target = Target::new(&args.url, max_connections)?;
         target.wait_ready(Duration::from_secs(args.ready_timeout_secs)).await?;
         let preloaded = if args.events_per_user > 0 {
             let report = load::preload(&target, &workload, args.events_per_user, args.events_per_call, 32)
@@ -392,6 +396,9 @@ fn load_bench(args: &LoadArgs) -> anyhow::Result<()> {
         } else {
             None
         };
+        if let Some(addr) = &args.grpc {
+            target = target.over_grpc(addr).await?;
+        }
         let mut levels = Vec::new();
         let duration = Duration::from_secs(args.duration_secs);
         let open_loop = args.rate.iter().map(|&rate| (Some(rate), max_connections));

@@ -1,4 +1,4 @@
-//! `xsrec serve`: the HTTP service.
+//! `xsrec serve`: the HTTP and gRPC service.
 use crate::serve::{self, ServeConfig};
 
 pub fn run(config: &ServeConfig) -> anyhow::Result<()> {
@@ -17,6 +17,9 @@ pub fn run(config: &ServeConfig) -> anyhow::Result<()> {
             "listening on http://{} (ready once the model has warmed up)",
             server.addr
         );
+        if let Some(grpc_addr) = server.grpc_addr {
+            eprintln!("grpc listening on {grpc_addr}");
+        }
         server.finished.await??;
         eprintln!("shut down cleanly");
         Ok(())

@@ -48,6 +48,15 @@ pub struct Limits {
     pub max_body_bytes: usize,
 }
 
+/// When a request must be answered: the server's `--request-timeout-ms` from its arrival, or
+/// sooner when the client says so (gRPC's `grpc-timeout`).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    pub at: Instant,
+    /// The whole allowance, for the error message.
+    pub budget: Duration,
+}
+
 pub struct Recommender {
     pub store: Arc<dyn HistoryStore>,
     pub engine: Engine,
@@ -119,6 +128,15 @@ pub fn check_event(
 pub const MAX_ID_BYTES: usize = 256;
 
 impl Recommender {
+    /// The deadline of a request arriving now, `client` being the client's own allowance.
+    pub fn deadline(&self, client: Option<Duration>) -> Deadline {
+        let budget = client.map_or(self.limits.request_timeout, |c| c.min(self.limits.request_timeout));
+        Deadline {
+            at: Instant::now() + budget,
+            budget,
+        }
+    }
+
     /// Readiness from everything that can make the service unable to answer correctly.
     pub fn readiness(&self) -> Readiness {
         match (self.health.readiness(), self.store.health()) {
@@ -199,21 +217,25 @@ impl Recommender {
         })
     }
 
-    /// Runs one query through the engine within the request deadline.
-    async fn ask(&self, user: &str, history: HistorySnapshot, at: i64, query: Query) -> Result<Answer, CoreError> {
-        let timeout = self.limits.request_timeout;
-        let deadline = Instant::now() + timeout;
+    /// Runs one query through the engine within the request's deadline.
+    async fn ask(
+        &self,
+        user: &str,
+        history: HistorySnapshot,
+        at: i64,
+        query: Query,
+        deadline: Deadline,
+    ) -> Result<Answer, CoreError> {
         let answer = self
             .engine
-            .infer(Arc::from(user), Arc::new(history), at, query, deadline);
-        match tokio::time::timeout(timeout, answer).await {
+            .infer(Arc::from(user), Arc::new(history), at, query, deadline.at);
+        let exceeded = || CoreError::DeadlineExceeded(deadline.budget.as_millis() as u64);
+        match tokio::time::timeout_at(deadline.at.into(), answer).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(InferError::Stopped)) => Err(CoreError::ShuttingDown),
             Ok(Err(InferError::Overloaded)) => Err(CoreError::Overloaded),
             Ok(Err(InferError::Failed(reason))) => Err(CoreError::InferenceFailed(reason)),
-            Ok(Err(InferError::DeadlineExceeded)) | Err(_) => {
-                Err(CoreError::DeadlineExceeded(timeout.as_millis() as u64))
-            }
+            Ok(Err(InferError::DeadlineExceeded)) | Err(_) => Err(exceeded()),
         }
     }
 
@@ -224,7 +246,11 @@ impl Recommender {
             .map_err(|e| CoreError::StorageFailed(format!("reading the history back: {e}")))
     }
 
-    pub async fn recommend(&self, request: RecommendRequest) -> Result<RecommendResponse, CoreError> {
+    pub async fn recommend(
+        &self,
+        request: RecommendRequest,
+        deadline: Deadline,
+    ) -> Result<RecommendResponse, CoreError> {
         let limits = &self.limits;
         check_id("user_id", &request.user_id, limits.max_id_bytes)?;
         check_range("k", request.k, limits.max_k)?;
@@ -274,7 +300,7 @@ impl Recommender {
                         Query::TopK { k: request.k, exclude }
                     }
                 };
-                match self.ask(&request.user_id, history, at, query).await? {
+                match self.ask(&request.user_id, history, at, query, deadline).await? {
                     Answer::Items(items) => (items, None),
                     Answer::Categories(_) => unreachable!("item queries get item answers"),
                 }
@@ -304,7 +330,11 @@ impl Recommender {
         })
     }
 
-    pub async fn recommend_batch(&self, request: BatchRecommendRequest) -> Result<BatchRecommendResponse, CoreError> {
+    pub async fn recommend_batch(
+        &self,
+        request: BatchRecommendRequest,
+        deadline: Deadline,
+    ) -> Result<BatchRecommendResponse, CoreError> {
         let max = self.limits.max_batch_requests;
         if request.requests.is_empty() || request.requests.len() > max {
             return Err(invalid(format!(
@@ -313,7 +343,10 @@ impl Recommender {
             )));
         }
         // All at once: the batcher turns them into as few forward passes as it can.
-        let pending = request.requests.into_iter().map(|request| self.recommend(request));
+        let pending = request
+            .requests
+            .into_iter()
+            .map(|request| self.recommend(request, deadline));
         let results = futures_util::future::join_all(pending).await;
         let mut out = Vec::with_capacity(results.len());
         for (i, result) in results.into_iter().enumerate() {
@@ -325,7 +358,11 @@ impl Recommender {
         Ok(BatchRecommendResponse { results: out })
     }
 
-    pub async fn interests(&self, request: InterestsRequest) -> Result<InterestsResponse, CoreError> {
+    pub async fn interests(
+        &self,
+        request: InterestsRequest,
+        deadline: Deadline,
+    ) -> Result<InterestsResponse, CoreError> {
         check_id("user_id", &request.user_id, self.limits.max_id_bytes)?;
         if let Some(at) = request.at {
             check_time("at", at)?;
@@ -344,7 +381,7 @@ impl Recommender {
             Some(history) => {
                 let at = request.at.unwrap_or_else(unix_now);
                 let query = Query::Interests { top: request.top };
-                match self.ask(&request.user_id, history, at, query).await? {
+                match self.ask(&request.user_id, history, at, query, deadline).await? {
                     Answer::Categories(ranked) => (ranked, None),
                     Answer::Items(_) => unreachable!("interest queries get category answers"),
                 }

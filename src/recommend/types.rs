@@ -23,8 +23,13 @@ pub struct EventsResponse {
     pub unknown_items: usize,
 }
 
+/// Items recommended when a request does not say (REST and gRPC alike).
+pub const DEFAULT_K: usize = 10;
+/// Categories returned by an interests request that does not say.
+pub const DEFAULT_TOP: usize = 5;
+
 fn default_k() -> usize {
-    10
+    DEFAULT_K
 }
 
 fn default_true() -> bool {
@@ -75,7 +80,7 @@ pub struct BatchRecommendResponse {
 }
 
 fn default_top() -> usize {
-    5
+    DEFAULT_TOP
 }
 
 #[derive(Debug, Clone, Deserialize)]

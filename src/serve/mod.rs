@@ -28,6 +28,10 @@ pub struct ServeConfig {
     pub model: PathBuf,
     #[arg(long, env = "XSREC_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
+    /// Where the gRPC API (proto/xsrec/v1) listens, beside REST and over the same core; `off`
+    /// for none.
+    #[arg(long, env = "XSREC_GRPC_ADDR", default_value = "127.0.0.1:50051", value_parser = parse_grpc_addr)]
+    pub grpc_addr: GrpcAddr,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, env = "XSREC_DEVICE", default_value = "auto")]
     pub device: String,
@@ -120,6 +124,20 @@ pub struct ServeConfig {
     pub shutdown_grace_secs: u64,
 }
 
+/// `--grpc-addr`: an address, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcAddr(pub Option<SocketAddr>);
+
+fn parse_grpc_addr(text: &str) -> Result<GrpcAddr, String> {
+    match text {
+        "off" => Ok(GrpcAddr(None)),
+        _ => text
+            .parse()
+            .map(|addr| GrpcAddr(Some(addr)))
+            .map_err(|e| format!("`{text}` is neither an address (host:port) nor `off`: {e}")),
+    }
+}
+
 /// A positive whole number with an optional unit from `units` (unit, multiplier).
 fn parse_quantity(text: &str, units: &[(&str, u64)]) -> Result<u64, String> {
     let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
@@ -168,9 +186,10 @@ fn weights_version(dir: &std::path::Path) -> anyhow::Result<String> {
     Ok(format!("{hash:016x}"))
 }
 
-/// A started server: its address, and the task that ends when it has shut down.
+/// A started server: its addresses, and the task that ends when it has shut down.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    pub grpc_addr: Option<SocketAddr>,
     pub core: Arc<Recommender>,
     pub finished: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -295,6 +314,15 @@ pub async fn start(
         .await
         .with_context(|| format!("binding {}", config.addr))?;
     let addr = listener.local_addr()?;
+    let grpc_listener = match config.grpc_addr.0 {
+        Some(grpc_addr) => Some(
+            TcpListener::bind(grpc_addr)
+                .await
+                .with_context(|| format!("binding --grpc-addr {grpc_addr}"))?,
+        ),
+        None => None,
+    };
+    let grpc_addr = grpc_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     // Live at once, ready once the histories are back and the model is warm.
     let recovering = core.clone();
     tokio::task::spawn_blocking(move || {
@@ -328,8 +356,10 @@ pub async fn start(
     };
     let connection_metrics = core.metrics.clone();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let grpc_core = core.clone();
     let finished = tokio::spawn(async move {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stop_grpc_tx, stop_grpc_rx) = tokio::sync::oneshot::channel::<()>();
         let draining = health.clone();
         let failed = health.clone();
         let signal = async move {
@@ -340,8 +370,25 @@ pub async fn start(
             // Readiness goes 503 first, so balancers stop sending while in-flight work finishes.
             draining.start_draining();
             let _ = stop_tx.send(());
+            let _ = stop_grpc_tx.send(());
         };
-        let serving = connections::serve(listener, app, connection_limits, connection_metrics, signal);
+        let grpc_serving = grpc_listener.map(|listener| {
+            let failing = grpc_core.health.clone();
+            let stopped = async move {
+                let _ = stop_grpc_rx.await;
+            };
+            tokio::spawn(async move {
+                if let Err(error) = crate::grpc::serve(grpc_core, listener, stopped).await {
+                    failing.fail(format!("the gRPC server failed: {error:#}"));
+                }
+            })
+        });
+        let serving = async move {
+            connections::serve(listener, app, connection_limits, connection_metrics, signal).await;
+            if let Some(grpc) = grpc_serving {
+                let _ = grpc.await;
+            }
+        };
         let drained = async move {
             // After the signal, in-flight requests get `grace` to finish.
             let _ = stop_rx.await;
@@ -360,7 +407,12 @@ pub async fn start(
         }
         outcome
     });
-    Ok(RunningServer { addr, core, finished })
+    Ok(RunningServer {
+        addr,
+        grpc_addr,
+        core,
+        finished,
+    })
 }
 
 /// Retention in memory: every quarter of the retention (between 1 s and a minute), the events

@@ -92,6 +92,8 @@ pub fn config(model: &Path, extra: &[&str]) -> ServeConfig {
         model.to_str().unwrap(),
         "--addr",
         "127.0.0.1:0",
+        "--grpc-addr",
+        "127.0.0.1:0",
         "--device",
         "cpu",
     ];
@@ -230,7 +232,7 @@ impl ServerProcess {
         use std::process::{Command, Stdio};
         let mut child = Command::new(env!("CARGO_BIN_EXE_xsrec"))
             .args(["serve", "--model", model.to_str().unwrap()])
-            .args(["--addr", "127.0.0.1:0", "--device", "cpu"])
+            .args(["--addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--device", "cpu"])
             .args(extra)
             .envs(env.iter().copied())
             .stderr(Stdio::piped())
@@ -292,4 +294,49 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Drives `server` with the load generator through `target` (REST or gRPC) in the fresh and the
+/// ingest workloads, and checks its report against what the server counted.
+pub async fn check_load_generator(server: &Server, target: xsrec::bench::load::Target) {
+    use xsrec::bench::load::{preload, run_level, Mode, Workload};
+    let artifact = Artifact::load(&fixture().model, Device::Cpu).unwrap();
+    let workload = Workload {
+        mode: Mode::Fresh,
+        users: 40,
+        item_ids: artifact.items.ids().into(),
+        k: 5,
+        ingest_batch: 10,
+        seed: 1,
+    };
+    // 12 events per user in calls of at most 5: every history spans calls.
+    let preloaded = preload(&target, &workload, 12, 5, 4).await.unwrap();
+    assert_eq!(preloaded.events, 480);
+    assert_eq!(server.metric("xsrec_users").await, 40.0);
+    assert_eq!(server.metric("xsrec_history_events").await, 480.0);
+    let level = run_level(&target, &workload, 8, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(level.errors, 0, "{:?}", level.first_error);
+    assert!(level.requests > 0);
+    let batched: f64 = level.server.batch_size_histogram.iter().map(|(_, n)| n).sum();
+    assert_eq!(batched, level.server.batches);
+    // No cache: every recommendation went through a batch of its own or a shared one.
+    // (mean × count re-multiplies a quotient: allow its rounding.)
+    assert!(level.server.mean_batch_size * level.server.batches >= level.requests as f64 - 1e-6);
+    assert!(level.p50_ms <= level.p99_ms && level.p99_ms <= level.max_ms);
+
+    // Ingest mode: every acknowledged call stored its whole batch.
+    let ingested = server.metric("xsrec_events_ingested_total").await;
+    let ingest = Workload {
+        mode: Mode::Ingest,
+        ..workload
+    };
+    let level = run_level(&target, &ingest, 4, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(level.errors, 0, "{:?}", level.first_error);
+    let stored = server.metric("xsrec_events_ingested_total").await - ingested;
+    assert_eq!(stored, (level.requests * 10) as f64);
+    assert!((level.events_per_sec - stored / level.seconds).abs() < 1e-6);
 }

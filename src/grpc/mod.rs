@@ -1,0 +1,406 @@
+//! The gRPC API (`proto/xsrec/v1/recommender.proto`): a thin tonic adapter over the core, as
+//! `api/` is for REST — convert, admit, call the core, convert back. Errors keep the core's stable
+//! code in the `xsrec-code` metadata entry beside the gRPC status; a client's `grpc-timeout`
+//! shorter than the server's request timeout becomes the request's deadline inside the engine.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_stream::StreamExt;
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::health::Readiness;
+use crate::recommend::types::{self as core_types, DEFAULT_K, DEFAULT_TOP};
+use crate::recommend::{CoreError, Recommender, Work};
+
+/// The generated messages and service.
+pub mod pb {
+    tonic::include_proto!("xsrec.v1");
+    /// For the reflection service.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("xsrec_descriptor");
+}
+
+use pb::recommender_server::RecommenderServer;
+
+/// The service's full name, as health checks ask for it.
+pub const SERVICE_NAME: &str = "xsrec.v1.Recommender";
+
+/// The gRPC status of a core error: the code a gRPC client branches on, with the core's own code
+/// in the `xsrec-code` metadata entry.
+pub fn status(error: CoreError) -> Status {
+    let code = match &error {
+        CoreError::InvalidRequest(_) => Code::InvalidArgument,
+        CoreError::UserNotFound(_) => Code::NotFound,
+        CoreError::CategoriesUnavailable => Code::FailedPrecondition,
+        CoreError::Overloaded => Code::ResourceExhausted,
+        CoreError::NotReady(_) | CoreError::ShuttingDown => Code::Unavailable,
+        CoreError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        CoreError::InferenceFailed(_) | CoreError::StorageFailed(_) => Code::Internal,
+    };
+    let mut status = Status::new(code, error.to_string());
+    status
+        .metadata_mut()
+        .insert("xsrec-code", MetadataValue::from_static(error.code()));
+    status
+}
+
+/// The client's `grpc-timeout` header (an integer of at most 8 digits and a unit), if any.
+fn client_timeout<T>(request: &Request<T>) -> Option<Duration> {
+    let text = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value.saturating_mul(3600)),
+        "M" => Duration::from_secs(value.saturating_mul(60)),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
+pub struct GrpcService {
+    core: Arc<Recommender>,
+}
+
+impl GrpcService {
+    pub fn server(core: Arc<Recommender>) -> RecommenderServer<Self> {
+        for method in METHODS {
+            core.metrics.requests.with_label_values(&[method, "OK"]);
+        }
+        RecommenderServer::new(Self { core })
+    }
+
+    /// Admits, runs `call` and counts the outcome under `method` (the REST routes' metrics, with
+    /// the gRPC code as the status label).
+    async fn handle<T, F>(&self, method: &str, work: Work, call: F) -> Result<Response<T>, Status>
+    where
+        F: std::future::Future<Output = Result<T, CoreError>>,
+    {
+        let started = Instant::now();
+        let outcome = match self.core.admit(work) {
+            Ok(_permit) => call.await,
+            Err(refused) => Err(refused),
+        };
+        let metrics = &self.core.metrics;
+        metrics
+            .request_duration
+            .with_label_values(&[method])
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(reply) => {
+                metrics.requests.with_label_values(&[method, "OK"]).inc();
+                Ok(Response::new(reply))
+            }
+            Err(error) => {
+                metrics
+                    .request_failures
+                    .with_label_values(&[method, error.code()])
+                    .inc();
+                let status = status(error);
+                metrics
+                    .requests
+                    .with_label_values(&[method, &format!("{:?}", status.code())])
+                    .inc();
+                Err(status)
+            }
+        }
+    }
+}
+
+const METHODS: [&str; 8] = [
+    "/xsrec.v1.Recommender/Recommend",
+    "/xsrec.v1.Recommender/RecommendBatch",
+    "/xsrec.v1.Recommender/Interests",
+    "/xsrec.v1.Recommender/IngestEvents",
+    "/xsrec.v1.Recommender/IngestEventStream",
+    "/xsrec.v1.Recommender/GetHistory",
+    "/xsrec.v1.Recommender/ForgetUser",
+    "/xsrec.v1.Recommender/ModelInfo",
+];
+
+#[tonic::async_trait]
+impl pb::recommender_server::Recommender for GrpcService {
+    async fn recommend(
+        &self,
+        request: Request<pb::RecommendRequest>,
+    ) -> Result<Response<pb::RecommendResponse>, Status> {
+        let deadline = self.core.deadline(client_timeout(&request));
+        let call = self.core.recommend(request.into_inner().into(), deadline);
+        self.handle(METHODS[0], Work::Inference, async { Ok(call.await?.into()) })
+            .await
+    }
+
+    async fn recommend_batch(
+        &self,
+        request: Request<pb::RecommendBatchRequest>,
+    ) -> Result<Response<pb::RecommendBatchResponse>, Status> {
+        let deadline = self.core.deadline(client_timeout(&request));
+        let batch = core_types::BatchRecommendRequest {
+            requests: request.into_inner().requests.into_iter().map(Into::into).collect(),
+        };
+        let call = self.core.recommend_batch(batch, deadline);
+        self.handle(METHODS[1], Work::Inference, async {
+            let reply = call.await?;
+            Ok(pb::RecommendBatchResponse {
+                results: reply.results.into_iter().map(Into::into).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn interests(
+        &self,
+        request: Request<pb::InterestsRequest>,
+    ) -> Result<Response<pb::InterestsResponse>, Status> {
+        let deadline = self.core.deadline(client_timeout(&request));
+        let request = request.into_inner();
+        let call = self.core.interests(
+            core_types::InterestsRequest {
+                user_id: request.user_id,
+                top: request.top.map_or(DEFAULT_TOP, |top| top as usize),
+                at: request.at,
+            },
+            deadline,
+        );
+        self.handle(METHODS[2], Work::Inference, async {
+            let reply = call.await?;
+            Ok(pb::InterestsResponse {
+                user_id: reply.user_id,
+                interests: reply
+                    .interests
+                    .into_iter()
+                    .map(|c| pb::CategoryScore {
+                        category: c.category,
+                        score: c.score,
+                    })
+                    .collect(),
+                model_version: reply.model_version,
+                fallback: reply.fallback,
+            })
+        })
+        .await
+    }
+
+    async fn ingest_events(
+        &self,
+        request: Request<pb::IngestEventsRequest>,
+    ) -> Result<Response<pb::IngestEventsResponse>, Status> {
+        let call = self.core.ingest(request.into_inner().into());
+        self.handle(METHODS[3], Work::Other, async { Ok(call.await?.into()) })
+            .await
+    }
+
+    async fn ingest_event_stream(
+        &self,
+        request: Request<Streaming<pb::IngestEventsRequest>>,
+    ) -> Result<Response<pb::IngestEventsResponse>, Status> {
+        let mut messages = request.into_inner();
+        let mut total = pb::IngestEventsResponse::default();
+        // Each message is admitted and stored on its own, as a unary call would be: a long
+        // stream holds no permit between its messages.
+        while let Some(message) = messages.next().await {
+            let reply = self
+                .handle(METHODS[4], Work::Other, self.core.ingest(message?.into()))
+                .await?
+                .into_inner();
+            total.accepted += reply.accepted as u64;
+            total.unknown_items += reply.unknown_items as u64;
+        }
+        Ok(Response::new(total))
+    }
+
+    async fn get_history(
+        &self,
+        request: Request<pb::GetHistoryRequest>,
+    ) -> Result<Response<pb::GetHistoryResponse>, Status> {
+        let user = request.into_inner().user_id;
+        self.handle(METHODS[5], Work::Other, async {
+            let reply = self.core.history(&user)?;
+            Ok(pb::GetHistoryResponse {
+                user_id: reply.user_id,
+                events: reply
+                    .events
+                    .into_iter()
+                    .map(|e| pb::HistoryEvent {
+                        item_id: e.item_id,
+                        timestamp: e.timestamp,
+                        event_type: e.event_type,
+                        known_item: e.known_item,
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn forget_user(
+        &self,
+        request: Request<pb::ForgetUserRequest>,
+    ) -> Result<Response<pb::ForgetUserResponse>, Status> {
+        let user = request.into_inner().user_id;
+        self.handle(METHODS[6], Work::Other, async {
+            self.core.forget(&user).await?;
+            Ok(pb::ForgetUserResponse {})
+        })
+        .await
+    }
+
+    async fn model_info(
+        &self,
+        _request: Request<pb::ModelInfoRequest>,
+    ) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        self.handle(METHODS[7], Work::Other, async {
+            Ok(pb::ModelInfoResponse {
+                version: self.core.model_version.clone(),
+                config_json: self.core.model_config.to_string(),
+            })
+        })
+        .await
+    }
+}
+
+impl From<pb::RecommendRequest> for core_types::RecommendRequest {
+    fn from(request: pb::RecommendRequest) -> Self {
+        Self {
+            user_id: request.user_id,
+            k: request.k.map_or(DEFAULT_K, |k| k as usize),
+            exclude_seen: request.exclude_seen.unwrap_or(true),
+            // proto3 cannot tell an empty list from none: empty means the whole catalogue.
+            candidates: (!request.candidates.is_empty()).then_some(request.candidates),
+            at: request.at,
+        }
+    }
+}
+
+impl From<core_types::RecommendResponse> for pb::RecommendResponse {
+    fn from(reply: core_types::RecommendResponse) -> Self {
+        Self {
+            user_id: reply.user_id,
+            items: reply
+                .items
+                .into_iter()
+                .map(|i| pb::ScoredItem {
+                    item_id: i.item_id,
+                    score: i.score,
+                })
+                .collect(),
+            model_version: reply.model_version,
+            fallback: reply.fallback,
+            unknown_candidates: reply.unknown_candidates,
+        }
+    }
+}
+
+impl From<pb::IngestEventsRequest> for core_types::EventsRequest {
+    fn from(request: pb::IngestEventsRequest) -> Self {
+        Self {
+            events: request
+                .events
+                .into_iter()
+                .map(|e| core_types::EventIn {
+                    user_id: e.user_id,
+                    item_id: e.item_id,
+                    timestamp: e.timestamp,
+                    event_type: e.event_type,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<core_types::EventsResponse> for pb::IngestEventsResponse {
+    fn from(reply: core_types::EventsResponse) -> Self {
+        Self {
+            accepted: reply.accepted as u64,
+            unknown_items: reply.unknown_items as u64,
+        }
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown` completes, then lets in-flight calls finish: the
+/// Recommender service, the standard health service (SERVING exactly while the core is ready)
+/// and reflection.
+pub async fn serve(
+    core: Arc<Recommender>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let watched = core.clone();
+    let health_task = tokio::spawn(async move {
+        let mut serving = None;
+        loop {
+            let ready = watched.readiness() == Readiness::Ready;
+            if serving != Some(ready) {
+                let status = match ready {
+                    true => tonic_health::ServingStatus::Serving,
+                    false => tonic_health::ServingStatus::NotServing,
+                };
+                reporter.set_service_status("", status).await;
+                reporter.set_service_status(SERVICE_NAME, status).await;
+                serving = Some(ready);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(GrpcService::server(core))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await;
+    health_task.abort();
+    Ok(served?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit_and_garbage_is_ignored() {
+        let timeout = |text: &str| {
+            let mut request = Request::new(());
+            request.metadata_mut().insert("grpc-timeout", text.parse().unwrap());
+            client_timeout(&request)
+        };
+        assert_eq!(timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(timeout("99u"), Some(Duration::from_micros(99)));
+        assert_eq!(timeout("5n"), Some(Duration::from_nanos(5)));
+        for bad in ["", "m", "10", "10x", "-5m", "1.5S"] {
+            assert_eq!(timeout(bad), None, "{bad}");
+        }
+        assert_eq!(client_timeout(&Request::new(())), None);
+    }
+
+    #[test]
+    fn every_core_error_has_a_grpc_code_and_keeps_its_own() {
+        let cases = [
+            (CoreError::InvalidRequest("x".into()), Code::InvalidArgument),
+            (CoreError::UserNotFound("u".into()), Code::NotFound),
+            (CoreError::CategoriesUnavailable, Code::FailedPrecondition),
+            (CoreError::Overloaded, Code::ResourceExhausted),
+            (CoreError::NotReady("warming".into()), Code::Unavailable),
+            (CoreError::DeadlineExceeded(5), Code::DeadlineExceeded),
+            (CoreError::ShuttingDown, Code::Unavailable),
+            (CoreError::InferenceFailed("x".into()), Code::Internal),
+            (CoreError::StorageFailed("x".into()), Code::Internal),
+        ];
+        assert_eq!(cases.len(), CoreError::ALL_CODES.len());
+        for (error, code) in cases {
+            let own = error.code();
+            let status = status(error);
+            assert_eq!(status.code(), code, "{own}");
+            assert_eq!(status.metadata().get("xsrec-code").unwrap(), own);
+        }
+    }
+}
