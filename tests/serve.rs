@@ -558,3 +558,25 @@ async fn default_model_serves_ml100k_histories_exactly_as_offline_eval_scores_th
         assert_online_equals_offline(&server, seq, &offline).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_from_any_directory_on_the_built_in_default_model() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::spawn_in(elsewhere.path(), &[], &[]);
+    let client = reqwest::Client::new();
+    server.wait_ready(&client, Duration::from_secs(60)).await;
+    let model: Value = client
+        .get(format!("{}/v1/model", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The committed model's weights, byte for byte: the same version as served from the repo.
+    let weights =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default/model.safetensors")).unwrap();
+    let expected = format!("{:016x}", xsrec::model::artifact::content_hash(&weights));
+    assert_eq!(model["version"], expected.as_str());
+    server.kill();
+}

@@ -370,7 +370,7 @@ fn init_model(args: &InitModelArgs) -> anyhow::Result<()> {
 }
 
 fn load_bench(args: &LoadArgs) -> anyhow::Result<()> {
-    let (items, _, _) = read_items(&args.model.join(ITEMS_FILE))?;
+    let (items, _, _) = read_items(&crate::model::builtin::resolve(&args.model)?.join(ITEMS_FILE))?;
     let workload = Workload {
         mode: args.mode,
         users: args.users,

@@ -1,5 +1,6 @@
 //! The sequence models, their configuration, input encoding and the on-disk artifact.
 pub mod artifact;
+pub mod builtin;
 pub mod config;
 pub mod input;
 pub mod net;

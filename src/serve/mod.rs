@@ -24,7 +24,9 @@ use crate::recommend::{Catalog, Limits, Recommender};
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
     /// Model artifact directory.
-    #[arg(long, env = "XSREC_MODEL", default_value = "models/default")]
+    /// The model artifact's directory. The default, when there is no such directory here, is the
+    /// copy built into the binary.
+    #[arg(long, env = "XSREC_MODEL", default_value = crate::model::builtin::DEFAULT_MODEL_DIR)]
     pub model: PathBuf,
     #[arg(long, env = "XSREC_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
@@ -176,14 +178,12 @@ impl ServeConfig {
     }
 }
 
-/// A 64-bit FNV-1a of the weights: the same bytes give the same version on every machine.
+/// The model's version: a hash of its weights, so the same bytes give the same version on every
+/// machine.
 fn weights_version(dir: &std::path::Path) -> anyhow::Result<String> {
     let path = dir.join(crate::model::artifact::WEIGHTS_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let hash = bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    });
-    Ok(format!("{hash:016x}"))
+    Ok(format!("{:016x}", crate::model::artifact::content_hash(&bytes)))
 }
 
 /// A started server: its addresses, and the task that ends when it has shut down.
@@ -202,14 +202,15 @@ pub async fn start(
 ) -> anyhow::Result<RunningServer> {
     tch::set_num_threads(config.torch_threads.max(1) as i32);
     let device = crate::model::parse_device(&config.device)?;
+    let model_dir = crate::model::builtin::resolve(&config.model)?;
     let mut artifact =
-        Artifact::load(&config.model, device).with_context(|| format!("loading model {}", config.model.display()))?;
+        Artifact::load(&model_dir, device).with_context(|| format!("loading model {}", config.model.display()))?;
     artifact.model.set_precision(config.precision);
     if let Some(path) = &config.item_meta {
         let meta = load_item_meta(path).with_context(|| format!("loading --item-meta {}", path.display()))?;
         artifact.item_categories = item_categories(&artifact.items, Some(&meta));
     }
-    let model_version = weights_version(&config.model)?;
+    let model_version = weights_version(&model_dir)?;
     let metrics = Arc::new(Metrics::new());
     let arch = format!("{:?}", artifact.config.model.arch).to_lowercase();
     metrics.model_info.with_label_values(&[&model_version, &arch]).set(1);

@@ -228,13 +228,20 @@ impl ServerProcess {
     }
 
     pub fn spawn(model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let args = [&["--model", model.to_str().unwrap()], extra].concat();
+        Self::spawn_in(Path::new("."), &args, env)
+    }
+
+    /// `xsrec serve ARGS` (on ephemeral ports, CPU) started in the directory `cwd`.
+    pub fn spawn_in(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::{BufRead, BufReader};
         use std::process::{Command, Stdio};
         let mut child = Command::new(env!("CARGO_BIN_EXE_xsrec"))
-            .args(["serve", "--model", model.to_str().unwrap()])
+            .arg("serve")
             .args(["--addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--device", "cpu"])
-            .args(extra)
+            .args(args)
             .envs(env.iter().copied())
+            .current_dir(cwd)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
