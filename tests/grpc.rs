@@ -271,6 +271,18 @@ async fn core_errors_arrive_as_grpc_codes_with_the_cores_own_code() {
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
 
+    // A message over --max-body-bytes (1 MiB) is refused before it is decoded, as REST refuses
+    // such a body, and nothing of it is stored.
+    let huge = pb::IngestEventsRequest {
+        events: (0..20_000)
+            .map(|i| event("big", &format!("item-{i:060}"), 1, None))
+            .collect(),
+    };
+    let refused = grpc.ingest_events(huge).await.unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    let (status, _) = server.get("/v1/users/big/history").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
     // A stream stops at its first bad message; the messages before it are stored.
     let stream = vec![
         pb::IngestEventsRequest {

@@ -110,7 +110,8 @@ fn rank_chunk(scorer: &dyn Scorer, set: &SequenceSet, chunk: &[(usize, usize)], 
             CaseResult {
                 user: u,
                 rank: ranks[row] as usize,
-                candidates: num_items - masked[row].len(),
+                // Every item but the padding item and the masked ones.
+                candidates: num_items - 1 - masked[row].len(),
                 new_session: starts_new_session(user.timestamps[p] - user.timestamps[p - 1], opts.session_gap_secs),
                 top: (row * k as usize..(row + 1) * k as usize)
                     .map(|j| (top_items[j], top_scores[j]))

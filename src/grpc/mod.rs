@@ -69,7 +69,9 @@ impl GrpcService {
         for method in METHODS {
             core.metrics.requests.with_label_values(&[method, "OK"]);
         }
-        RecommenderServer::new(Self { core })
+        // The same bound on a request's size as REST's --max-body-bytes.
+        let max_bytes = core.limits.max_body_bytes;
+        RecommenderServer::new(Self { core }).max_decoding_message_size(max_bytes)
     }
 
     /// Admits, runs `call` and counts the outcome under `method` (the REST routes' metrics, with

@@ -129,7 +129,9 @@ impl Popularity {
 
 impl Scorer for Popularity {
     fn score_next(&self, batch: &Batch) -> Tensor {
-        self.counts.unsqueeze(0).expand([batch.size(), -1], false).contiguous()
+        // A tensor of its own (for a batch of one, `expand(..).contiguous()` would be a view of
+        // `counts`): callers mask scores in place.
+        self.counts.unsqueeze(0).repeat([batch.size(), 1])
     }
 }
 
@@ -172,5 +174,15 @@ mod tests {
         let rows: Vec<Vec<f32>> = Vec::try_from(masked).unwrap();
         let inf = f32::NEG_INFINITY;
         assert_eq!(rows, [vec![inf, 1., inf, 3.], vec![inf, 1., 2., 3.]]);
+    }
+
+    #[test]
+    fn masking_popularity_scores_leaves_the_counts_alone_even_for_one_row() {
+        let popularity = Popularity::new(&[0, 5, 7, 9], Device::Cpu);
+        let row = encode(HistoryView::new(&[1], &[10], &[1]), 20, 4, 1800);
+        let batch = Batch::new(&[row], Device::Cpu);
+        let _ = mask_items(popularity.score_next(&batch), &[vec![2i64]]);
+        let again: Vec<Vec<f32>> = Vec::try_from(popularity.score_next(&batch)).unwrap();
+        assert_eq!(again, [vec![0., 5., 7., 9.]]);
     }
 }
