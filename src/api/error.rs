@@ -36,6 +36,8 @@ impl ApiError {
                 CoreError::NotReady(_) | CoreError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
                 CoreError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
                 CoreError::InferenceFailed(_) | CoreError::StorageFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                CoreError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+                CoreError::Forbidden(_) => StatusCode::FORBIDDEN,
             },
         }
     }
@@ -75,6 +77,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, Self::Core(CoreError::Unauthenticated(_))) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         // Lets the metrics layer label failures without parsing the body.
         response.extensions_mut().insert(FailureReason(self.code()));

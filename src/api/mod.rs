@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
 use crate::recommend::error::quote;
-use crate::recommend::{CoreError, Recommender, Work};
+use crate::recommend::{CoreError, Operation, Recommender};
 pub use error::{ApiError, FailureReason};
 
 /// Routes under `/v1` pass admission control; health, metrics and the spec never wait.
@@ -87,11 +87,21 @@ async fn admit(
         Err(_) => return ApiError::BodyTimeout(body_read_timeout.as_millis() as u64).into_response(),
     };
     let route = parts.extensions.get::<MatchedPath>().map(MatchedPath::as_str);
-    let work = match route {
-        Some("/v1/recommend" | "/v1/recommend/batch" | "/v1/interests") => Work::Inference,
-        _ => Work::Other,
+    // This layer wraps the V1_ROUTES only; `/v1/model` is the one left.
+    let operation = match route {
+        Some("/v1/events") => Operation::Ingest,
+        Some("/v1/recommend") => Operation::Recommend,
+        Some("/v1/recommend/batch") => Operation::RecommendBatch,
+        Some("/v1/interests") => Operation::Interests,
+        Some("/v1/users/{id}/history") => Operation::History,
+        Some("/v1/users/{id}") => Operation::Forget,
+        _ => Operation::ModelInfo,
     };
-    match core.admit(work) {
+    let authorization = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    match core.admit(operation, authorization) {
         Ok(_permit) => next.run(Request::from_parts(parts, axum::body::Body::from(body))).await,
         Err(refused) => ApiError::from(refused).into_response(),
     }

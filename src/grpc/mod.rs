@@ -11,7 +11,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::health::Readiness;
 use crate::recommend::types::{self as core_types, DEFAULT_K, DEFAULT_TOP};
-use crate::recommend::{CoreError, Recommender, Work};
+use crate::recommend::{CoreError, Deadline, Operation, Recommender};
 
 /// The generated messages and service.
 pub mod pb {
@@ -36,6 +36,8 @@ pub fn status(error: CoreError) -> Status {
         CoreError::NotReady(_) | CoreError::ShuttingDown => Code::Unavailable,
         CoreError::DeadlineExceeded(_) => Code::DeadlineExceeded,
         CoreError::InferenceFailed(_) | CoreError::StorageFailed(_) => Code::Internal,
+        CoreError::Unauthenticated(_) => Code::Unauthenticated,
+        CoreError::Forbidden(_) => Code::PermissionDenied,
     };
     let mut status = Status::new(code, error.to_string());
     status
@@ -60,11 +62,27 @@ fn client_timeout<T>(request: &Request<T>) -> Option<Duration> {
     })
 }
 
+/// The caller's `authorization` metadata entry (`Bearer KEY`), for the core to judge.
+fn authorization<T>(request: &Request<T>) -> Option<String> {
+    let value = request.metadata().get("authorization")?;
+    value.to_str().ok().map(str::to_owned)
+}
+
 pub struct GrpcService {
     core: Arc<Recommender>,
 }
 
+/// tonic enforces a client's `grpc-timeout` itself too, answering CANCELLED when its timer
+/// fires first; the core's deadline ends one timer tick earlier, so that the client hears
+/// DEADLINE_EXCEEDED from the core.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
 impl GrpcService {
+    fn deadline<T>(&self, request: &Request<T>) -> Deadline {
+        self.core
+            .deadline(client_timeout(request).map(|t| t.saturating_sub(TIMER_TICK)))
+    }
+
     pub fn server(core: Arc<Recommender>) -> RecommenderServer<Self> {
         for method in METHODS {
             core.metrics.requests.with_label_values(&[method, "OK"]);
@@ -74,14 +92,21 @@ impl GrpcService {
         RecommenderServer::new(Self { core }).max_decoding_message_size(max_bytes)
     }
 
-    /// Admits, runs `call` and counts the outcome under `method` (the REST routes' metrics, with
-    /// the gRPC code as the status label).
-    async fn handle<T, F>(&self, method: &str, work: Work, call: F) -> Result<Response<T>, Status>
+    /// Admits (the caller's key from `authorization`, then readiness and room), runs `call` and
+    /// counts the outcome under `method` (the REST routes' metrics, with the gRPC code as the
+    /// status label).
+    async fn handle<T, F>(
+        &self,
+        method: &str,
+        operation: Operation,
+        authorization: Option<&str>,
+        call: F,
+    ) -> Result<Response<T>, Status>
     where
         F: std::future::Future<Output = Result<T, CoreError>>,
     {
         let started = Instant::now();
-        let outcome = match self.core.admit(work) {
+        let outcome = match self.core.admit(operation, authorization) {
             Ok(_permit) => call.await,
             Err(refused) => Err(refused),
         };
@@ -128,22 +153,24 @@ impl pb::recommender_server::Recommender for GrpcService {
         &self,
         request: Request<pb::RecommendRequest>,
     ) -> Result<Response<pb::RecommendResponse>, Status> {
-        let deadline = self.core.deadline(client_timeout(&request));
+        let (deadline, key) = (self.deadline(&request), authorization(&request));
         let call = self.core.recommend(request.into_inner().into(), deadline);
-        self.handle(METHODS[0], Work::Inference, async { Ok(call.await?.into()) })
-            .await
+        self.handle(METHODS[0], Operation::Recommend, key.as_deref(), async {
+            Ok(call.await?.into())
+        })
+        .await
     }
 
     async fn recommend_batch(
         &self,
         request: Request<pb::RecommendBatchRequest>,
     ) -> Result<Response<pb::RecommendBatchResponse>, Status> {
-        let deadline = self.core.deadline(client_timeout(&request));
+        let (deadline, key) = (self.deadline(&request), authorization(&request));
         let batch = core_types::BatchRecommendRequest {
             requests: request.into_inner().requests.into_iter().map(Into::into).collect(),
         };
         let call = self.core.recommend_batch(batch, deadline);
-        self.handle(METHODS[1], Work::Inference, async {
+        self.handle(METHODS[1], Operation::RecommendBatch, key.as_deref(), async {
             let reply = call.await?;
             Ok(pb::RecommendBatchResponse {
                 results: reply.results.into_iter().map(Into::into).collect(),
@@ -156,7 +183,7 @@ impl pb::recommender_server::Recommender for GrpcService {
         &self,
         request: Request<pb::InterestsRequest>,
     ) -> Result<Response<pb::InterestsResponse>, Status> {
-        let deadline = self.core.deadline(client_timeout(&request));
+        let (deadline, key) = (self.deadline(&request), authorization(&request));
         let request = request.into_inner();
         let call = self.core.interests(
             core_types::InterestsRequest {
@@ -166,7 +193,7 @@ impl pb::recommender_server::Recommender for GrpcService {
             },
             deadline,
         );
-        self.handle(METHODS[2], Work::Inference, async {
+        self.handle(METHODS[2], Operation::Interests, key.as_deref(), async {
             let reply = call.await?;
             Ok(pb::InterestsResponse {
                 user_id: reply.user_id,
@@ -189,22 +216,31 @@ impl pb::recommender_server::Recommender for GrpcService {
         &self,
         request: Request<pb::IngestEventsRequest>,
     ) -> Result<Response<pb::IngestEventsResponse>, Status> {
+        let key = authorization(&request);
         let call = self.core.ingest(request.into_inner().into());
-        self.handle(METHODS[3], Work::Other, async { Ok(call.await?.into()) })
-            .await
+        self.handle(METHODS[3], Operation::Ingest, key.as_deref(), async {
+            Ok(call.await?.into())
+        })
+        .await
     }
 
     async fn ingest_event_stream(
         &self,
         request: Request<Streaming<pb::IngestEventsRequest>>,
     ) -> Result<Response<pb::IngestEventsResponse>, Status> {
+        let key = authorization(&request);
         let mut messages = request.into_inner();
         let mut total = pb::IngestEventsResponse::default();
         // Each message is admitted and stored on its own, as a unary call would be: a long
         // stream holds no permit between its messages.
         while let Some(message) = messages.next().await {
             let reply = self
-                .handle(METHODS[4], Work::Other, self.core.ingest(message?.into()))
+                .handle(
+                    METHODS[4],
+                    Operation::Ingest,
+                    key.as_deref(),
+                    self.core.ingest(message?.into()),
+                )
                 .await?
                 .into_inner();
             total.accepted += reply.accepted as u64;
@@ -217,8 +253,9 @@ impl pb::recommender_server::Recommender for GrpcService {
         &self,
         request: Request<pb::GetHistoryRequest>,
     ) -> Result<Response<pb::GetHistoryResponse>, Status> {
+        let key = authorization(&request);
         let user = request.into_inner().user_id;
-        self.handle(METHODS[5], Work::Other, async {
+        self.handle(METHODS[5], Operation::History, key.as_deref(), async {
             let reply = self.core.history(&user)?;
             Ok(pb::GetHistoryResponse {
                 user_id: reply.user_id,
@@ -241,8 +278,9 @@ impl pb::recommender_server::Recommender for GrpcService {
         &self,
         request: Request<pb::ForgetUserRequest>,
     ) -> Result<Response<pb::ForgetUserResponse>, Status> {
+        let key = authorization(&request);
         let user = request.into_inner().user_id;
-        self.handle(METHODS[6], Work::Other, async {
+        self.handle(METHODS[6], Operation::Forget, key.as_deref(), async {
             self.core.forget(&user).await?;
             Ok(pb::ForgetUserResponse {})
         })
@@ -251,9 +289,10 @@ impl pb::recommender_server::Recommender for GrpcService {
 
     async fn model_info(
         &self,
-        _request: Request<pb::ModelInfoRequest>,
+        request: Request<pb::ModelInfoRequest>,
     ) -> Result<Response<pb::ModelInfoResponse>, Status> {
-        self.handle(METHODS[7], Work::Other, async {
+        let key = authorization(&request);
+        self.handle(METHODS[7], Operation::ModelInfo, key.as_deref(), async {
             Ok(pb::ModelInfoResponse {
                 version: self.core.model_version.clone(),
                 config_json: self.core.model_config.to_string(),
@@ -396,6 +435,8 @@ mod tests {
             (CoreError::ShuttingDown, Code::Unavailable),
             (CoreError::InferenceFailed("x".into()), Code::Internal),
             (CoreError::StorageFailed("x".into()), Code::Internal),
+            (CoreError::Unauthenticated("x".into()), Code::Unauthenticated),
+            (CoreError::Forbidden("write"), Code::PermissionDenied),
         ];
         assert_eq!(cases.len(), CoreError::ALL_CODES.len());
         for (error, code) in cases {

@@ -25,6 +25,10 @@ pub enum CoreError {
     InferenceFailed(String),
     #[error("storing the events failed: {0}")]
     StorageFailed(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("this API key lacks the `{0}` scope")]
+    Forbidden(&'static str),
 }
 
 impl CoreError {
@@ -40,10 +44,12 @@ impl CoreError {
             Self::ShuttingDown => "shutting_down",
             Self::InferenceFailed(_) => "inference_failed",
             Self::StorageFailed(_) => "storage_failed",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::Forbidden(_) => "forbidden",
         }
     }
 
-    pub const ALL_CODES: [&'static str; 9] = [
+    pub const ALL_CODES: [&'static str; 11] = [
         "invalid_request",
         "user_not_found",
         "categories_unavailable",
@@ -53,6 +59,8 @@ impl CoreError {
         "shutting_down",
         "inference_failed",
         "storage_failed",
+        "unauthenticated",
+        "forbidden",
     ];
 }
 

@@ -1,6 +1,7 @@
 //! The transport-free core: validation, admission, history, fallback and health behind typed
 //! operations. REST (`api/`) and gRPC are thin adapters over a [`Recommender`]; nothing here
 //! knows HTTP, and nothing here touches a tensor (the engine does).
+pub mod auth;
 pub mod catalog;
 pub mod error;
 pub mod types;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use auth::{ApiKeys, Scope};
 pub use catalog::Catalog;
 pub use error::CoreError;
 use types::*;
@@ -28,12 +30,32 @@ use crate::model::item_indices;
 /// refused too, which is what a client sending milliseconds needs to hear).
 pub const MAX_TIMESTAMP: i64 = 253_402_300_799;
 
-/// What a request will ask of the service, as far as admission cares.
+/// The core's operations, as admission and authorization see them (every front end maps its
+/// routes or methods onto these).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Work {
-    /// Recommendations and interests: the inference engine's queue.
-    Inference,
-    Other,
+pub enum Operation {
+    Ingest,
+    Recommend,
+    RecommendBatch,
+    Interests,
+    History,
+    Forget,
+    ModelInfo,
+}
+
+impl Operation {
+    /// The scope an API key needs for it.
+    pub fn scope(self) -> Scope {
+        match self {
+            Self::Ingest | Self::Forget => Scope::Write,
+            _ => Scope::Read,
+        }
+    }
+
+    /// Whether it waits in the inference engine's queue.
+    fn uses_engine(self) -> bool {
+        matches!(self, Self::Recommend | Self::RecommendBatch | Self::Interests)
+    }
 }
 
 /// Request limits, all configurable at start.
@@ -72,6 +94,8 @@ pub struct Recommender {
     pub admission: Arc<Semaphore>,
     /// One scrape at a time brings the read-off counters up to date.
     pub scrape: std::sync::Mutex<()>,
+    /// Empty: authentication is off.
+    pub api_keys: ApiKeys,
 }
 
 fn invalid(message: String) -> CoreError {
@@ -145,18 +169,20 @@ impl Recommender {
         }
     }
 
-    /// A permit for one request, or why there is none: refused at once rather than queued, so
-    /// that overload cannot grow latency without bound. Work for the inference engine is turned
-    /// away here already while the engine is full, before anything is decoded or looked up:
-    /// under overload a refusal must cost as little as possible.
-    pub fn admit(&self, work: Work) -> Result<OwnedSemaphorePermit, CoreError> {
+    /// A permit for one request, or why there is none: the caller's API key (`authorization`,
+    /// the `Authorization` value) first, then readiness, then room. Refused at once rather than
+    /// queued, so that overload cannot grow latency without bound; work for the inference engine
+    /// is turned away here already while the engine is full, before anything is decoded or
+    /// looked up: under overload a refusal must cost as little as possible.
+    pub fn admit(&self, operation: Operation, authorization: Option<&str>) -> Result<OwnedSemaphorePermit, CoreError> {
+        self.api_keys.authorize(authorization, operation.scope())?;
         match self.readiness() {
             Readiness::Ready => {}
             Readiness::Draining => return Err(CoreError::ShuttingDown),
             Readiness::Starting(reason) => return Err(CoreError::NotReady(reason.to_owned())),
             Readiness::Failed(reason) => return Err(CoreError::NotReady(reason)),
         }
-        if work == Work::Inference && !self.engine.has_room() {
+        if operation.uses_engine() && !self.engine.has_room() {
             return Err(CoreError::Overloaded);
         }
         self.admission
@@ -226,10 +252,14 @@ impl Recommender {
         query: Query,
         deadline: Deadline,
     ) -> Result<Answer, CoreError> {
+        let exceeded = || CoreError::DeadlineExceeded(deadline.budget.as_millis() as u64);
+        // Already past it (a tiny client budget): no queue, no timer.
+        if Instant::now() >= deadline.at {
+            return Err(exceeded());
+        }
         let answer = self
             .engine
             .infer(Arc::from(user), Arc::new(history), at, query, deadline.at);
-        let exceeded = || CoreError::DeadlineExceeded(deadline.budget.as_millis() as u64);
         match tokio::time::timeout_at(deadline.at.into(), answer).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(InferError::Stopped)) => Err(CoreError::ShuttingDown),

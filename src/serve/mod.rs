@@ -18,7 +18,7 @@ use crate::history::{FsyncPolicy, Histories, HistoryStore, Journal, JournalConfi
 use crate::infer::{Engine, EngineConfig, LimitConfig, WorkerConfig};
 use crate::metrics::Metrics;
 use crate::model::{Artifact, Precision};
-use crate::recommend::{Catalog, Limits, Recommender};
+use crate::recommend::{ApiKeys, Catalog, Limits, Recommender};
 
 /// `xsrec serve` settings; every flag can also come from its `XSREC_*` environment variable.
 #[derive(Debug, Clone, Args)]
@@ -66,6 +66,16 @@ pub struct ServeConfig {
     /// Events kept in memory per user (the journal keeps all); defaults to the model's max_len.
     #[arg(long, env = "XSREC_HISTORY_CAP")]
     pub history_cap: Option<usize>,
+    /// API keys, one per line: `TOKEN SCOPE[,SCOPE…]` with scopes `read` (recommend, interests,
+    /// history, model), `write` (events, erasure), `admin`; `#` starts a comment. With keys, every
+    /// /v1 call (REST `Authorization: Bearer TOKEN`, gRPC `authorization` metadata) needs one with
+    /// the scope; health and metrics stay open. Without keys, anyone may call anything.
+    #[arg(long, env = "XSREC_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// More API keys inline, entries separated by `;` (the environment is the place for them: a
+    /// command line is visible to every user of the machine). Never printed.
+    #[arg(long, env = "XSREC_API_KEYS", hide_env_values = true, value_parser = ApiKeys::parse)]
+    pub api_keys: Option<ApiKeys>,
     /// With --data-dir: bytes the in-memory histories may hold (as `xsrec_history_bytes` counts
     /// them; suffixes K, M, G for powers of 1024). Past it, the least recently active users leave
     /// memory, not the store, and are read back on their next request. Default: no limit.
@@ -124,6 +134,37 @@ pub struct ServeConfig {
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[arg(long, env = "XSREC_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+}
+
+/// The keys from `--api-keys-file` and `--api-keys` together; warns loudly when a listener is
+/// reachable from other machines and nothing authenticates callers.
+fn api_keys(config: &ServeConfig) -> anyhow::Result<ApiKeys> {
+    let from_file = match &config.api_keys_file {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading --api-keys-file {}", path.display()))?;
+            ApiKeys::parse(&text).map_err(|e| anyhow::anyhow!("--api-keys-file {}: {e}", path.display()))?
+        }
+        None => ApiKeys::default(),
+    };
+    let keys = from_file
+        .merged(config.api_keys.clone().unwrap_or_default())
+        .map_err(|e| anyhow::anyhow!("API keys: {e}"))?;
+    let exposed = [Some(config.addr), config.grpc_addr.0]
+        .into_iter()
+        .flatten()
+        .filter(|addr| !addr.ip().is_loopback())
+        .collect::<Vec<_>>();
+    if keys.is_empty() && !exposed.is_empty() {
+        eprintln!(
+            "WARNING: listening on {exposed:?}, reachable from other machines, WITHOUT API keys: anyone \
+             who can connect may read every history, write events and erase users \
+             (--api-keys-file / XSREC_API_KEYS)"
+        );
+    } else if !keys.is_empty() {
+        eprintln!("API keys: {} configured; /v1 calls need one", keys.len());
+    }
+    Ok(keys)
 }
 
 /// `--grpc-addr`: an address, or none.
@@ -282,6 +323,7 @@ pub async fn start(
             None
         }
     };
+    let api_keys = api_keys(&config)?;
     let mut histories = Histories::with_journal(config.history_shards, history_cap, journal.clone());
     if let Some(max_bytes) = config.max_memory_bytes {
         let resolving = catalog.clone();
@@ -310,6 +352,7 @@ pub async fn start(
         health: health.clone(),
         admission: Arc::new(Semaphore::new(config.max_concurrent_requests)),
         scrape: Default::default(),
+        api_keys,
     });
     let listener = TcpListener::bind(config.addr)
         .await

@@ -218,6 +218,8 @@ pub struct ServerProcess {
     pub child: std::process::Child,
     pub base: String,
     pub lines: std::sync::mpsc::Receiver<String>,
+    /// What it wrote before it listened (the configuration, recovery).
+    pub startup: Vec<String>,
 }
 
 impl ServerProcess {
@@ -252,6 +254,7 @@ impl ServerProcess {
                 let _ = lines_tx.send(line);
             }
         });
+        let mut startup = Vec::new();
         let base = loop {
             let line = lines
                 .recv_timeout(Duration::from_secs(60))
@@ -259,8 +262,14 @@ impl ServerProcess {
             if let Some(rest) = line.strip_prefix("listening on ") {
                 break rest.split_whitespace().next().unwrap().to_owned();
             }
+            startup.push(line);
         };
-        Self { child, base, lines }
+        Self {
+            child,
+            base,
+            lines,
+            startup,
+        }
     }
 
     pub async fn wait_ready(&self, client: &reqwest::Client, limit: Duration) {
