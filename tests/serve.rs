@@ -253,6 +253,47 @@ async fn every_bad_input_gets_its_status_and_code() {
         .await
         .unwrap();
     assert_eq!(reply.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // Wrong routes, wrong methods and undecodable path ids get the same JSON error shape.
+    for (method, path, status, code) in [
+        (
+            reqwest::Method::GET,
+            "/v1/nope",
+            StatusCode::NOT_FOUND,
+            "route_not_found",
+        ),
+        (reqwest::Method::GET, "/", StatusCode::NOT_FOUND, "route_not_found"),
+        (
+            reqwest::Method::GET,
+            "/v1/recommend",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/health/ready",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            reqwest::Method::GET,
+            "/v1/users/%FF%FE/history",
+            StatusCode::BAD_REQUEST,
+            "malformed_path",
+        ),
+    ] {
+        let reply = server
+            .client
+            .request(method.clone(), format!("{}{path}", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), status, "{method} {path}");
+        assert_eq!(
+            reply.json::<Value>().await.unwrap()["error"]["code"],
+            code,
+            "{method} {path}"
+        );
+    }
 
     let invalid = StatusCode::UNPROCESSABLE_ENTITY;
     let event = json!({"user_id": "u", "item_id": "i1", "timestamp": 5});

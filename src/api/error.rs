@@ -18,6 +18,12 @@ pub enum ApiError {
     BodyTimeout(u64),
     #[error("{}", quote(.0))]
     UnsupportedMediaType(String),
+    #[error("no route {}; the API is listed at /openapi.json", quote(.0))]
+    RouteNotFound(String),
+    #[error("{} does not take {}", quote(.0), .1)]
+    MethodNotAllowed(String, String),
+    #[error("{}", quote(.0))]
+    MalformedPath(String),
     #[error(transparent)]
     Core(#[from] CoreError),
 }
@@ -29,6 +35,9 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(..) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MalformedPath(_) => StatusCode::BAD_REQUEST,
             Self::Core(core) => match core {
                 CoreError::InvalidRequest(_) | CoreError::CategoriesUnavailable => StatusCode::UNPROCESSABLE_ENTITY,
                 CoreError::UserNotFound(_) => StatusCode::NOT_FOUND,
@@ -49,6 +58,9 @@ impl ApiError {
             Self::PayloadTooLarge => "payload_too_large",
             Self::BodyTimeout(_) => "body_timeout",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::RouteNotFound(_) => "route_not_found",
+            Self::MethodNotAllowed(..) => "method_not_allowed",
+            Self::MalformedPath(_) => "malformed_path",
             Self::Core(core) => core.code(),
         }
     }
@@ -60,6 +72,9 @@ impl ApiError {
             "payload_too_large",
             "body_timeout",
             "unsupported_media_type",
+            "route_not_found",
+            "method_not_allowed",
+            "malformed_path",
         ]
         .into_iter()
         .chain(CoreError::ALL_CODES)

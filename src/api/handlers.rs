@@ -1,13 +1,13 @@
 //! Route handlers: decode, call the core, encode. Nothing here decides anything.
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::json;
 
-use super::{ApiError, ApiJson};
+use super::{ApiError, ApiJson, ApiPath};
 use crate::health::Readiness;
 use crate::recommend::types::*;
 use crate::recommend::{CoreError, Recommender};
@@ -44,11 +44,17 @@ pub async fn interests(
     Ok(Json(core.interests(body, core.deadline(None)).await?))
 }
 
-pub async fn history(State(core): State<Arc<Recommender>>, Path(user): Path<String>) -> ApiResult<HistoryResponse> {
+pub async fn history(
+    State(core): State<Arc<Recommender>>,
+    ApiPath(user): ApiPath<String>,
+) -> ApiResult<HistoryResponse> {
     Ok(Json(core.history(&user)?))
 }
 
-pub async fn forget(State(core): State<Arc<Recommender>>, Path(user): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn forget(
+    State(core): State<Arc<Recommender>>,
+    ApiPath(user): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
     core.forget(&user).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -80,4 +86,12 @@ pub async fn metrics(State(core): State<Arc<Recommender>>) -> impl IntoResponse 
 
 pub async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+pub async fn route_not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::RouteNotFound(uri.path().to_owned())
+}
+
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(uri.path().to_owned(), method.to_string())
 }

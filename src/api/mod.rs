@@ -59,6 +59,9 @@ pub fn router(state: Arc<Recommender>, body_read_timeout: Duration) -> Router {
         .route("/metrics", get(handlers::metrics))
         .route("/openapi.json", get(handlers::openapi))
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
+        // Every answer the server gives is the API's JSON error shape, wrong routes included.
+        .fallback(handlers::route_not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .with_state(state)
 }
@@ -130,6 +133,20 @@ async fn track(State(state): State<Arc<Recommender>>, request: Request, next: Ne
             .inc();
     }
     response
+}
+
+/// `Path<T>` whose rejections (a path segment that is not UTF-8, say) are [`ApiError`]s.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> axum::extract::FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError::MalformedPath(rejection.body_text())),
+        }
+    }
 }
 
 /// `Json<T>` whose rejections are [`ApiError`]s, so malformed bodies get the API's error shape.
