@@ -516,9 +516,20 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
         .status()
         .unwrap();
     assert!(killed.success());
-    // Draining: readiness is off at once (or the listener is already closed).
-    let ready = client.get(format!("{base}/health/ready")).send().await;
-    assert!(ready.is_err() || ready.unwrap().status() == StatusCode::SERVICE_UNAVAILABLE);
+    // Draining: readiness turns off as soon as the signal is handled (or the listener is already
+    // closed); polled, because the signal is handled asynchronously.
+    let signalled = std::time::Instant::now();
+    loop {
+        let ready = client.get(format!("{base}/health/ready")).send().await;
+        if ready.is_err() || ready.unwrap().status() == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_millis(500),
+            "still ready after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let response = in_flight.await.unwrap().expect("in-flight request answered");
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.json::<Value>().await.unwrap()["user_id"], "7");
