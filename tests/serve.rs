@@ -632,3 +632,30 @@ async fn serve_runs_from_any_directory_on_the_built_in_default_model() {
     assert_eq!(model["version"], expected.as_str());
     server.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_address_takes_the_metrics_off_the_api_address() {
+    let server = server(&["--admin-addr", "127.0.0.1:0"]).await;
+    let admin = format!("http://{}", server.running.admin_addr.expect("bound"));
+    let (status, body) = server.get("/metrics").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(body.contains("route_not_found"));
+    let metrics = server.client.get(format!("{admin}/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), StatusCode::OK);
+    assert!(metrics.text().await.unwrap().contains("# TYPE xsrec_ready "));
+    for path in ["/health/live", "/health/ready"] {
+        assert_eq!(server.get(path).await.0, StatusCode::OK, "{path} on the API address");
+        let there = server.client.get(format!("{admin}{path}")).send().await.unwrap();
+        assert_eq!(there.status(), StatusCode::OK, "{path} on the admin address");
+    }
+    // The admin address serves nothing of the API.
+    let api = server
+        .client
+        .post(format!("{admin}/v1/recommend"))
+        .json(&json!({"user_id": "u"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), StatusCode::NOT_FOUND);
+    server.shut_down().await.unwrap();
+}

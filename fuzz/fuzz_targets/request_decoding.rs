@@ -47,7 +47,7 @@ fn target() -> &'static Target {
             while server.core.readiness() != xsrec::health::Readiness::Ready {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            xsrec::api::router(server.core.clone(), std::time::Duration::from_secs(1))
+            xsrec::api::router(server.core.clone(), std::time::Duration::from_secs(1), true)
         });
         Target { runtime, router }
     })

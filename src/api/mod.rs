@@ -29,7 +29,8 @@ pub const V1_ROUTES: [&str; 7] = [
 ];
 pub const OPS_ROUTES: [&str; 4] = ["/health/live", "/health/ready", "/metrics", "/openapi.json"];
 
-pub fn router(state: Arc<Recommender>, body_read_timeout: Duration) -> Router {
+/// The API. `with_metrics: false` leaves `/metrics` to [`admin_router`] on its own listener.
+pub fn router(state: Arc<Recommender>, body_read_timeout: Duration, with_metrics: bool) -> Router {
     // Every route's request counter exists before any traffic, so dashboards see zeros.
     for route in V1_ROUTES.iter().chain(&OPS_ROUTES) {
         state.metrics.requests.with_label_values(&[route, "200"]);
@@ -52,17 +53,32 @@ pub fn router(state: Arc<Recommender>, body_read_timeout: Duration) -> Router {
             (state.clone(), body_read_timeout),
             admit,
         ));
-    Router::new()
-        .merge(v1)
+    let mut ops = Router::new()
         .route("/health/live", get(handlers::live))
         .route("/health/ready", get(handlers::ready))
-        .route("/metrics", get(handlers::metrics))
-        .route("/openapi.json", get(handlers::openapi))
+        .route("/openapi.json", get(handlers::openapi));
+    if with_metrics {
+        ops = ops.route("/metrics", get(handlers::metrics));
+    }
+    Router::new()
+        .merge(v1)
+        .merge(ops)
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
         // Every answer the server gives is the API's JSON error shape, wrong routes included.
         .fallback(handlers::route_not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .with_state(state)
+}
+
+/// What `--admin-addr` serves: metrics and health, for a port that only operators reach.
+pub fn admin_router(state: Arc<Recommender>) -> Router {
+    Router::new()
+        .route("/metrics", get(handlers::metrics))
+        .route("/health/live", get(handlers::live))
+        .route("/health/ready", get(handlers::ready))
+        .fallback(handlers::route_not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .with_state(state)
 }
 

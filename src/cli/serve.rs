@@ -20,6 +20,9 @@ pub fn run(config: &ServeConfig) -> anyhow::Result<()> {
         if let Some(grpc_addr) = server.grpc_addr {
             eprintln!("grpc listening on {grpc_addr}");
         }
+        if let Some(admin_addr) = server.admin_addr {
+            eprintln!("metrics and health on http://{admin_addr} (not on the API address)");
+        }
         server.finished.await??;
         eprintln!("shut down cleanly");
         Ok(())

@@ -66,6 +66,10 @@ pub struct ServeConfig {
     /// Events kept in memory per user (the journal keeps all); defaults to the model's max_len.
     #[arg(long, env = "XSREC_HISTORY_CAP")]
     pub history_cap: Option<usize>,
+    /// Serve `/metrics` (and the health endpoints) on this address, and not `/metrics` on
+    /// --addr: a scrape port that clients cannot reach. Default: everything on --addr.
+    #[arg(long, env = "XSREC_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
     /// API keys, one per line: `TOKEN SCOPE[,SCOPE…]` with scopes `read` (recommend, interests,
     /// history, model), `write` (events, erasure), `admin`; `#` starts a comment. With keys, every
     /// /v1 call (REST `Authorization: Bearer TOKEN`, gRPC `authorization` metadata) needs one with
@@ -231,6 +235,7 @@ fn weights_version(dir: &std::path::Path) -> anyhow::Result<String> {
 pub struct RunningServer {
     pub addr: SocketAddr,
     pub grpc_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
     pub core: Arc<Recommender>,
     pub finished: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -367,6 +372,15 @@ pub async fn start(
         None => None,
     };
     let grpc_addr = grpc_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let admin_listener = match config.admin_addr {
+        Some(admin_addr) => Some(
+            TcpListener::bind(admin_addr)
+                .await
+                .with_context(|| format!("binding --admin-addr {admin_addr}"))?,
+        ),
+        None => None,
+    };
+    let admin_addr = admin_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     // Live at once, ready once the histories are back and the model is warm.
     let recovering = core.clone();
     tokio::task::spawn_blocking(move || {
@@ -393,7 +407,12 @@ pub async fn start(
             warming.set_warmed_up();
         }
     });
-    let app = api::router(core.clone(), Duration::from_millis(config.body_read_timeout_ms));
+    let app = api::router(
+        core.clone(),
+        Duration::from_millis(config.body_read_timeout_ms),
+        admin_listener.is_none(),
+    );
+    let admin_app = api::admin_router(core.clone());
     let connection_limits = connections::ConnectionLimits {
         max_connections: config.max_connections,
         header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
@@ -404,6 +423,7 @@ pub async fn start(
     let finished = tokio::spawn(async move {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (stop_grpc_tx, stop_grpc_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stop_admin_tx, stop_admin_rx) = tokio::sync::oneshot::channel::<()>();
         let draining = health.clone();
         let failed = health.clone();
         let signal = async move {
@@ -415,6 +435,7 @@ pub async fn start(
             draining.start_draining();
             let _ = stop_tx.send(());
             let _ = stop_grpc_tx.send(());
+            let _ = stop_admin_tx.send(());
         };
         let grpc_serving = grpc_listener.map(|listener| {
             let failing = grpc_core.health.clone();
@@ -427,10 +448,17 @@ pub async fn start(
                 }
             })
         });
+        let admin_serving = admin_listener.map(|listener| {
+            let stopped = async move {
+                let _ = stop_admin_rx.await;
+            };
+            let (limits, metrics) = (connection_limits.clone(), connection_metrics.clone());
+            tokio::spawn(connections::serve(listener, admin_app, limits, metrics, stopped))
+        });
         let serving = async move {
             connections::serve(listener, app, connection_limits, connection_metrics, signal).await;
-            if let Some(grpc) = grpc_serving {
-                let _ = grpc.await;
+            for other in [grpc_serving, admin_serving].into_iter().flatten() {
+                let _ = other.await;
             }
         };
         let drained = async move {
@@ -454,6 +482,7 @@ pub async fn start(
     Ok(RunningServer {
         addr,
         grpc_addr,
+        admin_addr,
         core,
         finished,
     })
