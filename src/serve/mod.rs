@@ -171,6 +171,19 @@ fn api_keys(config: &ServeConfig) -> anyhow::Result<ApiKeys> {
     Ok(keys)
 }
 
+/// A listener on `addr` when there is one (`flag` names it in errors), and where it is bound.
+async fn bind_optional(
+    addr: Option<SocketAddr>,
+    flag: &str,
+) -> anyhow::Result<(Option<TcpListener>, Option<SocketAddr>)> {
+    let Some(addr) = addr else { return Ok((None, None)) };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {flag} {addr}"))?;
+    let bound = listener.local_addr()?;
+    Ok((Some(listener), Some(bound)))
+}
+
 /// `--grpc-addr`: an address, or none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrpcAddr(pub Option<SocketAddr>);
@@ -363,24 +376,8 @@ pub async fn start(
         .await
         .with_context(|| format!("binding {}", config.addr))?;
     let addr = listener.local_addr()?;
-    let grpc_listener = match config.grpc_addr.0 {
-        Some(grpc_addr) => Some(
-            TcpListener::bind(grpc_addr)
-                .await
-                .with_context(|| format!("binding --grpc-addr {grpc_addr}"))?,
-        ),
-        None => None,
-    };
-    let grpc_addr = grpc_listener.as_ref().map(TcpListener::local_addr).transpose()?;
-    let admin_listener = match config.admin_addr {
-        Some(admin_addr) => Some(
-            TcpListener::bind(admin_addr)
-                .await
-                .with_context(|| format!("binding --admin-addr {admin_addr}"))?,
-        ),
-        None => None,
-    };
-    let admin_addr = admin_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let (grpc_listener, grpc_addr) = bind_optional(config.grpc_addr.0, "--grpc-addr").await?;
+    let (admin_listener, admin_addr) = bind_optional(config.admin_addr, "--admin-addr").await?;
     // Live at once, ready once the histories are back and the model is warm.
     let recovering = core.clone();
     tokio::task::spawn_blocking(move || {
