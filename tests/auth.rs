@@ -91,56 +91,27 @@ async fn keys_grant_exactly_their_scopes_over_rest_and_grpc() {
 
     // Each key does exactly what its scopes allow.
     let (status, body, _) = call(&server, Method::POST, "/v1/events", Some(READER), Some(events.clone())).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (StatusCode::FORBIDDEN, Some("forbidden"))
-    );
-    assert_eq!(
-        call(&server, Method::POST, "/v1/events", Some(WRITER), Some(events.clone()))
-            .await
-            .0,
-        StatusCode::OK
-    );
-    assert_eq!(
-        call(
-            &server,
+    assert_eq!(body["error"]["code"], "forbidden", "{status}");
+    let cases = [
+        (Method::POST, "/v1/events", READER, Some(&events), StatusCode::FORBIDDEN),
+        (Method::POST, "/v1/events", WRITER, Some(&events), StatusCode::OK),
+        (Method::POST, "/v1/recommend", READER, Some(&recommend), StatusCode::OK),
+        (
             Method::POST,
             "/v1/recommend",
-            Some(READER),
-            Some(recommend.clone())
-        )
-        .await
-        .0,
-        StatusCode::OK
-    );
-    assert_eq!(
-        call(
-            &server,
-            Method::POST,
-            "/v1/recommend",
-            Some(WRITER),
-            Some(recommend.clone())
-        )
-        .await
-        .0,
-        StatusCode::FORBIDDEN
-    );
-    assert_eq!(
-        call(&server, Method::GET, "/v1/users/u1/history", Some(READER), None)
-            .await
-            .0,
-        StatusCode::OK
-    );
-    assert_eq!(
-        call(&server, Method::DELETE, "/v1/users/u1", Some(READER), None)
-            .await
-            .0,
-        StatusCode::FORBIDDEN
-    );
-    assert_eq!(
-        call(&server, Method::GET, "/v1/model", Some(BOTH), None).await.0,
-        StatusCode::OK
-    );
+            WRITER,
+            Some(&recommend),
+            StatusCode::FORBIDDEN,
+        ),
+        (Method::GET, "/v1/users/u1/history", READER, None, StatusCode::OK),
+        (Method::GET, "/v1/users/u1/history", WRITER, None, StatusCode::FORBIDDEN),
+        (Method::DELETE, "/v1/users/u1", READER, None, StatusCode::FORBIDDEN),
+        (Method::GET, "/v1/model", BOTH, None, StatusCode::OK),
+    ];
+    for (method, path, key, body, expected) in cases {
+        let (status, reply, _) = call(&server, method.clone(), path, Some(key), body.cloned()).await;
+        assert_eq!(status, expected, "{method} {path} with the {} key: {reply}", &key[..6]);
+    }
 
     // The same over gRPC, through the `authorization` metadata entry.
     let addr = server.running.grpc_addr.unwrap();
