@@ -9,13 +9,21 @@
 //! the interval. A redb commit without fsync is rolled back by its crash recovery, so `interval`
 //! would lose acknowledged events on a plain kill.
 //!
-//! Layout: keyspace `events` holds one entry per (user, append): the key is the user id (u16 BE
-//! length, bytes) then a global sequence number (u64 BE), the value that append's events. A
-//! user's entries are therefore adjacent and in arrival order: recovery reads users one after
-//! another, and a user who left memory (`--max-memory-bytes`) is read back with one prefix scan.
-//! Keyspace `meta` holds the layout's format number and the next sequence number (written in
-//! the same batch as the appends). An erasure deletes the user's entries; compaction rewrites the
-//! live entries into a fresh store, so that no file keeps the erased bytes.
+//! Layout (format 3): keyspace `events` holds per-user entries: the key is the user id (u16 BE
+//! length, bytes) then a global sequence number (u64 BE), the value that user's events. A user's
+//! entries are therefore adjacent and in arrival order: recovery reads users one after another,
+//! and a user who left memory (`--max-memory-bytes`) is read back with one prefix scan.
+//! Writing an entry per user as calls come is what random keys cost most (a memtable search per
+//! user and call), so each group commit goes to keyspace `log` as one record under a sequential
+//! key, and an index step (every [`INDEX_EVENTS`] events or [`INDEX_DELAY`], before an erasure,
+//! a compaction and a stop) turns the pending records into one entry per user, in key order, and
+//! deletes them, in one batch. Until then readers find the pending appends in memory; a start
+//! indexes what a killed writer left in the log. Keyspace `meta` holds the layout's format
+//! number and the next sequence number (written in the same batch as the appends). An erasure
+//! deletes the user's entries (after an index step, so no log record still holds the user);
+//! compaction rewrites the live entries into a fresh store, so that no file keeps the erased
+//! bytes.
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
@@ -119,17 +127,20 @@ struct JournalStats {
     fsync_micros: AtomicU64,
 }
 
-/// The open fjall database and its two keyspaces (cheap handles; clones share them).
+/// The open fjall database and its keyspaces (cheap handles; clones share them).
 #[derive(Clone)]
 struct Store {
     db: Database,
     events: Keyspace,
+    log: Keyspace,
     meta: Keyspace,
 }
 
-/// The on-disk layout this build reads and writes (see the module docs). Format 1 (one keyspace
-/// of multi-user records) was never released beyond development builds.
-const FORMAT: u8 = 2;
+/// The on-disk layout this build reads and writes (see the module docs). Format 2 (the same
+/// `events`, no `log`) is read as is and marked 3; format 1 (one keyspace of multi-user
+/// records) was never released beyond development builds.
+const FORMAT: u8 = 3;
+const FORMAT_WITHOUT_LOG: u8 = 2;
 const META_FORMAT: &[u8] = b"format";
 const META_NEXT_SEQ: &[u8] = b"next_seq";
 
@@ -156,10 +167,17 @@ impl Store {
                 .manual_journal_persist(true)
         };
         let events = db.keyspace("events", uncompressed).map_err(|e| fjall_error(path, e))?;
+        let log = db.keyspace("log", uncompressed).map_err(|e| fjall_error(path, e))?;
         let meta = db.keyspace("meta", uncompressed).map_err(|e| fjall_error(path, e))?;
-        let store = Self { db, events, meta };
+        let store = Self { db, events, log, meta };
         match store.meta.get(META_FORMAT).map_err(|e| fjall_error(path, e))? {
             Some(format) if *format == [FORMAT] => {}
+            Some(format) if *format == [FORMAT_WITHOUT_LOG] => {
+                store
+                    .meta
+                    .insert(META_FORMAT, [FORMAT])
+                    .map_err(|e| fjall_error(path, e))?;
+            }
             Some(format) => {
                 return Err(StoreError::Journal(format!(
                     "{}: journal format {:?} is not this build's ({FORMAT}); use the xsrec that wrote it",
@@ -228,10 +246,15 @@ struct Shared {
     /// Changes sent to the writer, and changes it has committed (both counts, in channel order).
     queued: AtomicU64,
     committed: AtomicU64,
+    /// Appends in the log but not yet in per-user entries, by user in arrival order (see
+    /// [`JournalWriter::index`]): what [`Journal::load`] adds to a user's entries.
+    pending: Mutex<Pending>,
     failure: OnceLock<String>,
     stats: JournalStats,
     config: JournalConfig,
 }
+
+type Pending = HashMap<Arc<str>, Vec<LoggedEvent>>;
 
 /// Handle to the journal; clones share the one writer thread.
 #[derive(Clone)]
@@ -305,6 +328,11 @@ impl Inbox {
 }
 
 const NO_TYPE: u16 = u16::MAX;
+/// An index step runs once this many events are pending, or the oldest is this old (and before
+/// an erasure, a compaction, and a stop). Bounds what the pending map holds (a few MB) and what
+/// a start has to index.
+const INDEX_EVENTS: usize = 500_000;
+const INDEX_DELAY: Duration = Duration::from_secs(2);
 /// The writer takes at most this many queued commands into one batch.
 const MAX_GROUP: usize = 4096;
 
@@ -316,12 +344,14 @@ impl Journal {
         settle_interrupted_compaction(&config.dir)?;
         let path = live_dir(&config.dir);
         let store = Store::open(&path)?;
-        let next_seq = store.next_seq(&path)?;
+        let next_seq = AtomicU64::new(store.next_seq(&path)?);
+        index_log(&store, &path, &next_seq)?;
         let shared = Arc::new(Shared {
             store: RwLock::new(Some(store)),
-            next_seq: AtomicU64::new(next_seq),
+            next_seq,
             queued: AtomicU64::new(0),
             committed: AtomicU64::new(0),
+            pending: Mutex::new(Pending::new()),
             failure: OnceLock::new(),
             stats: JournalStats::default(),
             config,
@@ -445,20 +475,42 @@ impl Journal {
     /// Every user's stored events, user after user, each user's in arrival order with the
     /// append's sequence number (later appends have larger ones): what
     /// [`Histories::recover`](super::Histories::recover) replays, and what export reads. Events
-    /// past retention are left out (a compaction may not have dropped them yet). Returns the
-    /// number of entries read.
+    /// past retention are left out (a compaction may not have dropped them yet). Appends not yet
+    /// indexed follow the user's entries (with a sequence number above all of them); the users
+    /// who have only those come last. Returns the number of entries read.
     pub fn replay(&self, mut apply: impl FnMut(&str, u64, Vec<LoggedEvent>)) -> Result<u64, StoreError> {
         let path = &self.shared.config.dir;
         let horizon = self.retention_horizon().unwrap_or(i64::MIN);
         self.shared.read(|store| {
+            // Held throughout, as in `load`.
+            let pending = self.shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let newest = self.shared.next_seq.load(Ordering::Relaxed);
             let mut entries = 0u64;
-            for entry in store.events.iter() {
-                let (key, value) = entry.into_inner().map_err(|e| fjall_error(path, e))?;
-                let (user, seq, mut events) =
-                    decode_entry(&key, &value).ok_or_else(|| corrupt(path, "a journal entry is malformed"))?;
+            let mut apply_kept = |user: &str, seq: u64, mut events: Vec<LoggedEvent>| {
                 events.retain(|e| e.timestamp >= horizon);
                 apply(user, seq, events);
                 entries += 1;
+            };
+            let mut unindexed: Vec<(&Arc<str>, &Vec<LoggedEvent>)> = pending.iter().collect();
+            // Popped from the end, in the order the entries' users come.
+            unindexed.sort_unstable_by_key(|(user, _)| std::cmp::Reverse(user_prefix(user)));
+            let mut previous: Option<Vec<u8>> = None;
+            for entry in store.events.iter() {
+                let (key, value) = entry.into_inner().map_err(|e| fjall_error(path, e))?;
+                let (user, seq, events) =
+                    decode_entry(&key, &value).ok_or_else(|| corrupt(path, "a journal entry is malformed"))?;
+                let prefix = user_prefix(user);
+                if previous.as_ref() != Some(&prefix) {
+                    // Users before this one are done: their unindexed appends go now.
+                    while let Some((done, events)) = unindexed.pop_if(|(u, _)| user_prefix(u) < prefix) {
+                        apply_kept(done, newest, events.clone());
+                    }
+                    previous = Some(prefix);
+                }
+                apply_kept(user, seq, events);
+            }
+            while let Some((user, events)) = unindexed.pop() {
+                apply_kept(user, newest, events.clone());
             }
             Ok(entries)
         })
@@ -471,6 +523,9 @@ impl Journal {
         let path = &self.shared.config.dir;
         let horizon = self.retention_horizon().unwrap_or(i64::MIN);
         let read = |store: &Store| {
+            // Held across both reads: an index step moves pending appends into entries under
+            // it, so they are seen exactly once.
+            let pending = self.shared.pending.lock().unwrap_or_else(|e| e.into_inner());
             let mut events = Vec::new();
             for entry in store.events.prefix(user_prefix(user)) {
                 let (key, value) = entry.into_inner().map_err(|e| fjall_error(path, e))?;
@@ -478,6 +533,8 @@ impl Journal {
                     decode_entry(&key, &value).ok_or_else(|| corrupt(path, "a journal entry is malformed"))?;
                 events.extend(more.into_iter().filter(|e| e.timestamp >= horizon));
             }
+            let unindexed = pending.get(user).into_iter().flatten();
+            events.extend(unindexed.filter(|e| e.timestamp >= horizon).cloned());
             Ok(events)
         };
         self.shared.read(read).inspect_err(|error| {
@@ -525,6 +582,11 @@ struct JournalWriter {
     compaction_due: Option<Instant>,
     /// When the next retention compaction is due.
     retention_due: Option<Instant>,
+    /// The log records holding the pending appends ([`Shared::pending`]), their event count,
+    /// and when the oldest was written.
+    pending_records: Vec<u64>,
+    pending_events: usize,
+    pending_since: Option<Instant>,
 }
 
 impl JournalWriter {
@@ -537,6 +599,9 @@ impl JournalWriter {
             last_sync: Instant::now(),
             compaction_due: None,
             retention_due,
+            pending_records: Vec::new(),
+            pending_events: 0,
+            pending_since: None,
         }
     }
 
@@ -548,18 +613,24 @@ impl JournalWriter {
                 Received::Closed => break,
             }
         }
-        if let Err(error) = self.sync() {
+        // Indexed now, so that the next start has nothing to index.
+        let result = self
+            .shared
+            .store()
+            .and_then(|store| self.index(&store, store.db.batch(), Vec::new()));
+        if let Err(error) = result.and_then(|()| self.sync()) {
             self.fail(&error);
         }
     }
 
-    /// The earliest of a pending fsync (`interval`), a pending erasure compaction and the next
-    /// retention compaction.
+    /// The earliest of a pending fsync (`interval`), an index step, a pending erasure compaction
+    /// and the next retention compaction.
     fn next_deadline(&self) -> Option<Instant> {
         let config = &self.shared.config;
         let sync =
             (self.dirty && config.fsync == FsyncPolicy::Interval).then(|| self.last_sync + config.fsync_interval);
-        [sync, self.compaction_due, self.retention_due]
+        let index = self.pending_since.map(|since| since + INDEX_DELAY);
+        [sync, index, self.compaction_due, self.retention_due]
             .into_iter()
             .flatten()
             .min()
@@ -571,6 +642,11 @@ impl JournalWriter {
         let due = |at: Option<Instant>| at.is_some_and(|due| due <= now);
         if due(self.compaction_due) || due(self.retention_due) {
             result = self.compact();
+        } else if self.pending_since.is_some_and(|since| since + INDEX_DELAY <= now) {
+            result = self
+                .shared
+                .store()
+                .and_then(|store| self.index(&store, store.db.batch(), Vec::new()));
         } else if self.dirty && self.shared.config.fsync == FsyncPolicy::Interval {
             result = self.sync();
         }
@@ -590,26 +666,30 @@ impl JournalWriter {
             }
         };
         let mut batch = store.db.batch();
+        // This group's appends so far.
+        let mut fresh = Vec::new();
         let mut result = self.health();
         for command in group {
             match command {
                 JournalCommand::Append { user, events, ack } => {
                     if result.is_ok() && !events.is_empty() {
-                        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
-                        let (key, value) = encode_entry(&user, seq, &events);
-                        batch.insert(&store.events, key, value);
                         self.shared
                             .stats
                             .events
                             .fetch_add(events.len() as u64, Ordering::Relaxed);
+                        fresh.push((user, events));
                     }
                     acks.extend(ack);
                 }
                 JournalCommand::Erase { user, ack } => {
-                    // Committed first, so that the scan for the user's entries sees this group's
-                    // appends before the erasure.
+                    // Indexed and committed first: the log records that hold the user's events
+                    // are gone, and the scan for the user's entries sees every append before
+                    // the erasure.
                     result = result
-                        .and_then(|()| self.commit(&store, std::mem::replace(&mut batch, store.db.batch())))
+                        .and_then(|()| {
+                            let batch = std::mem::replace(&mut batch, store.db.batch());
+                            self.index(&store, batch, std::mem::take(&mut fresh))
+                        })
                         .and_then(|()| stage_erasure(&store, &mut batch, &user, &self.shared.config.dir));
                     let delay = self.shared.config.erasure_compaction_delay;
                     self.compaction_due.get_or_insert_with(|| Instant::now() + delay);
@@ -617,7 +697,10 @@ impl JournalWriter {
                 }
                 JournalCommand::Compact { ack } => {
                     result = result
-                        .and_then(|()| self.commit(&store, std::mem::replace(&mut batch, store.db.batch())))
+                        .and_then(|()| {
+                            let batch = std::mem::replace(&mut batch, store.db.batch());
+                            self.index(&store, batch, std::mem::take(&mut fresh))
+                        })
                         .and_then(|()| self.compact());
                     // Later commands of this group go to the compacted store.
                     match self.shared.store() {
@@ -629,13 +712,16 @@ impl JournalWriter {
                 }
             }
         }
-        let result = result
-            .and_then(|()| self.commit(&store, batch))
-            .and_then(|()| match self.shared.config.fsync {
-                FsyncPolicy::Always => self.sync(),
-                FsyncPolicy::Interval if self.last_sync.elapsed() >= self.shared.config.fsync_interval => self.sync(),
-                _ => Ok(()),
-            });
+        let result =
+            result
+                .and_then(|()| self.write(&store, batch, fresh))
+                .and_then(|()| match self.shared.config.fsync {
+                    FsyncPolicy::Always => self.sync(),
+                    FsyncPolicy::Interval if self.last_sync.elapsed() >= self.shared.config.fsync_interval => {
+                        self.sync()
+                    }
+                    _ => Ok(()),
+                });
         match &result {
             Ok(()) => {
                 self.processed += commands;
@@ -646,6 +732,52 @@ impl JournalWriter {
         for ack in acks {
             let _ = ack.send(result.clone());
         }
+    }
+
+    /// Commits `batch` with this group's appends: as one log record (a sequential key, the cheap
+    /// write), or, when an index step is due, straight into per-user entries with the pending
+    /// ones.
+    fn write(&mut self, store: &Store, mut batch: fjall::OwnedWriteBatch, fresh: Appends) -> Result<(), StoreError> {
+        let events: usize = fresh.iter().map(|(_, events)| events.len()).sum();
+        let due = self.pending_events + events >= INDEX_EVENTS
+            || self.pending_since.is_some_and(|since| since.elapsed() >= INDEX_DELAY);
+        if fresh.is_empty() || due {
+            return self.index(store, batch, fresh);
+        }
+        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        let (key, value) = encode_record(seq, &fresh);
+        batch.insert(&store.log, key, value);
+        self.commit(store, batch)?;
+        self.pending_records.push(seq);
+        self.pending_events += events;
+        self.pending_since.get_or_insert_with(Instant::now);
+        let mut pending = self.shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (user, events) in fresh {
+            pending.entry(user).or_default().extend(events);
+        }
+        Ok(())
+    }
+
+    /// The index step: commits `batch` with the pending appends and `fresh` (this group's) as
+    /// one entry per user, and without the log records that held the pending ones. One entry
+    /// per user per step (not per append), written in key order, is what makes it cheaper than
+    /// writing entries as calls come. Readers ([`Journal::load`]) wait on the pending lock
+    /// meanwhile, so they see the appends either pending or indexed. (If the commit fails, the
+    /// journal fails; the log records are still on disk, and the next start indexes them.)
+    fn index(&mut self, store: &Store, mut batch: fjall::OwnedWriteBatch, fresh: Appends) -> Result<(), StoreError> {
+        let shared = self.shared.clone();
+        let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut by_user = std::mem::take(&mut *pending);
+        for (user, events) in fresh {
+            by_user.entry(user).or_default().extend(events);
+        }
+        for seq in self.pending_records.drain(..) {
+            batch.remove(&store.log, seq.to_be_bytes());
+        }
+        stage_entries(store, &mut batch, &by_user, &shared.next_seq);
+        self.pending_events = 0;
+        self.pending_since = None;
+        self.commit(store, batch)
     }
 
     /// Writes the batch (with the next sequence number) to fjall's log and pushes it to the OS:
@@ -691,6 +823,9 @@ impl JournalWriter {
     /// the tombstones that name them). Costs one pass over the live data, during which writes
     /// wait (reads of memory go on; reloads read the old store).
     fn compact(&mut self) -> Result<(), StoreError> {
+        let store = self.shared.store()?;
+        self.index(&store, store.db.batch(), Vec::new())?;
+        drop(store);
         self.compaction_due = None;
         self.retention_due = self.shared.config.retention_every().map(|every| Instant::now() + every);
         let horizon = self.shared.config.retention_horizon().unwrap_or(i64::MIN);
@@ -780,24 +915,88 @@ fn user_prefix(user: &str) -> Vec<u8> {
     key
 }
 
-/// One append as an entry: key = user (u16 BE length, bytes) and sequence number (u64 BE);
-/// value = event count (u32 BE), then per event timestamp (i64 BE), type (length u16 BE,
-/// `u16::MAX` for none, then bytes) and item id (length, bytes). (Public for the storage-engine
-/// bench, so that both engines store the very same bytes.)
+/// Events as bytes: count (u32 BE), then per event timestamp (i64 BE), type (length u16 BE,
+/// `u16::MAX` for none, then bytes) and item id (length, bytes).
+fn put_events(out: &mut Vec<u8>, events: &[LoggedEvent]) {
+    out.extend_from_slice(&(events.len() as u32).to_be_bytes());
+    for event in events {
+        out.extend_from_slice(&event.timestamp.to_be_bytes());
+        match &event.event_type {
+            Some(kind) => put_str(out, kind),
+            None => out.extend_from_slice(&NO_TYPE.to_be_bytes()),
+        }
+        put_str(out, &event.item_id);
+    }
+}
+
+/// One user's indexed events as an entry: key = user (u16 BE length, bytes) and sequence number
+/// (u64 BE); value = the events ([`put_events`]). (Public for the storage-engine bench, so that
+/// both engines store the very same bytes.)
 pub fn encode_entry(user: &str, seq: u64, events: &[LoggedEvent]) -> (Vec<u8>, Vec<u8>) {
     let mut key = user_prefix(user);
     key.extend_from_slice(&seq.to_be_bytes());
     let mut value = Vec::with_capacity(4 + events.len() * 24);
-    value.extend_from_slice(&(events.len() as u32).to_be_bytes());
-    for event in events {
-        value.extend_from_slice(&event.timestamp.to_be_bytes());
-        match &event.event_type {
-            Some(kind) => put_str(&mut value, kind),
-            None => value.extend_from_slice(&NO_TYPE.to_be_bytes()),
-        }
-        put_str(&mut value, &event.item_id);
-    }
+    put_events(&mut value, events);
     (key, value)
+}
+
+/// One group commit's appends as a log record: key = sequence number (u64 BE); value = append
+/// count (u32 BE), then per append the user (u16 BE length, bytes) and its events.
+pub fn encode_record<U: AsRef<str>>(seq: u64, appends: &[(U, Vec<LoggedEvent>)]) -> (Vec<u8>, Vec<u8>) {
+    let mut value = Vec::with_capacity(4 + appends.len() * 48);
+    value.extend_from_slice(&(appends.len() as u32).to_be_bytes());
+    for (user, events) in appends {
+        put_str(&mut value, user.as_ref());
+        put_events(&mut value, events);
+    }
+    (seq.to_be_bytes().to_vec(), value)
+}
+
+/// One user's events, as a log record holds them.
+pub type UserEvents<'v> = (&'v str, Vec<LoggedEvent>);
+
+/// One batch of appends, in arrival order.
+type Appends = Vec<(Arc<str>, Vec<LoggedEvent>)>;
+
+/// Stages one entry per user of `by_user`, each with a fresh sequence number, in key order (in
+/// order, fjall's memtable inserts are the cheap ones).
+fn stage_entries(store: &Store, batch: &mut fjall::OwnedWriteBatch, by_user: &Pending, next_seq: &AtomicU64) {
+    let mut users: Vec<(&Arc<str>, &Vec<LoggedEvent>)> = by_user.iter().filter(|(_, e)| !e.is_empty()).collect();
+    users.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    for (user, events) in users {
+        let (key, value) = encode_entry(user, next_seq.fetch_add(1, Ordering::Relaxed), events);
+        batch.insert(&store.events, key, value);
+    }
+}
+
+/// Indexes what a writer left in the log when it stopped without indexing it (a crash, a kill),
+/// so that the new writer starts with an empty log and readers need only the entries.
+fn index_log(store: &Store, path: &Path, next_seq: &AtomicU64) -> Result<(), StoreError> {
+    let mut records = Vec::new();
+    for record in store.log.iter() {
+        records.push(record.into_inner().map_err(|e| fjall_error(path, e))?);
+    }
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut by_user = Pending::new();
+    let mut batch = store.db.batch();
+    for (key, value) in &records {
+        let (_, appends) =
+            decode_record(key, value).ok_or_else(|| corrupt(path, "a journal log record is malformed"))?;
+        for (user, events) in appends {
+            by_user.entry(Arc::from(user)).or_default().extend(events);
+        }
+        batch.remove(&store.log, key.clone());
+    }
+    stage_entries(store, &mut batch, &by_user, next_seq);
+    batch.insert(
+        &store.meta,
+        META_NEXT_SEQ,
+        next_seq.load(Ordering::Relaxed).to_be_bytes(),
+    );
+    batch.commit().map_err(|e| fjall_error(path, e))?;
+    store.db.persist(PersistMode::SyncAll).map_err(|e| fjall_error(path, e))
 }
 
 /// Deletes every entry of `user` (in the batch).
@@ -832,6 +1031,25 @@ impl<'a> Reader<'a> {
         let len = self.u16()?;
         self.str_of(len)
     }
+    fn events(&mut self) -> Option<Vec<LoggedEvent>> {
+        let count = self.u32()? as usize;
+        // Each event takes at least 12 bytes: a garbled count cannot make us reserve gigabytes.
+        let mut events = Vec::with_capacity(count.min(self.0.len() / 12));
+        for _ in 0..count {
+            let timestamp = self.i64()?;
+            let event_type = match self.u16()? {
+                NO_TYPE => None,
+                len => Some(Arc::from(self.str_of(len)?)),
+            };
+            let item_id = Arc::from(self.str()?);
+            events.push(LoggedEvent {
+                item_id,
+                timestamp,
+                event_type,
+            });
+        }
+        Some(events)
+    }
 }
 
 /// The user, sequence number and events of one entry; `None` if either part is malformed or has bytes left
@@ -844,23 +1062,23 @@ pub fn decode_entry<'k>(key: &'k [u8], value: &[u8]) -> Option<(&'k str, u64, Ve
         return None;
     }
     let mut value = Reader(value);
-    let count = value.u32()? as usize;
-    // Each event takes at least 12 bytes: a garbled count cannot make us reserve gigabytes.
-    let mut events = Vec::with_capacity(count.min(value.0.len() / 12));
-    for _ in 0..count {
-        let timestamp = value.i64()?;
-        let event_type = match value.u16()? {
-            NO_TYPE => None,
-            len => Some(Arc::from(value.str_of(len)?)),
-        };
-        let item_id = Arc::from(value.str()?);
-        events.push(LoggedEvent {
-            item_id,
-            timestamp,
-            event_type,
-        });
-    }
+    let events = value.events()?;
     value.0.is_empty().then_some((user, seq, events))
+}
+
+/// The sequence number and appends of one log record; `None` if malformed or with bytes left
+/// over. (Public for the fuzz target.)
+pub fn decode_record<'v>(key: &[u8], value: &'v [u8]) -> Option<(u64, Vec<UserEvents<'v>>)> {
+    let seq = decode_seq(key)?;
+    let mut value = Reader(value);
+    let count = value.u32()? as usize;
+    // Each append takes at least 6 bytes (user length and event count).
+    let mut appends = Vec::with_capacity(count.min(value.0.len() / 6));
+    for _ in 0..count {
+        let user = value.str()?;
+        appends.push((user, value.events()?));
+    }
+    value.0.is_empty().then_some((seq, appends))
 }
 
 fn closed() -> StoreError {
@@ -903,6 +1121,24 @@ mod tests {
             value in prop::collection::vec(any::<u8>(), 0..600),
         ) {
             let _ = decode_entry(&key, &value);
+            let _ = decode_record(&key, &value);
+        }
+
+        /// Log records decode to what was encoded, and a cut anywhere never reads as whole.
+        #[test]
+        fn records_decode_to_what_was_encoded_and_cuts_are_refused(
+            seq in any::<u64>(),
+            appends in prop::collection::vec((".{0,10}", prop::collection::vec(logged_event(), 0..4)), 0..5),
+        ) {
+            let (key, value) = encode_record(seq, &appends);
+            let (decoded_seq, decoded) = decode_record(&key, &value).expect("decodes");
+            prop_assert_eq!(decoded_seq, seq);
+            let decoded: Vec<(String, Vec<LoggedEvent>)> =
+                decoded.into_iter().map(|(user, events)| (user.to_owned(), events)).collect();
+            prop_assert_eq!(&decoded, &appends);
+            for cut in 0..value.len() {
+                prop_assert!(decode_record(&key, &value[..cut]).is_none(), "value cut at {}", cut);
+            }
         }
 
         /// Entries decode to what was encoded, and a cut anywhere never reads as whole.
@@ -993,6 +1229,55 @@ mod tests {
             .wait_blocking()
             .unwrap();
         assert_eq!(logged(&reopened)[0].1.last().unwrap().item_id.as_ref(), "after");
+        reopened.close();
+    }
+
+    #[test]
+    fn unindexed_appends_are_read_in_place_and_a_start_indexes_what_a_killed_writer_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = JournalConfig::offline(dir.path().to_path_buf());
+        let (a1, a2, b1, b2, c1) = (
+            event("a1", 1, None),
+            event("a2", 2, None),
+            event("b1", 1, Some("view")),
+            event("b2", 2, None),
+            event("c1", 1, None),
+        );
+        {
+            // What a writer killed before its index step leaves: a log record and its seq.
+            let store = Store::open(&live_dir(dir.path())).unwrap();
+            let appends = [
+                ("b", vec![b1.clone()]),
+                ("a", vec![a1.clone()]),
+                ("b", vec![b2.clone()]),
+            ];
+            let (key, value) = encode_record(5, &appends);
+            store.log.insert(key, value).unwrap();
+            store.meta.insert(META_NEXT_SEQ, 6u64.to_be_bytes()).unwrap();
+            store.db.persist(PersistMode::SyncAll).unwrap();
+        }
+        let journal = Journal::open(config.clone()).unwrap();
+        assert!(
+            journal.shared.read(|store| Ok(store.log.is_empty().unwrap())).unwrap(),
+            "indexed at open"
+        );
+        assert_eq!(journal.load("b").unwrap(), [b1.clone(), b2.clone()]);
+        // Pending (the index step is seconds away): read from memory, after the user's entries.
+        for (user, new) in [("c", &c1), ("a", &a2)] {
+            let commit = journal.append(Arc::from(user), vec![new.clone()], true).unwrap();
+            commit.wait_blocking().unwrap();
+        }
+        assert!(!journal.shared.pending.lock().unwrap().is_empty(), "not indexed yet");
+        assert_eq!(journal.load("a").unwrap(), [a1.clone(), a2.clone()]);
+        let expected = vec![
+            ("a".to_owned(), vec![a1, a2]),
+            ("b".to_owned(), vec![b1, b2]),
+            ("c".to_owned(), vec![c1]),
+        ];
+        assert_eq!(logged(&journal), expected, "each user once, in key order");
+        journal.close();
+        let reopened = Journal::open(config).unwrap();
+        assert_eq!(logged(&reopened), expected);
         reopened.close();
     }
 
