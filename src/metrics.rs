@@ -45,6 +45,7 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub open_connections: IntGauge,
     pub model_info: IntGaugeVec,
+    pub model_reloads: IntCounterVec,
     pub device_info: IntGaugeVec,
 }
 
@@ -181,10 +182,21 @@ impl Metrics {
             model_info: reg(
                 &registry,
                 IntGaugeVec::new(
-                    Opts::new("xsrec_model_info", "The loaded model (value 1)"),
+                    Opts::new("xsrec_model_info", "The model serving new requests (value 1)"),
                     &["version", "arch"],
                 )
                 .expect("gauge"),
+            ),
+            model_reloads: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "xsrec_model_reloads_total",
+                        "Model reloads by outcome (ok, or the error code that refused it)",
+                    ),
+                    &["outcome"],
+                )
+                .expect("counter"),
             ),
             device_info: reg(
                 &registry,

@@ -15,6 +15,7 @@ use xsrec::grpc::pb::recommender_client::RecommenderClient;
 const READER: &str = "reader-key-5c1d0e7f2a9b";
 const WRITER: &str = "writer-key-8e4f6a1b3c7d";
 const BOTH: &str = "both-key-2b9e7c4d1f0a6";
+const ADMIN: &str = "admin-key-7d3a9f1c5e8b";
 
 async fn call(
     server: &common::Server,
@@ -57,7 +58,7 @@ async fn keys_grant_exactly_their_scopes_over_rest_and_grpc() {
     let keys = dir.path().join("keys");
     std::fs::write(
         &keys,
-        format!("# who may do what\n{READER} read\n{WRITER} write\n{BOTH} read,write\n"),
+        format!("# who may do what\n{READER} read\n{WRITER} write\n{BOTH} read,write\n{ADMIN} admin\n"),
     )
     .unwrap();
     let server = server(&["--api-keys-file", keys.to_str().unwrap()]).await;
@@ -107,6 +108,16 @@ async fn keys_grant_exactly_their_scopes_over_rest_and_grpc() {
         (Method::GET, "/v1/users/u1/history", WRITER, None, StatusCode::FORBIDDEN),
         (Method::DELETE, "/v1/users/u1", READER, None, StatusCode::FORBIDDEN),
         (Method::GET, "/v1/model", BOTH, None, StatusCode::OK),
+        // A reload (of the served model's own directory) is the admin scope's alone.
+        (Method::POST, "/admin/v1/model", BOTH, None, StatusCode::FORBIDDEN),
+        (Method::POST, "/admin/v1/model", ADMIN, None, StatusCode::OK),
+        (
+            Method::POST,
+            "/v1/recommend",
+            ADMIN,
+            Some(&recommend),
+            StatusCode::FORBIDDEN,
+        ),
     ];
     for (method, path, key, body, expected) in cases {
         let (status, reply, _) = call(&server, method.clone(), path, Some(key), body.cloned()).await;
@@ -141,6 +152,13 @@ async fn keys_grant_exactly_their_scopes_over_rest_and_grpc() {
     grpc.recommend(with_key(Some(READER), ask.clone())).await.unwrap();
     let refused = grpc.recommend(with_key(Some(WRITER), ask)).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
+    let reload = pb::ReloadModelRequest::default();
+    let refused = grpc
+        .reload_model(with_key(Some(BOTH), reload.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    grpc.reload_model(with_key(Some(ADMIN), reload)).await.unwrap();
     server.shut_down().await.unwrap();
 }
 

@@ -617,14 +617,7 @@ async fn serve_runs_from_any_directory_on_the_built_in_default_model() {
     let mut server = ServerProcess::spawn_in(elsewhere.path(), &[], &[]);
     let client = reqwest::Client::new();
     server.wait_ready(&client, Duration::from_secs(60)).await;
-    let model: Value = client
-        .get(format!("{}/v1/model", server.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let model = server.get_json(&client, "/v1/model").await;
     // The committed model's weights, byte for byte: the same version as served from the repo.
     let weights =
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default/model.safetensors")).unwrap();

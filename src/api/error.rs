@@ -47,6 +47,8 @@ impl ApiError {
                 CoreError::InferenceFailed(_) | CoreError::StorageFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 CoreError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
                 CoreError::Forbidden(_) => StatusCode::FORBIDDEN,
+                CoreError::ModelLoadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                CoreError::ModelIncompatible(_) => StatusCode::CONFLICT,
             },
         }
     }

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use super::{ApiError, ApiJson, ApiPath};
 use crate::health::Readiness;
+use crate::recommend::error::quote;
 use crate::recommend::types::*;
 use crate::recommend::{CoreError, Recommender};
 
@@ -63,13 +64,27 @@ pub async fn model(State(core): State<Arc<Recommender>>) -> Json<serde_json::Val
     Json(core.model())
 }
 
+pub async fn reload(State(core): State<Arc<Recommender>>, body: axum::body::Bytes) -> ApiResult<serde_json::Value> {
+    let request: ReloadRequest = match body.iter().all(u8::is_ascii_whitespace) {
+        true => ReloadRequest::default(),
+        false => serde_json::from_slice(&body).map_err(|e| {
+            CoreError::InvalidRequest(format!(
+                "the body must be empty or {{\"path\": \"MODEL_DIR\"}}: {}",
+                quote(&e.to_string())
+            ))
+        })?,
+    };
+    let path = request.path.map(|path| core.check_model_path(path)).transpose()?;
+    Ok(Json(core.reload(path).await?.info()))
+}
+
 pub async fn live() -> Json<serde_json::Value> {
     Json(json!({"status": "live"}))
 }
 
 pub async fn ready(State(core): State<Arc<Recommender>>) -> Result<Json<serde_json::Value>, ApiError> {
     match core.readiness() {
-        Readiness::Ready => Ok(Json(json!({"status": "ready", "model_version": core.model_version}))),
+        Readiness::Ready => Ok(Json(json!({"status": "ready", "model_version": core.served().version}))),
         Readiness::Draining => Err(CoreError::ShuttingDown.into()),
         Readiness::Starting(reason) => Err(CoreError::NotReady(reason.to_owned()).into()),
         Readiness::Failed(reason) => Err(CoreError::NotReady(reason).into()),

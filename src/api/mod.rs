@@ -17,8 +17,9 @@ use crate::recommend::error::quote;
 use crate::recommend::{CoreError, Operation, Recommender};
 pub use error::{ApiError, FailureReason};
 
-/// Routes under `/v1` pass admission control; health, metrics and the spec never wait.
-pub const V1_ROUTES: [&str; 7] = [
+/// Routes under `/v1` (and the admin one) pass admission control; health, metrics and the spec
+/// never wait.
+pub const V1_ROUTES: [&str; 8] = [
     "/v1/events",
     "/v1/recommend",
     "/v1/recommend/batch",
@@ -26,6 +27,7 @@ pub const V1_ROUTES: [&str; 7] = [
     "/v1/users/{id}/history",
     "/v1/users/{id}",
     "/v1/model",
+    "/admin/v1/model",
 ];
 pub const OPS_ROUTES: [&str; 4] = ["/health/live", "/health/ready", "/metrics", "/openapi.json"];
 
@@ -49,6 +51,7 @@ pub fn router(state: Arc<Recommender>, body_read_timeout: Duration, with_metrics
         .route("/v1/users/{id}/history", get(handlers::history))
         .route("/v1/users/{id}", axum::routing::delete(handlers::forget))
         .route("/v1/model", get(handlers::model))
+        .route("/admin/v1/model", post(handlers::reload))
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), body_read_timeout),
             admit,
@@ -114,6 +117,7 @@ async fn admit(
         Some("/v1/interests") => Operation::Interests,
         Some("/v1/users/{id}/history") => Operation::History,
         Some("/v1/users/{id}") => Operation::Forget,
+        Some("/admin/v1/model") => Operation::ReloadModel,
         _ => Operation::ModelInfo,
     };
     let authorization = parts

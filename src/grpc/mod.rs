@@ -11,7 +11,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::health::Readiness;
 use crate::recommend::types::{self as core_types, DEFAULT_K, DEFAULT_TOP};
-use crate::recommend::{CoreError, Deadline, Operation, Recommender};
+use crate::recommend::{CoreError, Deadline, Operation, Recommender, ServedModel};
 
 /// The generated messages and service.
 pub mod pb {
@@ -38,6 +38,8 @@ pub fn status(error: CoreError) -> Status {
         CoreError::InferenceFailed(_) | CoreError::StorageFailed(_) => Code::Internal,
         CoreError::Unauthenticated(_) => Code::Unauthenticated,
         CoreError::Forbidden(_) => Code::PermissionDenied,
+        CoreError::ModelLoadFailed(_) => Code::InvalidArgument,
+        CoreError::ModelIncompatible(_) => Code::FailedPrecondition,
     };
     let mut status = Status::new(code, error.to_string());
     status
@@ -136,7 +138,7 @@ impl GrpcService {
     }
 }
 
-const METHODS: [&str; 8] = [
+const METHODS: [&str; 9] = [
     "/xsrec.v1.Recommender/Recommend",
     "/xsrec.v1.Recommender/RecommendBatch",
     "/xsrec.v1.Recommender/Interests",
@@ -145,6 +147,7 @@ const METHODS: [&str; 8] = [
     "/xsrec.v1.Recommender/GetHistory",
     "/xsrec.v1.Recommender/ForgetUser",
     "/xsrec.v1.Recommender/ModelInfo",
+    "/xsrec.v1.Recommender/ReloadModel",
 ];
 
 #[tonic::async_trait]
@@ -293,12 +296,33 @@ impl pb::recommender_server::Recommender for GrpcService {
     ) -> Result<Response<pb::ModelInfoResponse>, Status> {
         let key = authorization(&request);
         self.handle(METHODS[7], Operation::ModelInfo, key.as_deref(), async {
-            Ok(pb::ModelInfoResponse {
-                version: self.core.model_version.clone(),
-                config_json: self.core.model_config.to_string(),
-            })
+            Ok(model_info(&self.core.served()))
         })
         .await
+    }
+
+    async fn reload_model(
+        &self,
+        request: Request<pb::ReloadModelRequest>,
+    ) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        let key = authorization(&request);
+        let path = request.into_inner().path;
+        self.handle(METHODS[8], Operation::ReloadModel, key.as_deref(), async {
+            let path = match path.is_empty() {
+                true => None,
+                false => Some(self.core.check_model_path(path)?),
+            };
+            let served = self.core.reload(path).await?;
+            Ok(model_info(&served))
+        })
+        .await
+    }
+}
+
+fn model_info(served: &ServedModel) -> pb::ModelInfoResponse {
+    pb::ModelInfoResponse {
+        version: served.version.clone(),
+        config_json: served.config.to_string(),
     }
 }
 
@@ -437,6 +461,8 @@ mod tests {
             (CoreError::StorageFailed("x".into()), Code::Internal),
             (CoreError::Unauthenticated("x".into()), Code::Unauthenticated),
             (CoreError::Forbidden("write"), Code::PermissionDenied),
+            (CoreError::ModelLoadFailed("x".into()), Code::InvalidArgument),
+            (CoreError::ModelIncompatible("x".into()), Code::FailedPrecondition),
         ];
         assert_eq!(cases.len(), CoreError::ALL_CODES.len());
         for (error, code) in cases {

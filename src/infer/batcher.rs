@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::limit::AdaptiveLimit;
-use super::{InferRequest, WorkerInput};
+use super::{Control, InferRequest, WorkerInput};
 use crate::metrics::Metrics;
 
 pub struct Batcher {
@@ -22,13 +22,13 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// The next batch, applying erasures met on the way as they come; `None` once every sender
-    /// is gone and the queue is empty.
-    pub fn next_batch(&mut self, mut forget: impl FnMut(Arc<str>, u64)) -> Option<Vec<InferRequest>> {
+    /// The next batch, applying erasures and model installs met on the way as they come;
+    /// `None` once every sender is gone and the queue is empty.
+    pub fn next_batch(&mut self, mut control: impl FnMut(Control)) -> Option<Vec<InferRequest>> {
         let first = loop {
             match self.inputs.recv().ok()? {
                 WorkerInput::Request(request) => break request,
-                WorkerInput::Forget { user, erased_at } => forget(user, erased_at),
+                WorkerInput::Control(command) => control(command),
             }
         };
         // The delay runs from when the oldest request arrived, not from when we looked.
@@ -51,7 +51,7 @@ impl Batcher {
             };
             match input {
                 WorkerInput::Request(request) => batch.push(request),
-                WorkerInput::Forget { user, erased_at } => forget(user, erased_at),
+                WorkerInput::Control(command) => control(command),
             }
         }
         self.metrics.queue_depth.sub(batch.len() as i64);

@@ -10,6 +10,7 @@ pub mod batcher;
 pub mod limit;
 pub mod worker;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,28 @@ use crate::metrics::Metrics;
 use crate::model::Artifact;
 use limit::AdaptiveLimit;
 pub use limit::LimitConfig;
-pub use worker::WorkerConfig;
+pub use worker::{ServingModel, WorkerConfig};
+
+/// Names one model the worker holds. Every request carries the slot of the model it was
+/// prepared for (its item indices are that model's), and the worker keeps a model while anyone
+/// holds its slot: a request admitted before a reload runs on the model it was admitted with.
+#[derive(Debug)]
+pub struct ModelSlot {
+    number: u64,
+}
+
+impl ModelSlot {
+    fn next() -> Arc<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Arc::new(Self {
+            number: NEXT.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+}
 
 /// What to compute from a user's next-item scores.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +79,7 @@ pub enum InferError {
 }
 
 pub struct InferRequest {
+    pub model: Arc<ModelSlot>,
     pub user: Arc<str>,
     pub history: Arc<HistorySnapshot>,
     /// Moment of prediction (Unix seconds).
@@ -70,11 +93,20 @@ pub struct InferRequest {
 /// What the worker thread takes from its queue, in order.
 pub enum WorkerInput {
     Request(InferRequest),
+    Control(Control),
+}
+
+/// What the worker does between batches.
+pub enum Control {
     /// Drop anything cached about a user (erasure), and never cache a state computed from a
     /// history older than `erased_at` (a request queued before the erasure may still run).
-    Forget {
-        user: Arc<str>,
-        erased_at: u64,
+    Forget { user: Arc<str>, erased_at: u64 },
+    /// Hold `model` (warmed up already) under `slot`, beside the models still in use.
+    Install {
+        slot: std::sync::Weak<ModelSlot>,
+        /// Boxed: the queue's entries are mostly small requests.
+        model: Box<ServingModel>,
+        installed: oneshot::Sender<()>,
     },
 }
 
@@ -94,17 +126,18 @@ pub struct Engine {
     queue: std::sync::mpsc::Sender<WorkerInput>,
     limit: Arc<AdaptiveLimit>,
     metrics: Arc<Metrics>,
+    worker: Arc<WorkerConfig>,
 }
 
 impl Engine {
     /// Starts the worker thread (which owns `artifact`'s model from here on). `ready` fires
-    /// once the worker has warmed up.
+    /// once the worker has warmed up; the slot names the model in requests.
     pub fn start(
         artifact: Artifact,
         config: EngineConfig,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
-    ) -> (Self, oneshot::Receiver<()>) {
+    ) -> (Self, oneshot::Receiver<()>, Arc<ModelSlot>) {
         let (queue, inputs) = std::sync::mpsc::channel();
         let (ready_tx, ready) = oneshot::channel();
         let limit = AdaptiveLimit::new(config.limit.clone());
@@ -115,12 +148,49 @@ impl Engine {
             limit: limit.clone(),
             metrics: metrics.clone(),
         };
-        worker::InferenceWorker::spawn(artifact, config.worker, batcher, ready_tx, metrics.clone(), health);
-        (Self { queue, limit, metrics }, ready)
+        let slot = ModelSlot::next();
+        let worker = Arc::new(config.worker);
+        let first = (Arc::downgrade(&slot), artifact);
+        worker::InferenceWorker::spawn(first, (*worker).clone(), batcher, ready_tx, metrics.clone(), health);
+        let engine = Self {
+            queue,
+            limit,
+            metrics,
+            worker,
+        };
+        (engine, ready, slot)
+    }
+
+    /// Loads `artifact`'s model beside the ones serving, warms it up off the worker thread, and
+    /// hands it to the worker between two batches; the slot names it in requests from then on.
+    /// The models serving go on meanwhile.
+    pub async fn install(&self, artifact: Artifact) -> Result<Arc<ModelSlot>, InferError> {
+        let config = self.worker.clone();
+        let warm = tokio::task::spawn_blocking(move || {
+            let model = ServingModel::new(artifact, config.device);
+            tch::no_grad(|| model.warm_up(&config.warmup_batch_sizes, config.device));
+            model
+        });
+        let model = warm
+            .await
+            .map_err(|e| InferError::Failed(format!("warming the new model up failed: {e}")))?;
+        let slot = ModelSlot::next();
+        let (installed, done) = oneshot::channel();
+        let install = Control::Install {
+            slot: Arc::downgrade(&slot),
+            model: Box::new(model),
+            installed,
+        };
+        self.queue
+            .send(WorkerInput::Control(install))
+            .map_err(|_| InferError::Stopped)?;
+        done.await.map_err(|_| InferError::Stopped)?;
+        Ok(slot)
     }
 
     pub async fn infer(
         &self,
+        model: Arc<ModelSlot>,
         user: Arc<str>,
         history: Arc<HistorySnapshot>,
         at: i64,
@@ -130,6 +200,7 @@ impl Engine {
         let _place = self.limit.try_enter().ok_or(InferError::Overloaded)?;
         let (reply, answer) = oneshot::channel();
         let request = InferRequest {
+            model,
             user,
             history,
             at,
@@ -153,6 +224,8 @@ impl Engine {
 
     pub fn forget(&self, user: Arc<str>, erased_at: u64) {
         // A stopped worker holds no cache to clear.
-        let _ = self.queue.send(WorkerInput::Forget { user, erased_at });
+        let _ = self
+            .queue
+            .send(WorkerInput::Control(Control::Forget { user, erased_at }));
     }
 }

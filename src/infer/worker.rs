@@ -1,14 +1,15 @@
 //! The inference worker: the one thread that owns the model and runs libtorch for whole batches.
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::rc::Rc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
 
 use super::batcher::Batcher;
-use super::{Answer, InferError, InferRequest, Query};
+use super::{Answer, Control, InferError, InferRequest, ModelSlot, Query};
 use crate::data::formats::category_names;
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -32,18 +33,66 @@ pub struct WorkerConfig {
 /// its requests get `inference_failed`, the cache is dropped, and serving goes on.
 pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
 
-/// A user's final hidden state, valid while the history version and prediction-gap bucket match.
+/// A user's final hidden state, valid while the model, the history version and the
+/// prediction-gap bucket match.
 struct CachedState {
+    model: u64,
     version: u64,
     bucket: i64,
     hidden: Tensor,
     last_used: u64,
 }
 
-pub struct InferenceWorker {
+/// A model as the worker runs it.
+pub struct ServingModel {
     model: SeqModel,
     /// `[V, C]`: each item's probability mass split evenly over its categories.
     categories: Option<Tensor>,
+}
+
+impl ServingModel {
+    pub fn new(artifact: Artifact, device: Device) -> Self {
+        Self {
+            categories: category_matrix(&artifact.item_categories, device),
+            model: artifact.model,
+        }
+    }
+
+    /// Runs each batch size once, so that no request pays for first-use set-up.
+    pub fn warm_up(&self, batch_sizes: &[usize], device: Device) {
+        let max_len = self.model.config.max_len;
+        let (items, timestamps, types) = (
+            vec![1u32; max_len],
+            (0..max_len as i64).collect::<Vec<_>>(),
+            vec![1u32; max_len],
+        );
+        let row = encode(
+            HistoryView::new(&items, &timestamps, &types),
+            max_len as i64,
+            max_len,
+            1,
+        );
+        for &size in batch_sizes {
+            let hidden = self.model.last_hidden(&Batch::new(&vec![row.clone(); size], device));
+            let _ = self
+                .model
+                .net
+                .score(&hidden)
+                .topk(10.min(self.model.config.num_items as i64 - 1), 1, true, true);
+        }
+    }
+}
+
+/// A model the worker holds, while someone holds its slot.
+struct HeldModel {
+    slot: Weak<ModelSlot>,
+    number: u64,
+    model: Rc<ServingModel>,
+}
+
+pub struct InferenceWorker {
+    /// Newest last. Usually one; two while requests admitted before a reload are in flight.
+    models: Vec<HeldModel>,
     cache: HashMap<Arc<str>, CachedState>,
     config: WorkerConfig,
     tick: u64,
@@ -57,7 +106,7 @@ pub struct InferenceWorker {
 
 impl InferenceWorker {
     pub fn spawn(
-        artifact: Artifact,
+        (slot, artifact): (Weak<ModelSlot>, Artifact),
         config: WorkerConfig,
         batcher: Batcher,
         ready: oneshot::Sender<()>,
@@ -69,8 +118,10 @@ impl InferenceWorker {
             .spawn(move || {
                 let worker_health = health.clone();
                 let outcome = catch_unwind(AssertUnwindSafe(move || {
-                    let mut worker = Self::new(artifact, config, metrics, worker_health);
-                    tch::no_grad(|| worker.warm_up());
+                    let model = ServingModel::new(artifact, config.device);
+                    tch::no_grad(|| model.warm_up(&config.warmup_batch_sizes, config.device));
+                    let mut worker = Self::new(config, metrics, worker_health);
+                    worker.install(slot, model);
                     let _ = ready.send(());
                     worker.run(batcher);
                 }));
@@ -81,11 +132,9 @@ impl InferenceWorker {
             .expect("spawn inference worker");
     }
 
-    fn new(artifact: Artifact, config: WorkerConfig, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
-        let categories = category_matrix(&artifact.item_categories, config.device);
+    fn new(config: WorkerConfig, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
         Self {
-            model: artifact.model,
-            categories,
+            models: Vec::new(),
             cache: HashMap::new(),
             config,
             tick: 0,
@@ -96,35 +145,41 @@ impl InferenceWorker {
         }
     }
 
-    fn warm_up(&mut self) {
-        let max_len = self.model.config.max_len;
-        let (items, timestamps, types) = (
-            vec![1u32; max_len],
-            (0..max_len as i64).collect::<Vec<_>>(),
-            vec![1u32; max_len],
-        );
-        let row = encode(
-            HistoryView::new(&items, &timestamps, &types),
-            max_len as i64,
-            max_len,
-            1,
-        );
-        for &size in &self.config.warmup_batch_sizes {
-            let hidden = self
-                .model
-                .last_hidden(&Batch::new(&vec![row.clone(); size], self.config.device));
-            let _ = self
-                .model
-                .net
-                .score(&hidden)
-                .topk(10.min(self.model.config.num_items as i64 - 1), 1, true, true);
+    fn install(&mut self, slot: Weak<ModelSlot>, model: ServingModel) {
+        let number = slot.upgrade().map_or(0, |slot| slot.number());
+        self.models.push(HeldModel {
+            slot,
+            number,
+            model: Rc::new(model),
+        });
+    }
+
+    fn control(&mut self, command: Control) {
+        match command {
+            Control::Forget { user, erased_at } => self.forget(user, erased_at),
+            Control::Install { slot, model, installed } => {
+                self.install(slot, *model);
+                let _ = installed.send(());
+            }
+        }
+    }
+
+    /// Drops the models nobody can ask for any more (their slot is gone: the core serves a newer
+    /// one and no request of theirs is left), and the states cached from them.
+    fn retire_unused_models(&mut self) {
+        let before = self.models.len();
+        self.models.retain(|held| held.slot.strong_count() > 0);
+        if self.models.len() < before {
+            let live: Vec<u64> = self.models.iter().map(|held| held.number).collect();
+            self.cache.retain(|_, state| live.contains(&state.model));
         }
     }
 
     /// Runs batches until the engine is gone and its queue is empty.
     fn run(&mut self, mut batcher: Batcher) {
-        while let Some(batch) = batcher.next_batch(|user, erased_at| self.forget(user, erased_at)) {
+        while let Some(batch) = batcher.next_batch(|command| self.control(command)) {
             tch::no_grad(|| self.execute(batch));
+            self.retire_unused_models();
             self.metrics.cached_states.set(self.cache.len() as i64);
         }
     }
@@ -145,9 +200,23 @@ impl InferenceWorker {
             }
             live.push(request);
         }
-        if live.is_empty() {
-            return;
+        // One forward pass per model: a batch spans two only around a reload.
+        while !live.is_empty() {
+            let number = live[0].model.number();
+            let (group, rest) = live.into_iter().partition(|r| r.model.number() == number);
+            live = rest;
+            match self.models.iter().find(|held| held.number == number) {
+                Some(held) => {
+                    let model = held.model.clone();
+                    self.execute_on(&model, number, group);
+                }
+                // Cannot happen: a slot is handed out only once its model is installed.
+                None => self.fail_batch(group, "its model is not loaded"),
+            }
         }
+    }
+
+    fn execute_on(&mut self, model: &ServingModel, number: u64, live: Vec<InferRequest>) {
         self.metrics.batch_size.observe(live.len() as f64);
         self.metrics.executions.inc();
         self.metrics.inferences.inc_by(live.len() as u64);
@@ -155,10 +224,10 @@ impl InferenceWorker {
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             fail::fail_point!("inference-batch");
             let started = Instant::now();
-            let hidden = self.hidden_states(&live);
+            let hidden = self.hidden_states(model, number, &live);
             self.metrics.inference_duration.observe(started.elapsed().as_secs_f64());
             let started = Instant::now();
-            let answers = self.answer(&live, &hidden);
+            let answers = answer(model, &live, &hidden);
             self.metrics.topk_duration.observe(started.elapsed().as_secs_f64());
             answers
         }));
@@ -215,18 +284,18 @@ impl InferenceWorker {
     }
 
     /// What besides the history version a cached state depends on (see [`moment_key`]).
-    fn cache_bucket(&self, request: &InferRequest) -> i64 {
-        let (h, config) = (&request.history, &self.model.config);
+    fn cache_bucket(model: &ServingModel, request: &InferRequest) -> i64 {
+        let (h, config) = (&request.history, &model.model.config);
         let view = HistoryView::new(&h.items, &h.timestamps, &h.types);
         moment_key(view, request.at, &config.features, config.session_gap_secs)
     }
 
     /// `[B, d]` final hidden states: cached where still valid, one forward pass for the rest.
-    fn hidden_states(&mut self, requests: &[InferRequest]) -> Tensor {
+    fn hidden_states(&mut self, model: &ServingModel, number: u64, requests: &[InferRequest]) -> Tensor {
         self.tick += 1;
         let mut rows: Vec<Option<Tensor>> = Vec::with_capacity(requests.len());
         let mut misses = Vec::new();
-        let buckets: Vec<i64> = requests.iter().map(|r| self.cache_bucket(r)).collect();
+        let buckets: Vec<i64> = requests.iter().map(|r| Self::cache_bucket(model, r)).collect();
         for (i, (request, &bucket)) in requests.iter().zip(&buckets).enumerate() {
             let cached = if self.config.cache_capacity == 0 {
                 None
@@ -234,7 +303,9 @@ impl InferenceWorker {
                 self.cache.get_mut(&request.user)
             };
             match cached {
-                Some(state) if state.version == request.history.version && state.bucket == bucket => {
+                Some(state)
+                    if state.model == number && state.version == request.history.version && state.bucket == bucket =>
+                {
                     state.last_used = self.tick;
                     rows.push(Some(state.hidden.shallow_clone()));
                 }
@@ -247,7 +318,7 @@ impl InferenceWorker {
         self.metrics.cache_hits.inc_by((requests.len() - misses.len()) as u64);
         self.metrics.cache_misses.inc_by(misses.len() as u64);
         if !misses.is_empty() {
-            let config = &self.model.config;
+            let config = &model.model.config;
             let encoded: Vec<_> = misses
                 .iter()
                 .map(|&i| {
@@ -256,7 +327,7 @@ impl InferenceWorker {
                     encode(view, requests[i].at, config.max_len, config.session_gap_secs)
                 })
                 .collect();
-            let hidden = self.model.last_hidden(&Batch::trimmed(&encoded, self.config.device));
+            let hidden = model.model.last_hidden(&Batch::trimmed(&encoded, self.config.device));
             let caching = self.config.cache_capacity > 0;
             if caching {
                 self.make_room(misses.len());
@@ -265,6 +336,7 @@ impl InferenceWorker {
                 let row = hidden.get(j as i64);
                 if caching && self.cacheable(&requests[i]) {
                     let state = CachedState {
+                        model: number,
                         version: requests[i].history.version,
                         bucket: buckets[i],
                         // A copy of its own: a view would keep the whole batch's `[B, L, d]`
@@ -291,79 +363,79 @@ impl InferenceWorker {
         let (_, &mut cutoff, _) = ticks.select_nth_unstable(middle);
         self.cache.retain(|_, state| state.last_used > cutoff);
     }
+}
 
-    fn answer(&self, requests: &[InferRequest], hidden: &Tensor) -> Vec<Answer> {
-        let scores = self.model.net.score(hidden);
-        let device = scores.device();
-        let mut answers: Vec<Option<Answer>> = vec![None; requests.len()];
-        let group = |keep: fn(&Query) -> bool| -> Vec<usize> {
-            requests
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| keep(&r.query))
-                .map(|(i, _)| i)
-                .collect()
-        };
-        let rows_of = |indices: &[usize]| {
-            if indices.len() == requests.len() {
-                return scores.shallow_clone(); // one kind of query in the batch: the usual case
-            }
-            let index: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
-            scores.index_select(0, &to_device_pinned(Tensor::from_slice(&index), device))
-        };
-
-        let ranking = group(|q| matches!(q, Query::TopK { .. }));
-        if !ranking.is_empty() {
-            let excluded: Vec<&Vec<i64>> = ranking
-                .iter()
-                .map(|&i| match &requests[i].query {
-                    Query::TopK { exclude, .. } => exclude,
-                    _ => unreachable!(),
-                })
-                .collect();
-            let ks: Vec<usize> = ranking.iter().map(|&i| query_k(&requests[i].query)).collect();
-            for (slot, ranked) in ranking.iter().zip(rank_excluding(rows_of(&ranking), &excluded, &ks)) {
-                answers[*slot] = Some(Answer::Items(ranked));
-            }
-        }
-
-        let candidate_rows = group(|q| matches!(q, Query::Candidates { .. }));
-        if !candidate_rows.is_empty() {
-            let lists: Vec<&Vec<i64>> = candidate_rows
-                .iter()
-                .map(|&i| match &requests[i].query {
-                    Query::Candidates { candidates, .. } => candidates,
-                    _ => unreachable!(),
-                })
-                .collect();
-            let index = padded_index(&lists, device);
-            // Padding points at column 0 and must never be chosen.
-            let gathered = rows_of(&candidate_rows)
-                .gather(1, &index, false)
-                .masked_fill(&index.eq(0), f64::NEG_INFINITY);
-            let ks: Vec<usize> = candidate_rows.iter().map(|&i| query_k(&requests[i].query)).collect();
-            for (slot, ranked) in candidate_rows.iter().zip(top_k(&gathered, &ks, Some(&index))) {
-                answers[*slot] = Some(Answer::Items(ranked));
-            }
-        }
-
-        let interest_rows = group(|q| matches!(q, Query::Interests { .. }));
-        if let (false, Some(categories)) = (interest_rows.is_empty(), &self.categories) {
-            let logits = rows_of(&interest_rows).copy();
-            let _ = logits.narrow(1, 0, 1).fill_(f64::NEG_INFINITY); // the padding item
-            let mass = logits.softmax(-1, Kind::Float).matmul(categories);
-            let ks: Vec<usize> = interest_rows.iter().map(|&i| query_k(&requests[i].query)).collect();
-            for (slot, ranked) in interest_rows.iter().zip(top_k(&mass, &ks, None)) {
-                answers[*slot] = Some(Answer::Categories(
-                    ranked.into_iter().map(|(c, m)| (c as usize, m)).collect(),
-                ));
-            }
-        }
-        answers
-            .into_iter()
-            .map(|a| a.unwrap_or(Answer::Categories(Vec::new())))
+fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> Vec<Answer> {
+    let scores = model.model.net.score(hidden);
+    let device = scores.device();
+    let mut answers: Vec<Option<Answer>> = vec![None; requests.len()];
+    let group = |keep: fn(&Query) -> bool| -> Vec<usize> {
+        requests
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| keep(&r.query))
+            .map(|(i, _)| i)
             .collect()
+    };
+    let rows_of = |indices: &[usize]| {
+        if indices.len() == requests.len() {
+            return scores.shallow_clone(); // one kind of query in the batch: the usual case
+        }
+        let index: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+        scores.index_select(0, &to_device_pinned(Tensor::from_slice(&index), device))
+    };
+
+    let ranking = group(|q| matches!(q, Query::TopK { .. }));
+    if !ranking.is_empty() {
+        let excluded: Vec<&Vec<i64>> = ranking
+            .iter()
+            .map(|&i| match &requests[i].query {
+                Query::TopK { exclude, .. } => exclude,
+                _ => unreachable!(),
+            })
+            .collect();
+        let ks: Vec<usize> = ranking.iter().map(|&i| query_k(&requests[i].query)).collect();
+        for (slot, ranked) in ranking.iter().zip(rank_excluding(rows_of(&ranking), &excluded, &ks)) {
+            answers[*slot] = Some(Answer::Items(ranked));
+        }
     }
+
+    let candidate_rows = group(|q| matches!(q, Query::Candidates { .. }));
+    if !candidate_rows.is_empty() {
+        let lists: Vec<&Vec<i64>> = candidate_rows
+            .iter()
+            .map(|&i| match &requests[i].query {
+                Query::Candidates { candidates, .. } => candidates,
+                _ => unreachable!(),
+            })
+            .collect();
+        let index = padded_index(&lists, device);
+        // Padding points at column 0 and must never be chosen.
+        let gathered = rows_of(&candidate_rows)
+            .gather(1, &index, false)
+            .masked_fill(&index.eq(0), f64::NEG_INFINITY);
+        let ks: Vec<usize> = candidate_rows.iter().map(|&i| query_k(&requests[i].query)).collect();
+        for (slot, ranked) in candidate_rows.iter().zip(top_k(&gathered, &ks, Some(&index))) {
+            answers[*slot] = Some(Answer::Items(ranked));
+        }
+    }
+
+    let interest_rows = group(|q| matches!(q, Query::Interests { .. }));
+    if let (false, Some(categories)) = (interest_rows.is_empty(), &model.categories) {
+        let logits = rows_of(&interest_rows).copy();
+        let _ = logits.narrow(1, 0, 1).fill_(f64::NEG_INFINITY); // the padding item
+        let mass = logits.softmax(-1, Kind::Float).matmul(categories);
+        let ks: Vec<usize> = interest_rows.iter().map(|&i| query_k(&requests[i].query)).collect();
+        for (slot, ranked) in interest_rows.iter().zip(top_k(&mass, &ks, None)) {
+            answers[*slot] = Some(Answer::Categories(
+                ranked.into_iter().map(|(c, m)| (c as usize, m)).collect(),
+            ));
+        }
+    }
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or(Answer::Categories(Vec::new())))
+        .collect()
 }
 
 fn query_k(query: &Query) -> usize {

@@ -29,6 +29,12 @@ pub enum CoreError {
     Unauthenticated(String),
     #[error("this API key lacks the `{0}` scope")]
     Forbidden(&'static str),
+    /// A reload's model could not be read; the served model goes on.
+    #[error("{0}")]
+    ModelLoadFailed(String),
+    /// A reload's model cannot serve the histories in memory; the served model goes on.
+    #[error("{0}")]
+    ModelIncompatible(String),
 }
 
 impl CoreError {
@@ -46,10 +52,12 @@ impl CoreError {
             Self::StorageFailed(_) => "storage_failed",
             Self::Unauthenticated(_) => "unauthenticated",
             Self::Forbidden(_) => "forbidden",
+            Self::ModelLoadFailed(_) => "model_load_failed",
+            Self::ModelIncompatible(_) => "model_incompatible",
         }
     }
 
-    pub const ALL_CODES: [&'static str; 11] = [
+    pub const ALL_CODES: [&'static str; 13] = [
         "invalid_request",
         "user_not_found",
         "categories_unavailable",
@@ -61,6 +69,8 @@ impl CoreError {
         "storage_failed",
         "unauthenticated",
         "forbidden",
+        "model_load_failed",
+        "model_incompatible",
     ];
 }
 

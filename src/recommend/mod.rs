@@ -4,10 +4,12 @@
 pub mod auth;
 pub mod catalog;
 pub mod error;
+pub mod served;
 pub mod types;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -15,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub use auth::{ApiKeys, Scope};
 pub use catalog::Catalog;
 pub use error::CoreError;
+pub use served::{ModelLoader, ReloadError, ServedModel};
 use types::*;
 
 use crate::data::unix_now;
@@ -41,6 +44,7 @@ pub enum Operation {
     History,
     Forget,
     ModelInfo,
+    ReloadModel,
 }
 
 impl Operation {
@@ -48,6 +52,7 @@ impl Operation {
     pub fn scope(self) -> Scope {
         match self {
             Self::Ingest | Self::Forget => Scope::Write,
+            Self::ReloadModel => Scope::Admin,
             _ => Scope::Read,
         }
     }
@@ -82,11 +87,12 @@ pub struct Deadline {
 pub struct Recommender {
     pub store: Arc<dyn HistoryStore>,
     pub engine: Engine,
-    /// Shared with the history store, which resolves the events it reads back with it.
-    pub catalog: Arc<Catalog>,
-    pub model_version: String,
-    /// `config.json` of the loaded model.
-    pub model_config: serde_json::Value,
+    /// The model new requests get (see [`served`]). Its catalog's vocabularies never change
+    /// (a reload must keep them), so the history store resolves with the first one.
+    pub served: RwLock<Arc<ServedModel>>,
+    pub loader: ModelLoader,
+    /// One reload at a time.
+    pub reloading: tokio::sync::Mutex<()>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
@@ -96,6 +102,13 @@ pub struct Recommender {
     pub scrape: std::sync::Mutex<()>,
     /// Empty: authentication is off.
     pub api_keys: ApiKeys,
+}
+
+fn reload_error(error: ReloadError) -> CoreError {
+    match error {
+        ReloadError::Load { .. } => CoreError::ModelLoadFailed(error.to_string()),
+        ReloadError::Incompatible { .. } => CoreError::ModelIncompatible(error.to_string()),
+    }
 }
 
 fn invalid(message: String) -> CoreError {
@@ -150,6 +163,8 @@ pub fn check_event(
 
 /// Longest user, item or type id accepted.
 pub const MAX_ID_BYTES: usize = 256;
+/// Longest model directory a reload accepts.
+const MAX_PATH_BYTES: usize = 4096;
 
 impl Recommender {
     /// The deadline of a request arriving now, `client` being the client's own allowance.
@@ -214,12 +229,14 @@ impl Recommender {
         let accepted = request.events.len();
         let mut unknown_items = 0;
         let mut by_user: HashMap<String, Vec<NewEvent>> = HashMap::new();
+        let served = self.served();
+        let catalog = &served.catalog;
         for event in request.events {
-            let mut stored = self.catalog.resolve(&event.item_id, event.event_type.as_deref());
+            let mut stored = catalog.resolve(&event.item_id, event.event_type.as_deref());
             stored.timestamp = event.timestamp;
             unknown_items += usize::from(stored.item == 0);
-            let type_id = event.event_type.map(|t| match self.catalog.event_types.get(&t) {
-                Some(known) => self.catalog.event_type_ids[known as usize].clone(),
+            let type_id = event.event_type.map(|t| match catalog.event_types.get(&t) {
+                Some(known) => catalog.event_type_ids[known as usize].clone(),
                 None => Arc::from(t),
             });
             by_user
@@ -246,6 +263,7 @@ impl Recommender {
     /// Runs one query through the engine within the request's deadline.
     async fn ask(
         &self,
+        served: &ServedModel,
         user: &str,
         history: HistorySnapshot,
         at: i64,
@@ -257,9 +275,14 @@ impl Recommender {
         if Instant::now() >= deadline.at {
             return Err(exceeded());
         }
-        let answer = self
-            .engine
-            .infer(Arc::from(user), Arc::new(history), at, query, deadline.at);
+        let answer = self.engine.infer(
+            served.slot.clone(),
+            Arc::from(user),
+            Arc::new(history),
+            at,
+            query,
+            deadline.at,
+        );
         match tokio::time::timeout_at(deadline.at.into(), answer).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(InferError::Stopped)) => Err(CoreError::ShuttingDown),
@@ -287,7 +310,8 @@ impl Recommender {
         if let Some(at) = request.at {
             check_time("at", at)?;
         }
-        let catalog = &self.catalog;
+        let served = self.served();
+        let catalog = &served.catalog;
         let mut unknown_candidates = Vec::new();
         let candidates = match &request.candidates {
             None => None,
@@ -330,7 +354,10 @@ impl Recommender {
                         Query::TopK { k: request.k, exclude }
                     }
                 };
-                match self.ask(&request.user_id, history, at, query, deadline).await? {
+                match self
+                    .ask(&served, &request.user_id, history, at, query, deadline)
+                    .await?
+                {
                     Answer::Items(items) => (items, None),
                     Answer::Categories(_) => unreachable!("item queries get item answers"),
                 }
@@ -354,7 +381,7 @@ impl Recommender {
                     score,
                 })
                 .collect(),
-            model_version: self.model_version.clone(),
+            model_version: served.version.clone(),
             fallback,
             unknown_candidates,
         })
@@ -397,7 +424,8 @@ impl Recommender {
         if let Some(at) = request.at {
             check_time("at", at)?;
         }
-        let catalog = &self.catalog;
+        let served = self.served();
+        let catalog = &served.catalog;
         if catalog.categories.is_empty() {
             return Err(CoreError::CategoriesUnavailable);
         }
@@ -411,7 +439,10 @@ impl Recommender {
             Some(history) => {
                 let at = request.at.unwrap_or_else(unix_now);
                 let query = Query::Interests { top: request.top };
-                match self.ask(&request.user_id, history, at, query, deadline).await? {
+                match self
+                    .ask(&served, &request.user_id, history, at, query, deadline)
+                    .await?
+                {
                     Answer::Categories(ranked) => (ranked, None),
                     Answer::Items(_) => unreachable!("interest queries get category answers"),
                 }
@@ -426,7 +457,7 @@ impl Recommender {
                     score,
                 })
                 .collect(),
-            model_version: self.model_version.clone(),
+            model_version: served.version.clone(),
             fallback,
         })
     }
@@ -436,7 +467,8 @@ impl Recommender {
         let snapshot = self
             .history_of(user)?
             .ok_or_else(|| CoreError::UserNotFound(user.to_owned()))?;
-        let types = &self.catalog.event_types;
+        let served = self.served();
+        let types = &served.catalog.event_types;
         let events = snapshot
             .events
             .iter()
@@ -467,8 +499,80 @@ impl Recommender {
         commit.wait().await.map_err(|e| CoreError::StorageFailed(e.to_string()))
     }
 
+    /// A reload's model directory as a client gave it: non-blank, bounded, no control characters.
+    pub fn check_model_path(&self, path: String) -> Result<PathBuf, CoreError> {
+        check_id("path", &path, MAX_PATH_BYTES)?;
+        Ok(PathBuf::from(path))
+    }
+
+    /// The model new requests get.
+    pub fn served(&self) -> Arc<ServedModel> {
+        self.served.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn model(&self) -> serde_json::Value {
-        serde_json::json!({"version": self.model_version, "config": self.model_config})
+        self.served().info()
+    }
+
+    /// Replaces the served model with the one in `dir` (the served model's own directory, read
+    /// again, when `None`) without stopping: it is loaded and warmed up beside the served one,
+    /// then new requests get it, while requests already admitted finish on the old one.
+    /// Histories and the store are kept; states cached from the old model are not used again.
+    /// Refused, with the served model left in place, when the new one cannot be read or numbers
+    /// items or event types differently. Returns the new model.
+    pub async fn reload(&self, dir: Option<PathBuf>) -> Result<Arc<ServedModel>, CoreError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let started = Instant::now();
+        let outcome = self.replace_model(dir).await;
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(error) => error.code(),
+        };
+        self.metrics.model_reloads.with_label_values(&[label]).inc();
+        match &outcome {
+            Ok(served) => eprintln!(
+                "model reloaded from {} in {:.2} s: version {}",
+                served.dir.display(),
+                started.elapsed().as_secs_f64(),
+                served.version
+            ),
+            Err(error) => eprintln!("model reload refused ({}): {error}", error.code()),
+        }
+        outcome
+    }
+
+    async fn replace_model(&self, dir: Option<PathBuf>) -> Result<Arc<ServedModel>, CoreError> {
+        let current = self.served();
+        let dir = dir.unwrap_or_else(|| current.dir.clone());
+        let loader = self.loader.clone();
+        let reading = dir.clone();
+        let loaded = tokio::task::spawn_blocking(move || loader.load(&reading))
+            .await
+            .map_err(|e| CoreError::ModelLoadFailed(format!("loading the model from {}: {e}", dir.display())))?;
+        let (artifact, version) = loaded.map_err(reload_error)?;
+        let catalog = Arc::new(Catalog::new(&artifact));
+        served::check_compatible(&current.catalog, &catalog, &dir).map_err(reload_error)?;
+        let config = serde_json::to_value(&artifact.config)
+            .map_err(|e| CoreError::ModelLoadFailed(format!("{}: its config: {e}", dir.display())))?;
+        let arch = format!("{:?}", artifact.config.model.arch).to_lowercase();
+        let slot = self.engine.install(artifact).await.map_err(|e| match e {
+            InferError::Stopped => CoreError::ShuttingDown,
+            other => CoreError::ModelLoadFailed(format!("{}: {other}", dir.display())),
+        })?;
+        let next = Arc::new(ServedModel {
+            version,
+            config,
+            catalog,
+            dir,
+            slot,
+        });
+        *self.served.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
+        self.metrics.model_info.reset();
+        self.metrics
+            .model_info
+            .with_label_values(&[&next.version, &arch])
+            .set(1);
+        Ok(next)
     }
 
     /// Brings the gauges that are read rather than counted up to date (before a scrape).

@@ -121,3 +121,11 @@ pub struct HistoryResponse {
     pub user_id: String,
     pub events: Vec<HistoryEvent>,
 }
+
+/// `POST /admin/v1/model` (an empty body is the same as `{}`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadRequest {
+    /// Model directory on the server's machine; absent: the served model's directory, read again.
+    pub path: Option<String>,
+}

@@ -3,7 +3,7 @@ mod connections;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -12,13 +12,13 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::api;
-use crate::data::formats::{item_categories, load_item_meta};
+use crate::data::formats::load_item_meta;
 use crate::health::Health;
 use crate::history::{FsyncPolicy, Histories, HistoryStore, Journal, JournalConfig, MemoryBudget};
 use crate::infer::{Engine, EngineConfig, LimitConfig, WorkerConfig};
 use crate::metrics::Metrics;
-use crate::model::{Artifact, Precision};
-use crate::recommend::{ApiKeys, Catalog, Limits, Recommender};
+use crate::model::Precision;
+use crate::recommend::{ApiKeys, Catalog, Limits, ModelLoader, Recommender, ServedModel};
 
 /// `xsrec serve` settings; every flag can also come from its `XSREC_*` environment variable.
 #[derive(Debug, Clone, Args)]
@@ -238,12 +238,6 @@ impl ServeConfig {
 
 /// The model's version: a hash of its weights, so the same bytes give the same version on every
 /// machine.
-fn weights_version(dir: &std::path::Path) -> anyhow::Result<String> {
-    let path = dir.join(crate::model::artifact::WEIGHTS_FILE);
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(format!("{:016x}", crate::model::artifact::content_hash(&bytes)))
-}
-
 /// A started server: its addresses, and the task that ends when it has shut down.
 pub struct RunningServer {
     pub addr: SocketAddr,
@@ -261,15 +255,18 @@ pub async fn start(
 ) -> anyhow::Result<RunningServer> {
     tch::set_num_threads(config.torch_threads.max(1) as i32);
     let device = crate::model::parse_device(&config.device)?;
-    let model_dir = crate::model::builtin::resolve(&config.model)?;
-    let mut artifact =
-        Artifact::load(&model_dir, device).with_context(|| format!("loading model {}", config.model.display()))?;
-    artifact.model.set_precision(config.precision);
-    if let Some(path) = &config.item_meta {
-        let meta = load_item_meta(path).with_context(|| format!("loading --item-meta {}", path.display()))?;
-        artifact.item_categories = item_categories(&artifact.items, Some(&meta));
-    }
-    let model_version = weights_version(&model_dir)?;
+    let item_meta = match &config.item_meta {
+        Some(path) => Some(Arc::new(
+            load_item_meta(path).with_context(|| format!("loading --item-meta {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let loader = ModelLoader {
+        device,
+        precision: config.precision,
+        item_meta,
+    };
+    let (artifact, model_version) = loader.load(&config.model)?;
     let metrics = Arc::new(Metrics::new());
     let arch = format!("{:?}", artifact.config.model.arch).to_lowercase();
     metrics.model_info.with_label_values(&[&model_version, &arch]).set(1);
@@ -305,7 +302,14 @@ pub async fn start(
         },
     };
     let health = Arc::new(Health::default());
-    let (engine, warmed_up) = Engine::start(artifact, engine_config, metrics.clone(), health.clone());
+    let (engine, warmed_up, slot) = Engine::start(artifact, engine_config, metrics.clone(), health.clone());
+    let served = ServedModel {
+        version: model_version,
+        config: model_config,
+        catalog: catalog.clone(),
+        dir: config.model.clone(),
+        slot,
+    };
     let limits = Limits {
         max_events_per_call: config.max_events_per_call,
         max_id_bytes: crate::recommend::MAX_ID_BYTES,
@@ -362,9 +366,9 @@ pub async fn start(
     let core = Arc::new(Recommender {
         store: histories.clone(),
         engine,
-        catalog,
-        model_version,
-        model_config,
+        served: RwLock::new(Arc::new(served)),
+        loader,
+        reloading: Default::default(),
         limits,
         metrics,
         health: health.clone(),
@@ -382,7 +386,7 @@ pub async fn start(
     let recovering = core.clone();
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        match histories.recover(|logged| recovering.catalog.resolve_logged(logged)) {
+        match histories.recover(|logged| catalog.resolve_logged(logged)) {
             Ok(0) => recovering.health.set_recovered(),
             Ok(events) => {
                 let users = histories.stats().users;
@@ -398,6 +402,7 @@ pub async fn start(
     if let Some(retention) = config.retention {
         tokio::spawn(expire_periodically(core.clone(), retention));
     }
+    tokio::spawn(reload_on_hangup(core.clone()));
     let warming = health.clone();
     tokio::spawn(async move {
         if warmed_up.await.is_ok() {
@@ -497,6 +502,17 @@ async fn expire_periodically(core: Arc<Recommender>, retention: Duration) {
             return;
         };
         core.metrics.expired_events.inc_by(expired.events as u64);
+    }
+}
+
+/// SIGHUP reloads the served model from its directory (what `POST /admin/v1/model` with an
+/// empty body does); the outcome is logged.
+async fn reload_on_hangup(core: Arc<Recommender>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return eprintln!("SIGHUP cannot be handled here: reload the model with POST /admin/v1/model");
+    };
+    while hangups.recv().await.is_some() {
+        let _ = core.reload(None).await;
     }
 }
 

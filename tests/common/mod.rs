@@ -229,6 +229,12 @@ impl ServerProcess {
         response.text().await.unwrap()
     }
 
+    /// `GET path`'s JSON body.
+    pub async fn get_json(&self, client: &reqwest::Client, path: &str) -> Value {
+        let response = client.get(format!("{}{path}", self.base)).send().await.unwrap();
+        response.json().await.unwrap()
+    }
+
     pub fn spawn(model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let args = [&["--model", model.to_str().unwrap()], extra].concat();
         Self::spawn_in(Path::new("."), &args, env)

@@ -1,0 +1,109 @@
+//! The model the core serves, and how a new one takes its place while serving (hot reload).
+//!
+//! A request reads the served model once, at its start, and keeps that [`ServedModel`] to the
+//! end: its item indices, its engine slot (the worker keeps the weights while any request holds
+//! the slot) and the version in its response all come from one model. A reload loads and warms
+//! the new model beside the old one, hands it to the worker, and only then makes it the one new
+//! requests read.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tch::Device;
+
+use super::error::quote;
+use super::Catalog;
+use crate::data::formats::{item_categories, ItemMeta};
+use crate::infer::ModelSlot;
+use crate::model::artifact::{content_hash, WEIGHTS_FILE};
+use crate::model::{Artifact, Precision};
+
+pub struct ServedModel {
+    /// Hash of the weights file: what responses and metrics call the model.
+    pub version: String,
+    /// `config.json` of the model.
+    pub config: serde_json::Value,
+    pub catalog: Arc<Catalog>,
+    /// The directory it was loaded from (a reload without a path reads it again).
+    pub dir: PathBuf,
+    pub slot: Arc<ModelSlot>,
+}
+
+impl ServedModel {
+    /// What `GET /v1/model` shows.
+    pub fn info(&self) -> serde_json::Value {
+        serde_json::json!({"version": self.version, "config": self.config})
+    }
+}
+
+/// Why a model could not replace the served one; the served one goes on serving.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReloadError {
+    #[error("loading the model from {dir}: {reason}")]
+    Load { dir: String, reason: String },
+    /// Memory holds histories as the served model's item and type indices, so a model must
+    /// number items and types the same way.
+    #[error("the model in {dir} cannot replace the served one: {reason}")]
+    Incompatible { dir: String, reason: String },
+}
+
+/// Turns a model directory into an artifact the same way for the first model and every reload.
+#[derive(Clone)]
+pub struct ModelLoader {
+    pub device: Device,
+    pub precision: Precision,
+    /// `--item-meta`, read once: categories for every model loaded.
+    pub item_meta: Option<Arc<HashMap<String, ItemMeta>>>,
+}
+
+impl ModelLoader {
+    /// The artifact in `dir` and its version.
+    pub fn load(&self, dir: &Path) -> Result<(Artifact, String), ReloadError> {
+        // Quoted, bounded: the directory may come from a client.
+        let failed = |reason: String| ReloadError::Load {
+            dir: quote(&dir.display().to_string()),
+            reason: quote(&reason),
+        };
+        let dir = crate::model::builtin::resolve(dir).map_err(|e| failed(e.to_string()))?;
+        let weights = dir.join(WEIGHTS_FILE);
+        let bytes = std::fs::read(&weights).map_err(|e| failed(format!("reading {}: {e}", weights.display())))?;
+        let version = format!("{:016x}", content_hash(&bytes));
+        let mut artifact = Artifact::load(&dir, self.device).map_err(|e| failed(e.to_string()))?;
+        artifact.model.set_precision(self.precision);
+        if let Some(meta) = &self.item_meta {
+            artifact.item_categories = item_categories(&artifact.items, Some(meta));
+        }
+        Ok((artifact, version))
+    }
+}
+
+/// Whether `next` can serve the histories memory holds for `served`: the same item and event
+/// type vocabularies, id for id.
+pub fn check_compatible(served: &Catalog, next: &Catalog, dir: &Path) -> Result<(), ReloadError> {
+    let differ = |what: &str, served: &[Arc<str>], next: &[Arc<str>]| {
+        let first = served.iter().zip(next).position(|(a, b)| a != b);
+        let reason = match first {
+            Some(i) => format!(
+                "its {what} vocabulary differs from the served model's at index {i} (`{}` vs `{}`)",
+                quote(&next[i]),
+                quote(&served[i])
+            ),
+            None => format!(
+                "its {what} vocabulary has {} entries, the served model's {}",
+                next.len() - 1,
+                served.len() - 1
+            ),
+        };
+        ReloadError::Incompatible {
+            dir: quote(&dir.display().to_string()),
+            reason: format!("{reason}; retrain on the same vocabulary, or restart the server with the new model (a --data-dir keeps the histories)"),
+        }
+    };
+    if served.item_ids != next.item_ids {
+        return Err(differ("item", &served.item_ids, &next.item_ids));
+    }
+    if served.event_type_ids != next.event_type_ids {
+        return Err(differ("event type", &served.event_type_ids, &next.event_type_ids));
+    }
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! Hot model reload: under concurrent load no request fails and every answer is the very answer
+//! of one model version (the one its response names); histories survive; a model that cannot
+//! serve them is refused while the served one goes on; SIGHUP rereads the model's directory.
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{fixture, ranked, server_for, users, ServerProcess};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tch::Device;
+use xsrec::data::vocab::Vocab;
+use xsrec::model::artifact::Artifact;
+use xsrec::model::SeqModel;
+
+/// The fixture's model with fresh random weights from `seed`: same vocabularies, other answers.
+/// With `rename_item`, the first item gets another id (a vocabulary the histories cannot use).
+fn sibling_model(dir: &Path, seed: i64, rename_item: bool) {
+    let base = Artifact::load(&fixture().model, Device::Cpu).unwrap();
+    tch::manual_seed(seed);
+    let model = SeqModel::new(base.config.model.clone(), Device::Cpu);
+    let items = match rename_item {
+        false => base.items.clone(),
+        true => Vocab::from_ids(base.items.ids().iter().enumerate().map(|(i, id)| {
+            if i == 0 {
+                format!("{id}-renamed")
+            } else {
+                id.clone()
+            }
+        })),
+    };
+    let artifact = Artifact::new(
+        model,
+        items,
+        base.event_types.clone(),
+        base.item_counts.clone(),
+        base.item_categories.clone(),
+        json!({}),
+    );
+    artifact.save(dir).unwrap();
+}
+
+fn copy_files(from: &Path, to: &Path) {
+    for file in std::fs::read_dir(from).unwrap() {
+        let file = file.unwrap().path();
+        std::fs::copy(&file, to.join(file.file_name().unwrap())).unwrap();
+    }
+}
+
+/// Every user's answer: (item, score) pairs, best first.
+type Answers = HashMap<String, Vec<(String, f64)>>;
+
+fn recommend_body(user: &str, at: i64) -> Value {
+    json!({"user_id": user, "k": 10, "at": at})
+}
+
+fn same_answer(got: &[(String, f64)], expected: &[(String, f64)]) -> bool {
+    got.len() == expected.len()
+        && got
+            .iter()
+            .zip(expected)
+            .all(|((a, x), (b, y))| a == b && (x - y).abs() <= 1e-4 * y.abs().max(1.0))
+}
+
+async fn reload(server: &common::Server, path: Option<&Path>) -> (StatusCode, Value) {
+    let body = match path {
+        Some(path) => json!({"path": path}),
+        None => json!({}),
+    };
+    server.post("/admin/v1/model", &body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_reloads_under_concurrent_load_fail_no_request_and_every_answer_is_one_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other");
+    sibling_model(&other, 7, false);
+    let first = fixture().model.clone();
+    let server = server_for(&first, &["--max-batch-delay-us", "500"]).await;
+    let by_user = users(&fixture().events);
+    let chosen: Vec<&str> = by_user.keys().copied().take(24).collect();
+    let events: Vec<_> = chosen.iter().flat_map(|u| by_user[u].iter().copied()).collect();
+    server.ingest(&events).await;
+    let at = events.iter().map(|e| e.timestamp).max().unwrap() + 600;
+
+    // Each model's own answers, asked while it alone serves.
+    let mut expected: HashMap<String, Answers> = HashMap::new();
+    for model in [&other, &first] {
+        let (status, info) = reload(&server, Some(model)).await;
+        assert_eq!(status, StatusCode::OK, "{info}");
+        let version = info["version"].as_str().unwrap().to_owned();
+        let mut answers = Answers::new();
+        for user in &chosen {
+            let (status, reply) = server.post("/v1/recommend", &recommend_body(user, at)).await;
+            assert_eq!(status, StatusCode::OK, "{reply}");
+            assert_eq!(reply["model_version"], version.as_str());
+            assert!(reply["fallback"].is_null(), "{reply}");
+            answers.insert(user.to_string(), ranked(&reply));
+        }
+        expected.insert(version, answers);
+    }
+    assert_eq!(expected.len(), 2, "two versions");
+    let versions: Vec<String> = expected.keys().cloned().collect();
+    let differing = chosen
+        .iter()
+        .filter(|u| !same_answer(&expected[&versions[0]][**u], &expected[&versions[1]][**u]))
+        .count();
+    assert!(
+        differing > chosen.len() / 2,
+        "the two models answer alike for most users"
+    );
+    let history_before = server.get(&format!("/v1/users/{}/history", chosen[0])).await.1;
+
+    // Load from 8 clients while 10 reloads alternate the two models.
+    let expected = Arc::new(expected);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for client in 0..8 {
+        let (base, http) = (server.base.clone(), server.client.clone());
+        let (expected, stop) = (expected.clone(), stop.clone());
+        let chosen: Vec<String> = chosen.iter().map(|u| u.to_string()).collect();
+        clients.push(tokio::spawn(async move {
+            let mut served: HashMap<String, usize> = HashMap::new();
+            let mut i = client;
+            while !stop.load(Ordering::Relaxed) {
+                let user = &chosen[i % chosen.len()];
+                i += 7;
+                let response = http
+                    .post(format!("{base}/v1/recommend"))
+                    .json(&recommend_body(user, at))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status();
+                let reply: Value = response.json().await.unwrap();
+                assert_eq!(status, StatusCode::OK, "a request failed during the reloads: {reply}");
+                let version = reply["model_version"].as_str().unwrap().to_owned();
+                let answers = expected
+                    .get(&version)
+                    .unwrap_or_else(|| panic!("unknown version {version}"));
+                assert!(
+                    same_answer(&ranked(&reply), &answers[user]),
+                    "{user}'s answer is not model {version}'s: {:?} vs {:?}",
+                    ranked(&reply),
+                    answers[user]
+                );
+                *served.entry(version).or_default() += 1;
+            }
+            served
+        }));
+    }
+    for round in 0..10 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let model = if round % 2 == 0 { &other } else { &first };
+        let (status, info) = reload(&server, Some(model)).await;
+        assert_eq!(status, StatusCode::OK, "reload {round}: {info}");
+    }
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut served: HashMap<String, usize> = HashMap::new();
+    for client in clients {
+        for (version, count) in client.await.unwrap() {
+            *served.entry(version).or_default() += count;
+        }
+    }
+    for version in &versions {
+        assert!(
+            served.get(version).copied().unwrap_or(0) > 0,
+            "{version} never answered: {served:?}"
+        );
+    }
+
+    // Histories and the store are untouched; the metrics name the model now serving.
+    assert_eq!(
+        server.get(&format!("/v1/users/{}/history", chosen[0])).await.1,
+        history_before
+    );
+    let metrics = server.get("/metrics").await.1;
+    let reloads = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("xsrec_model_reloads_total{outcome=\"ok\"} "))
+        .unwrap();
+    assert_eq!(reloads.trim(), "12");
+    let (_, info) = server.get("/v1/model").await;
+    let current: Value = serde_json::from_str(&info).unwrap();
+    let current = current["version"].as_str().unwrap();
+    assert!(metrics.contains(&format!(
+        "xsrec_model_info{{arch=\"transformer\",version=\"{current}\"}} 1"
+    )));
+    assert_eq!(
+        metrics.matches("xsrec_model_info{").count(),
+        1,
+        "only the serving model"
+    );
+    server.shut_down().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_cannot_serve_the_histories_is_refused_and_the_served_one_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let renamed = dir.path().join("renamed");
+    sibling_model(&renamed, 3, true);
+    let server = server_for(&fixture().model, &[]).await;
+    let event = &fixture().events[0];
+    server.ingest(&[event]).await;
+    let (_, before) = server.get("/v1/model").await;
+    let before: Value = serde_json::from_str(&before).unwrap();
+
+    let (status, reply) = reload(&server, Some(&renamed)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{reply}");
+    assert_eq!(reply["error"]["code"], "model_incompatible");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("item vocabulary differs") && message.contains("index 1"),
+        "{message}"
+    );
+
+    let missing = dir.path().join("no-such-model");
+    let (status, reply) = reload(&server, Some(&missing)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
+    assert_eq!(reply["error"]["code"], "model_load_failed");
+    assert!(reply["error"]["message"].as_str().unwrap().contains("no-such-model"));
+
+    for bad in [json!({"path": ""}), json!({"path": 5}), json!({"model": "x"})] {
+        let (status, reply) = server.post("/admin/v1/model", &bad).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {reply}");
+        assert_eq!(reply["error"]["code"], "invalid_request", "{bad}");
+    }
+    // An empty body rereads the served model's directory: the same version.
+    let response = server
+        .client
+        .post(format!("{}/admin/v1/model", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let reread: Value = response.json().await.unwrap();
+    assert_eq!(reread["version"], before["version"]);
+
+    let (status, reply) = server
+        .post("/v1/recommend", &json!({"user_id": event.user_id, "k": 3}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(reply["model_version"], before["version"]);
+    let metrics = server.get("/metrics").await.1;
+    for outcome in ["model_incompatible", "model_load_failed", "ok"] {
+        assert!(
+            metrics.contains(&format!("xsrec_model_reloads_total{{outcome=\"{outcome}\"}} 1")),
+            "{outcome}"
+        );
+    }
+    server.shut_down().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rereads_the_model_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (served, other) = (dir.path().join("served"), dir.path().join("other"));
+    std::fs::create_dir(&served).unwrap();
+    copy_files(&fixture().model, &served);
+    sibling_model(&other, 11, false);
+    let server = ServerProcess::spawn(&served, &[], &[]);
+    let client = reqwest::Client::new();
+    server.wait_ready(&client, Duration::from_secs(60)).await;
+    let version = || async {
+        let info = server.get_json(&client, "/v1/model").await;
+        info["version"].as_str().unwrap().to_owned()
+    };
+    let before = version().await;
+    // The operator's roll-out: new files in place, then SIGHUP.
+    copy_files(&other, &served);
+    let pid = server.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let started = std::time::Instant::now();
+    while version().await == before {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "SIGHUP did not reload the model"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logged = server.stderr_so_far();
+    assert!(
+        logged.iter().any(|line| line.starts_with("model reloaded from")),
+        "{logged:?}"
+    );
+    assert_eq!(
+        client
+            .get(format!("{}/health/ready", server.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+}
