@@ -1,6 +1,8 @@
 //! Hot model reload: under concurrent load no request fails and every answer is the very answer
-//! of one model version (the one its response names); histories survive; a model that cannot
-//! serve them is refused while the served one goes on; SIGHUP rereads the model's directory.
+//! of one model version (the one its response names); histories survive, their items mapped by
+//! id to a new vocabulary exactly as a server started on the new model would hold them; a model
+//! with other event types is refused while the served one goes on; SIGHUP rereads the model's
+//! directory.
 mod common;
 
 use std::collections::HashMap;
@@ -17,26 +19,39 @@ use xsrec::data::vocab::Vocab;
 use xsrec::model::artifact::Artifact;
 use xsrec::model::SeqModel;
 
-/// The fixture's model with fresh random weights from `seed`: same vocabularies, other answers.
-/// With `rename_item`, the first item gets another id (a vocabulary the histories cannot use).
-fn sibling_model(dir: &Path, seed: i64, rename_item: bool) {
+/// What a sibling model changes besides its weights.
+#[derive(Clone, Copy)]
+enum Vocabulary {
+    Same,
+    /// Every `n`-th item gets a new id: the old id is retired, the new one is new.
+    RenameEveryNthItem(usize),
+    /// The first event type gets another id.
+    RenameEventType,
+}
+
+fn renamed(vocab: &Vocab, every: usize) -> Vocab {
+    let ids = vocab.ids().iter().enumerate();
+    Vocab::from_ids(ids.map(|(i, id)| match i % every {
+        0 => format!("{id}-new"),
+        _ => id.clone(),
+    }))
+}
+
+/// The fixture's model with fresh random weights from `seed`: other answers, and the given
+/// vocabulary.
+fn sibling_model(dir: &Path, seed: i64, vocabulary: Vocabulary) {
     let base = Artifact::load(&fixture().model, Device::Cpu).unwrap();
     tch::manual_seed(seed);
     let model = SeqModel::new(base.config.model.clone(), Device::Cpu);
-    let items = match rename_item {
-        false => base.items.clone(),
-        true => Vocab::from_ids(base.items.ids().iter().enumerate().map(|(i, id)| {
-            if i == 0 {
-                format!("{id}-renamed")
-            } else {
-                id.clone()
-            }
-        })),
+    let (items, event_types) = match vocabulary {
+        Vocabulary::Same => (base.items.clone(), base.event_types.clone()),
+        Vocabulary::RenameEveryNthItem(n) => (renamed(&base.items, n), base.event_types.clone()),
+        Vocabulary::RenameEventType => (base.items.clone(), renamed(&base.event_types, usize::MAX)),
     };
     let artifact = Artifact::new(
         model,
         items,
-        base.event_types.clone(),
+        event_types,
         base.item_counts.clone(),
         base.item_categories.clone(),
         json!({}),
@@ -78,7 +93,7 @@ async fn reload(server: &common::Server, path: Option<&Path>) -> (StatusCode, Va
 async fn ten_reloads_under_concurrent_load_fail_no_request_and_every_answer_is_one_models() {
     let dir = tempfile::tempdir().unwrap();
     let other = dir.path().join("other");
-    sibling_model(&other, 7, false);
+    sibling_model(&other, 7, Vocabulary::Same);
     let first = fixture().model.clone();
     let server = server_for(&first, &["--max-batch-delay-us", "500"]).await;
     let by_user = users(&fixture().events);
@@ -200,10 +215,10 @@ async fn ten_reloads_under_concurrent_load_fail_no_request_and_every_answer_is_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_model_that_cannot_serve_the_histories_is_refused_and_the_served_one_goes_on() {
+async fn a_model_with_other_event_types_is_refused_and_the_served_one_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let renamed = dir.path().join("renamed");
-    sibling_model(&renamed, 3, true);
+    sibling_model(&renamed, 3, Vocabulary::RenameEventType);
     let server = server_for(&fixture().model, &[]).await;
     let event = &fixture().events[0];
     server.ingest(&[event]).await;
@@ -215,7 +230,7 @@ async fn a_model_that_cannot_serve_the_histories_is_refused_and_the_served_one_g
     assert_eq!(reply["error"]["code"], "model_incompatible");
     let message = reply["error"]["message"].as_str().unwrap();
     assert!(
-        message.contains("item vocabulary differs") && message.contains("index 1"),
+        message.contains("event type vocabulary differs") && message.contains("index 1"),
         "{message}"
     );
 
@@ -256,13 +271,63 @@ async fn a_model_that_cannot_serve_the_histories_is_refused_and_the_served_one_g
     server.shut_down().await.unwrap();
 }
 
+/// After a reload to a model whose items differ (some retired, some new), the served histories
+/// answer exactly as a server started on that model and fed the same events does (the oracle),
+/// for users in memory and for users the memory budget evicted and reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_with_other_items_maps_histories_by_id_as_a_fresh_server_would_hold_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let next = dir.path().join("next");
+    sibling_model(&next, 5, Vocabulary::RenameEveryNthItem(4));
+    let data = dir.path().join("data");
+    let budget = ["--data-dir", data.to_str().unwrap(), "--max-memory-bytes", "2K"];
+    let reloaded = server_for(&fixture().model, &budget).await;
+    let oracle = server_for(&next, &[]).await;
+    let by_user = users(&fixture().events);
+    let chosen: Vec<&str> = by_user.keys().copied().skip(30).take(16).collect();
+    let events: Vec<_> = chosen.iter().flat_map(|u| by_user[u].iter().copied()).collect();
+    reloaded.ingest(&events).await;
+    oracle.ingest(&events).await;
+    let (status, info) = reload(&reloaded, Some(&next)).await;
+    assert_eq!(status, StatusCode::OK, "{info}");
+    let at = events.iter().map(|e| e.timestamp).max().unwrap() + 600;
+    // A new item (known only to the new model) after the reload, to both.
+    let fresh = json!({"events": [{"user_id": chosen[0], "item_id": "i4-new", "timestamp": at - 1}]});
+    for server in [&reloaded, &oracle] {
+        let (status, reply) = server.post("/v1/events", &fresh).await;
+        assert_eq!(status, StatusCode::OK, "{reply}");
+        assert_eq!(reply["unknown_items"], 0, "i4-new is the new model's");
+    }
+    for user in &chosen {
+        let (_, got) = reloaded.post("/v1/recommend", &recommend_body(user, at)).await;
+        let (_, want) = oracle.post("/v1/recommend", &recommend_body(user, at)).await;
+        assert_eq!(got["model_version"], want["model_version"]);
+        assert_eq!(got["fallback"], want["fallback"], "{user}");
+        assert!(
+            same_answer(&ranked(&got), &ranked(&want)),
+            "{user}: {:?} vs the oracle's {:?}",
+            ranked(&got),
+            ranked(&want)
+        );
+        let path = format!("/v1/users/{user}/history");
+        assert_eq!(reloaded.get(&path).await.1, oracle.get(&path).await.1, "{user}");
+    }
+    let metrics = reloaded.get("/metrics").await.1;
+    assert!(
+        common::metric_value(&metrics, "xsrec_history_reloads_total") > 0.0,
+        "nobody was read back"
+    );
+    reloaded.shut_down().await.unwrap();
+    oracle.shut_down().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rereads_the_model_directory() {
     let dir = tempfile::tempdir().unwrap();
     let (served, other) = (dir.path().join("served"), dir.path().join("other"));
     std::fs::create_dir(&served).unwrap();
     copy_files(&fixture().model, &served);
-    sibling_model(&other, 11, false);
+    sibling_model(&other, 11, Vocabulary::Same);
     let server = ServerProcess::spawn(&served, &[], &[]);
     let client = reqwest::Client::new();
     server.wait_ready(&client, Duration::from_secs(60)).await;

@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use super::journal::{Journal, LoggedEvent};
 use super::{
-    Commit, Expired, HistorySnapshot, HistoryStore, MemoryTotals, NewEvent, StoreError, StoreStats, StoredEvent,
-    EVENT_BYTES,
+    Commit, Expired, HistorySnapshot, HistoryStore, ItemIndex, MemoryTotals, NewEvent, StoreError, StoreStats,
+    StoredEvent, EVENT_BYTES,
 };
 
 #[derive(Debug, Default)]
@@ -410,6 +410,23 @@ impl HistoryStore for Histories {
             None => Commit::done(),
         };
         Some((version, commit))
+    }
+
+    fn remap_items(&self, item: &ItemIndex<'_>) -> usize {
+        let mut visited = 0;
+        for shard in &self.shards {
+            let mut shard = shard.write().unwrap_or_else(|e| e.into_inner());
+            for history in shard.users.values_mut() {
+                for event in &mut history.events {
+                    match item(&event.item_id) {
+                        Some((index, id)) => (event.item, event.item_id) = (index, id),
+                        None => event.item = 0,
+                    }
+                }
+                visited += history.events.len();
+            }
+        }
+        visited
     }
 
     fn stats(&self) -> StoreStats {

@@ -147,7 +147,14 @@ pub trait HistoryStore: Send + Sync {
     /// Retention: forgets every event older than `horizon` (Unix seconds), and users left with
     /// none. Durable stores drop them from disk at their next compaction.
     fn expire(&self, horizon: i64) -> Expired;
+    /// Re-resolves every item in memory by its external id for another model's vocabulary:
+    /// `item` gives the new index (and the vocabulary's shared id), `None` for an item the model
+    /// does not know. Applying it twice is applying it once. Returns the events visited.
+    fn remap_items(&self, item: &ItemIndex<'_>) -> usize;
 }
+
+/// An item's index (and shared id) in a model's vocabulary, by external id.
+pub type ItemIndex<'a> = dyn Fn(&str) -> Option<(u32, Arc<str>)> + Sync + 'a;
 
 /// The oldest event timestamp that a retention of `keep` keeps now.
 pub fn retention_horizon(keep: std::time::Duration) -> i64 {

@@ -22,7 +22,7 @@ use types::*;
 
 use crate::data::unix_now;
 use crate::health::{Health, Readiness};
-use crate::history::{HistorySnapshot, HistoryStore, NewEvent};
+use crate::history::{Commit, HistorySnapshot, HistoryStore, NewEvent};
 use crate::infer::{Answer, Engine, InferError, Query};
 use crate::metrics::Metrics;
 use crate::model::item_indices;
@@ -87,9 +87,13 @@ pub struct Deadline {
 pub struct Recommender {
     pub store: Arc<dyn HistoryStore>,
     pub engine: Engine,
-    /// The model new requests get (see [`served`]). Its catalog's vocabularies never change
-    /// (a reload must keep them), so the history store resolves with the first one.
+    /// The model new requests get (see [`served`]). Held for reading while a request resolves
+    /// ids and reads or writes a history, and for writing while a reload remaps the histories,
+    /// so that a request's indices and its model always agree.
     pub served: RwLock<Arc<ServedModel>>,
+    /// The catalog whose item indices memory holds: what the history store resolves users it
+    /// reads back with (it follows reloads).
+    pub memory_catalog: Arc<RwLock<Arc<Catalog>>>,
     pub loader: ModelLoader,
     /// One reload at a time.
     pub reloading: tokio::sync::Mutex<()>,
@@ -227,11 +231,27 @@ impl Recommender {
             )?;
         }
         let accepted = request.events.len();
+        let (commit, unknown_items) = self.append_events(request.events);
+        commit
+            .wait()
+            .await
+            .map_err(|e| CoreError::StorageFailed(e.to_string()))?;
+        self.metrics.events_ingested.inc_by(accepted as u64);
+        Ok(EventsResponse {
+            accepted,
+            unknown_items,
+        })
+    }
+
+    /// Resolves validated events with the served model and adds them to memory (the commit says
+    /// when they are durable); also returns how many items the model does not know.
+    fn append_events(&self, events: Vec<EventIn>) -> (Commit, usize) {
         let mut unknown_items = 0;
         let mut by_user: HashMap<String, Vec<NewEvent>> = HashMap::new();
-        let served = self.served();
+        // Held until memory has the events: no reload remaps in between.
+        let served = self.served.read().unwrap_or_else(|e| e.into_inner());
         let catalog = &served.catalog;
-        for event in request.events {
+        for event in events {
             let mut stored = catalog.resolve(&event.item_id, event.event_type.as_deref());
             stored.timestamp = event.timestamp;
             unknown_items += usize::from(stored.item == 0);
@@ -248,16 +268,7 @@ impl Recommender {
             .into_iter()
             .map(|(user, events)| (Arc::from(user), events))
             .collect();
-        self.store
-            .append(writes)
-            .wait()
-            .await
-            .map_err(|e| CoreError::StorageFailed(e.to_string()))?;
-        self.metrics.events_ingested.inc_by(accepted as u64);
-        Ok(EventsResponse {
-            accepted,
-            unknown_items,
-        })
+        (self.store.append(writes), unknown_items)
     }
 
     /// Runs one query through the engine within the request's deadline.
@@ -292,11 +303,15 @@ impl Recommender {
         }
     }
 
-    /// The user's history (read back from the store if the memory budget evicted it).
-    fn history_of(&self, user: &str) -> Result<Option<HistorySnapshot>, CoreError> {
-        self.store
+    /// The served model and the user's history (read back from the store if the memory budget
+    /// evicted it), read together: the history's item indices are that model's.
+    fn served_with_history(&self, user: &str) -> Result<(Arc<ServedModel>, Option<HistorySnapshot>), CoreError> {
+        let served = self.served.read().unwrap_or_else(|e| e.into_inner());
+        let history = self
+            .store
             .snapshot(user)
-            .map_err(|e| CoreError::StorageFailed(format!("reading the history back: {e}")))
+            .map_err(|e| CoreError::StorageFailed(format!("reading the history back: {e}")))?;
+        Ok((served.clone(), history))
     }
 
     pub async fn recommend(
@@ -310,7 +325,7 @@ impl Recommender {
         if let Some(at) = request.at {
             check_time("at", at)?;
         }
-        let served = self.served();
+        let (served, history) = self.served_with_history(&request.user_id)?;
         let catalog = &served.catalog;
         let mut unknown_candidates = Vec::new();
         let candidates = match &request.candidates {
@@ -337,7 +352,7 @@ impl Recommender {
             }
         };
         let at = request.at.unwrap_or_else(unix_now);
-        let (ranked, fallback) = match self.history_of(&request.user_id)? {
+        let (ranked, fallback) = match history {
             _ if candidates.as_ref().is_some_and(Vec::is_empty) => (Vec::new(), None),
             Some(history) if !history.items.is_empty() => {
                 let query = match candidates {
@@ -424,14 +439,14 @@ impl Recommender {
         if let Some(at) = request.at {
             check_time("at", at)?;
         }
-        let served = self.served();
+        let (served, history) = self.served_with_history(&request.user_id)?;
         let catalog = &served.catalog;
         if catalog.categories.is_empty() {
             return Err(CoreError::CategoriesUnavailable);
         }
         check_range("top", request.top, catalog.categories.len())?;
         // Only a history with a known item is one the model can read.
-        let (ranked, fallback) = match self.history_of(&request.user_id)?.filter(|h| !h.items.is_empty()) {
+        let (ranked, fallback) = match history.filter(|h| !h.items.is_empty()) {
             None => (
                 catalog.popular_interests.iter().take(request.top).copied().collect(),
                 Some("popular".to_owned()),
@@ -464,10 +479,8 @@ impl Recommender {
 
     pub fn history(&self, user: &str) -> Result<HistoryResponse, CoreError> {
         check_id("user_id", user, self.limits.max_id_bytes)?;
-        let snapshot = self
-            .history_of(user)?
-            .ok_or_else(|| CoreError::UserNotFound(user.to_owned()))?;
-        let served = self.served();
+        let (served, snapshot) = self.served_with_history(user)?;
+        let snapshot = snapshot.ok_or_else(|| CoreError::UserNotFound(user.to_owned()))?;
         let types = &served.catalog.event_types;
         let events = snapshot
             .events
@@ -517,11 +530,16 @@ impl Recommender {
     /// Replaces the served model with the one in `dir` (the served model's own directory, read
     /// again, when `None`) without stopping: it is loaded and warmed up beside the served one,
     /// then new requests get it, while requests already admitted finish on the old one.
-    /// Histories and the store are kept; states cached from the old model are not used again.
-    /// Refused, with the served model left in place, when the new one cannot be read or numbers
-    /// items or event types differently. Returns the new model.
+    /// Histories and the store are kept (their items mapped to the new model's by id); states
+    /// cached from the old model are not used again. Refused, with the served model left in
+    /// place, before the service is ready, or when the new model cannot be read or numbers event
+    /// types differently. Returns the new model.
     pub async fn reload(&self, dir: Option<PathBuf>) -> Result<Arc<ServedModel>, CoreError> {
         let _one_at_a_time = self.reloading.lock().await;
+        // Recovery fills memory with the first model's indices; a remap must come after it.
+        if let Readiness::Starting(reason) = self.readiness() {
+            return Err(CoreError::NotReady(reason.to_owned()));
+        }
         let started = Instant::now();
         let outcome = self.replace_model(dir).await;
         let label = match &outcome {
@@ -559,6 +577,8 @@ impl Recommender {
             InferError::Stopped => CoreError::ShuttingDown,
             other => CoreError::ModelLoadFailed(format!("{}: {other}", dir.display())),
         })?;
+        let change = served::vocabulary_change(&current.catalog, &catalog);
+        let remap = current.catalog.item_ids != catalog.item_ids;
         let next = Arc::new(ServedModel {
             version,
             config,
@@ -566,7 +586,25 @@ impl Recommender {
             dir,
             slot,
         });
-        *self.served.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
+        {
+            // Requests wait here for the moment of the remap (no await while it is held).
+            let mut served = self.served.write().unwrap_or_else(|e| e.into_inner());
+            if remap {
+                let started = Instant::now();
+                let catalog = next.catalog.clone();
+                // First, so that a user read back from the store meanwhile is resolved anew.
+                *self.memory_catalog.write().unwrap_or_else(|e| e.into_inner()) = catalog.clone();
+                let events = self.store.remap_items(&|id: &str| {
+                    let index = catalog.items.get(id)?;
+                    Some((index, catalog.item_ids[index as usize].clone()))
+                });
+                eprintln!(
+                    "model reload: {change}; {events} events in memory remapped in {:.3} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            *served = next.clone();
+        }
         self.metrics.model_info.reset();
         self.metrics
             .model_info

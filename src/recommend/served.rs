@@ -1,10 +1,12 @@
 //! The model the core serves, and how a new one takes its place while serving (hot reload).
 //!
-//! A request reads the served model once, at its start, and keeps that [`ServedModel`] to the
-//! end: its item indices, its engine slot (the worker keeps the weights while any request holds
-//! the slot) and the version in its response all come from one model. A reload loads and warms
-//! the new model beside the old one, hands it to the worker, and only then makes it the one new
-//! requests read.
+//! A request reads the served model once, at its start, together with the user's history, and
+//! keeps that [`ServedModel`] to the end: its item indices, its engine slot (the worker keeps the
+//! weights while any request holds the slot) and the version in its response all come from one
+//! model. A reload loads and warms the new model beside the old one and hands it to the worker;
+//! then, with requests held off for that moment, it re-resolves the items of every history in
+//! memory by their external ids for the new vocabulary (new items become recommendable, retired
+//! ones read as unknown) and makes the new model the one requests read.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,6 +31,19 @@ pub struct ServedModel {
     pub slot: Arc<ModelSlot>,
 }
 
+/// How a reload's item vocabulary relates to the served one's (for the log).
+pub fn vocabulary_change(served: &Catalog, next: &Catalog) -> String {
+    let kept = served.item_ids[1..]
+        .iter()
+        .filter(|id| next.items.get(id).is_some())
+        .count();
+    format!(
+        "{kept} items kept, {} new, {} retired",
+        next.item_ids.len() - 1 - kept,
+        served.item_ids.len() - 1 - kept
+    )
+}
+
 impl ServedModel {
     /// What `GET /v1/model` shows.
     pub fn info(&self) -> serde_json::Value {
@@ -41,8 +56,8 @@ impl ServedModel {
 pub enum ReloadError {
     #[error("loading the model from {dir}: {reason}")]
     Load { dir: String, reason: String },
-    /// Memory holds histories as the served model's item and type indices, so a model must
-    /// number items and types the same way.
+    /// Memory holds event types as the served model's type indices, so a model must number
+    /// them the same way (items are mapped by id).
     #[error("the model in {dir} cannot replace the served one: {reason}")]
     Incompatible { dir: String, reason: String },
 }
@@ -77,8 +92,8 @@ impl ModelLoader {
     }
 }
 
-/// Whether `next` can serve the histories memory holds for `served`: the same item and event
-/// type vocabularies, id for id.
+/// Whether `next` can serve the histories memory holds for `served`: the same event types, id
+/// for id (items differ freely: they are mapped by id).
 pub fn check_compatible(served: &Catalog, next: &Catalog, dir: &Path) -> Result<(), ReloadError> {
     let differ = |what: &str, served: &[Arc<str>], next: &[Arc<str>]| {
         let first = served.iter().zip(next).position(|(a, b)| a != b);
@@ -96,12 +111,9 @@ pub fn check_compatible(served: &Catalog, next: &Catalog, dir: &Path) -> Result<
         };
         ReloadError::Incompatible {
             dir: quote(&dir.display().to_string()),
-            reason: format!("{reason}; retrain on the same vocabulary, or restart the server with the new model (a --data-dir keeps the histories)"),
+            reason: format!("{reason}; retrain with the same event types, or restart the server with the new model (a --data-dir keeps the histories)"),
         }
     };
-    if served.item_ids != next.item_ids {
-        return Err(differ("item", &served.item_ids, &next.item_ids));
-    }
     if served.event_type_ids != next.event_type_ids {
         return Err(differ("event type", &served.event_type_ids, &next.event_type_ids));
     }

@@ -347,12 +347,16 @@ pub async fn start(
     };
     let api_keys = api_keys(&config)?;
     let mut histories = Histories::with_journal(config.history_shards, history_cap, journal.clone());
+    let memory_catalog = Arc::new(RwLock::new(catalog.clone()));
     if let Some(max_bytes) = config.max_memory_bytes {
-        let resolving = catalog.clone();
+        let resolving = memory_catalog.clone();
         histories = histories
             .with_budget(MemoryBudget {
                 max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX),
-                resolve: Arc::new(move |logged| resolving.resolve_logged(logged)),
+                resolve: Arc::new(move |logged| {
+                    let catalog = resolving.read().unwrap_or_else(|e| e.into_inner());
+                    catalog.resolve_logged(logged)
+                }),
             })
             .context("--max-memory-bytes")?;
         metrics
@@ -367,6 +371,7 @@ pub async fn start(
         store: histories.clone(),
         engine,
         served: RwLock::new(Arc::new(served)),
+        memory_catalog,
         loader,
         reloading: Default::default(),
         limits,
