@@ -4,6 +4,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
+use std::sync::Arc;
 
 use crate::recommend::error::quote;
 use crate::recommend::CoreError;
@@ -24,6 +25,9 @@ pub enum ApiError {
     MethodNotAllowed(String, String),
     #[error("{}", quote(.0))]
     MalformedPath(String),
+    /// A handler panicked (a bug): the request fails alone, the server goes on.
+    #[error("internal error: {}", quote(.0))]
+    Internal(String),
     #[error(transparent)]
     Core(#[from] CoreError),
 }
@@ -38,6 +42,7 @@ impl ApiError {
             Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(..) => StatusCode::METHOD_NOT_ALLOWED,
             Self::MalformedPath(_) => StatusCode::BAD_REQUEST,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Core(core) => match core {
                 CoreError::InvalidRequest(_) | CoreError::CategoriesUnavailable => StatusCode::UNPROCESSABLE_ENTITY,
                 CoreError::UserNotFound(_) => StatusCode::NOT_FOUND,
@@ -63,6 +68,7 @@ impl ApiError {
             Self::RouteNotFound(_) => "route_not_found",
             Self::MethodNotAllowed(..) => "method_not_allowed",
             Self::MalformedPath(_) => "malformed_path",
+            Self::Internal(_) => "internal_error",
             Self::Core(core) => core.code(),
         }
     }
@@ -77,6 +83,7 @@ impl ApiError {
             "route_not_found",
             "method_not_allowed",
             "malformed_path",
+            "internal_error",
         ]
         .into_iter()
         .chain(CoreError::ALL_CODES)
@@ -85,7 +92,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code(), "message": self.to_string()}});
+        let message = self.to_string();
+        let body = match super::REQUEST_ID.try_with(Arc::clone) {
+            Ok(id) => json!({"error": {"code": self.code(), "message": message, "request_id": &*id}}),
+            Err(_) => json!({"error": {"code": self.code(), "message": message}}),
+        };
         let mut response = (self.status(), Json(body)).into_response();
         if matches!(
             self,
@@ -100,12 +111,25 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        // Lets the metrics layer label failures without parsing the body.
-        response.extensions_mut().insert(FailureReason(self.code()));
+        // Lets the metrics and log layers see the failure without parsing the body.
+        let server_fault = match &self {
+            Self::Internal(_) => true,
+            Self::Core(core) => core.is_server_fault(),
+            _ => false,
+        };
+        response.extensions_mut().insert(FailureReason {
+            code: self.code(),
+            message,
+            server_fault,
+        });
         response
     }
 }
 
-/// Attached to error responses for the request-metrics middleware.
-#[derive(Debug, Clone, Copy)]
-pub struct FailureReason(pub &'static str);
+/// Attached to error responses for the request-metrics and log middleware.
+#[derive(Debug, Clone)]
+pub struct FailureReason {
+    pub code: &'static str,
+    pub message: String,
+    pub server_fault: bool,
+}

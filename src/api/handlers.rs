@@ -61,6 +61,8 @@ pub async fn forget(
 }
 
 pub async fn model(State(core): State<Arc<Recommender>>) -> Json<serde_json::Value> {
+    // Lets tests make a handler panic (FAILPOINTS=api-model=panic, failpoints builds only).
+    fail::fail_point!("api-model");
     Json(core.model())
 }
 

@@ -14,8 +14,11 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
 use crate::recommend::error::quote;
+use crate::recommend::request_id::{accept_or_generate, log_failure, Failure};
 use crate::recommend::{CoreError, Operation, Recommender};
+use axum::http::HeaderValue;
 pub use error::{ApiError, FailureReason};
+use tower_http::catch_panic::CatchPanicLayer;
 
 /// Routes under `/v1` (and the admin one) pass admission control; health, metrics and the spec
 /// never wait.
@@ -71,6 +74,8 @@ pub fn router(state: Arc<Recommender>, body_read_timeout: Duration, with_metrics
         .fallback(handlers::route_not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(CatchPanicLayer::custom(panicked))
+        .layer(middleware::from_fn(identify))
         .with_state(state)
 }
 
@@ -146,13 +151,52 @@ async fn track(State(state): State<Arc<Recommender>>, request: Request, next: Ne
         .requests
         .with_label_values(&[&route, response.status().as_str()])
         .inc();
-    if let Some(FailureReason(reason)) = response.extensions().get::<FailureReason>() {
+    if let Some(failure) = response.extensions().get::<FailureReason>() {
         metrics
             .request_failures
-            .with_label_values(&[route.as_str(), reason])
+            .with_label_values(&[route.as_str(), failure.code])
             .inc();
     }
     response
+}
+
+tokio::task_local! {
+    /// The id of the request being handled: error bodies carry it.
+    pub static REQUEST_ID: Arc<str>;
+}
+
+/// Gives every request an id (its `x-request-id` when sensible, else a new one), echoes it in
+/// the response, and writes the one log line of a request that failed or was shed. Outermost,
+/// so that it sees every answer, wrong routes and panics included.
+async fn identify(request: Request, next: Next) -> Response {
+    let offered = request.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok());
+    let id: Arc<str> = accept_or_generate(offered).into();
+    let operation = format!("{} {}", request.method(), quote(request.uri().path()));
+    let started = Instant::now();
+    let mut response = REQUEST_ID.scope(id.clone(), next.run(request)).await;
+    if let Some(failure) = response.extensions().get::<FailureReason>() {
+        let failure = Failure {
+            code: failure.code,
+            message: &failure.message,
+            server_fault: failure.server_fault,
+        };
+        log_failure(&id, &operation, response.status().as_str(), &failure, started.elapsed());
+    }
+    let echoed = HeaderValue::from_str(&id).expect("request ids are tokens");
+    response.headers_mut().insert(REQUEST_ID_HEADER, echoed);
+    response
+}
+
+const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// A panicking handler's answer: the JSON 500 (the panic is logged with the request's id).
+fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let text = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a handler panicked");
+    ApiError::Internal(text.to_owned()).into_response()
 }
 
 /// `Path<T>` whose rejections (a path segment that is not UTF-8, say) are [`ApiError`]s.

@@ -2,7 +2,8 @@
 use crate::serve::{self, ServeConfig};
 
 pub fn run(config: &ServeConfig) -> anyhow::Result<()> {
-    eprintln!("xsrec serve {config:#?}");
+    let _log = serve::logs::init(config.log_format);
+    tracing::info!("xsrec serve {config:#?}");
     if let Some(dir) = &config.data_dir {
         super::history::probe(dir)?;
     }
@@ -13,18 +14,18 @@ pub fn run(config: &ServeConfig) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let server = serve::start(config.clone(), serve::shutdown_signal()).await?;
-        eprintln!(
+        tracing::info!(
             "listening on http://{} (ready once the model has warmed up)",
             server.addr
         );
         if let Some(grpc_addr) = server.grpc_addr {
-            eprintln!("grpc listening on {grpc_addr}");
+            tracing::info!("grpc listening on {grpc_addr}");
         }
         if let Some(admin_addr) = server.admin_addr {
-            eprintln!("metrics and health on http://{admin_addr} (not on the API address)");
+            tracing::info!("metrics and health on http://{admin_addr} (not on the API address)");
         }
         server.finished.await??;
-        eprintln!("shut down cleanly");
+        tracing::info!("shut down cleanly");
         Ok(())
     })
 }
@@ -39,7 +40,7 @@ fn lower_this_threads_priority(nice: i32) {
         // SAFETY: plain syscalls on the calling thread's own id.
         let status = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
         if status != 0 {
-            eprintln!(
+            tracing::warn!(
                 "could not lower the HTTP threads' priority: {}",
                 std::io::Error::last_os_error()
             );

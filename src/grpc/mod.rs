@@ -10,6 +10,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::health::Readiness;
+use crate::recommend::request_id::{accept_or_generate, log_failure, Failure};
 use crate::recommend::types::{self as core_types, DEFAULT_K, DEFAULT_TOP};
 use crate::recommend::{CoreError, Deadline, Operation, Recommender, ServedModel};
 
@@ -64,11 +65,36 @@ fn client_timeout<T>(request: &Request<T>) -> Option<Duration> {
     })
 }
 
-/// The caller's `authorization` metadata entry (`Bearer KEY`), for the core to judge.
-fn authorization<T>(request: &Request<T>) -> Option<String> {
-    let value = request.metadata().get("authorization")?;
-    value.to_str().ok().map(str::to_owned)
+/// Who calls: the `authorization` metadata entry (`Bearer KEY`) for the core to judge, and the
+/// request id (the `x-request-id` entry when sensible, else a new one), echoed in the response's
+/// metadata, success or error.
+struct Caller {
+    key: Option<String>,
+    request_id: String,
 }
+
+impl Caller {
+    fn of<T>(request: &Request<T>) -> Self {
+        let entry = |name| request.metadata().get(name).and_then(|v| v.to_str().ok());
+        Self {
+            key: entry("authorization").map(str::to_owned),
+            request_id: accept_or_generate(entry(REQUEST_ID)),
+        }
+    }
+
+    fn echo(&self, metadata: &mut tonic::metadata::MetadataMap) {
+        let id = MetadataValue::try_from(self.request_id.as_str()).expect("request ids are tokens");
+        metadata.insert(REQUEST_ID, id);
+    }
+
+    fn answer<T>(&self, reply: T) -> Response<T> {
+        let mut response = Response::new(reply);
+        self.echo(response.metadata_mut());
+        response
+    }
+}
+
+const REQUEST_ID: &str = "x-request-id";
 
 pub struct GrpcService {
     core: Arc<Recommender>,
@@ -101,14 +127,14 @@ impl GrpcService {
         &self,
         method: &str,
         operation: Operation,
-        authorization: Option<&str>,
+        caller: &Caller,
         call: F,
     ) -> Result<Response<T>, Status>
     where
         F: std::future::Future<Output = Result<T, CoreError>>,
     {
         let started = Instant::now();
-        let outcome = match self.core.admit(operation, authorization) {
+        let outcome = match self.core.admit(operation, caller.key.as_deref()) {
             Ok(_permit) => call.await,
             Err(refused) => Err(refused),
         };
@@ -120,18 +146,24 @@ impl GrpcService {
         match outcome {
             Ok(reply) => {
                 metrics.requests.with_label_values(&[method, "OK"]).inc();
-                Ok(Response::new(reply))
+                Ok(caller.answer(reply))
             }
             Err(error) => {
                 metrics
                     .request_failures
                     .with_label_values(&[method, error.code()])
                     .inc();
-                let status = status(error);
-                metrics
-                    .requests
-                    .with_label_values(&[method, &format!("{:?}", status.code())])
-                    .inc();
+                let message = error.to_string();
+                let failure = Failure {
+                    code: error.code(),
+                    message: &message,
+                    server_fault: error.is_server_fault(),
+                };
+                let mut status = status(error);
+                let code = format!("{:?}", status.code());
+                log_failure(&caller.request_id, method, &code, &failure, started.elapsed());
+                caller.echo(status.metadata_mut());
+                metrics.requests.with_label_values(&[method, &code]).inc();
                 Err(status)
             }
         }
@@ -156,9 +188,9 @@ impl pb::recommender_server::Recommender for GrpcService {
         &self,
         request: Request<pb::RecommendRequest>,
     ) -> Result<Response<pb::RecommendResponse>, Status> {
-        let (deadline, key) = (self.deadline(&request), authorization(&request));
+        let (deadline, caller) = (self.deadline(&request), Caller::of(&request));
         let call = self.core.recommend(request.into_inner().into(), deadline);
-        self.handle(METHODS[0], Operation::Recommend, key.as_deref(), async {
+        self.handle(METHODS[0], Operation::Recommend, &caller, async {
             Ok(call.await?.into())
         })
         .await
@@ -168,12 +200,12 @@ impl pb::recommender_server::Recommender for GrpcService {
         &self,
         request: Request<pb::RecommendBatchRequest>,
     ) -> Result<Response<pb::RecommendBatchResponse>, Status> {
-        let (deadline, key) = (self.deadline(&request), authorization(&request));
+        let (deadline, caller) = (self.deadline(&request), Caller::of(&request));
         let batch = core_types::BatchRecommendRequest {
             requests: request.into_inner().requests.into_iter().map(Into::into).collect(),
         };
         let call = self.core.recommend_batch(batch, deadline);
-        self.handle(METHODS[1], Operation::RecommendBatch, key.as_deref(), async {
+        self.handle(METHODS[1], Operation::RecommendBatch, &caller, async {
             let reply = call.await?;
             Ok(pb::RecommendBatchResponse {
                 results: reply.results.into_iter().map(Into::into).collect(),
@@ -186,7 +218,7 @@ impl pb::recommender_server::Recommender for GrpcService {
         &self,
         request: Request<pb::InterestsRequest>,
     ) -> Result<Response<pb::InterestsResponse>, Status> {
-        let (deadline, key) = (self.deadline(&request), authorization(&request));
+        let (deadline, caller) = (self.deadline(&request), Caller::of(&request));
         let request = request.into_inner();
         let call = self.core.interests(
             core_types::InterestsRequest {
@@ -196,7 +228,7 @@ impl pb::recommender_server::Recommender for GrpcService {
             },
             deadline,
         );
-        self.handle(METHODS[2], Operation::Interests, key.as_deref(), async {
+        self.handle(METHODS[2], Operation::Interests, &caller, async {
             let reply = call.await?;
             Ok(pb::InterestsResponse {
                 user_id: reply.user_id,
@@ -219,19 +251,17 @@ impl pb::recommender_server::Recommender for GrpcService {
         &self,
         request: Request<pb::IngestEventsRequest>,
     ) -> Result<Response<pb::IngestEventsResponse>, Status> {
-        let key = authorization(&request);
+        let caller = Caller::of(&request);
         let call = self.core.ingest(request.into_inner().into());
-        self.handle(METHODS[3], Operation::Ingest, key.as_deref(), async {
-            Ok(call.await?.into())
-        })
-        .await
+        self.handle(METHODS[3], Operation::Ingest, &caller, async { Ok(call.await?.into()) })
+            .await
     }
 
     async fn ingest_event_stream(
         &self,
         request: Request<Streaming<pb::IngestEventsRequest>>,
     ) -> Result<Response<pb::IngestEventsResponse>, Status> {
-        let key = authorization(&request);
+        let caller = Caller::of(&request);
         let mut messages = request.into_inner();
         let mut total = pb::IngestEventsResponse::default();
         // Each message is admitted and stored on its own, as a unary call would be: a long
@@ -241,7 +271,7 @@ impl pb::recommender_server::Recommender for GrpcService {
                 .handle(
                     METHODS[4],
                     Operation::Ingest,
-                    key.as_deref(),
+                    &caller,
                     self.core.ingest(message?.into()),
                 )
                 .await?
@@ -249,16 +279,16 @@ impl pb::recommender_server::Recommender for GrpcService {
             total.accepted += reply.accepted as u64;
             total.unknown_items += reply.unknown_items as u64;
         }
-        Ok(Response::new(total))
+        Ok(caller.answer(total))
     }
 
     async fn get_history(
         &self,
         request: Request<pb::GetHistoryRequest>,
     ) -> Result<Response<pb::GetHistoryResponse>, Status> {
-        let key = authorization(&request);
+        let caller = Caller::of(&request);
         let user = request.into_inner().user_id;
-        self.handle(METHODS[5], Operation::History, key.as_deref(), async {
+        self.handle(METHODS[5], Operation::History, &caller, async {
             let reply = self.core.history(&user)?;
             Ok(pb::GetHistoryResponse {
                 user_id: reply.user_id,
@@ -281,9 +311,9 @@ impl pb::recommender_server::Recommender for GrpcService {
         &self,
         request: Request<pb::ForgetUserRequest>,
     ) -> Result<Response<pb::ForgetUserResponse>, Status> {
-        let key = authorization(&request);
+        let caller = Caller::of(&request);
         let user = request.into_inner().user_id;
-        self.handle(METHODS[6], Operation::Forget, key.as_deref(), async {
+        self.handle(METHODS[6], Operation::Forget, &caller, async {
             self.core.forget(&user).await?;
             Ok(pb::ForgetUserResponse {})
         })
@@ -294,8 +324,8 @@ impl pb::recommender_server::Recommender for GrpcService {
         &self,
         request: Request<pb::ModelInfoRequest>,
     ) -> Result<Response<pb::ModelInfoResponse>, Status> {
-        let key = authorization(&request);
-        self.handle(METHODS[7], Operation::ModelInfo, key.as_deref(), async {
+        let caller = Caller::of(&request);
+        self.handle(METHODS[7], Operation::ModelInfo, &caller, async {
             Ok(model_info(&self.core.served()))
         })
         .await
@@ -305,9 +335,9 @@ impl pb::recommender_server::Recommender for GrpcService {
         &self,
         request: Request<pb::ReloadModelRequest>,
     ) -> Result<Response<pb::ModelInfoResponse>, Status> {
-        let key = authorization(&request);
+        let caller = Caller::of(&request);
         let path = request.into_inner().path;
-        self.handle(METHODS[8], Operation::ReloadModel, key.as_deref(), async {
+        self.handle(METHODS[8], Operation::ReloadModel, &caller, async {
             let path = match path.is_empty() {
                 true => None,
                 false => Some(self.core.check_model_path(path)?),

@@ -247,7 +247,7 @@ impl InferenceWorker {
         self.metrics.worker_failures.inc();
         // A half-finished batch may have left states behind that nothing vouches for.
         self.cache.clear();
-        eprintln!(
+        tracing::error!(
             "inference batch of {} failed ({} in a row): {message}",
             live.len(),
             self.consecutive_failures

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod catalog;
 pub mod error;
+pub mod request_id;
 pub mod served;
 pub mod types;
 
@@ -548,13 +549,13 @@ impl Recommender {
         };
         self.metrics.model_reloads.with_label_values(&[label]).inc();
         match &outcome {
-            Ok(served) => eprintln!(
+            Ok(served) => tracing::info!(
                 "model reloaded from {} in {:.2} s: version {}",
                 served.dir.display(),
                 started.elapsed().as_secs_f64(),
                 served.version
             ),
-            Err(error) => eprintln!("model reload refused ({}): {error}", error.code()),
+            Err(error) => tracing::warn!("model reload refused ({}): {error}", error.code()),
         }
         outcome
     }
@@ -598,7 +599,7 @@ impl Recommender {
                     let index = catalog.items.get(id)?;
                     Some((index, catalog.item_ids[index as usize].clone()))
                 });
-                eprintln!(
+                tracing::info!(
                     "model reload: {change}; {events} events in memory remapped in {:.3} s",
                     started.elapsed().as_secs_f64()
                 );

@@ -84,6 +84,6 @@ async fn wait_after_accept_error(error: std::io::Error) {
     if matches!(error.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset) {
         return;
     }
-    eprintln!("accepting a connection failed: {error}; pausing accepts for 100 ms");
+    tracing::warn!("accepting a connection failed: {error}; pausing accepts for 100 ms");
     tokio::time::sleep(Duration::from_millis(100)).await;
 }

@@ -1,5 +1,6 @@
 //! The service: configuration, start-up (load, warm up, bind), and graceful shutdown.
 mod connections;
+pub mod logs;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,13 +24,16 @@ use crate::recommend::{ApiKeys, Catalog, Limits, ModelLoader, Recommender, Serve
 /// `xsrec serve` settings; every flag can also come from its `XSREC_*` environment variable.
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
-    /// Model artifact directory.
     /// The model artifact's directory. The default, when there is no such directory here, is the
     /// copy built into the binary.
     #[arg(long, env = "XSREC_MODEL", default_value = crate::model::builtin::DEFAULT_MODEL_DIR)]
     pub model: PathBuf,
     #[arg(long, env = "XSREC_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
+    /// How the log is written (stderr): `text` lines or `json` objects, one per event. Every
+    /// failed or shed request is one warning line with its request id.
+    #[arg(long, env = "XSREC_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: logs::LogFormat,
     /// Where the gRPC API (proto/xsrec/v1) listens, beside REST and over the same core; `off`
     /// for none.
     #[arg(long, env = "XSREC_GRPC_ADDR", default_value = "127.0.0.1:50051", value_parser = parse_grpc_addr)]
@@ -160,13 +164,13 @@ fn api_keys(config: &ServeConfig) -> anyhow::Result<ApiKeys> {
         .filter(|addr| !addr.ip().is_loopback())
         .collect::<Vec<_>>();
     if keys.is_empty() && !exposed.is_empty() {
-        eprintln!(
+        tracing::warn!(
             "WARNING: listening on {exposed:?}, reachable from other machines, WITHOUT API keys: anyone \
              who can connect may read every history, write events and erase users \
              (--api-keys-file / XSREC_API_KEYS)"
         );
     } else if !keys.is_empty() {
-        eprintln!("API keys: {} configured; /v1 calls need one", keys.len());
+        tracing::info!("API keys: {} configured; /v1 calls need one", keys.len());
     }
     Ok(keys)
 }
@@ -329,7 +333,7 @@ pub async fn start(
                 retention: config.retention,
             })
             .with_context(|| format!("opening the history store in {}", dir.display()))?;
-            eprintln!(
+            tracing::info!(
                 "histories: durable in {} (fsync {:?}{}); memory keeps the newest {history_cap} events per user",
                 dir.display(),
                 config.fsync,
@@ -341,7 +345,7 @@ pub async fn start(
             Some(journal)
         }
         None => {
-            eprintln!("histories: in memory only (no --data-dir): a restart forgets every user");
+            tracing::info!("histories: in memory only (no --data-dir): a restart forgets every user");
             None
         }
     };
@@ -362,7 +366,7 @@ pub async fn start(
         metrics
             .history_budget_bytes
             .set(i64::try_from(max_bytes).unwrap_or(i64::MAX));
-        eprintln!(
+        tracing::info!(
             "histories: memory holds at most {max_bytes} bytes; the least recently active users leave it past that"
         );
     }
@@ -395,7 +399,7 @@ pub async fn start(
             Ok(0) => recovering.health.set_recovered(),
             Ok(events) => {
                 let users = histories.stats().users;
-                eprintln!(
+                tracing::info!(
                     "recovered {events} events of {users} users in {:.2} s",
                     started.elapsed().as_secs_f64()
                 );
@@ -514,7 +518,7 @@ async fn expire_periodically(core: Arc<Recommender>, retention: Duration) {
 /// empty body does); the outcome is logged.
 async fn reload_on_hangup(core: Arc<Recommender>) {
     let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        return eprintln!("SIGHUP cannot be handled here: reload the model with POST /admin/v1/model");
+        return tracing::warn!("SIGHUP cannot be handled here: reload the model with POST /admin/v1/model");
     };
     while hangups.recv().await.is_some() {
         let _ = core.reload(None).await;

@@ -265,8 +265,10 @@ impl ServerProcess {
             let line = lines
                 .recv_timeout(Duration::from_secs(60))
                 .expect("server start-up line");
-            if let Some(rest) = line.strip_prefix("listening on ") {
-                break rest.split_whitespace().next().unwrap().to_owned();
+            // A log line (text or JSON) whose message starts so.
+            if let Some((_, rest)) = line.split_once("listening on http://") {
+                let address = rest.split(|c: char| c.is_whitespace() || c == '"').next().unwrap();
+                break format!("http://{address}");
             }
             startup.push(line);
         };
