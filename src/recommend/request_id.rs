@@ -25,26 +25,23 @@ fn is_token(id: &str) -> bool {
 pub fn log_failure(request_id: &str, operation: &str, status: &str, error: &Failure<'_>, elapsed: Duration) {
     let elapsed_ms = elapsed.as_secs_f64() * 1e3;
     let message = super::error::quote(error.message);
-    if error.server_fault {
-        tracing::error!(
-            request_id,
-            operation,
-            status,
-            code = error.code,
-            elapsed_ms,
-            error = message,
-            "request failed"
-        );
-    } else {
-        tracing::warn!(
-            request_id,
-            operation,
-            status,
-            code = error.code,
-            elapsed_ms,
-            error = message,
-            "request failed"
-        );
+    // One field list for both levels (a tracing level must be known where the event is).
+    macro_rules! failure_line {
+        ($level:ident) => {
+            tracing::$level!(
+                request_id,
+                operation,
+                status,
+                code = error.code,
+                elapsed_ms,
+                error = message,
+                "request failed"
+            )
+        };
+    }
+    match error.server_fault {
+        true => failure_line!(error),
+        false => failure_line!(warn),
     }
 }
 
