@@ -111,6 +111,50 @@ async fn connections_past_the_cap_wait_until_one_closes() {
     );
 }
 
+/// Oversized request targets and headers get the API's JSON 414 and 431 (up to the sizes where
+/// hyper answers itself), with the request id, and the connection is closed or kept usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_targets_and_headers_get_json_errors() {
+    let server = server(&[]).await;
+    let long_id = "a".repeat(20_000);
+    let big_header = "b".repeat(40_000);
+    let cases = [
+        (
+            format!("GET /v1/users/{long_id}/history HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
+            "414",
+            "uri_too_long",
+        ),
+        (
+            format!("GET /health/live?{long_id} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
+            "414",
+            "uri_too_long",
+        ),
+        (
+            format!("GET /health/live HTTP/1.1\r\nhost: x\r\nx-big: {big_header}\r\nconnection: close\r\n\r\n"),
+            "431",
+            "headers_too_large",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let mut stream = TcpStream::connect(server.running.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let response = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status}")),
+            "{}",
+            &response[..80]
+        );
+        let body = response.split("\r\n\r\n").nth(1).unwrap();
+        let body: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"]["code"], code);
+        assert!(body["error"]["request_id"].is_string());
+        assert!(body.to_string().len() < 400, "the error does not echo the input");
+    }
+    // Just under the limits: served.
+    let fits = format!("{}/health/live?{}", server.base, "q".repeat(8000));
+    assert_eq!(server.client.get(fits).send().await.unwrap().status(), StatusCode::OK);
+}
+
 /// Any JSON value, a few levels deep, with the numbers and strings that break parsers.
 fn any_json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![

@@ -25,6 +25,10 @@ pub enum ApiError {
     MethodNotAllowed(String, String),
     #[error("{}", quote(.0))]
     MalformedPath(String),
+    #[error("the request target is {0} bytes; at most {max} are accepted", max = super::MAX_URI_BYTES)]
+    UriTooLong(usize),
+    #[error("the request's headers are {0} bytes; at most {max} are accepted", max = super::MAX_HEADER_BYTES)]
+    HeadersTooLarge(usize),
     /// A handler panicked (a bug): the request fails alone, the server goes on.
     #[error("internal error: {}", quote(.0))]
     Internal(String),
@@ -42,6 +46,8 @@ impl ApiError {
             Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(..) => StatusCode::METHOD_NOT_ALLOWED,
             Self::MalformedPath(_) => StatusCode::BAD_REQUEST,
+            Self::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Core(core) => match core {
                 CoreError::InvalidRequest(_) | CoreError::CategoriesUnavailable => StatusCode::UNPROCESSABLE_ENTITY,
@@ -68,6 +74,8 @@ impl ApiError {
             Self::RouteNotFound(_) => "route_not_found",
             Self::MethodNotAllowed(..) => "method_not_allowed",
             Self::MalformedPath(_) => "malformed_path",
+            Self::UriTooLong(_) => "uri_too_long",
+            Self::HeadersTooLarge(_) => "headers_too_large",
             Self::Internal(_) => "internal_error",
             Self::Core(core) => core.code(),
         }
@@ -83,6 +91,8 @@ impl ApiError {
             "route_not_found",
             "method_not_allowed",
             "malformed_path",
+            "uri_too_long",
+            "headers_too_large",
             "internal_error",
         ]
         .into_iter()

@@ -173,7 +173,13 @@ async fn identify(request: Request, next: Next) -> Response {
     let id: Arc<str> = accept_or_generate(offered).into();
     let operation = format!("{} {}", request.method(), quote(request.uri().path()));
     let started = Instant::now();
-    let mut response = REQUEST_ID.scope(id.clone(), next.run(request)).await;
+    let answer = async {
+        match oversized(&request) {
+            Some(refused) => refused.into_response(),
+            None => next.run(request).await,
+        }
+    };
+    let mut response = REQUEST_ID.scope(id.clone(), answer).await;
     if let Some(failure) = response.extensions().get::<FailureReason>() {
         let failure = Failure {
             code: failure.code,
@@ -188,6 +194,26 @@ async fn identify(request: Request, next: Next) -> Response {
 }
 
 const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Longest request target (path and query) and most header bytes answered; beyond them a
+/// request is refused with the JSON 414 or 431. (hyper refuses, without a body, targets of 64 KiB
+/// and more, more than 100 headers, and heads beyond its 400 KB buffer.)
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+fn oversized(request: &Request) -> Option<ApiError> {
+    let uri = request.uri();
+    let target = uri.path().len() + uri.query().map_or(0, |q| q.len() + 1);
+    if target > MAX_URI_BYTES {
+        return Some(ApiError::UriTooLong(target));
+    }
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    (headers > MAX_HEADER_BYTES).then_some(ApiError::HeadersTooLarge(headers))
+}
 
 /// A panicking handler's answer: the JSON 500 (the panic is logged with the request's id).
 fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
