@@ -171,7 +171,8 @@ tokio::task_local! {
 async fn identify(request: Request, next: Next) -> Response {
     let offered = request.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok());
     let id: Arc<str> = accept_or_generate(offered).into();
-    let operation = format!("{} {}", request.method(), quote(request.uri().path()));
+    // Cheap clones (shared bytes); formatted only for a failure's log line.
+    let (method, uri) = (request.method().clone(), request.uri().clone());
     let started = Instant::now();
     let answer = async {
         match oversized(&request) {
@@ -186,6 +187,7 @@ async fn identify(request: Request, next: Next) -> Response {
             message: &failure.message,
             server_fault: failure.server_fault,
         };
+        let operation = format!("{method} {}", quote(uri.path()));
         log_failure(&id, &operation, response.status().as_str(), &failure, started.elapsed());
     }
     let echoed = HeaderValue::from_str(&id).expect("request ids are tokens");
