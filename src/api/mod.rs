@@ -69,13 +69,12 @@ pub fn router(state: Arc<Recommender>, body_read_timeout: Duration, with_metrics
     Router::new()
         .merge(v1)
         .merge(ops)
-        .route_layer(middleware::from_fn_with_state(state.clone(), track))
         // Every answer the server gives is the API's JSON error shape, wrong routes included.
         .fallback(handlers::route_not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(CatchPanicLayer::custom(panicked))
-        .layer(middleware::from_fn(identify))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
 
@@ -135,13 +134,33 @@ async fn admit(
     }
 }
 
-async fn track(State(state): State<Arc<Recommender>>, request: Request, next: Next) -> Response {
+tokio::task_local! {
+    /// The id of the request being handled: error bodies carry it.
+    pub static REQUEST_ID: Arc<str>;
+}
+
+/// Gives every request an id (its `x-request-id` when sensible, else a new one), echoes it in
+/// the response, counts it in the metrics by route (`unmatched` for wrong paths) and status, and
+/// writes the one log line of a request that failed or was shed. Outermost, so that it sees
+/// every answer, wrong routes and panics included.
+async fn observe(State(state): State<Arc<Recommender>>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or("unmatched".to_owned(), |p| p.as_str().to_owned());
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let offered = request.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok());
+    let id: Arc<str> = accept_or_generate(offered).into();
+    // Cheap clones (shared bytes); formatted only for a failure's log line.
+    let (method, uri) = (request.method().clone(), request.uri().clone());
     let started = Instant::now();
-    let response = next.run(request).await;
+    let answer = async {
+        match oversized(&request) {
+            Some(refused) => refused.into_response(),
+            None => next.run(request).await,
+        }
+    };
+    let mut response = REQUEST_ID.scope(id.clone(), answer).await;
     let metrics = &state.metrics;
     metrics
         .request_duration
@@ -156,32 +175,6 @@ async fn track(State(state): State<Arc<Recommender>>, request: Request, next: Ne
             .request_failures
             .with_label_values(&[route.as_str(), failure.code])
             .inc();
-    }
-    response
-}
-
-tokio::task_local! {
-    /// The id of the request being handled: error bodies carry it.
-    pub static REQUEST_ID: Arc<str>;
-}
-
-/// Gives every request an id (its `x-request-id` when sensible, else a new one), echoes it in
-/// the response, and writes the one log line of a request that failed or was shed. Outermost,
-/// so that it sees every answer, wrong routes and panics included.
-async fn identify(request: Request, next: Next) -> Response {
-    let offered = request.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok());
-    let id: Arc<str> = accept_or_generate(offered).into();
-    // Cheap clones (shared bytes); formatted only for a failure's log line.
-    let (method, uri) = (request.method().clone(), request.uri().clone());
-    let started = Instant::now();
-    let answer = async {
-        match oversized(&request) {
-            Some(refused) => refused.into_response(),
-            None => next.run(request).await,
-        }
-    };
-    let mut response = REQUEST_ID.scope(id.clone(), answer).await;
-    if let Some(failure) = response.extensions().get::<FailureReason>() {
         let failure = Failure {
             code: failure.code,
             message: &failure.message,
