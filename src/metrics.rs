@@ -50,6 +50,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Names the model serving new requests in `xsrec_model_info` (the only series left).
+    pub fn set_serving_model(&self, version: &str, arch: crate::model::Arch) {
+        let arch = format!("{arch:?}").to_lowercase();
+        self.model_info.reset();
+        self.model_info.with_label_values(&[version, &arch]).set(1);
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         fn reg<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {

@@ -195,11 +195,8 @@ async fn ten_reloads_under_concurrent_load_fail_no_request_and_every_answer_is_o
         history_before
     );
     let metrics = server.get("/metrics").await.1;
-    let reloads = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("xsrec_model_reloads_total{outcome=\"ok\"} "))
-        .unwrap();
-    assert_eq!(reloads.trim(), "12");
+    let reloads = common::metric_value(&metrics, "xsrec_model_reloads_total{outcome=\"ok\"}");
+    assert_eq!(reloads, 12.0);
     let (_, info) = server.get("/v1/model").await;
     let current: Value = serde_json::from_str(&info).unwrap();
     let current = current["version"].as_str().unwrap();

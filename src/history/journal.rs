@@ -491,9 +491,12 @@ impl Journal {
                 apply(user, seq, events);
                 entries += 1;
             };
-            let mut unindexed: Vec<(&Arc<str>, &Vec<LoggedEvent>)> = pending.iter().collect();
-            // Popped from the end, in the order the entries' users come.
-            unindexed.sort_unstable_by_key(|(user, _)| std::cmp::Reverse(user_prefix(user)));
+            // Keyed as the entries are, and popped from the end: in the order the entries' users come.
+            let mut unindexed: Vec<(Vec<u8>, &Arc<str>, &Vec<LoggedEvent>)> = pending
+                .iter()
+                .map(|(user, events)| (user_prefix(user), user, events))
+                .collect();
+            unindexed.sort_unstable_by(|a, b| b.0.cmp(&a.0));
             let mut previous: Option<Vec<u8>> = None;
             for entry in store.events.iter() {
                 let (key, value) = entry.into_inner().map_err(|e| fjall_error(path, e))?;
@@ -502,14 +505,14 @@ impl Journal {
                 let prefix = user_prefix(user);
                 if previous.as_ref() != Some(&prefix) {
                     // Users before this one are done: their unindexed appends go now.
-                    while let Some((done, events)) = unindexed.pop_if(|(u, _)| user_prefix(u) < prefix) {
+                    while let Some((_, done, events)) = unindexed.pop_if(|(key, ..)| *key < prefix) {
                         apply_kept(done, newest, events.clone());
                     }
                     previous = Some(prefix);
                 }
                 apply_kept(user, seq, events);
             }
-            while let Some((user, events)) = unindexed.pop() {
+            while let Some((_, user, events)) = unindexed.pop() {
                 apply_kept(user, newest, events.clone());
             }
             Ok(entries)
@@ -614,11 +617,7 @@ impl JournalWriter {
             }
         }
         // Indexed now, so that the next start has nothing to index.
-        let result = self
-            .shared
-            .store()
-            .and_then(|store| self.index(&store, store.db.batch(), Vec::new()));
-        if let Err(error) = result.and_then(|()| self.sync()) {
+        if let Err(error) = self.index_pending().and_then(|()| self.sync()) {
             self.fail(&error);
         }
     }
@@ -643,10 +642,7 @@ impl JournalWriter {
         if due(self.compaction_due) || due(self.retention_due) {
             result = self.compact();
         } else if self.pending_since.is_some_and(|since| since + INDEX_DELAY <= now) {
-            result = self
-                .shared
-                .store()
-                .and_then(|store| self.index(&store, store.db.batch(), Vec::new()));
+            result = self.index_pending();
         } else if self.dirty && self.shared.config.fsync == FsyncPolicy::Interval {
             result = self.sync();
         }
@@ -738,10 +734,13 @@ impl JournalWriter {
     /// write), or, when an index step is due, straight into per-user entries with the pending
     /// ones.
     fn write(&mut self, store: &Store, mut batch: fjall::OwnedWriteBatch, fresh: Appends) -> Result<(), StoreError> {
+        if fresh.is_empty() {
+            return self.commit(store, batch);
+        }
         let events: usize = fresh.iter().map(|(_, events)| events.len()).sum();
         let due = self.pending_events + events >= INDEX_EVENTS
             || self.pending_since.is_some_and(|since| since.elapsed() >= INDEX_DELAY);
-        if fresh.is_empty() || due {
+        if due {
             return self.index(store, batch, fresh);
         }
         let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
@@ -756,6 +755,12 @@ impl JournalWriter {
             pending.entry(user).or_default().extend(events);
         }
         Ok(())
+    }
+
+    /// An index step on its own (due by time, before a compaction, at a stop).
+    fn index_pending(&mut self) -> Result<(), StoreError> {
+        let store = self.shared.store()?;
+        self.index(&store, store.db.batch(), Vec::new())
     }
 
     /// The index step: commits `batch` with the pending appends and `fresh` (this group's) as
@@ -823,9 +828,7 @@ impl JournalWriter {
     /// the tombstones that name them). Costs one pass over the live data, during which writes
     /// wait (reads of memory go on; reloads read the old store).
     fn compact(&mut self) -> Result<(), StoreError> {
-        let store = self.shared.store()?;
-        self.index(&store, store.db.batch(), Vec::new())?;
-        drop(store);
+        self.index_pending()?;
         self.compaction_due = None;
         self.retention_due = self.shared.config.retention_every().map(|every| Instant::now() + every);
         let horizon = self.shared.config.retention_horizon().unwrap_or(i64::MIN);

@@ -57,16 +57,20 @@ impl Catalog {
         }
     }
 
+    /// A known item's index and the catalog's shared copy of its id; `None` for an item the model
+    /// does not know.
+    pub fn known_item(&self, item_id: &str) -> Option<(u32, Arc<str>)> {
+        let index = self.items.get(item_id)?;
+        Some((index, self.item_ids[index as usize].clone()))
+    }
+
     /// The memory form of an event given by external ids. Items the model does not know get
     /// index 0 (kept, not model input); types it never saw read as "untyped" (1), as offline.
     pub fn resolve(&self, item_id: &str, event_type: Option<&str>) -> StoredEvent {
-        let item = self.items.get(item_id).unwrap_or(0);
+        let (item, item_id) = self.known_item(item_id).unwrap_or_else(|| (0, Arc::from(item_id)));
         StoredEvent {
             item,
-            item_id: match item {
-                0 => Arc::from(item_id),
-                known => self.item_ids[known as usize].clone(),
-            },
+            item_id,
             timestamp: 0,
             event_type: event_type.and_then(|t| self.event_types.get(t)).unwrap_or(1),
         }

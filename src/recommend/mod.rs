@@ -326,22 +326,27 @@ impl Recommender {
         if let Some(at) = request.at {
             check_time("at", at)?;
         }
+        if let Some(list) = &request.candidates {
+            if list.is_empty() || list.len() > limits.max_candidates {
+                return Err(invalid(format!(
+                    "`candidates` must hold 1..={} items, got {}",
+                    limits.max_candidates,
+                    list.len()
+                )));
+            }
+            for (i, id) in list.iter().enumerate() {
+                check_id(&format!("candidates[{i}]"), id, limits.max_id_bytes)?;
+            }
+        }
+        // Only a valid request reads the history (which may read it back from disk).
         let (served, history) = self.served_with_history(&request.user_id)?;
         let catalog = &served.catalog;
         let mut unknown_candidates = Vec::new();
         let candidates = match &request.candidates {
             None => None,
             Some(list) => {
-                if list.is_empty() || list.len() > limits.max_candidates {
-                    return Err(invalid(format!(
-                        "`candidates` must hold 1..={} items, got {}",
-                        limits.max_candidates,
-                        list.len()
-                    )));
-                }
                 let mut known = Vec::with_capacity(list.len());
-                for (i, id) in list.iter().enumerate() {
-                    check_id(&format!("candidates[{i}]"), id, limits.max_id_bytes)?;
+                for id in list {
                     match catalog.items.get(id) {
                         Some(index) => known.push(i64::from(index)),
                         None => unknown_candidates.push(id.clone()),
@@ -573,12 +578,11 @@ impl Recommender {
         served::check_compatible(&current.catalog, &catalog, &dir).map_err(reload_error)?;
         let config = serde_json::to_value(&artifact.config)
             .map_err(|e| CoreError::ModelLoadFailed(format!("{}: its config: {e}", dir.display())))?;
-        let arch = format!("{:?}", artifact.config.model.arch).to_lowercase();
+        let arch = artifact.config.model.arch;
         let slot = self.engine.install(artifact).await.map_err(|e| match e {
             InferError::Stopped => CoreError::ShuttingDown,
             other => CoreError::ModelLoadFailed(format!("{}: {other}", dir.display())),
         })?;
-        let change = served::vocabulary_change(&current.catalog, &catalog);
         let remap = current.catalog.item_ids != catalog.item_ids;
         let next = Arc::new(ServedModel {
             version,
@@ -595,10 +599,8 @@ impl Recommender {
                 let catalog = next.catalog.clone();
                 // First, so that a user read back from the store meanwhile is resolved anew.
                 *self.memory_catalog.write().unwrap_or_else(|e| e.into_inner()) = catalog.clone();
-                let events = self.store.remap_items(&|id: &str| {
-                    let index = catalog.items.get(id)?;
-                    Some((index, catalog.item_ids[index as usize].clone()))
-                });
+                let events = self.store.remap_items(&|id: &str| catalog.known_item(id));
+                let change = served::vocabulary_change(&current.catalog, &catalog);
                 tracing::info!(
                     "model reload: {change}; {events} events in memory remapped in {:.3} s",
                     started.elapsed().as_secs_f64()
@@ -606,11 +608,7 @@ impl Recommender {
             }
             *served = next.clone();
         }
-        self.metrics.model_info.reset();
-        self.metrics
-            .model_info
-            .with_label_values(&[&next.version, &arch])
-            .set(1);
+        self.metrics.set_serving_model(&next.version, arch);
         Ok(next)
     }
 

@@ -72,7 +72,8 @@ pub struct ModelLoader {
 }
 
 impl ModelLoader {
-    /// The artifact in `dir` and its version.
+    /// The artifact in `dir` and its version: a hash of its weights, so the same bytes give the
+    /// same version on every machine.
     pub fn load(&self, dir: &Path) -> Result<(Artifact, String), ReloadError> {
         // Quoted, bounded: the directory may come from a client.
         let failed = |reason: String| ReloadError::Load {

@@ -240,8 +240,6 @@ impl ServeConfig {
     }
 }
 
-/// The model's version: a hash of its weights, so the same bytes give the same version on every
-/// machine.
 /// A started server: its addresses, and the task that ends when it has shut down.
 pub struct RunningServer {
     pub addr: SocketAddr,
@@ -272,8 +270,7 @@ pub async fn start(
     };
     let (artifact, model_version) = loader.load(&config.model)?;
     let metrics = Arc::new(Metrics::new());
-    let arch = format!("{:?}", artifact.config.model.arch).to_lowercase();
-    metrics.model_info.with_label_values(&[&model_version, &arch]).set(1);
+    metrics.set_serving_model(&model_version, artifact.config.model.arch);
     metrics
         .device_info
         .with_label_values(&[
