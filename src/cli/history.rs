@@ -10,7 +10,7 @@ use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::data::formats::InterWriter;
-use crate::history::{Journal, JournalConfig, LoggedEvent};
+use crate::history::{EncodedEvents, Journal, JournalConfig};
 use crate::recommend::{check_event, MAX_ID_BYTES};
 
 #[derive(Debug, Clone, Subcommand)]
@@ -106,13 +106,10 @@ pub fn run(command: &HistoryCommand) -> anyhow::Result<()> {
             }
             let journal = open(data_dir)?;
             let started = Instant::now();
-            let mut by_user: HashMap<&str, Vec<LoggedEvent>> = HashMap::new();
+            let mut by_user: HashMap<&str, EncodedEvents> = HashMap::new();
             for e in &events {
-                by_user.entry(&e.user_id).or_default().push(LoggedEvent {
-                    item_id: Arc::from(e.item_id.as_str()),
-                    timestamp: e.timestamp,
-                    event_type: e.event_type.as_deref().map(Arc::from),
-                });
+                let user = by_user.entry(&e.user_id).or_default();
+                user.push(e.timestamp, e.event_type.as_deref(), &e.item_id);
             }
             let progress = ProgressBar::new(events.len() as u64).with_style(
                 ProgressStyle::with_template("importing {bar:40} {pos}/{len} events ({per_sec}, eta {eta})")

@@ -15,17 +15,20 @@
 //! and a user who left memory (`--max-memory-bytes`) is read back with one prefix scan.
 //! Writing an entry per user as calls come is what random keys cost most (a memtable search per
 //! user and call), so each group commit goes to keyspace `log` as one record under a sequential
-//! key, and an index step (every [`INDEX_EVENTS`] events or [`INDEX_DELAY`], before an erasure,
-//! a compaction and a stop) turns the pending records into one entry per user, in key order, and
-//! deletes them, in one batch. Until then readers find the pending appends in memory; a start
-//! indexes what a killed writer left in the log. Keyspace `meta` holds the layout's format
-//! number and the next sequence number (written in the same batch as the appends). An erasure
-//! deletes the user's entries (after an index step, so no log record still holds the user);
+//! key, and an index step (at [`INDEX_BYTES`] of pending records or after [`INDEX_DELAY`], before
+//! an erasure, a compaction, a stop, and when the memory budget asks) turns the pending records
+//! into one entry per user, in key order, and deletes them, in one batch. The writer keeps no
+//! per-user map of the pending appends: an index step groups the records' bytes by user as they
+//! are, and until it has run, the user is still in memory (the memory budget evicts only users
+//! whose appends are indexed), so readers need only the entries. A start indexes what a killed
+//! writer left in the log. Keyspace `meta` holds the layout's format number and the next sequence
+//! number (written in the same batch as the appends). An erasure deletes the user's entries
+//! (after an index step, so no log record still holds the user);
 //! compaction rewrites the live entries into a fresh store, so that no file keeps the erased
 //! bytes.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -91,13 +94,58 @@ pub struct LoggedEvent {
     pub event_type: Option<Arc<str>>,
 }
 
-impl From<&NewEvent> for LoggedEvent {
-    fn from(new: &NewEvent) -> Self {
-        Self {
-            item_id: new.event.item_id.clone(),
-            timestamp: new.event.timestamp,
-            event_type: new.type_id.clone(),
+/// One append's events as the journal writes them ([`put_event`] each): encoded by the caller, on
+/// the caller's thread, so that the writer only copies bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncodedEvents {
+    count: u32,
+    bytes: Vec<u8>,
+}
+
+impl EncodedEvents {
+    pub fn push(&mut self, timestamp: i64, event_type: Option<&str>, item_id: &str) {
+        put_event(&mut self.bytes, timestamp, event_type, item_id);
+        self.count += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Count (u32 BE), then the events.
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.count.to_be_bytes());
+        out.extend_from_slice(&self.bytes);
+    }
+}
+
+impl From<&[LoggedEvent]> for EncodedEvents {
+    fn from(events: &[LoggedEvent]) -> Self {
+        let mut encoded = Self::default();
+        for event in events {
+            encoded.push(event.timestamp, event.event_type.as_deref(), &event.item_id);
         }
+        encoded
+    }
+}
+
+impl From<Vec<LoggedEvent>> for EncodedEvents {
+    fn from(events: Vec<LoggedEvent>) -> Self {
+        Self::from(&events[..])
+    }
+}
+
+impl From<&[NewEvent]> for EncodedEvents {
+    fn from(events: &[NewEvent]) -> Self {
+        let mut encoded = Self::default();
+        for new in events {
+            encoded.push(new.event.timestamp, new.type_id.as_deref(), &new.event.item_id);
+        }
+        encoded
     }
 }
 
@@ -106,7 +154,7 @@ type Ack = oneshot::Sender<Result<(), StoreError>>;
 enum JournalCommand {
     Append {
         user: Arc<str>,
-        events: Vec<LoggedEvent>,
+        events: EncodedEvents,
         ack: Option<Ack>,
     },
     Erase {
@@ -116,6 +164,10 @@ enum JournalCommand {
     /// Flush, fsync and merge everything on disk, dropping erased users' bytes from every file.
     Compact {
         ack: Ack,
+    },
+    /// An index step now (see [`Journal::index`]).
+    Index {
+        ack: Option<Ack>,
     },
 }
 
@@ -243,18 +295,17 @@ struct Shared {
     /// [`Journal::close`].
     store: RwLock<Option<Store>>,
     next_seq: AtomicU64,
-    /// Changes sent to the writer, and changes it has committed (both counts, in channel order).
+    /// Changes sent to the writer, changes it has committed, and changes in per-user entries
+    /// (all three counts, in channel order).
     queued: AtomicU64,
     committed: AtomicU64,
-    /// Appends in the log but not yet in per-user entries, by user in arrival order (see
-    /// [`JournalWriter::index`]): what [`Journal::load`] adds to a user's entries.
-    pending: Mutex<Pending>,
+    indexed: AtomicU64,
+    /// An index step asked for by [`Journal::index_soon`] is queued.
+    index_requested: AtomicBool,
     failure: OnceLock<String>,
     stats: JournalStats,
     config: JournalConfig,
 }
-
-type Pending = HashMap<Arc<str>, Vec<LoggedEvent>>;
 
 /// Handle to the journal; clones share the one writer thread.
 #[derive(Clone)]
@@ -328,11 +379,12 @@ impl Inbox {
 }
 
 const NO_TYPE: u16 = u16::MAX;
-/// An index step runs once this many events are pending, or the oldest is this old (and before
-/// an erasure, a compaction, and a stop). Bounds what the pending map holds (a few MB) and what
-/// a start has to index.
-const INDEX_EVENTS: usize = 500_000;
-const INDEX_DELAY: Duration = Duration::from_secs(2);
+/// An index step runs once the pending log records hold this many bytes, or the oldest is this
+/// old (and before an erasure, a compaction, a stop, and when the memory budget asks). Bounds
+/// what the writer holds, and what a start has to index. Larger steps cost less per event: a
+/// user's appends in one step share one entry (ingest at 100,000 users, docs/RELIABILITY.md).
+const INDEX_BYTES: usize = 64 << 20;
+pub(super) const INDEX_DELAY: Duration = Duration::from_secs(5);
 /// The writer takes at most this many queued commands into one batch.
 const MAX_GROUP: usize = 4096;
 
@@ -351,7 +403,8 @@ impl Journal {
             next_seq,
             queued: AtomicU64::new(0),
             committed: AtomicU64::new(0),
-            pending: Mutex::new(Pending::new()),
+            indexed: AtomicU64::new(0),
+            index_requested: AtomicBool::new(false),
             failure: OnceLock::new(),
             stats: JournalStats::default(),
             config,
@@ -417,9 +470,15 @@ impl Journal {
         self.shared.queued.load(Ordering::Acquire)
     }
 
-    /// How many of the queued changes are committed (visible to readers; fsynced or not).
+    /// How many of the queued changes are committed (fsynced or not).
     pub fn committed(&self) -> u64 {
         self.shared.committed.load(Ordering::Acquire)
+    }
+
+    /// How many of the queued changes are in per-user entries, where [`Journal::load`] and
+    /// [`Journal::replay`] read them.
+    pub fn indexed(&self) -> u64 {
+        self.shared.indexed.load(Ordering::Acquire)
     }
 
     /// Queues `events` for `user`; with `acknowledge`, the returned commit resolves once they
@@ -427,7 +486,8 @@ impl Journal {
     /// writer: a caller queues its other appends first and acknowledges the last one. (Appends
     /// queued by a call that fails before its last one go with the next command; such a call
     /// fails only when the journal has, which fails every later batch anyway.)
-    pub fn append(&self, user: Arc<str>, events: Vec<LoggedEvent>, acknowledge: bool) -> Option<Commit> {
+    pub fn append(&self, user: Arc<str>, events: impl Into<EncodedEvents>, acknowledge: bool) -> Option<Commit> {
+        let events = events.into();
         let (ack, commit) = match acknowledge {
             true => {
                 let (sender, receiver) = oneshot::channel();
@@ -448,6 +508,19 @@ impl Journal {
     /// Merges the files so that erased users leave no byte behind (see [`JournalCommand::Compact`]).
     pub fn compact(&self) -> Commit {
         self.request(|ack| JournalCommand::Compact { ack })
+    }
+
+    /// An index step for everything queued so far; resolves once it is committed.
+    pub fn index(&self) -> Commit {
+        self.request(|ack| JournalCommand::Index { ack: Some(ack) })
+    }
+
+    /// Asks for an index step without waiting for it (what the memory budget does when the
+    /// users it would evict are not indexed yet); at most one such request is queued.
+    pub fn index_soon(&self) {
+        if !self.shared.index_requested.swap(true, Ordering::AcqRel) {
+            self.send(JournalCommand::Index { ack: None }, true);
+        }
     }
 
     fn request(&self, command: impl FnOnce(Ack) -> JournalCommand) -> Commit {
@@ -474,61 +547,36 @@ impl Journal {
 
     /// Every user's stored events, user after user, each user's in arrival order with the
     /// append's sequence number (later appends have larger ones): what
-    /// [`Histories::recover`](super::Histories::recover) replays, and what export reads. Events
-    /// past retention are left out (a compaction may not have dropped them yet). Appends not yet
-    /// indexed follow the user's entries (with a sequence number above all of them); the users
-    /// who have only those come last. Returns the number of entries read.
+    /// [`Histories::recover`](super::Histories::recover) replays, and what export reads. Reads the
+    /// entries, so it sees the changes counted by [`Journal::indexed`]: at a start, everything
+    /// (opening indexes what the log holds); later, call [`Journal::index`] first. Events past
+    /// retention are left out (a compaction may not have dropped them yet). Returns the number of
+    /// entries read.
     pub fn replay(&self, mut apply: impl FnMut(&str, u64, Vec<LoggedEvent>)) -> Result<u64, StoreError> {
         let path = &self.shared.config.dir;
         let horizon = self.retention_horizon().unwrap_or(i64::MIN);
         self.shared.read(|store| {
-            // Held throughout, as in `load`.
-            let pending = self.shared.pending.lock().unwrap_or_else(|e| e.into_inner());
-            let newest = self.shared.next_seq.load(Ordering::Relaxed);
             let mut entries = 0u64;
-            let mut apply_kept = |user: &str, seq: u64, mut events: Vec<LoggedEvent>| {
+            for entry in store.events.iter() {
+                let (key, value) = entry.into_inner().map_err(|e| fjall_error(path, e))?;
+                let (user, seq, mut events) =
+                    decode_entry(&key, &value).ok_or_else(|| corrupt(path, "a journal entry is malformed"))?;
                 events.retain(|e| e.timestamp >= horizon);
                 apply(user, seq, events);
                 entries += 1;
-            };
-            // Keyed as the entries are, and popped from the end: in the order the entries' users come.
-            let mut unindexed: Vec<(Vec<u8>, &Arc<str>, &Vec<LoggedEvent>)> = pending
-                .iter()
-                .map(|(user, events)| (user_prefix(user), user, events))
-                .collect();
-            unindexed.sort_unstable_by(|a, b| b.0.cmp(&a.0));
-            let mut previous: Option<Vec<u8>> = None;
-            for entry in store.events.iter() {
-                let (key, value) = entry.into_inner().map_err(|e| fjall_error(path, e))?;
-                let (user, seq, events) =
-                    decode_entry(&key, &value).ok_or_else(|| corrupt(path, "a journal entry is malformed"))?;
-                let prefix = user_prefix(user);
-                if previous.as_ref() != Some(&prefix) {
-                    // Users before this one are done: their unindexed appends go now.
-                    while let Some((_, done, events)) = unindexed.pop_if(|(key, ..)| *key < prefix) {
-                        apply_kept(done, newest, events.clone());
-                    }
-                    previous = Some(prefix);
-                }
-                apply_kept(user, seq, events);
-            }
-            while let Some((_, user, events)) = unindexed.pop() {
-                apply_kept(user, newest, events.clone());
             }
             Ok(entries)
         })
     }
 
     /// One user's stored events in arrival order, past retention left out (empty for a user the
-    /// store does not hold): what memory reloads a user from. Sees every change counted by
-    /// [`Journal::committed`]. A failed read fails the journal (health turns off).
+    /// store does not hold): what memory reloads a user from. Sees the changes counted by
+    /// [`Journal::indexed`] (memory keeps a user until then). A failed read fails the journal
+    /// (health turns off).
     pub fn load(&self, user: &str) -> Result<Vec<LoggedEvent>, StoreError> {
         let path = &self.shared.config.dir;
         let horizon = self.retention_horizon().unwrap_or(i64::MIN);
         let read = |store: &Store| {
-            // Held across both reads: an index step moves pending appends into entries under
-            // it, so they are seen exactly once.
-            let pending = self.shared.pending.lock().unwrap_or_else(|e| e.into_inner());
             let mut events = Vec::new();
             for entry in store.events.prefix(user_prefix(user)) {
                 let (key, value) = entry.into_inner().map_err(|e| fjall_error(path, e))?;
@@ -536,8 +584,6 @@ impl Journal {
                     decode_entry(&key, &value).ok_or_else(|| corrupt(path, "a journal entry is malformed"))?;
                 events.extend(more.into_iter().filter(|e| e.timestamp >= horizon));
             }
-            let unindexed = pending.get(user).into_iter().flatten();
-            events.extend(unindexed.filter(|e| e.timestamp >= horizon).cloned());
             Ok(events)
         };
         self.shared.read(read).inspect_err(|error| {
@@ -585,10 +631,10 @@ struct JournalWriter {
     compaction_due: Option<Instant>,
     /// When the next retention compaction is due.
     retention_due: Option<Instant>,
-    /// The log records holding the pending appends ([`Shared::pending`]), their event count,
-    /// and when the oldest was written.
-    pending_records: Vec<u64>,
-    pending_events: usize,
+    /// The log records not yet indexed, in arrival order (sequence number and value; the value
+    /// is shared with fjall's memtable), their bytes, and when the oldest was written.
+    pending_records: Vec<(u64, fjall::Slice)>,
+    pending_bytes: usize,
     pending_since: Option<Instant>,
 }
 
@@ -603,7 +649,7 @@ impl JournalWriter {
             compaction_due: None,
             retention_due,
             pending_records: Vec::new(),
-            pending_events: 0,
+            pending_bytes: 0,
             pending_since: None,
         }
     }
@@ -663,7 +709,7 @@ impl JournalWriter {
         };
         let mut batch = store.db.batch();
         // This group's appends so far.
-        let mut fresh = Vec::new();
+        let mut fresh = RecordBuilder::default();
         let mut result = self.health();
         for command in group {
             match command {
@@ -673,7 +719,7 @@ impl JournalWriter {
                             .stats
                             .events
                             .fetch_add(events.len() as u64, Ordering::Relaxed);
-                        fresh.push((user, events));
+                        fresh.push(&user, &events);
                     }
                     acks.extend(ack);
                 }
@@ -682,10 +728,7 @@ impl JournalWriter {
                     // are gone, and the scan for the user's entries sees every append before
                     // the erasure.
                     result = result
-                        .and_then(|()| {
-                            let batch = std::mem::replace(&mut batch, store.db.batch());
-                            self.index(&store, batch, std::mem::take(&mut fresh))
-                        })
+                        .and_then(|()| self.index_now(&store, &mut batch, &mut fresh))
                         .and_then(|()| stage_erasure(&store, &mut batch, &user, &self.shared.config.dir));
                     let delay = self.shared.config.erasure_compaction_delay;
                     self.compaction_due.get_or_insert_with(|| Instant::now() + delay);
@@ -693,10 +736,7 @@ impl JournalWriter {
                 }
                 JournalCommand::Compact { ack } => {
                     result = result
-                        .and_then(|()| {
-                            let batch = std::mem::replace(&mut batch, store.db.batch());
-                            self.index(&store, batch, std::mem::take(&mut fresh))
-                        })
+                        .and_then(|()| self.index_now(&store, &mut batch, &mut fresh))
                         .and_then(|()| self.compact());
                     // Later commands of this group go to the compacted store.
                     match self.shared.store() {
@@ -705,6 +745,13 @@ impl JournalWriter {
                     }
                     batch = store.db.batch();
                     acks.push(ack);
+                }
+                JournalCommand::Index { ack } => {
+                    if ack.is_none() {
+                        self.shared.index_requested.store(false, Ordering::Release);
+                    }
+                    result = result.and_then(|()| self.index_now(&store, &mut batch, &mut fresh));
+                    acks.extend(ack);
                 }
             }
         }
@@ -722,6 +769,7 @@ impl JournalWriter {
             Ok(()) => {
                 self.processed += commands;
                 self.shared.committed.store(self.processed, Ordering::Release);
+                self.publish_indexed();
             }
             Err(error) => self.fail(error),
         }
@@ -733,56 +781,78 @@ impl JournalWriter {
     /// Commits `batch` with this group's appends: as one log record (a sequential key, the cheap
     /// write), or, when an index step is due, straight into per-user entries with the pending
     /// ones.
-    fn write(&mut self, store: &Store, mut batch: fjall::OwnedWriteBatch, fresh: Appends) -> Result<(), StoreError> {
-        if fresh.is_empty() {
+    fn write(
+        &mut self,
+        store: &Store,
+        mut batch: fjall::OwnedWriteBatch,
+        fresh: RecordBuilder,
+    ) -> Result<(), StoreError> {
+        if fresh.appends == 0 {
             return self.commit(store, batch);
         }
-        let events: usize = fresh.iter().map(|(_, events)| events.len()).sum();
-        let due = self.pending_events + events >= INDEX_EVENTS
+        let due = self.pending_bytes + fresh.value.len() >= INDEX_BYTES
             || self.pending_since.is_some_and(|since| since.elapsed() >= INDEX_DELAY);
         if due {
             return self.index(store, batch, fresh);
         }
         let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
-        let (key, value) = encode_record(seq, &fresh);
-        batch.insert(&store.log, key, value);
+        let value = fjall::Slice::from(fresh.finish());
+        batch.insert(&store.log, seq.to_be_bytes(), value.clone());
         self.commit(store, batch)?;
-        self.pending_records.push(seq);
-        self.pending_events += events;
+        self.pending_bytes += value.len();
+        self.pending_records.push((seq, value));
         self.pending_since.get_or_insert_with(Instant::now);
-        let mut pending = self.shared.pending.lock().unwrap_or_else(|e| e.into_inner());
-        for (user, events) in fresh {
-            pending.entry(user).or_default().extend(events);
-        }
         Ok(())
+    }
+
+    /// An index step inside a group: commits what `batch` holds with the pending appends and
+    /// `fresh`, and leaves both empty for the rest of the group.
+    fn index_now(
+        &mut self,
+        store: &Store,
+        batch: &mut fjall::OwnedWriteBatch,
+        fresh: &mut RecordBuilder,
+    ) -> Result<(), StoreError> {
+        let batch = std::mem::replace(batch, store.db.batch());
+        self.index(store, batch, std::mem::take(fresh))
     }
 
     /// An index step on its own (due by time, before a compaction, at a stop).
     fn index_pending(&mut self) -> Result<(), StoreError> {
         let store = self.shared.store()?;
-        self.index(&store, store.db.batch(), Vec::new())
+        self.index(&store, store.db.batch(), RecordBuilder::default())?;
+        self.publish_indexed();
+        Ok(())
     }
 
-    /// The index step: commits `batch` with the pending appends and `fresh` (this group's) as
-    /// one entry per user, and without the log records that held the pending ones. One entry
-    /// per user per step (not per append), written in key order, is what makes it cheaper than
-    /// writing entries as calls come. Readers ([`Journal::load`]) wait on the pending lock
-    /// meanwhile, so they see the appends either pending or indexed. (If the commit fails, the
-    /// journal fails; the log records are still on disk, and the next start indexes them.)
-    fn index(&mut self, store: &Store, mut batch: fjall::OwnedWriteBatch, fresh: Appends) -> Result<(), StoreError> {
-        let shared = self.shared.clone();
-        let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let mut by_user = std::mem::take(&mut *pending);
-        for (user, events) in fresh {
-            by_user.entry(user).or_default().extend(events);
-        }
-        for seq in self.pending_records.drain(..) {
+    /// The index step: commits `batch` with the pending appends and `fresh` (this group's, not
+    /// in the log) as one entry per user, and without the log records that held the pending ones.
+    /// One entry per user per step (not per append), written in key order, is what makes it
+    /// cheaper than writing entries as calls come. (If the commit fails, the journal fails; the
+    /// log records are still on disk, and the next start indexes them.)
+    fn index(
+        &mut self,
+        store: &Store,
+        mut batch: fjall::OwnedWriteBatch,
+        fresh: RecordBuilder,
+    ) -> Result<(), StoreError> {
+        let fresh = fresh.finish();
+        let records = self.pending_records.iter().map(|(_, value)| &value[..]);
+        stage_index(store, &mut batch, records.chain([&fresh[..]]), &self.shared.next_seq)
+            .ok_or_else(|| corrupt(&self.shared.config.dir, "a pending journal log record is malformed"))?;
+        for (seq, _) in self.pending_records.drain(..) {
             batch.remove(&store.log, seq.to_be_bytes());
         }
-        stage_entries(store, &mut batch, &by_user, &shared.next_seq);
-        self.pending_events = 0;
+        self.pending_bytes = 0;
         self.pending_since = None;
         self.commit(store, batch)
+    }
+
+    /// With no log record pending, every committed change is indexed.
+    fn publish_indexed(&self) {
+        if self.pending_records.is_empty() {
+            self.shared.indexed.store(self.processed, Ordering::Release);
+        }
     }
 
     /// Writes the batch (with the next sequence number) to fjall's log and pushes it to the OS:
@@ -893,7 +963,7 @@ impl JournalWriter {
 fn reply_all(group: Vec<JournalCommand>, result: &Result<(), StoreError>) {
     for command in group {
         let ack = match command {
-            JournalCommand::Append { ack, .. } => ack,
+            JournalCommand::Append { ack, .. } | JournalCommand::Index { ack } => ack,
             JournalCommand::Erase { ack, .. } | JournalCommand::Compact { ack } => Some(ack),
         };
         if let Some(ack) = ack {
@@ -918,58 +988,105 @@ fn user_prefix(user: &str) -> Vec<u8> {
     key
 }
 
-/// Events as bytes: count (u32 BE), then per event timestamp (i64 BE), type (length u16 BE,
-/// `u16::MAX` for none, then bytes) and item id (length, bytes).
-fn put_events(out: &mut Vec<u8>, events: &[LoggedEvent]) {
-    out.extend_from_slice(&(events.len() as u32).to_be_bytes());
-    for event in events {
-        out.extend_from_slice(&event.timestamp.to_be_bytes());
-        match &event.event_type {
-            Some(kind) => put_str(out, kind),
-            None => out.extend_from_slice(&NO_TYPE.to_be_bytes()),
-        }
-        put_str(out, &event.item_id);
+/// One event as bytes: timestamp (i64 BE), type (length u16 BE, `u16::MAX` for none, then
+/// bytes) and item id (length, bytes).
+fn put_event(out: &mut Vec<u8>, timestamp: i64, event_type: Option<&str>, item_id: &str) {
+    out.extend_from_slice(&timestamp.to_be_bytes());
+    match event_type {
+        Some(kind) => put_str(out, kind),
+        None => out.extend_from_slice(&NO_TYPE.to_be_bytes()),
     }
+    put_str(out, item_id);
 }
 
 /// One user's indexed events as an entry: key = user (u16 BE length, bytes) and sequence number
-/// (u64 BE); value = the events ([`put_events`]). (Public for the storage-engine bench, so that
-/// both engines store the very same bytes.)
+/// (u64 BE); value = the events (count, u32 BE, then each [`put_event`]). (Public for the
+/// storage-engine bench, so that both engines store the very same bytes.)
 pub fn encode_entry(user: &str, seq: u64, events: &[LoggedEvent]) -> (Vec<u8>, Vec<u8>) {
     let mut key = user_prefix(user);
     key.extend_from_slice(&seq.to_be_bytes());
     let mut value = Vec::with_capacity(4 + events.len() * 24);
-    put_events(&mut value, events);
+    EncodedEvents::from(events).put(&mut value);
     (key, value)
 }
 
-/// One group commit's appends as a log record: key = sequence number (u64 BE); value = append
-/// count (u32 BE), then per append the user (u16 BE length, bytes) and its events.
-pub fn encode_record<U: AsRef<str>>(seq: u64, appends: &[(U, Vec<LoggedEvent>)]) -> (Vec<u8>, Vec<u8>) {
-    let mut value = Vec::with_capacity(4 + appends.len() * 48);
-    value.extend_from_slice(&(appends.len() as u32).to_be_bytes());
-    for (user, events) in appends {
-        put_str(&mut value, user.as_ref());
-        put_events(&mut value, events);
+/// A log record being built, one append at a time: append count (u32 BE), then per append the
+/// user (u16 BE length, bytes) and its events (count, then the events).
+struct RecordBuilder {
+    appends: u32,
+    value: Vec<u8>,
+}
+
+impl Default for RecordBuilder {
+    fn default() -> Self {
+        Self {
+            appends: 0,
+            value: vec![0; 4],
+        }
     }
-    (seq.to_be_bytes().to_vec(), value)
+}
+
+impl RecordBuilder {
+    fn push(&mut self, user: &str, events: &EncodedEvents) {
+        put_str(&mut self.value, user);
+        events.put(&mut self.value);
+        self.appends += 1;
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.value[..4].copy_from_slice(&self.appends.to_be_bytes());
+        self.value
+    }
+}
+
+/// One group commit's appends as a log record: key = sequence number (u64 BE), value as
+/// [`RecordBuilder`] writes it. (Public for the fuzz target.)
+pub fn encode_record<U: AsRef<str>>(seq: u64, appends: &[(U, Vec<LoggedEvent>)]) -> (Vec<u8>, Vec<u8>) {
+    let mut record = RecordBuilder::default();
+    for (user, events) in appends {
+        record.push(user.as_ref(), &EncodedEvents::from(&events[..]));
+    }
+    (seq.to_be_bytes().to_vec(), record.finish())
 }
 
 /// One user's events, as a log record holds them.
 pub type UserEvents<'v> = (&'v str, Vec<LoggedEvent>);
 
-/// One batch of appends, in arrival order.
-type Appends = Vec<(Arc<str>, Vec<LoggedEvent>)>;
-
-/// Stages one entry per user of `by_user`, each with a fresh sequence number, in key order (in
-/// order, fjall's memtable inserts are the cheap ones).
-fn stage_entries(store: &Store, batch: &mut fjall::OwnedWriteBatch, by_user: &Pending, next_seq: &AtomicU64) {
-    let mut users: Vec<(&Arc<str>, &Vec<LoggedEvent>)> = by_user.iter().filter(|(_, e)| !e.is_empty()).collect();
-    users.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    for (user, events) in users {
-        let (key, value) = encode_entry(user, next_seq.fetch_add(1, Ordering::Relaxed), events);
+/// Stages the appends of `records` (log record values, in arrival order) as one entry per user
+/// with a fresh sequence number, each user's events in arrival order, in key order (in order,
+/// fjall's memtable inserts are the cheap ones). The events' bytes are grouped and copied as
+/// they are, not decoded. `None` if a record is malformed.
+fn stage_index<'r>(
+    store: &Store,
+    batch: &mut fjall::OwnedWriteBatch,
+    records: impl IntoIterator<Item = &'r [u8]>,
+    next_seq: &AtomicU64,
+) -> Option<()> {
+    type ByUser<'r> = HashMap<&'r str, (u32, Vec<&'r [u8]>), foldhash::fast::RandomState>;
+    let mut by_user = ByUser::default();
+    for record in records {
+        for (user, count, events) in split_record(record)? {
+            if count > 0 {
+                let (total, parts) = by_user.entry(user).or_default();
+                *total = total.checked_add(count)?;
+                parts.push(events);
+            }
+        }
+    }
+    let mut users: Vec<_> = by_user.into_iter().collect();
+    // The order of the keys: length first (u16 BE), then bytes.
+    users.sort_unstable_by(|a, b| (a.0.len(), a.0).cmp(&(b.0.len(), b.0)));
+    for (user, (count, parts)) in users {
+        let mut key = user_prefix(user);
+        key.extend_from_slice(&next_seq.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+        let mut value = Vec::with_capacity(4 + parts.iter().map(|part| part.len()).sum::<usize>());
+        value.extend_from_slice(&count.to_be_bytes());
+        for part in parts {
+            value.extend_from_slice(part);
+        }
         batch.insert(&store.events, key, value);
     }
+    Some(())
 }
 
 /// Indexes what a writer left in the log when it stopped without indexing it (a crash, a kill),
@@ -982,17 +1099,12 @@ fn index_log(store: &Store, path: &Path, next_seq: &AtomicU64) -> Result<(), Sto
     if records.is_empty() {
         return Ok(());
     }
-    let mut by_user = Pending::new();
     let mut batch = store.db.batch();
-    for (key, value) in &records {
-        let (_, appends) =
-            decode_record(key, value).ok_or_else(|| corrupt(path, "a journal log record is malformed"))?;
-        for (user, events) in appends {
-            by_user.entry(Arc::from(user)).or_default().extend(events);
-        }
-        batch.remove(&store.log, key.clone());
+    stage_index(store, &mut batch, records.iter().map(|(_, value)| &value[..]), next_seq)
+        .ok_or_else(|| corrupt(path, "a journal log record is malformed"))?;
+    for (key, _) in records {
+        batch.remove(&store.log, key);
     }
-    stage_entries(store, &mut batch, &by_user, next_seq);
     batch.insert(
         &store.meta,
         META_NEXT_SEQ,
@@ -1034,21 +1146,27 @@ impl<'a> Reader<'a> {
         let len = self.u16()?;
         self.str_of(len)
     }
+    fn event(&mut self) -> Option<(i64, Option<&'a str>, &'a str)> {
+        let timestamp = self.i64()?;
+        let event_type = match self.u16()? {
+            NO_TYPE => None,
+            len => Some(self.str_of(len)?),
+        };
+        Some((timestamp, event_type, self.str()?))
+    }
     fn events(&mut self) -> Option<Vec<LoggedEvent>> {
-        let count = self.u32()? as usize;
+        let count = self.u32()?;
+        self.events_of(count)
+    }
+    fn events_of(&mut self, count: u32) -> Option<Vec<LoggedEvent>> {
         // Each event takes at least 12 bytes: a garbled count cannot make us reserve gigabytes.
-        let mut events = Vec::with_capacity(count.min(self.0.len() / 12));
+        let mut events = Vec::with_capacity((count as usize).min(self.0.len() / 12));
         for _ in 0..count {
-            let timestamp = self.i64()?;
-            let event_type = match self.u16()? {
-                NO_TYPE => None,
-                len => Some(Arc::from(self.str_of(len)?)),
-            };
-            let item_id = Arc::from(self.str()?);
+            let (timestamp, event_type, item_id) = self.event()?;
             events.push(LoggedEvent {
-                item_id,
+                item_id: Arc::from(item_id),
                 timestamp,
-                event_type,
+                event_type: event_type.map(Arc::from),
             });
         }
         Some(events)
@@ -1069,19 +1187,34 @@ pub fn decode_entry<'k>(key: &'k [u8], value: &[u8]) -> Option<(&'k str, u64, Ve
     value.0.is_empty().then_some((user, seq, events))
 }
 
+/// A log record's appends, each as its user, event count and the events' bytes (what follows
+/// the count); `None` if malformed or with bytes left over.
+fn split_record(value: &[u8]) -> Option<Vec<(&str, u32, &[u8])>> {
+    let mut reader = Reader(value);
+    let count = reader.u32()? as usize;
+    // Each append takes at least 6 bytes (user length and event count).
+    let mut appends = Vec::with_capacity(count.min(reader.0.len() / 6));
+    for _ in 0..count {
+        let user = reader.str()?;
+        let events = reader.u32()?;
+        let start = reader.0;
+        for _ in 0..events {
+            reader.event()?;
+        }
+        appends.push((user, events, &start[..start.len() - reader.0.len()]));
+    }
+    reader.0.is_empty().then_some(appends)
+}
+
 /// The sequence number and appends of one log record; `None` if malformed or with bytes left
 /// over. (Public for the fuzz target.)
 pub fn decode_record<'v>(key: &[u8], value: &'v [u8]) -> Option<(u64, Vec<UserEvents<'v>>)> {
     let seq = decode_seq(key)?;
-    let mut value = Reader(value);
-    let count = value.u32()? as usize;
-    // Each append takes at least 6 bytes (user length and event count).
-    let mut appends = Vec::with_capacity(count.min(value.0.len() / 6));
-    for _ in 0..count {
-        let user = value.str()?;
-        appends.push((user, value.events()?));
-    }
-    value.0.is_empty().then_some((seq, appends))
+    let appends = split_record(value)?
+        .into_iter()
+        .map(|(user, count, events)| Some((user, Reader(events).events_of(count)?)))
+        .collect::<Option<_>>()?;
+    Some((seq, appends))
 }
 
 fn closed() -> StoreError {
@@ -1211,6 +1344,7 @@ mod tests {
             .unwrap()
             .wait_blocking()
             .unwrap();
+        journal.index().wait_blocking().unwrap();
         assert_eq!(journal.load(gone).unwrap().len(), 3);
         journal.erase(Arc::from(gone)).wait_blocking().unwrap();
         assert_eq!(journal.load(gone).unwrap(), [], "erased at once for readers");
@@ -1231,12 +1365,13 @@ mod tests {
             .unwrap()
             .wait_blocking()
             .unwrap();
+        reopened.index().wait_blocking().unwrap();
         assert_eq!(logged(&reopened)[0].1.last().unwrap().item_id.as_ref(), "after");
         reopened.close();
     }
 
     #[test]
-    fn unindexed_appends_are_read_in_place_and_a_start_indexes_what_a_killed_writer_left() {
+    fn appends_are_read_once_indexed_and_a_start_indexes_what_a_killed_writer_left() {
         let dir = tempfile::tempdir().unwrap();
         let config = JournalConfig::offline(dir.path().to_path_buf());
         let (a1, a2, b1, b2, c1) = (
@@ -1265,12 +1400,16 @@ mod tests {
             "indexed at open"
         );
         assert_eq!(journal.load("b").unwrap(), [b1.clone(), b2.clone()]);
-        // Pending (the index step is seconds away): read from memory, after the user's entries.
+        // Committed but pending (the index step is seconds away): not read yet.
         for (user, new) in [("c", &c1), ("a", &a2)] {
             let commit = journal.append(Arc::from(user), vec![new.clone()], true).unwrap();
             commit.wait_blocking().unwrap();
         }
-        assert!(!journal.shared.pending.lock().unwrap().is_empty(), "not indexed yet");
+        assert_eq!(journal.committed(), journal.queued());
+        assert!(journal.indexed() < journal.committed(), "not indexed yet");
+        assert_eq!(journal.load("a").unwrap(), std::slice::from_ref(&a1));
+        journal.index().wait_blocking().unwrap();
+        assert_eq!(journal.indexed(), journal.queued());
         assert_eq!(journal.load("a").unwrap(), [a1.clone(), a2.clone()]);
         let expected = vec![
             ("a".to_owned(), vec![a1, a2]),
@@ -1294,6 +1433,7 @@ mod tests {
         let after = journal.append(Arc::from("u"), vec![event("after", 2, None)], true);
         erased.wait_blocking().unwrap();
         after.unwrap().wait_blocking().unwrap();
+        journal.index().wait_blocking().unwrap();
         let items: Vec<String> = journal
             .load("u")
             .unwrap()

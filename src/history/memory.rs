@@ -5,16 +5,19 @@
 //!
 //! With a memory budget (`--max-memory-bytes`), the least recently active users leave memory
 //! (never the journal) once the histories' bytes pass it, and are read back from the journal on
-//! their next request. A user may leave only once the journal has committed every change memory
-//! made to it, and an erased user is not read back before its erasure is committed, so a reload
+//! their next request. A user may leave only once the journal has indexed every change memory
+//! made to it (a reload reads the indexed entries), and an erased user is not read back before its erasure is committed, so a reload
 //! always gives back exactly what memory held (less what retention dropped since).
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
+use hashbrown::hash_map::EntryRef;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 use std::time::Instant;
 
-use super::journal::{Journal, LoggedEvent};
+use super::journal::{EncodedEvents, Journal, LoggedEvent};
 use super::{
     Commit, Expired, HistorySnapshot, HistoryStore, ItemIndex, MemoryTotals, NewEvent, StoreError, StoreStats,
     StoredEvent, EVENT_BYTES,
@@ -27,7 +30,7 @@ struct UserHistory {
     /// The eviction clock when the user was last read or written.
     last_active: AtomicU64,
     /// [`Journal::queued`] just after the user's newest change: the user may leave memory once
-    /// the journal has committed that many changes.
+    /// the journal has indexed that many changes.
     written: u64,
 }
 
@@ -40,9 +43,12 @@ impl UserHistory {
     }
 }
 
+type UserMap = hashbrown::HashMap<Arc<str>, UserHistory, RandomState>;
+
 #[derive(Debug, Default)]
 struct Shard {
-    users: HashMap<Arc<str>, UserHistory>,
+    /// hashbrown's map for `entry_ref`: a user is found, or inserted, with one hash lookup.
+    users: UserMap,
     /// With a budget: users erased in memory whose erasure the journal has not committed yet,
     /// with the commit count that covers it (a reload before then would read them back).
     erasing: HashMap<Arc<str>, u64>,
@@ -86,7 +92,7 @@ impl Histories {
         assert!(shards > 0 && capacity > 0, "shards and capacity must be positive");
         Self {
             shards: (0..shards).map(|_| RwLock::default()).collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             capacity,
             next_version: AtomicU64::new(1),
             users: AtomicUsize::new(0),
@@ -145,23 +151,29 @@ impl Histories {
         }
     }
 
+    /// The user's history, created empty if absent.
+    fn entry<'s>(&self, users: &'s mut UserMap, user: &str) -> &'s mut UserHistory {
+        users.entry_ref(user).or_insert_with(|| self.new_user(user))
+    }
+
+    /// An empty history for `user`, counted.
+    fn new_user(&self, user: &str) -> UserHistory {
+        self.users.fetch_add(1, Ordering::Relaxed);
+        self.key_bytes.fetch_add(user.len(), Ordering::Relaxed);
+        UserHistory::default()
+    }
+
     /// The one place events enter a user's history; `active` is the user's recency.
-    fn apply_locked<'s>(
-        &self,
-        shard: &'s mut Shard,
-        user: &str,
-        events: impl IntoIterator<Item = StoredEvent>,
-        active: u64,
-    ) -> &'s mut UserHistory {
-        if !shard.users.contains_key(user) {
-            self.users.fetch_add(1, Ordering::Relaxed);
-            self.key_bytes.fetch_add(user.len(), Ordering::Relaxed);
-            shard.users.insert(Arc::from(user), UserHistory::default());
-        }
-        let history = shard.users.get_mut(user).expect("inserted above");
+    fn apply(&self, history: &mut UserHistory, events: impl IntoIterator<Item = StoredEvent>, active: u64) {
         let before = history.events.len();
         for event in events {
-            let at = history.events.partition_point(|e| e.timestamp <= event.timestamp);
+            // Events mostly come in time order: then the end is the place, found without a search.
+            let at = match history.events.back() {
+                Some(last) if last.timestamp > event.timestamp => {
+                    history.events.partition_point(|e| e.timestamp <= event.timestamp)
+                }
+                _ => history.events.len(),
+            };
             history.events.insert(at, event);
         }
         while history.events.len() > self.capacity {
@@ -172,33 +184,47 @@ impl Histories {
         self.events.fetch_sub(before, Ordering::Relaxed);
         history.version = self.next_version.fetch_add(1, Ordering::Relaxed);
         history.last_active.fetch_max(active, Ordering::Relaxed);
-        history
     }
 
     /// The user's history in memory, read back from the journal first if the budget evicted it;
-    /// `None` for a user with no events.
-    fn resident<'s>(&self, shard: &'s mut Shard, user: &str) -> Result<Option<&'s mut UserHistory>, StoreError> {
-        if shard.users.contains_key(user) {
-            return Ok(shard.users.get_mut(user));
-        }
-        let (Some(budget), Some(journal)) = (&self.budget, &self.journal) else {
-            return Ok(None);
+    /// for a user with no events, a new empty history with `create`, else `None`.
+    fn resident<'s>(
+        &self,
+        shard: &'s mut Shard,
+        user: &str,
+        create: bool,
+    ) -> Result<Option<&'s mut UserHistory>, StoreError> {
+        let Shard { users, erasing } = shard;
+        let absent = match users.entry_ref(user) {
+            EntryRef::Occupied(found) => return Ok(Some(found.into_mut())),
+            EntryRef::Vacant(absent) => absent,
         };
-        if let Some(&covered) = shard.erasing.get(user) {
-            if journal.committed() < covered {
-                return Ok(None);
+        let mut logged = Vec::new();
+        let mut erased_lately = false;
+        if let (Some(_), Some(journal)) = (&self.budget, &self.journal) {
+            if let Some(&covered) = erasing.get(user) {
+                erased_lately = journal.committed() < covered;
+                if !erased_lately {
+                    erasing.remove(user);
+                }
             }
-            shard.erasing.remove(user);
+            if !erased_lately {
+                let started = Instant::now();
+                logged = journal.load(user)?;
+                if !logged.is_empty() {
+                    self.reloads.fetch_add(1, Ordering::Relaxed);
+                    self.reload_micros
+                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
+            }
         }
-        let started = Instant::now();
-        let logged = journal.load(user)?;
-        if logged.is_empty() {
+        if logged.is_empty() && !create {
             return Ok(None);
         }
-        let history = self.apply_locked(shard, user, logged.iter().map(|e| (budget.resolve)(e)), self.tick());
-        self.reloads.fetch_add(1, Ordering::Relaxed);
-        self.reload_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let history = absent.insert(self.new_user(user));
+        if let Some(budget) = &self.budget {
+            self.apply(history, logged.iter().map(|e| (budget.resolve)(e)), self.tick());
+        }
         Ok(Some(history))
     }
 
@@ -221,7 +247,8 @@ impl Histories {
             }
             if !events.is_empty() {
                 let mut shard = self.write_shard(user);
-                self.apply_locked(&mut shard, user, events.iter().map(&resolve), seq);
+                let history = self.entry(&mut shard.users, user);
+                self.apply(history, events.iter().map(&resolve), seq);
             }
         })?;
         self.evict_over_budget();
@@ -236,7 +263,8 @@ impl Histories {
     }
 
     /// Past the budget, evicts the least recently active users whose changes the journal has
-    /// committed until the histories hold 90% of it. One pass at a time: it reads every
+    /// indexed (a user read back reads only the indexed entries) until the histories hold 90% of
+    /// it; when those are not enough, asks the journal for an index step. One pass at a time: it reads every
     /// shard's recency, picks the cut-off, then removes the users before it.
     fn evict_over_budget(&self) {
         let (Some(budget), Some(journal)) = (&self.budget, &self.journal) else {
@@ -245,7 +273,7 @@ impl Histories {
         if self.bytes() <= budget.max_bytes || self.evicting.swap(true, Ordering::Acquire) {
             return;
         }
-        let committed = journal.committed();
+        let indexed = journal.indexed();
         let mut candidates: Vec<(u64, usize)> = Vec::new();
         for shard in &self.shards {
             let shard = shard.read().unwrap_or_else(|e| e.into_inner());
@@ -253,7 +281,7 @@ impl Histories {
                 shard
                     .users
                     .iter()
-                    .filter(|(_, h)| h.written <= committed)
+                    .filter(|(_, h)| h.written <= indexed)
                     .map(|(user, h)| (h.last_active.load(Ordering::Relaxed), h.bytes(user))),
             );
         }
@@ -267,13 +295,16 @@ impl Histories {
             freed += bytes;
             cutoff = active + 1;
         }
+        if freed < excess {
+            journal.index_soon();
+        }
         let mut evicted = 0;
         for shard in &self.shards {
             let mut shard = shard.write().unwrap_or_else(|e| e.into_inner());
             let leaving: Vec<Arc<str>> = shard
                 .users
                 .iter()
-                .filter(|(_, h)| h.written <= committed && h.last_active.load(Ordering::Relaxed) < cutoff)
+                .filter(|(_, h)| h.written <= indexed && h.last_active.load(Ordering::Relaxed) < cutoff)
                 .map(|(user, _)| user.clone())
                 .collect();
             evicted += leaving.len();
@@ -338,7 +369,8 @@ impl HistoryStore for Histories {
         let Some(journal) = &self.journal else {
             for (user, events) in writes {
                 let mut shard = self.write_shard(&user);
-                self.apply_locked(&mut shard, &user, events.into_iter().map(|e| e.event), 0);
+                let history = self.entry(&mut shard.users, &user);
+                self.apply(history, events.into_iter().map(|e| e.event), 0);
             }
             return Commit::done();
         };
@@ -348,13 +380,14 @@ impl HistoryStore for Histories {
         let last = writes.len().saturating_sub(1);
         let mut commit = Commit::done();
         for (i, (user, events)) in writes.into_iter().enumerate() {
-            let logged: Vec<LoggedEvent> = events.iter().map(LoggedEvent::from).collect();
+            let logged = EncodedEvents::from(&events[..]);
             let mut shard = self.write_shard(&user);
             // An evicted user comes back first: the new events join the whole history.
-            if let Err(error) = self.resident(&mut shard, &user) {
-                return Commit::failed(error);
-            }
-            let history = self.apply_locked(&mut shard, &user, events.into_iter().map(|e| e.event), self.tick());
+            let history = match self.resident(&mut shard, &user, true) {
+                Ok(history) => history.expect("created when absent"),
+                Err(error) => return Commit::failed(error),
+            };
+            self.apply(history, events.into_iter().map(|e| e.event), self.tick());
             // The journal keeps order, so the last write's acknowledgement covers the others.
             let ticket = journal.append(user.clone(), logged, i == last);
             history.written = journal.queued();
@@ -379,7 +412,9 @@ impl HistoryStore for Histories {
             }
         }
         let mut shard = self.write_shard(user);
-        let snapshot = self.resident(&mut shard, user)?.map(|history| snapshot_of(history));
+        let snapshot = self
+            .resident(&mut shard, user, false)?
+            .map(|history| snapshot_of(history));
         drop(shard);
         self.evict_over_budget();
         Ok(snapshot)
@@ -388,7 +423,7 @@ impl HistoryStore for Histories {
     fn remove(&self, user: &str) -> Option<(u64, Commit)> {
         let mut shard = self.write_shard(user);
         // An evicted user is still on disk: read back so that its erasure is known and counted.
-        let found = self.resident(&mut shard, user);
+        let found = self.resident(&mut shard, user, false);
         let version = self.next_version.fetch_add(1, Ordering::Relaxed);
         match found {
             Ok(Some(_)) => {}
@@ -476,6 +511,11 @@ mod tests {
             .append(vec![(Arc::from(user), events.to_vec())])
             .wait_blocking()
             .unwrap();
+        // As after the next index step: the budget evicts only indexed users.
+        if let Some(journal) = store.journal() {
+            journal.index().wait_blocking().unwrap();
+            store.evict_over_budget();
+        }
         snap(store, user).version
     }
 
@@ -591,6 +631,31 @@ mod tests {
         assert!(!resident("u2"), "the least recently active");
         append(&store, "u2", [ev(6, 25)]);
         assert_eq!(snap(&store, "u2").timestamps, [25, 30, 40, 50]);
+    }
+
+    #[test]
+    fn only_indexed_users_leave_memory_and_the_budget_asks_for_the_index_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = budgeted(dir.path(), 1);
+        let journal = store.journal().unwrap().clone();
+        store
+            .append(vec![(Arc::from("u"), vec![ev(1, 10), ev(2, 20)])])
+            .wait_blocking()
+            .unwrap();
+        let resident = |user: &str| store.write_shard(user).users.contains_key(user);
+        assert!(resident("u"), "committed, not indexed: a reload would miss the events");
+        // Asked for by that append's eviction pass, well before the index step's own delay.
+        let asked = Instant::now();
+        while journal.indexed() < journal.queued() {
+            assert!(
+                asked.elapsed() < super::super::journal::INDEX_DELAY / 2,
+                "no index step was asked for"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        store.evict_over_budget();
+        assert!(!resident("u"));
+        assert_eq!(snap(&store, "u").timestamps, [10, 20], "read back whole");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-pub use journal::{FsyncPolicy, Journal, JournalConfig, LoggedEvent};
+pub use journal::{EncodedEvents, FsyncPolicy, Journal, JournalConfig, LoggedEvent};
 pub use memory::{Histories, MemoryBudget};
 
 /// One event as memory holds it. `item` is the model's index, 0 when the model does not know the
