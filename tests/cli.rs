@@ -129,6 +129,23 @@ fn synth_train_eval_explain_round_trip() {
     let explain_out = ok(&explain("u7"));
     assert_eq!(explain_out.lines().count(), 10);
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    // With titles in the item metadata, each recommendation is printed with its title.
+    let meta = dir.path().join("titles.tsv");
+    let mut titles = String::from("item_id\tcategories\ttitle\n");
+    for line in explain_out.lines() {
+        let item = line.split('\t').nth(1).unwrap();
+        titles += &format!("{item}\tdrama\tThe Film of {item}\n");
+    }
+    std::fs::write(&meta, titles).unwrap();
+    let with_titles = ok(&[explain("u7").as_slice(), &["--item-meta", path(&meta)]].concat());
+    for (plain, titled) in explain_out.lines().zip(with_titles.lines()) {
+        let item = plain.split('\t').nth(1).unwrap();
+        assert_eq!(
+            titled.split('\t').nth(3),
+            Some(format!("The Film of {item}").as_str()),
+            "{titled}"
+        );
+    }
     assert!(failure(&explain("nobody")).contains("user `nobody` has no events"));
 }
 

@@ -1,4 +1,5 @@
-//! `xsrec explain`: attention heatmap and top-10 for one user.
+//! `xsrec explain`: attention heatmap and top-10 for one user, items named by title when the
+//! item metadata has titles.
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -32,6 +33,13 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let artifact = Artifact::load(&args.model, device)?;
     let events = args.data.load()?;
+    let meta = args.data.load_item_meta()?;
+    let title_of = |id: &str| meta.as_ref().and_then(|m| m.get(id)).and_then(|m| m.title.as_deref());
+    // "Toy Story [1]" with a title, the bare id without.
+    let name = |id: &str| match title_of(id) {
+        Some(title) => format!("{title} [{id}]"),
+        None => id.to_owned(),
+    };
     let set = build_sequences(&events, artifact.items.clone(), artifact.event_types.clone(), false);
     let Some(user) = set.users.iter().find(|u| u.user_id == args.user) else {
         bail!(
@@ -61,11 +69,11 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
     let explanation = Explanation {
         history: row.items[start..]
             .iter()
-            .map(|&i| artifact.items.id(i as u32).to_owned())
+            .map(|&i| name(artifact.items.id(i as u32)))
             .collect(),
         sessions: row.sessions[start..].to_vec(),
         attention: attention.into_iter().map(|w| w[start..].to_vec()).collect(),
-        top,
+        top: top.iter().map(|(id, score)| (name(id), *score)).collect(),
         title: format!(
             "user {}: attention of the newest position ({} events, heads averaged)",
             args.user,
@@ -73,8 +81,12 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         ),
     };
     draw_attention(&explanation, &args.out).with_context(|| format!("drawing {}", args.out.display()))?;
-    for (rank, (item, score)) in explanation.top.iter().enumerate() {
-        println!("{}\t{item}\t{score:.4}", rank + 1);
+    for (rank, (item, score)) in top.iter().enumerate() {
+        println!(
+            "{}\t{item}\t{score:.4}\t{}",
+            rank + 1,
+            title_of(item).unwrap_or_default()
+        );
     }
     Ok(())
 }

@@ -5,13 +5,13 @@ use plotters::prelude::*;
 
 /// What to draw for one user.
 pub struct Explanation {
-    /// Item ids of the history window, oldest first.
+    /// Items of the history window (their names: titles where known), oldest first.
     pub history: Vec<String>,
     /// Session index of each history event (a boundary is drawn where it changes).
     pub sessions: Vec<i64>,
     /// Per layer, attention weight of the newest position over each history event.
     pub attention: Vec<Vec<f32>>,
-    /// Recommended item ids with scores, best first.
+    /// Recommended items (names) with scores, best first.
     pub top: Vec<(String, f32)>,
     pub title: String,
 }
@@ -66,17 +66,40 @@ pub fn draw_attention(explanation: &Explanation, path: &Path) -> anyhow::Result<
             RED.stroke_width(2),
         ))?;
     }
-    let mut lines = vec!["top-10 recommendations:".to_string()];
-    lines.extend(
+    let mut top = vec!["top-10 recommendations:".to_string()];
+    top.extend(
         explanation
             .top
             .iter()
             .enumerate()
             .map(|(i, (item, score))| format!("{:>2}. {item}  (score {score:.3})", i + 1)),
     );
-    for (i, line) in lines.iter().enumerate() {
-        lower.draw(&Text::new(line.as_str(), (30, 10 + 20 * i as i32), ("sans-serif", 16)))?;
+    let (left, right) = lower.split_horizontally(700);
+    for (i, line) in top.iter().enumerate() {
+        left.draw(&Text::new(line.as_str(), (30, 10 + 20 * i as i32), ("sans-serif", 16)))?;
+    }
+    for (i, (line, boundary)) in recent_history(explanation, 11).iter().enumerate() {
+        let color = if *boundary { RED } else { BLACK };
+        let style = ("sans-serif", 16).into_font().color(&color);
+        right.draw(&Text::new(line.as_str(), (10, 10 + 20 * i as i32), style))?;
     }
     root.present()?;
     Ok(())
+}
+
+/// The newest events of the history in `lines` lines at most, newest first, with a line where a
+/// session starts (`true` marks those lines).
+fn recent_history(explanation: &Explanation, lines: usize) -> Vec<(String, bool)> {
+    let mut shown = vec![("recent history, newest first:".to_string(), false)];
+    for at in (0..explanation.history.len()).rev() {
+        if shown.len() >= lines {
+            break;
+        }
+        shown.push((explanation.history[at].clone(), false));
+        let starts_session = at > 0 && explanation.sessions.get(at) != explanation.sessions.get(at - 1);
+        if starts_session && shown.len() < lines {
+            shown.push(("── a new session starts above ──".to_string(), true));
+        }
+    }
+    shown
 }
