@@ -47,7 +47,14 @@ fn target() -> &'static Target {
             while server.core.readiness() != xsrec::health::Readiness::Ready {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            xsrec::api::router(server.core.clone(), std::time::Duration::from_secs(1), true)
+            xsrec::api::router(
+                server.core.clone(),
+                &xsrec::api::HttpOptions {
+                    body_read_timeout: std::time::Duration::from_secs(1),
+                    with_metrics: true,
+                    cors_allow_origins: Vec::new(),
+                },
+            )
         });
         Target { runtime, router }
     })

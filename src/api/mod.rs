@@ -19,6 +19,9 @@ use crate::recommend::{CoreError, Operation, Recommender};
 use axum::http::HeaderValue;
 pub use error::{ApiError, FailureReason};
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 /// Routes under `/v1` (and the admin one) pass admission control; health, metrics and the spec
 /// never wait.
@@ -34,8 +37,23 @@ pub const V1_ROUTES: [&str; 8] = [
 ];
 pub const OPS_ROUTES: [&str; 4] = ["/health/live", "/health/ready", "/metrics", "/openapi.json"];
 
-/// The API. `with_metrics: false` leaves `/metrics` to [`admin_router`] on its own listener.
-pub fn router(state: Arc<Recommender>, body_read_timeout: Duration, with_metrics: bool) -> Router {
+/// How the API's HTTP side behaves beyond the core's limits.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// How long a client may take to send a body (408 `body_timeout` after).
+    pub body_read_timeout: Duration,
+    /// `false` leaves `/metrics` to [`admin_router`] on its own listener.
+    pub with_metrics: bool,
+    /// Origins browsers may call the API from (`*` for any); none turns CORS off.
+    pub cors_allow_origins: Vec<HeaderValue>,
+}
+
+/// Answers at least this large are gzipped for clients that accept it; smaller ones gain less
+/// than the work costs.
+const COMPRESS_ABOVE_BYTES: u16 = 1024;
+
+/// The API.
+pub fn router(state: Arc<Recommender>, options: &HttpOptions) -> Router {
     // Every route's request counter exists before any traffic, so dashboards see zeros.
     for route in V1_ROUTES.iter().chain(&OPS_ROUTES) {
         state.metrics.requests.with_label_values(&[route, "200"]);
@@ -56,17 +74,20 @@ pub fn router(state: Arc<Recommender>, body_read_timeout: Duration, with_metrics
         .route("/v1/model", get(handlers::model))
         .route("/admin/v1/model", post(handlers::reload))
         .route_layer(middleware::from_fn_with_state(
-            (state.clone(), body_read_timeout),
+            (state.clone(), options.body_read_timeout),
             admit,
         ));
     let mut ops = Router::new()
         .route("/health/live", get(handlers::live))
         .route("/health/ready", get(handlers::ready))
         .route("/openapi.json", get(handlers::openapi));
-    if with_metrics {
+    if options.with_metrics {
         ops = ops.route("/metrics", get(handlers::metrics));
     }
-    Router::new()
+    // A backstop past the core's own deadline: the body's time, then the request's.
+    let answer_within = options.body_read_timeout + state.limits.request_timeout + ANSWER_MARGIN;
+    let compression = DefaultPredicate::new().and(SizeAbove::new(COMPRESS_ABOVE_BYTES));
+    let mut app = Router::new()
         .merge(v1)
         .merge(ops)
         // Every answer the server gives is the API's JSON error shape, wrong routes included.
@@ -74,8 +95,40 @@ pub fn router(state: Arc<Recommender>, body_read_timeout: Duration, with_metrics
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(CatchPanicLayer::custom(panicked))
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(CompressionLayer::new().gzip(true).compress_when(compression));
+    if let Some(cors) = cors(&options.cors_allow_origins) {
+        // Outside admission: a browser's preflight carries no API key.
+        app = app.layer(cors);
+    }
+    app.layer(middleware::from_fn_with_state((state.clone(), answer_within), observe))
         .with_state(state)
+}
+
+/// How much longer than the body's and the request's own limits any answer may take before
+/// the backstop answers 504 `deadline_exceeded` (a stalled store, say).
+const ANSWER_MARGIN: Duration = Duration::from_secs(1);
+
+fn cors(origins: &[HeaderValue]) -> Option<CorsLayer> {
+    use axum::http::{header, Method};
+    if origins.is_empty() {
+        return None;
+    }
+    let allowed = match origins.iter().any(|origin| origin == "*") {
+        true => AllowOrigin::any(),
+        false => AllowOrigin::list(origins.iter().cloned()),
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allowed)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::AUTHORIZATION,
+                header::HeaderName::from_static(REQUEST_ID_HEADER),
+            ])
+            .expose_headers([header::HeaderName::from_static(REQUEST_ID_HEADER), header::RETRY_AFTER])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 /// What `--admin-addr` serves: metrics and health, for a port that only operators reach.
@@ -142,8 +195,14 @@ tokio::task_local! {
 /// Gives every request an id (its `x-request-id` when sensible, else a new one), echoes it in
 /// the response, counts it in the metrics by route (`unmatched` for wrong paths) and status, and
 /// writes the one log line of a request that failed or was shed. Outermost, so that it sees
-/// every answer, wrong routes and panics included.
-async fn observe(State(state): State<Arc<Recommender>>, request: Request, next: Next) -> Response {
+/// every answer, wrong routes and panics included. Answers 504 `deadline_exceeded` for a request
+/// still unanswered after `answer_within` (except a model reload, which takes what loading a
+/// model takes); tower-http's timeout layer would answer with an empty body.
+async fn observe(
+    State((state, answer_within)): State<(Arc<Recommender>, Duration)>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -154,10 +213,15 @@ async fn observe(State(state): State<Arc<Recommender>>, request: Request, next: 
     // Cheap clones (shared bytes); formatted only for a failure's log line.
     let (method, uri) = (request.method().clone(), request.uri().clone());
     let started = Instant::now();
+    let unbounded = route == "/admin/v1/model";
     let answer = async {
         match oversized(&request) {
             Some(refused) => refused.into_response(),
-            None => next.run(request).await,
+            None if unbounded => next.run(request).await,
+            None => match tokio::time::timeout(answer_within, next.run(request)).await {
+                Ok(response) => response,
+                Err(_) => ApiError::from(CoreError::DeadlineExceeded(answer_within.as_millis() as u64)).into_response(),
+            },
         }
     };
     let mut response = REQUEST_ID.scope(id.clone(), answer).await;

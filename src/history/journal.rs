@@ -861,6 +861,8 @@ impl JournalWriter {
         if batch.is_empty() {
             return Ok(());
         }
+        // A stalled disk, in tests of what waits on the journal.
+        fail::fail_point!("journal-commit");
         let next_seq = self.shared.next_seq.load(Ordering::Relaxed);
         batch.insert(&store.meta, META_NEXT_SEQ, next_seq.to_be_bytes());
         let path = &self.shared.config.dir;

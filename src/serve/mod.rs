@@ -119,6 +119,10 @@ pub struct ServeConfig {
     /// are admitted only once their body is in, so slow senders hold no admission permit.
     #[arg(long, env = "XSREC_BODY_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub body_read_timeout_ms: u64,
+    /// An origin browsers may call the API from (CORS), e.g. `https://shop.example`; repeat it
+    /// or separate with commas; `*` allows any. None (the default): no CORS headers.
+    #[arg(long, env = "XSREC_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origin: Vec<axum::http::HeaderValue>,
     #[arg(long, env = "XSREC_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
     #[arg(long, env = "XSREC_MAX_EVENTS_PER_CALL", default_value_t = 1000)]
@@ -417,8 +421,11 @@ pub async fn start(
     });
     let app = api::router(
         core.clone(),
-        Duration::from_millis(config.body_read_timeout_ms),
-        admin_listener.is_none(),
+        &api::HttpOptions {
+            body_read_timeout: Duration::from_millis(config.body_read_timeout_ms),
+            with_metrics: admin_listener.is_none(),
+            cors_allow_origins: config.cors_allow_origin.clone(),
+        },
     );
     let admin_app = api::admin_router(core.clone());
     let connection_limits = connections::ConnectionLimits {
