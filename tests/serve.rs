@@ -652,3 +652,47 @@ async fn an_admin_address_takes_the_metrics_off_the_api_address() {
     assert_eq!(api.status(), StatusCode::NOT_FOUND);
     server.shut_down().await.unwrap();
 }
+
+/// The monitoring kit in docker/ (alert rules, Grafana dashboard) names only metrics this server
+/// exports, so a renamed metric cannot leave a silent dashboard or an alert that never fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_alert_rules_name_only_metrics_the_server_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(&["--data-dir", dir.path().to_str().unwrap(), "--max-memory-bytes", "64M"]).await;
+    let (_, exposition) = server.get("/metrics").await;
+    let exported: std::collections::HashSet<&str> = exposition
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split(' ').next())
+        .collect();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker");
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("grafana/dashboards/xsrec.json")).unwrap()).unwrap();
+    let mut queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().unwrap().clone())
+        .map(|target| target["expr"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(queries.len() >= 15, "{} queries", queries.len());
+    queries.push(std::fs::read_to_string(root.join("prometheus/alerts.yml")).unwrap());
+    let mut named = 0;
+    for text in &queries {
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("xsrec_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix).filter(|base| exported.contains(base)))
+                .unwrap_or(&name);
+            assert!(exported.contains(base), "{name} is not exported: {text}");
+            named += 1;
+        }
+    }
+    assert!(named >= 30, "only {named} metric names found");
+}
