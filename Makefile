@@ -15,7 +15,7 @@ DEFAULT_MODEL := models/default
 # The documented recipe of the default model (see README "The default model").
 DEFAULT_TRAIN_FLAGS := --max-len 50 --seed 42 --threads 1
 
-.PHONY: venv build data run test fmt lint bench load quality fuzz clean
+.PHONY: venv build data run test fmt lint bench load quality fuzz image clean
 
 venv: $(TORCH_STAMP)
 
@@ -67,6 +67,10 @@ quality: data
 clean:
 	cargo clean
 	rm -rf runs
+
+# The CPU container image, built with podman and smoke-tested (docker/build.sh; FLAVOR=cuda too).
+image:
+	docker/build.sh
 
 # Coverage-guided fuzzing (cargo-fuzz, nightly) of request decoding through the real router and of
 # journal record decoding; FUZZ_SECONDS per target. No sanitizer (-s none): libtorch is not built

@@ -60,7 +60,10 @@ fn main() {
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    if lib.join("libtorch_cuda.so").exists() {
+    // XSREC_LINK_CUDA=0 builds a CPU-only binary from a CUDA wheel (the CPU container image).
+    println!("cargo:rerun-if-env-changed=XSREC_LINK_CUDA");
+    let link_cuda = std::env::var("XSREC_LINK_CUDA").map_or(true, |value| value != "0");
+    if link_cuda && lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
 }
