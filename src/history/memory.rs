@@ -6,16 +6,17 @@
 //! With a memory budget (`--max-memory-bytes`), the least recently active users leave memory
 //! (never the journal) once the histories' bytes pass it, and are read back from the journal on
 //! their next request. A user may leave only once the journal has indexed every change memory
-//! made to it (a reload reads the indexed entries), and an erased user is not read back before its erasure is committed, so a reload
-//! always gives back exactly what memory held (less what retention dropped since).
+//! made to it (a reload reads the indexed entries), and an erased user is not read back before
+//! its erasure is committed, so a reload always gives back exactly what memory held (less what
+//! retention dropped since).
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-
-use foldhash::fast::RandomState;
-use hashbrown::hash_map::EntryRef;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 use std::time::Instant;
+
+use foldhash::fast::RandomState;
+use hashbrown::hash_map::EntryRef;
 
 use super::journal::{EncodedEvents, Journal, LoggedEvent};
 use super::{
@@ -264,8 +265,8 @@ impl Histories {
 
     /// Past the budget, evicts the least recently active users whose changes the journal has
     /// indexed (a user read back reads only the indexed entries) until the histories hold 90% of
-    /// it; when those are not enough, asks the journal for an index step. One pass at a time: it reads every
-    /// shard's recency, picks the cut-off, then removes the users before it.
+    /// it; when those are not enough, asks the journal for an index step. One pass at a time: it
+    /// reads every shard's recency, picks the cut-off, then removes the users before it.
     fn evict_over_budget(&self) {
         let (Some(budget), Some(journal)) = (&self.budget, &self.journal) else {
             return;
