@@ -1,11 +1,13 @@
 //! `xsrec data`: obtain or generate event logs.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Subcommand, ValueEnum};
 
+use crate::data::family::{flatten_time, generate, FamilyParams, Pattern};
 use crate::data::fetch::fetch_movielens_100k;
 use crate::data::formats::write_csv;
 use crate::data::synth::{synthesize, SynthConfig};
+use crate::data::Event;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Dataset {
@@ -23,15 +25,27 @@ pub enum DataCommand {
         out: PathBuf,
     },
     /// Write a synthetic cross-session event log as CSV.
+    ///
+    /// With `--pattern`, a log of that cross-session phenomenon whose parameters (topics, users,
+    /// session lengths, gaps, noise) are drawn from `--seed` and printed as JSON; without it, the
+    /// cluster-chain log the tests and benchmarks use, sized by `--users` and `--items`.
     Synth {
+        #[arg(long, value_enum)]
+        pattern: Option<Pattern>,
+        /// Required without `--pattern`; with it, overrides the drawn number of users.
         #[arg(long)]
-        users: usize,
-        #[arg(long)]
-        items: usize,
+        users: Option<usize>,
+        /// Required without `--pattern` (a pattern's catalogue is drawn from the seed).
+        #[arg(long, conflicts_with = "pattern")]
+        items: Option<usize>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long)]
         out: PathBuf,
+        /// Also write the control copy: the same events with each user's timestamps flattened
+        /// to 1 s steps, so no gap reveals a session or the clock.
+        #[arg(long)]
+        control_out: Option<PathBuf>,
     },
 }
 
@@ -45,15 +59,38 @@ pub fn run(command: &DataCommand) -> anyhow::Result<()> {
             println!("{}", dir.join("ml-100k.inter").display());
         }
         DataCommand::Synth {
+            pattern,
             users,
             items,
             seed,
             out,
+            control_out,
         } => {
-            let events = synthesize(&SynthConfig::new(*users, *items, *seed));
-            write_csv(&events, out)?;
-            eprintln!("wrote {} events to {}", events.len(), out.display());
+            let events = match pattern {
+                Some(pattern) => {
+                    let mut params = FamilyParams::draw(*pattern, *seed);
+                    params.users = users.unwrap_or(params.users);
+                    println!("{}", serde_json::to_string_pretty(&params)?);
+                    generate(&params).events
+                }
+                None => {
+                    let (Some(users), Some(items)) = (users, items) else {
+                        anyhow::bail!("the cluster-chain log needs --users and --items (or choose a --pattern)");
+                    };
+                    synthesize(&SynthConfig::new(*users, *items, *seed))
+                }
+            };
+            write_log(&events, out)?;
+            if let Some(control) = control_out {
+                write_log(&flatten_time(&events), control)?;
+            }
         }
     }
+    Ok(())
+}
+
+fn write_log(events: &[Event], path: &Path) -> anyhow::Result<()> {
+    write_csv(events, path)?;
+    eprintln!("wrote {} events to {}", events.len(), path.display());
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Events in, sequences out: file formats, vocabularies, sessionisation, splits, synthetic logs.
 pub mod error;
 pub mod event;
+pub mod family;
 pub mod fetch;
 pub mod formats;
 pub mod session;

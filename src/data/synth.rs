@@ -24,9 +24,9 @@ const INTERESTS: usize = 3;
 const DRIFT_PROBABILITY: f64 = 0.2;
 const ITEM_ZIPF_EXPONENT: f64 = 1.0;
 const CLUSTER_ZIPF_EXPONENT: f64 = 0.8;
-const FIRST_TIMESTAMP: i64 = 1_600_000_000;
+pub(super) const FIRST_TIMESTAMP: i64 = 1_600_000_000;
 /// Users start at different times so that the log is not a single burst.
-const START_SPREAD_SECS: i64 = 30 * 86_400;
+pub(super) const START_SPREAD_SECS: i64 = 30 * 86_400;
 const MEDIAN_SESSION_BREAK_SECS: f64 = 86_400.0;
 const SESSION_BREAK_LOG_SIGMA: f64 = 1.2;
 const MAX_SESSION_BREAK_SECS: i64 = 90 * 86_400;
@@ -219,11 +219,11 @@ impl World {
     }
 }
 
-fn zipf_weight(rank: usize, exponent: f64) -> f64 {
+pub(super) fn zipf_weight(rank: usize, exponent: f64) -> f64 {
     1.0 / ((rank + 1) as f64).powf(exponent)
 }
 
-fn cumulative_zipf(n: usize, exponent: f64) -> Vec<f64> {
+pub(super) fn cumulative_zipf(n: usize, exponent: f64) -> Vec<f64> {
     (0..n)
         .scan(0.0, |sum, rank| {
             *sum += zipf_weight(rank, exponent);
@@ -233,7 +233,7 @@ fn cumulative_zipf(n: usize, exponent: f64) -> Vec<f64> {
 }
 
 /// An index drawn with probability proportional to its weight, given cumulative weights.
-fn draw(cumulative: &[f64], rng: &mut impl Rng) -> usize {
+pub(super) fn draw(cumulative: &[f64], rng: &mut impl Rng) -> usize {
     let total = cumulative[cumulative.len() - 1];
     let target = rng.gen::<f64>() * total;
     // `min` guards against rounding putting `target` at the very end.
@@ -242,7 +242,7 @@ fn draw(cumulative: &[f64], rng: &mut impl Rng) -> usize {
 
 /// Seconds between two events of a session: log-uniform over tens of seconds to minutes,
 /// always below the session threshold.
-fn click_gap(rng: &mut impl Rng, session_gap_secs: i64) -> i64 {
+pub(super) fn click_gap(rng: &mut impl Rng, session_gap_secs: i64) -> i64 {
     let ratio = MAX_CLICK_GAP_SECS / MIN_CLICK_GAP_SECS;
     let secs = (MIN_CLICK_GAP_SECS * ratio.powf(rng.gen::<f64>())) as i64;
     secs.clamp(1, session_gap_secs - 1)
@@ -257,14 +257,14 @@ fn session_break(rng: &mut impl Rng, session_gap_secs: i64) -> i64 {
 }
 
 /// Box–Muller; rand 0.8 alone has no normal distribution.
-fn standard_normal(rng: &mut impl Rng) -> f64 {
+pub(super) fn standard_normal(rng: &mut impl Rng) -> f64 {
     let u1 = 1.0 - rng.gen::<f64>(); // in (0, 1], so the log is finite
     let u2: f64 = rng.gen();
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 /// Most events are views; each deeper step of the funnel is rarer.
-fn funnel_step(rng: &mut impl Rng) -> &'static str {
+pub(super) fn funnel_step(rng: &mut impl Rng) -> &'static str {
     match rng.gen::<f64>() {
         x if x < 0.03 => "purchase",
         x if x < 0.10 => "cart",
