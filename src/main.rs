@@ -23,6 +23,8 @@ enum Command {
     Train(cli::train::TrainArgs),
     /// Full-ranking evaluation of a saved model.
     Eval(cli::eval::EvalArgs),
+    /// Score one synthetic cross-session log: references, oracle and trained models, by session start.
+    CrossSession(cli::cross_session::CrossSessionArgs),
     /// Draw what the model attends to for one user, with its top-10.
     Explain(cli::explain::ExplainArgs),
     /// Raw scores for given histories (for checking other implementations).
@@ -51,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Command::Data(command) => cli::data::run(&command),
         Command::Train(args) => cli::train::run(&args),
         Command::Eval(args) => cli::eval::run(&args),
+        Command::CrossSession(args) => cli::cross_session::run(&args),
         Command::Explain(args) => cli::explain::run(&args),
         Command::Score(args) => cli::score::run(&args),
         Command::Bench(command) => cli::bench::run(&command),

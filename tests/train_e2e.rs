@@ -4,8 +4,8 @@ use tch::Device;
 use xsrec::data::split::{build_sequences, SequenceSet, Target};
 use xsrec::data::synth::{synthesize, SynthConfig};
 use xsrec::data::vocab::Vocab;
-use xsrec::eval::{evaluate, CaseResult, EvalOptions, Metrics};
-use xsrec::model::{Arch, Combine, Features, ModelConfig, Popularity, Scorer, SeqModel};
+use xsrec::eval::{evaluate, CaseResult, CaseScorer, EvalOptions, Metrics};
+use xsrec::model::{Arch, Combine, Features, ModelConfig, Popularity, SeqModel};
 use xsrec::train::{train, Loss, TrainConfig};
 
 const MAX_LEN: usize = 50;
@@ -49,7 +49,7 @@ fn fit(set: &SequenceSet, arch: Arch, features: Features) -> SeqModel {
 }
 
 /// Validation and test cases together: twice the evidence for the session-start subset.
-fn cases(scorer: &dyn Scorer, set: &SequenceSet) -> Vec<CaseResult> {
+fn cases(scorer: &dyn CaseScorer, set: &SequenceSet) -> Vec<CaseResult> {
     [Target::Validation, Target::Test]
         .into_iter()
         .flat_map(|target| {

@@ -8,10 +8,9 @@ use tch::Device;
 use super::{parse_device, write_json, DataArgs};
 use crate::data::split::{build_sequences, SequenceSet, Target};
 use crate::eval::bootstrap::paired_bootstrap;
-use crate::eval::metrics::case_metrics;
 use crate::eval::report::{markdown_table, write_predictions};
-use crate::eval::{evaluate, CaseResult, EvalOptions, SplitMetrics};
-use crate::model::{Artifact, Popularity, Scorer, SeqModel};
+use crate::eval::{evaluate, ndcg10, CaseResult, CaseScorer, EvalOptions, SplitMetrics};
+use crate::model::{Artifact, Popularity, SeqModel};
 
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
@@ -60,7 +59,7 @@ pub fn evaluate_model(
     exclude_seen: bool,
     device: Device,
 ) -> Evaluation {
-    let run = |scorer: &dyn Scorer, target| evaluate(scorer, set, &options(model, target, exclude_seen, device));
+    let run = |scorer: &dyn CaseScorer, target| evaluate(scorer, set, &options(model, target, exclude_seen, device));
     let test_results = run(model, Target::Test);
     let popularity_results = run(&Popularity::new(item_counts, device), Target::Test);
     Evaluation {
@@ -70,18 +69,6 @@ pub fn evaluate_model(
         popularity_test: SplitMetrics::from_results(&popularity_results),
         popularity_results,
     }
-}
-
-fn ndcg10(results: &[CaseResult]) -> Vec<f64> {
-    results
-        .iter()
-        .map(|r| {
-            case_metrics(r.rank, r.candidates)
-                .into_iter()
-                .find(|(k, _)| k == "NDCG@10")
-                .map_or(0.0, |(_, v)| v)
-        })
-        .collect()
 }
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {

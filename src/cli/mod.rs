@@ -1,6 +1,7 @@
 //! Command-line front ends: argument types and the glue that runs each command. Errors here are
 //! `anyhow` (the edge); the library rooms below return typed errors.
 pub mod bench;
+pub mod cross_session;
 pub mod data;
 pub mod eval;
 pub mod explain;

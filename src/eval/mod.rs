@@ -2,6 +2,7 @@
 pub mod bootstrap;
 pub mod explain;
 pub mod metrics;
+pub mod references;
 pub mod report;
 
 use tch::{Device, Kind, Tensor};
@@ -29,6 +30,8 @@ pub struct EvalOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaseResult {
     pub user: usize,
+    /// Position of the target in the user's sequence.
+    pub position: usize,
     /// 0-based rank of the target; ties count against it.
     pub rank: usize,
     /// Items it was ranked among, itself included.
@@ -44,8 +47,35 @@ fn case_input(user: &UserSequence, position: usize) -> HistoryView<'_> {
     HistoryView::new(&user.items, &user.timestamps, &user.types).prefix(position)
 }
 
+/// Anything that ranks items for evaluation cases `(user, position)`: the networks and
+/// baselines through their encoded input ([`Scorer`]), and references that read the raw history
+/// (the synthetic family's oracle, the transition baseline).
+pub trait CaseScorer {
+    /// `[cases, V]` float scores for each case's target given every event before it.
+    fn score_cases(&self, set: &SequenceSet, cases: &[(usize, usize)], opts: &EvalOptions) -> Tensor;
+}
+
+impl<S: Scorer + ?Sized> CaseScorer for S {
+    fn score_cases(&self, set: &SequenceSet, cases: &[(usize, usize)], opts: &EvalOptions) -> Tensor {
+        let rows: Vec<_> = cases
+            .iter()
+            .map(|&(u, p)| {
+                let user = &set.users[u];
+                encode(
+                    case_input(user, p),
+                    user.timestamps[p],
+                    opts.max_len,
+                    opts.session_gap_secs,
+                )
+            })
+            .collect();
+        self.score_next(&Batch::trimmed(&rows, opts.device))
+            .to_kind(Kind::Float)
+    }
+}
+
 /// Ranks every evaluable user's target with `scorer`.
-pub fn evaluate(scorer: &dyn Scorer, set: &SequenceSet, opts: &EvalOptions) -> Vec<CaseResult> {
+pub fn evaluate(scorer: &dyn CaseScorer, set: &SequenceSet, opts: &EvalOptions) -> Vec<CaseResult> {
     let cases: Vec<(usize, usize)> = set
         .users
         .iter()
@@ -59,21 +89,13 @@ pub fn evaluate(scorer: &dyn Scorer, set: &SequenceSet, opts: &EvalOptions) -> V
     results
 }
 
-fn rank_chunk(scorer: &dyn Scorer, set: &SequenceSet, chunk: &[(usize, usize)], opts: &EvalOptions) -> Vec<CaseResult> {
-    let rows: Vec<_> = chunk
-        .iter()
-        .map(|&(u, p)| {
-            let user = &set.users[u];
-            encode(
-                case_input(user, p),
-                user.timestamps[p],
-                opts.max_len,
-                opts.session_gap_secs,
-            )
-        })
-        .collect();
-    let batch = Batch::trimmed(&rows, opts.device);
-    let scores = scorer.score_next(&batch).to_kind(Kind::Float);
+fn rank_chunk(
+    scorer: &dyn CaseScorer,
+    set: &SequenceSet,
+    chunk: &[(usize, usize)],
+    opts: &EvalOptions,
+) -> Vec<CaseResult> {
+    let scores = scorer.score_cases(set, chunk, opts);
     let num_items = scores.size()[1] as usize;
     let targets: Vec<i64> = chunk.iter().map(|&(u, p)| i64::from(set.users[u].items[p])).collect();
     // Masked items (and the padding item) get -inf.
@@ -109,6 +131,7 @@ fn rank_chunk(scorer: &dyn Scorer, set: &SequenceSet, chunk: &[(usize, usize)], 
             let user = &set.users[u];
             CaseResult {
                 user: u,
+                position: p,
                 rank: ranks[row] as usize,
                 // Every item but the padding item and the masked ones.
                 candidates: num_items - 1 - masked[row].len(),
@@ -117,6 +140,19 @@ fn rank_chunk(scorer: &dyn Scorer, set: &SequenceSet, chunk: &[(usize, usize)], 
                     .map(|j| (top_items[j], top_scores[j]))
                     .collect(),
             }
+        })
+        .collect()
+}
+
+/// Each case's NDCG@10, in the order of `results` (the input of paired comparisons).
+pub fn ndcg10(results: &[CaseResult]) -> Vec<f64> {
+    results
+        .iter()
+        .map(|r| {
+            metrics::case_metrics(r.rank, r.candidates)
+                .into_iter()
+                .find(|(k, _)| k == "NDCG@10")
+                .map_or(0.0, |(_, v)| v)
         })
         .collect()
 }
