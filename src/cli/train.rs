@@ -53,6 +53,9 @@ pub struct TrainArgs {
     pub no_event_type: bool,
     #[arg(long)]
     pub no_prediction_gap: bool,
+    /// Leave out the hour-of-the-week (UTC) embedding of the moment each position predicts.
+    #[arg(long)]
+    pub no_calendar: bool,
     #[arg(long, value_enum, default_value_t = Combine::Sum)]
     pub combine: Combine,
     /// Inactivity (seconds) that ends a session.
@@ -103,6 +106,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         // Without types in the data the embedding would learn one constant: leave it out.
         event_type: !args.no_event_type && has_types,
         prediction_gap: !args.no_prediction_gap,
+        calendar: !args.no_calendar,
         combine: args.combine,
         ..Features::default()
     };

@@ -1,5 +1,5 @@
-//! Sessionisation and time-gap bucketing: the one definition used by training, evaluation and
-//! serving, so a model sees online exactly the features it saw offline.
+//! Sessionisation, time-gap bucketing and the clock: the one definition used by training,
+//! evaluation and serving, so a model sees online exactly the features it saw offline.
 
 /// Default inactivity gap that ends a session: 30 minutes.
 pub const DEFAULT_SESSION_GAP_SECS: i64 = 30 * 60;
@@ -38,6 +38,16 @@ pub fn gap_bucket(gap_secs: i64, session_gap_secs: i64) -> i64 {
     2 + 2 * log2 + i64::from(starts_new_session(gap_secs, session_gap_secs))
 }
 
+/// Hour-of-week slots plus the padding slot 0 (embedding table size).
+pub const NUM_HOUR_SLOTS: i64 = 1 + 7 * 24;
+
+/// The hour of the week of a Unix timestamp in UTC, 1 (Monday 00:00–00:59) to 168, so that 0
+/// stays padding. One slot carries both the time of day and the day of the week.
+pub fn hour_of_week(timestamp: i64) -> i64 {
+    // 1970-01-01 was a Thursday, three days after the Monday the week is counted from.
+    1 + (timestamp.div_euclid(3600) + 3 * 24).rem_euclid(7 * 24)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,6 +62,21 @@ mod tests {
     #[test]
     fn equal_timestamps_stay_in_one_session() {
         assert_eq!(session_indices(&[5, 5, 5], 1800), vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn hours_of_the_week_start_on_monday_in_utc() {
+        // 2020-09-14 00:00:00 UTC was a Monday.
+        let monday = 1_600_041_600;
+        assert_eq!(hour_of_week(monday), 1);
+        assert_eq!(hour_of_week(monday + 3599), 1);
+        assert_eq!(hour_of_week(monday + 3600), 2);
+        assert_eq!(hour_of_week(monday - 1), 168, "Sunday 23:59");
+        assert_eq!(hour_of_week(monday + 7 * 86_400 + 13 * 3600), 14);
+        assert_eq!(hour_of_week(-1), hour_of_week(7 * 86_400 - 1), "before 1970 too");
+        for t in (monday..monday + 14 * 86_400).step_by(1800) {
+            assert!((1..NUM_HOUR_SLOTS).contains(&hour_of_week(t)));
+        }
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct Features {
     pub event_type: bool,
     /// Embedding of the gap between an event and the moment of prediction.
     pub prediction_gap: bool,
+    /// Embedding of the hour of the week (UTC) of the moment each position predicts. Absent
+    /// from artifacts made before it existed, which therefore read it as off.
+    #[serde(default)]
+    pub calendar: bool,
     pub combine: Combine,
     /// Session distances at or above this share one bias.
     pub session_cap: usize,
@@ -42,6 +46,7 @@ impl Default for Features {
             time_gap: true,
             event_type: true,
             prediction_gap: true,
+            calendar: true,
             combine: Combine::Sum,
             session_cap: 8,
         }

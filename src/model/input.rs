@@ -5,7 +5,9 @@ use std::borrow::Borrow;
 use tch::{Device, Tensor};
 
 use super::Features;
-use crate::data::session::{gap_bucket, session_indices, GAP_BUCKET_NONE, GAP_BUCKET_PAD};
+use crate::data::session::{
+    gap_bucket, hour_of_week, session_indices, GAP_BUCKET_NONE, GAP_BUCKET_PAD, NUM_HOUR_SLOTS,
+};
 
 /// A user's events in the model's index space, oldest first.
 #[derive(Debug, Clone, Copy)]
@@ -50,23 +52,29 @@ pub struct EncodedSeq {
     pub prediction_gaps: Vec<i64>,
     /// Session index within the window; only differences between positions carry meaning.
     pub sessions: Vec<i64>,
+    /// Hour of the week of the moment this position predicts (see [`hour_of_week`]).
+    pub prediction_hours: Vec<i64>,
 }
 
 /// The only part of a row that depends on the moment of prediction: the bucket of the gap from
-/// the newest event to `predict_at` (0 for an empty history, and when the model does not read
-/// prediction gaps). Two moments with the same key give the model the same input, so a state
-/// computed for one serves the other: this is the inference cache's staleness rule, kept here
-/// so that a new feature depending on the moment must change it too (the test below holds
-/// `encode` to it).
+/// the newest event to `predict_at` and the hour of the week of `predict_at`, each 0 when the
+/// model does not read it (and both for an empty history). Two moments with the same key give
+/// the model the same input, so a state computed for one serves the other: this is the
+/// inference cache's staleness rule, kept here so that a new feature depending on the moment
+/// must change it too (the test below holds `encode` to it).
 pub fn moment_key(history: HistoryView, predict_at: i64, features: &Features, session_gap_secs: i64) -> i64 {
-    match history.timestamps.last() {
-        Some(&last) if features.prediction_gap => last_prediction_gap(last, predict_at, session_gap_secs),
-        _ => 0,
-    }
-}
-
-fn last_prediction_gap(last: i64, predict_at: i64, session_gap_secs: i64) -> i64 {
-    gap_bucket(predict_at - last, session_gap_secs)
+    let Some(&last) = history.timestamps.last() else {
+        return 0;
+    };
+    let gap = match features.prediction_gap {
+        true => gap_bucket(predict_at - last, session_gap_secs),
+        false => 0,
+    };
+    let hour = match features.calendar {
+        true => hour_of_week(predict_at),
+        false => 0,
+    };
+    gap * NUM_HOUR_SLOTS + hour
 }
 
 /// Encodes the newest `max_len` events of `history`. Position `j` predicts what happens at the
@@ -84,6 +92,7 @@ pub fn encode(history: HistoryView, predict_at: i64, max_len: usize, session_gap
         gaps: vec![GAP_BUCKET_PAD; max_len],
         prediction_gaps: vec![GAP_BUCKET_PAD; max_len],
         sessions: vec![0; max_len],
+        prediction_hours: vec![0; max_len],
     };
     let window_sessions = session_indices(&history.timestamps[start..], session_gap_secs);
     for (offset, i) in (start..n).enumerate() {
@@ -95,10 +104,9 @@ pub fn encode(history: HistoryView, predict_at: i64, max_len: usize, session_gap
             0 => GAP_BUCKET_NONE,
             _ => gap_bucket(ts - history.timestamps[i - 1], session_gap_secs),
         };
-        seq.prediction_gaps[j] = match history.timestamps.get(i + 1) {
-            Some(&next_ts) => gap_bucket(next_ts - ts, session_gap_secs),
-            None => last_prediction_gap(ts, predict_at, session_gap_secs),
-        };
+        let predicted_moment = history.timestamps.get(i + 1).copied().unwrap_or(predict_at);
+        seq.prediction_gaps[j] = gap_bucket(predicted_moment - ts, session_gap_secs);
+        seq.prediction_hours[j] = hour_of_week(predicted_moment);
         seq.sessions[j] = i64::from(window_sessions[offset]);
     }
     seq
@@ -119,6 +127,7 @@ pub struct Batch {
     pub gaps: Tensor,
     pub prediction_gaps: Tensor,
     pub sessions: Tensor,
+    pub prediction_hours: Tensor,
 }
 
 impl Batch {
@@ -135,16 +144,17 @@ impl Batch {
         Self::last_columns(rows, width, device)
     }
 
-    /// The last `width` columns of every row. All five fields travel to the device as one
-    /// `[5, B, width]` host tensor: one copy per batch, from pinned memory and asynchronous on
-    /// CUDA, instead of five pageable ones.
+    /// The last `width` columns of every row. All fields travel to the device as one
+    /// `[fields, B, width]` host tensor: one copy per batch, from pinned memory and asynchronous
+    /// on CUDA, instead of one pageable copy per field.
     pub fn last_columns<R: Borrow<EncodedSeq>>(rows: &[R], width: usize, device: Device) -> Self {
-        let fields: [fn(&EncodedSeq) -> &[i64]; 5] = [
+        let fields: [fn(&EncodedSeq) -> &[i64]; 6] = [
             |r| &r.items,
             |r| &r.types,
             |r| &r.gaps,
             |r| &r.prediction_gaps,
             |r| &r.sessions,
+            |r| &r.prediction_hours,
         ];
         let mut flat = Vec::with_capacity(fields.len() * rows.len() * width);
         for field in fields {
@@ -153,7 +163,7 @@ impl Batch {
                 flat.extend_from_slice(&values[values.len() - width..]);
             }
         }
-        let host = Tensor::from_slice(&flat).view([5, rows.len() as i64, width as i64]);
+        let host = Tensor::from_slice(&flat).view([fields.len() as i64, rows.len() as i64, width as i64]);
         let all = to_device_pinned(host, device);
         Self {
             items: all.get(0),
@@ -161,6 +171,7 @@ impl Batch {
             gaps: all.get(2),
             prediction_gaps: all.get(3),
             sessions: all.get(4),
+            prediction_hours: all.get(5),
         }
     }
 
@@ -253,6 +264,8 @@ mod tests {
             [0, 0, gap_bucket(10, 1800), gap_bucket(9890, 1800), gap_bucket(5, 1800)]
         );
         assert_eq!(seq.sessions, [0, 0, 0, 0, 1]);
+        let hours = [0, 0, hour_of_week(110), hour_of_week(10_000), hour_of_week(10_005)];
+        assert_eq!(seq.prediction_hours, hours);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use tch::{Kind, Tensor};
 
 use super::config::{Arch, Combine, ModelConfig};
 use super::input::Batch;
-use crate::data::session::NUM_GAP_BUCKETS;
+use crate::data::session::{NUM_GAP_BUCKETS, NUM_HOUR_SLOTS};
 
 const EMBED_INIT: nn::Init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
 
@@ -28,6 +28,7 @@ struct InputEmbedding {
     gaps: Option<nn::Embedding>,
     types: Option<nn::Embedding>,
     prediction_gaps: Option<nn::Embedding>,
+    prediction_hours: Option<nn::Embedding>,
     concat_projection: Option<nn::Linear>,
     dropout: f64,
 }
@@ -40,7 +41,8 @@ impl InputEmbedding {
         let gaps = optional(f.time_gap, "gap_embedding", NUM_GAP_BUCKETS);
         let types = optional(f.event_type, "type_embedding", cfg.num_event_types as i64);
         let prediction_gaps = optional(f.prediction_gap, "prediction_gap_embedding", NUM_GAP_BUCKETS);
-        let parts = 2 + [f.time_gap, f.event_type, f.prediction_gap]
+        let prediction_hours = optional(f.calendar, "calendar_embedding", NUM_HOUR_SLOTS);
+        let parts = 2 + [f.time_gap, f.event_type, f.prediction_gap, f.calendar]
             .iter()
             .filter(|&&on| on)
             .count() as i64;
@@ -52,6 +54,7 @@ impl InputEmbedding {
             gaps,
             types,
             prediction_gaps,
+            prediction_hours,
             concat_projection,
             dropout: cfg.dropout,
         }
@@ -71,6 +74,7 @@ impl InputEmbedding {
             (&self.gaps, &batch.gaps),
             (&self.types, &batch.types),
             (&self.prediction_gaps, &batch.prediction_gaps),
+            (&self.prediction_hours, &batch.prediction_hours),
         ];
         for (table, index) in features {
             if let Some(table) = table {

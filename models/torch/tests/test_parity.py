@@ -8,13 +8,13 @@ import torch
 
 from conftest import xsrec_bin
 from xsrec_torch import Artifact, XsrecModel, encode, load_artifact, save_artifact
-from xsrec_torch.features import batch, gap_bucket, session_indices
+from xsrec_torch.features import batch, gap_bucket, hour_of_week, session_indices
 
 NUM_ITEMS, NUM_TYPES, MAX_LEN, GAP = 40, 4, 12, 1800
 
 
 def config(**overrides):
-    features = {"session_recency": True, "time_gap": True, "event_type": True, "prediction_gap": True, "combine": "sum", "session_cap": 3}
+    features = {"session_recency": True, "time_gap": True, "event_type": True, "prediction_gap": True, "calendar": True, "combine": "sum", "session_cap": 3}
     features.update(overrides.pop("features", {}))
     cfg = {
         "arch": "transformer", "num_items": NUM_ITEMS, "num_event_types": NUM_TYPES, "max_len": MAX_LEN,
@@ -32,7 +32,8 @@ VARIANTS = {
     "no-time-gap": config(features={"time_gap": False}),
     "no-event-type": config(features={"event_type": False}),
     "no-prediction-gap": config(features={"prediction_gap": False}),
-    "plain-untied": config(tied_output=False, features={"session_recency": False, "time_gap": False, "event_type": False, "prediction_gap": False}),
+    "no-calendar": config(features={"calendar": False}),
+    "plain-untied": config(tied_output=False, features={"session_recency": False, "time_gap": False, "event_type": False, "prediction_gap": False, "calendar": False}),
     "one-layer-four-heads": config(n_layers=1, n_heads=4),
     "lstm": config(arch="lstm", tied_output=False),
     "lstm-concat": config(arch="lstm", features={"combine": "concat"}),
@@ -113,3 +114,6 @@ def test_features_match_the_documented_definitions():
     assert row["items"] == [0, 0, 5, 6, 7]
     assert row["sessions"] == [0, 0, 0, 0, 1]
     assert row["prediction_gaps"] == [0, 0, gap_bucket(10, 1800), gap_bucket(9890, 1800), gap_bucket(5, 1800)]
+    assert row["prediction_hours"] == [0, 0, hour_of_week(110), hour_of_week(10000), hour_of_week(10005)]
+    monday = 1_600_041_600  # 2020-09-14 00:00:00 UTC
+    assert [hour_of_week(t) for t in (monday, monday + 3600, monday - 1, monday + 7 * 86400 + 13 * 3600)] == [1, 2, 168, 14]

@@ -5,6 +5,7 @@ GAP_BUCKET_PAD = 0
 GAP_BUCKET_NONE = 1
 LOG2_BUCKETS = 32
 NUM_GAP_BUCKETS = 2 + 2 * LOG2_BUCKETS
+NUM_HOUR_SLOTS = 1 + 7 * 24
 
 
 def starts_new_session(gap, session_gap):
@@ -26,12 +27,17 @@ def gap_bucket(gap, session_gap):
     return 2 + 2 * log2 + int(starts_new_session(gap, session_gap))
 
 
+def hour_of_week(timestamp):
+    """1 (Monday 00:00 UTC) to 168; 0 is padding. 1970-01-01 was a Thursday."""
+    return 1 + (timestamp // 3600 + 3 * 24) % (7 * 24)
+
+
 def encode(items, timestamps, types, predict_at, max_len, session_gap):
-    """Left-padded row of the newest `max_len` events: dict of five lists of length max_len."""
+    """Left-padded row of the newest `max_len` events: dict of six lists of length max_len."""
     n = len(items)
     start = max(0, n - max_len)
     pad = max_len - (n - start)
-    row = {k: [0] * max_len for k in ("items", "types", "gaps", "prediction_gaps", "sessions")}
+    row = {k: [0] * max_len for k in ("items", "types", "gaps", "prediction_gaps", "sessions", "prediction_hours")}
     sessions = session_indices(timestamps[start:], session_gap)
     for offset, i in enumerate(range(start, n)):
         j = pad + offset
@@ -40,6 +46,7 @@ def encode(items, timestamps, types, predict_at, max_len, session_gap):
         row["gaps"][j] = GAP_BUCKET_NONE if i == 0 else gap_bucket(timestamps[i] - timestamps[i - 1], session_gap)
         next_ts = timestamps[i + 1] if i + 1 < n else predict_at
         row["prediction_gaps"][j] = gap_bucket(next_ts - timestamps[i], session_gap)
+        row["prediction_hours"][j] = hour_of_week(next_ts)
         row["sessions"][j] = sessions[offset]
     return row
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .features import NUM_GAP_BUCKETS
+from .features import NUM_GAP_BUCKETS, NUM_HOUR_SLOTS
 
 
 def _embedding(rows, dim):
@@ -96,7 +96,9 @@ class XsrecModel(nn.Module):
         self.gap_embedding = _embedding(NUM_GAP_BUCKETS, d) if f["time_gap"] else None
         self.type_embedding = _embedding(cfg["num_event_types"], d) if f["event_type"] else None
         self.prediction_gap_embedding = _embedding(NUM_GAP_BUCKETS, d) if f["prediction_gap"] else None
-        parts = 2 + sum(bool(f[k]) for k in ("time_gap", "event_type", "prediction_gap"))
+        # Artifacts older than the calendar feature have no such key: off.
+        self.calendar_embedding = _embedding(NUM_HOUR_SLOTS, d) if f.get("calendar", False) else None
+        parts = 2 + sum(bool(f.get(k, False)) for k in ("time_gap", "event_type", "prediction_gap", "calendar"))
         self.concat_projection = nn.Linear(parts * d, d) if f["combine"] == "concat" else None
         if cfg["arch"] == "transformer":
             self.transformer = Transformer(cfg)
@@ -111,7 +113,8 @@ class XsrecModel(nn.Module):
         max_len = self.position_embedding.num_embeddings
         positions = torch.arange(max_len - l, max_len, device=items.device)
         parts = [self.item_embedding(items), self.position_embedding(positions).unsqueeze(0).expand(b, l, -1)]
-        for table, key in ((self.gap_embedding, "gaps"), (self.type_embedding, "types"), (self.prediction_gap_embedding, "prediction_gaps")):
+        for table, key in ((self.gap_embedding, "gaps"), (self.type_embedding, "types"), (self.prediction_gap_embedding, "prediction_gaps"),
+                           (self.calendar_embedding, "prediction_hours")):
             if table is not None:
                 parts.append(table(batch[key]))
         if self.concat_projection is not None:
