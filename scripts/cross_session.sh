@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The cross-session matrix of docs/QUALITY.md: for every pattern of the synthetic family and
-# every seed, a log and its flattened-time control (`xsrec data synth --pattern`), the default
-# recipe of `xsrec train` as the full model, plain SASRec, the LSTM, the full model on the
-# control and without its calendar feature, then the scoreboard with the references (`xsrec cross-session`). Two trainings at a
-# time with one libtorch thread each.
+# every seed, a log and its flattened-time control (`xsrec data synth --pattern`), then the
+# default recipe of `xsrec train` as the full model, plain SASRec, the LSTM, the full model on
+# the control and the full model without its calendar feature, then the scoreboard with the
+# references (`xsrec cross-session`). Two trainings at a time, one libtorch thread each.
 #
 #   scripts/cross_session.sh [SEED...]     (default: 0 1 2; results in runs/cross-session/)
 #

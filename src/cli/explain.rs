@@ -81,6 +81,10 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         ),
     };
     draw_attention(&explanation, &args.out).with_context(|| format!("drawing {}", args.out.display()))?;
+    // The top-10 on stdout stays machine-readable; the session summary is for the reader.
+    for line in explanation.session_attention_lines(usize::MAX) {
+        eprintln!("{line}");
+    }
     for (rank, (item, score)) in top.iter().enumerate() {
         println!(
             "{}\t{item}\t{score:.4}\t{}",

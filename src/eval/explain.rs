@@ -16,6 +16,59 @@ pub struct Explanation {
     pub title: String,
 }
 
+/// How much attention one session of the window receives from the newest position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionShare {
+    /// 0 for the newest session, 1 for the one before, …
+    pub sessions_ago: usize,
+    pub events: usize,
+    /// Per layer, the summed attention weight of the session's events.
+    pub per_layer: Vec<f32>,
+}
+
+impl Explanation {
+    /// The sessions of the window, oldest first, with the attention each receives.
+    pub fn session_attention(&self) -> Vec<SessionShare> {
+        let mut shares: Vec<SessionShare> = Vec::new();
+        for (i, session) in self.sessions.iter().enumerate() {
+            if i == 0 || self.sessions[i - 1] != *session {
+                shares.push(SessionShare {
+                    sessions_ago: 0,
+                    events: 0,
+                    per_layer: vec![0.0; self.attention.len()],
+                });
+            }
+            let share = shares.last_mut().expect("pushed above");
+            share.events += 1;
+            for (total, layer) in share.per_layer.iter_mut().zip(&self.attention) {
+                *total += layer[i];
+            }
+        }
+        let count = shares.len();
+        for (i, share) in shares.iter_mut().enumerate() {
+            share.sessions_ago = count - 1 - i;
+        }
+        shares
+    }
+
+    /// One line per session, newest first, at most `lines` (the heading included).
+    pub fn session_attention_lines(&self, lines: usize) -> Vec<String> {
+        let layers: Vec<String> = (1..=self.attention.len()).map(|l| format!("layer {l}")).collect();
+        let mut out = vec![format!("attention per session ({}):", layers.join(" | "))];
+        for share in self.session_attention().iter().rev().take(lines.saturating_sub(1)) {
+            let when = match share.sessions_ago {
+                0 => "current session".to_string(),
+                1 => "1 session ago".to_string(),
+                n => format!("{n} sessions ago"),
+            };
+            let weights: Vec<String> = share.per_layer.iter().map(|w| format!("{:.0}%", 100.0 * w)).collect();
+            let noun = if share.events == 1 { "event" } else { "events" };
+            out.push(format!("{when}, {} {noun}: {}", share.events, weights.join(" | ")));
+        }
+        out
+    }
+}
+
 pub fn draw_attention(explanation: &Explanation, path: &Path) -> anyhow::Result<()> {
     let n = explanation.history.len().max(1);
     let layers = explanation.attention.len().max(1);
@@ -74,14 +127,18 @@ pub fn draw_attention(explanation: &Explanation, path: &Path) -> anyhow::Result<
             .enumerate()
             .map(|(i, (item, score))| format!("{:>2}. {item}  (score {score:.3})", i + 1)),
     );
-    let (left, right) = lower.split_horizontally(700);
+    let (left, rest) = lower.split_horizontally(520);
+    let (middle, right) = rest.split_horizontally(460);
     for (i, line) in top.iter().enumerate() {
         left.draw(&Text::new(line.as_str(), (30, 10 + 20 * i as i32), ("sans-serif", 16)))?;
     }
     for (i, (line, boundary)) in recent_history(explanation, 11).iter().enumerate() {
         let color = if *boundary { RED } else { BLACK };
         let style = ("sans-serif", 16).into_font().color(&color);
-        right.draw(&Text::new(line.as_str(), (10, 10 + 20 * i as i32), style))?;
+        middle.draw(&Text::new(line.as_str(), (10, 10 + 20 * i as i32), style))?;
+    }
+    for (i, line) in explanation.session_attention_lines(11).iter().enumerate() {
+        right.draw(&Text::new(line.as_str(), (10, 10 + 20 * i as i32), ("sans-serif", 16)))?;
     }
     root.present()?;
     Ok(())
@@ -102,4 +159,35 @@ fn recent_history(explanation: &Explanation, lines: usize) -> Vec<(String, bool)
         }
     }
     shown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_is_summed_per_session_newest_counted_from_zero() {
+        let explanation = Explanation {
+            history: vec![String::new(); 6],
+            sessions: vec![0, 0, 1, 1, 1, 2],
+            attention: vec![vec![0.1, 0.1, 0.2, 0.2, 0.1, 0.3], vec![0.0, 0.5, 0.0, 0.0, 0.0, 0.5]],
+            top: Vec::new(),
+            title: String::new(),
+        };
+        let shares = explanation.session_attention();
+        let summary: Vec<(usize, usize)> = shares.iter().map(|s| (s.sessions_ago, s.events)).collect();
+        assert_eq!(summary, [(2, 2), (1, 3), (0, 1)]);
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+        assert!(close(&shares[0].per_layer, &[0.2, 0.5]));
+        assert!(close(&shares[1].per_layer, &[0.5, 0.0]));
+        assert!(close(&shares[2].per_layer, &[0.3, 0.5]));
+        assert_eq!(
+            explanation.session_attention_lines(3),
+            [
+                "attention per session (layer 1 | layer 2):",
+                "current session, 1 event: 30% | 50%",
+                "1 session ago, 3 events: 50% | 0%",
+            ]
+        );
+    }
 }
