@@ -15,7 +15,7 @@ DEFAULT_MODEL := models/default
 # The documented recipe of the default model (see README "The default model").
 DEFAULT_TRAIN_FLAGS := --max-len 50 --seed 42 --threads 1
 
-.PHONY: venv build data run test fmt lint bench load quality fuzz image clean
+.PHONY: venv build data run test fmt lint bench load quality cross-session fuzz image clean
 
 venv: $(TORCH_STAMP)
 
@@ -63,6 +63,11 @@ load: build
 quality: data
 	scripts/quality.sh
 	.venv/bin/python scripts/quality_table.py runs/quality
+
+# The synthetic cross-session family of docs/QUALITY.md (about an hour on 2 cores).
+cross-session: build
+	scripts/cross_session.sh
+	python3 scripts/cross_session_table.py runs/cross-session
 
 clean:
 	cargo clean

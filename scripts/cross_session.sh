@@ -23,7 +23,7 @@ mkdir -p "$OUT"
 # name|flags: every variant is the default recipe plus these flags.
 VARIANTS=(
   "full|"
-  "plain|--no-session-recency --no-time-gap --no-prediction-gap --no-event-type"
+  "plain|--no-session-recency --no-time-gap --no-prediction-gap --no-event-type --no-calendar"
   "lstm|--arch lstm"
   "control|"
   "no-calendar|--no-calendar"

@@ -13,13 +13,14 @@ import statistics
 import sys
 
 ROOT = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cross-session")
-ORDER = ["popularity", "last item + gap", "plain", "lstm", "full", "control", "oracle"]
+ORDER = ["popularity", "last item + gap", "plain", "lstm", "full", "no-calendar", "control", "oracle"]
 LABELS = {
     "popularity": "popularity",
     "last item + gap": "last item + gap (transitions)",
     "plain": "plain SASRec (no session/time features)",
     "lstm": "LSTM",
     "full": "full model (default recipe)",
+    "no-calendar": "full model without the calendar feature",
     "control": "full model, flattened-time control",
     "oracle": "oracle (reads the rule)",
 }
