@@ -27,6 +27,7 @@ VARIANTS=(
   "lstm|--arch lstm"
   "control|"
   "no-calendar|--no-calendar"
+  "no-summary|--no-session-summary"
 )
 
 train_one() {
@@ -38,14 +39,19 @@ train_one() {
   echo "$(basename "$dir") $variant: $(grep '^best epoch' "$dir/$variant.log")"
 }
 
-jobs=()
 for seed in "${SEEDS[@]}"; do
   for pattern in "${PATTERNS[@]}"; do
     dir=$OUT/$pattern-seed$seed
     mkdir -p "$dir"
     [ -f "$dir/log.csv" ] || "$BIN" data synth --pattern "$pattern" --seed "$seed" \
       --out "$dir/log.csv" --control-out "$dir/control.csv" > "$dir/params.json" 2>/dev/null
-    for variant in "${VARIANTS[@]}"; do jobs+=("$dir|${variant%%|*}|$seed|${variant#*|}"); done
+  done
+done
+# Variant by variant, so that a partial run has the full model and its control everywhere first.
+jobs=()
+for variant in "${VARIANTS[@]}"; do
+  for seed in "${SEEDS[@]}"; do
+    for pattern in "${PATTERNS[@]}"; do jobs+=("$OUT/$pattern-seed$seed|${variant%%|*}|$seed|${variant#*|}"); done
   done
 done
 running=0

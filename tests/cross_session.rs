@@ -64,6 +64,7 @@ fn fit(set: &SequenceSet, features: Features, gap: i64) -> SeqModel {
         loss: Loss::Full,
         negatives: 0,
         mask_seen: true,
+        session_start_weight: 1.0,
         device: Device::Cpu,
         progress: false,
     };

@@ -42,6 +42,7 @@ fn fit(set: &SequenceSet, arch: Arch, features: Features) -> SeqModel {
         loss: Loss::Full,
         negatives: 0,
         mask_seen: false,
+        session_start_weight: 1.0,
         device: Device::Cpu,
         progress: false,
     };

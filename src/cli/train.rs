@@ -56,6 +56,9 @@ pub struct TrainArgs {
     /// Leave out the hour-of-the-week (UTC) embedding of the moment each position predicts.
     #[arg(long)]
     pub no_calendar: bool,
+    /// Leave out the previous session's mean item embedding that each event reads.
+    #[arg(long)]
+    pub no_session_summary: bool,
     #[arg(long, value_enum, default_value_t = Combine::Sum)]
     pub combine: Combine,
     /// Inactivity (seconds) that ends a session.
@@ -78,6 +81,9 @@ pub struct TrainArgs {
     /// Keep already-seen items in the training softmax (by default they are left out, as in evaluation).
     #[arg(long)]
     pub loss_keep_seen: bool,
+    /// Loss weight of targets that open a new session (continuing ones weigh 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub session_start_weight: f64,
     /// Negatives per batch for `--loss sampled`.
     #[arg(long, default_value_t = 1024)]
     pub negatives: usize,
@@ -107,6 +113,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         event_type: !args.no_event_type && has_types,
         prediction_gap: !args.no_prediction_gap,
         calendar: !args.no_calendar,
+        session_summary: !args.no_session_summary,
         combine: args.combine,
         ..Features::default()
     };
@@ -136,6 +143,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         loss: args.loss,
         negatives: args.negatives,
         mask_seen: !args.loss_keep_seen,
+        session_start_weight: args.session_start_weight,
         device,
         progress: !args.quiet,
     };

@@ -34,6 +34,12 @@ pub struct Features {
     /// from artifacts made before it existed, which therefore read it as off.
     #[serde(default)]
     pub calendar: bool,
+    /// Each event also reads the mean item embedding of the session before its own, projected:
+    /// "what the user did last time" becomes a key that attention can match against what the
+    /// user does now, so a cross-session succession needs one attention step instead of two.
+    /// Absent from older artifacts, which therefore read it as off.
+    #[serde(default)]
+    pub session_summary: bool,
     pub combine: Combine,
     /// Session distances at or above this share one bias.
     pub session_cap: usize,
@@ -47,6 +53,7 @@ impl Default for Features {
             event_type: true,
             prediction_gap: true,
             calendar: true,
+            session_summary: true,
             combine: Combine::Sum,
             session_cap: 8,
         }

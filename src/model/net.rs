@@ -29,6 +29,7 @@ struct InputEmbedding {
     types: Option<nn::Embedding>,
     prediction_gaps: Option<nn::Embedding>,
     prediction_hours: Option<nn::Embedding>,
+    session_summary: Option<nn::Linear>,
     concat_projection: Option<nn::Linear>,
     dropout: f64,
 }
@@ -42,10 +43,19 @@ impl InputEmbedding {
         let types = optional(f.event_type, "type_embedding", cfg.num_event_types as i64);
         let prediction_gaps = optional(f.prediction_gap, "prediction_gap_embedding", NUM_GAP_BUCKETS);
         let prediction_hours = optional(f.calendar, "calendar_embedding", NUM_HOUR_SLOTS);
-        let parts = 2 + [f.time_gap, f.event_type, f.prediction_gap, f.calendar]
-            .iter()
-            .filter(|&&on| on)
-            .count() as i64;
+        let session_summary = f
+            .session_summary
+            .then(|| nn::linear(p / "session_summary_projection", d, d, Default::default()));
+        let parts = 2 + [
+            f.time_gap,
+            f.event_type,
+            f.prediction_gap,
+            f.calendar,
+            f.session_summary,
+        ]
+        .iter()
+        .filter(|&&on| on)
+        .count() as i64;
         let concat_projection = (f.combine == Combine::Concat)
             .then(|| nn::linear(p / "concat_projection", parts * d, d, Default::default()));
         Self {
@@ -55,6 +65,7 @@ impl InputEmbedding {
             types,
             prediction_gaps,
             prediction_hours,
+            session_summary,
             concat_projection,
             dropout: cfg.dropout,
         }
@@ -66,8 +77,9 @@ impl InputEmbedding {
         // last position, online and offline; shorter batches take the last `l` positions.
         let max_len = self.positions.ws.size()[0];
         let positions = Tensor::arange_start(max_len - l, max_len, (Kind::Int64, batch.device()));
+        let items = batch.items.apply(&self.items);
         let mut parts = vec![
-            batch.items.apply(&self.items),
+            items.shallow_clone(),
             positions.apply(&self.positions).unsqueeze(0).expand([b, l, -1], false),
         ];
         let features = [
@@ -81,6 +93,10 @@ impl InputEmbedding {
                 parts.push(index.apply(table));
             }
         }
+        if let Some(projection) = &self.session_summary {
+            parts.push(previous_session_mean(batch, &items).apply(projection));
+        }
+
         let merged = match &self.concat_projection {
             Some(projection) => Tensor::cat(&parts, -1).apply(projection),
             None => parts
@@ -91,6 +107,20 @@ impl InputEmbedding {
         let real = batch.real_mask().unsqueeze(-1).to_kind(merged.kind());
         merged.dropout(self.dropout, train) * real
     }
+}
+
+/// `[B, L, d]`: for each position, the mean of `items` over the real positions of the session
+/// before its own (zero in the window's first session). Only earlier events take part, so the
+/// model stays causal and a served window gives the same value as the offline one.
+fn previous_session_mean(batch: &Batch, items: &Tensor) -> Tensor {
+    let sessions = &batch.sessions;
+    let member = sessions
+        .unsqueeze(1)
+        .eq_tensor(&(sessions.unsqueeze(2) - 1))
+        .logical_and(&batch.real_mask().unsqueeze(1))
+        .to_kind(items.kind());
+    let counts = member.sum_dim_intlist(-1, true, items.kind()).clamp_min(1.0);
+    (member / counts).matmul(items)
 }
 
 #[derive(Debug)]
@@ -321,5 +351,36 @@ impl Network {
     /// Scores of every item for each hidden state: `[..., d]` → `[..., V]`.
     pub fn score(&self, hidden: &Tensor) -> Tensor {
         hidden.matmul(&self.item_table().tr())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::Device;
+
+    use super::*;
+    use crate::model::EncodedSeq;
+
+    #[test]
+    fn previous_session_mean_averages_the_real_events_of_the_session_before() {
+        // Padding shares session index 0 with the window's first session and must not count.
+        let row = EncodedSeq {
+            items: vec![0, 1, 2, 3, 4, 5],
+            types: vec![0; 6],
+            gaps: vec![0; 6],
+            prediction_gaps: vec![0; 6],
+            sessions: vec![0, 0, 0, 1, 1, 2],
+            prediction_hours: vec![0; 6],
+        };
+        let batch = Batch::new(&[row], Device::Cpu);
+        let vectors = batch.items.to_kind(Kind::Float).unsqueeze(-1) * Tensor::from_slice(&[1.0f32, 10.0]);
+        let mean = Vec::<f32>::try_from(previous_session_mean(&batch, &vectors).view(-1)).unwrap();
+        let expected = [
+            0.0, 0.0, // padding
+            0.0, 0.0, // first session: nothing before it in the window
+            0.0, 0.0, 1.5, 15.0, // session 1 reads items 1 and 2
+            1.5, 15.0, 3.5, 35.0, // session 2 reads items 3 and 4
+        ];
+        assert_eq!(mean, expected);
     }
 }

@@ -13,6 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
+use crate::data::session::GAP_BUCKET_NONE;
 use crate::data::split::{SequenceSet, Target};
 use crate::eval::{evaluate, EvalOptions, SplitMetrics};
 use crate::model::input::stack_rows;
@@ -43,6 +44,11 @@ pub struct TrainConfig {
     /// Leave items the user already had earlier in the window out of each position's softmax
     /// (full loss only), matching an evaluation that excludes seen items.
     pub mask_seen: bool,
+    /// Loss weight of targets that open a new session relative to those that continue one.
+    /// Session starts are where interest carries over from earlier sessions, and they are a
+    /// small share of the targets; absent from older run records, which trained with 1.
+    #[serde(default = "one")]
+    pub session_start_weight: f64,
     #[serde(skip, default = "cpu")]
     pub device: Device,
     /// Show a progress bar.
@@ -52,6 +58,10 @@ pub struct TrainConfig {
 
 fn cpu() -> Device {
     Device::Cpu
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -208,18 +218,15 @@ fn batch_loss(model: &SeqModel, batch: &Batch, targets: &Tensor, cfg: &TrainConf
     let keep = targets.ne(0).view(-1).nonzero().squeeze_dim(1);
     let hidden = hidden.view([-1, d]).index_select(0, &keep);
     let targets = targets.view(-1).index_select(0, &keep);
-    match cfg.loss {
+    let (logits, target_column) = match cfg.loss {
         Loss::Full if cfg.mask_seen => {
             let seen =
                 seen_before(&batch.items, model.config.num_items as i64).view([-1, model.config.num_items as i64]);
             let seen = seen.index_select(0, &keep).scatter_value(1, &targets.unsqueeze(1), 0);
-            model
-                .net
-                .score(&hidden)
-                .masked_fill(&seen, f64::NEG_INFINITY)
-                .cross_entropy_for_logits(&targets)
+            let logits = model.net.score(&hidden).masked_fill(&seen, f64::NEG_INFINITY);
+            (logits, targets.shallow_clone())
         }
-        Loss::Full => model.net.score(&hidden).cross_entropy_for_logits(&targets),
+        Loss::Full => (model.net.score(&hidden), targets.shallow_clone()),
         Loss::Sampled => {
             let table = model.net.item_table();
             let num_items = table.size()[0];
@@ -232,9 +239,29 @@ fn batch_loss(model: &SeqModel, batch: &Batch, targets: &Tensor, cfg: &TrainConf
             // A sampled "negative" that is the target must not push its own score down.
             let collision = negatives.unsqueeze(0).eq_tensor(&targets.unsqueeze(1));
             let logits = Tensor::cat(&[positive, negative.masked_fill(&collision, f64::NEG_INFINITY)], 1);
-            logits.cross_entropy_for_logits(&Tensor::zeros([logits.size()[0]], (Kind::Int64, cfg.device)))
+            let column = Tensor::zeros([logits.size()[0]], (Kind::Int64, cfg.device));
+            (logits, column)
         }
-    }
+    };
+    let losses = -logits
+        .log_softmax(-1, Kind::Float)
+        .gather(1, &target_column.unsqueeze(1), false)
+        .squeeze_dim(1);
+    let starts = session_start_targets(&batch.prediction_gaps)
+        .view(-1)
+        .index_select(0, &keep);
+    let weights = starts.to_kind(Kind::Float) * (cfg.session_start_weight - 1.0) + 1.0;
+    (losses * &weights).sum(Kind::Float) / weights.sum(Kind::Float)
+}
+
+/// `[B, L]` bool: whether the event each position predicts opens a new session, read from the
+/// prediction-gap bucket (which marks gaps past the session threshold, see [`gap_bucket`]).
+///
+/// [`gap_bucket`]: crate::data::session::gap_bucket
+fn session_start_targets(prediction_gaps: &Tensor) -> Tensor {
+    prediction_gaps
+        .gt(GAP_BUCKET_NONE)
+        .logical_and(&prediction_gaps.remainder(2).eq(1))
 }
 
 /// `[B, L, V]` bool: whether item `v` occurs at or before position `t` of row `b` (padding, item
@@ -254,4 +281,26 @@ fn seen_before(items: &Tensor, num_items: i64) -> Tensor {
     let first = Tensor::from_slice(&first).view([b, 1, num_items]).to_device(device);
     let positions = Tensor::arange(l, (Kind::Int64, device)).view([1, l, 1]);
     first.le_tensor(&positions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::session::{gap_bucket, GAP_BUCKET_PAD};
+
+    #[test]
+    fn session_start_targets_are_the_gaps_past_the_session_threshold() {
+        let gap = 1800;
+        let buckets = [
+            GAP_BUCKET_PAD,
+            GAP_BUCKET_NONE,
+            gap_bucket(0, gap),
+            gap_bucket(gap, gap),
+            gap_bucket(gap + 1, gap),
+            gap_bucket(86_400 * 30, gap),
+            gap_bucket(1700, gap),
+        ];
+        let starts = Vec::<bool>::try_from(session_start_targets(&Tensor::from_slice(&buckets))).unwrap();
+        assert_eq!(starts, [false, false, false, false, true, true, false]);
+    }
 }

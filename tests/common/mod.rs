@@ -55,6 +55,7 @@ pub fn fixture() -> &'static Fixture {
             loss: Loss::Full,
             negatives: 0,
             mask_seen: true,
+            session_start_weight: 1.0,
             device: Device::Cpu,
             progress: false,
         };

@@ -73,6 +73,14 @@ class Transformer(nn.Module):
         return self.final_norm(x)
 
 
+def previous_session_mean(batch, item_vectors):
+    """For each position, the mean item vector of the real events of the session before its own."""
+    sessions = batch["sessions"]
+    member = (sessions.unsqueeze(1) == sessions.unsqueeze(2) - 1) & (batch["items"] != 0).unsqueeze(1)
+    member = member.to(item_vectors.dtype)
+    return (member / member.sum(-1, keepdim=True).clamp_min(1.0)) @ item_vectors
+
+
 class Lstm(nn.LSTM):
     """nn.LSTM plus the output LayerNorm, so parameters are named lstm.weight_ih_l0, lstm.norm.*."""
 
@@ -98,7 +106,9 @@ class XsrecModel(nn.Module):
         self.prediction_gap_embedding = _embedding(NUM_GAP_BUCKETS, d) if f["prediction_gap"] else None
         # Artifacts older than the calendar feature have no such key: off.
         self.calendar_embedding = _embedding(NUM_HOUR_SLOTS, d) if f.get("calendar", False) else None
-        parts = 2 + sum(bool(f.get(k, False)) for k in ("time_gap", "event_type", "prediction_gap", "calendar"))
+        # Likewise for the previous session's summary.
+        self.session_summary_projection = nn.Linear(d, d) if f.get("session_summary", False) else None
+        parts = 2 + sum(bool(f.get(k, False)) for k in ("time_gap", "event_type", "prediction_gap", "calendar", "session_summary"))
         self.concat_projection = nn.Linear(parts * d, d) if f["combine"] == "concat" else None
         if cfg["arch"] == "transformer":
             self.transformer = Transformer(cfg)
@@ -112,11 +122,14 @@ class XsrecModel(nn.Module):
         b, l = items.shape
         max_len = self.position_embedding.num_embeddings
         positions = torch.arange(max_len - l, max_len, device=items.device)
-        parts = [self.item_embedding(items), self.position_embedding(positions).unsqueeze(0).expand(b, l, -1)]
+        item_vectors = self.item_embedding(items)
+        parts = [item_vectors, self.position_embedding(positions).unsqueeze(0).expand(b, l, -1)]
         for table, key in ((self.gap_embedding, "gaps"), (self.type_embedding, "types"), (self.prediction_gap_embedding, "prediction_gaps"),
                            (self.calendar_embedding, "prediction_hours")):
             if table is not None:
                 parts.append(table(batch[key]))
+        if self.session_summary_projection is not None:
+            parts.append(self.session_summary_projection(previous_session_mean(batch, item_vectors)))
         if self.concat_projection is not None:
             merged = self.concat_projection(torch.cat(parts, -1))
         else:

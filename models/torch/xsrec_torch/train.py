@@ -94,7 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--patience", type=int, default=20)
-    for feature in ("session-recency", "time-gap", "event-type", "prediction-gap", "calendar"):
+    for feature in ("session-recency", "time-gap", "event-type", "prediction-gap", "calendar", "session-summary"):
         p.add_argument(f"--no-{feature}", action="store_true")
     return p.parse_args(argv)
 
@@ -118,7 +118,8 @@ def main(argv=None):
         "features": {
             "session_recency": not args.no_session_recency, "time_gap": not args.no_time_gap,
             "event_type": not args.no_event_type and has_types, "prediction_gap": not args.no_prediction_gap,
-            "calendar": not args.no_calendar, "combine": args.combine, "session_cap": 8,
+            "calendar": not args.no_calendar,
+            "session_summary": not args.no_session_summary, "combine": args.combine, "session_cap": 8,
         },
         "session_gap_secs": args.session_gap,
     }
