@@ -7,6 +7,7 @@ use clap::Args;
 use tch::Kind;
 
 use super::{parse_device, DataArgs};
+use crate::data::session::starts_new_session;
 use crate::data::split::build_sequences;
 use crate::eval::explain::{draw_attention, Explanation};
 use crate::model::{encode, item_indices, mask_items, Artifact, Batch, HistoryView, Scorer};
@@ -66,6 +67,15 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         .map(|(i, s)| (artifact.items.id(i as u32).to_owned(), s))
         .collect();
     let start = max_len - history.len().min(max_len);
+    let pause = at - user.timestamps.last().expect("non-empty");
+    let moment = format!(
+        "predicting {} after the newest event: {}",
+        duration_words(pause),
+        match starts_new_session(pause, gap) {
+            true => "the start of a new session",
+            false => "the newest session continues",
+        }
+    );
     let explanation = Explanation {
         history: row.items[start..]
             .iter()
@@ -75,13 +85,14 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         attention: attention.into_iter().map(|w| w[start..].to_vec()).collect(),
         top: top.iter().map(|(id, score)| (name(id), *score)).collect(),
         title: format!(
-            "user {}: attention of the newest position ({} events, heads averaged)",
+            "user {}: attention of the newest position ({} events, heads averaged); {moment}",
             args.user,
             history.len().min(max_len)
         ),
     };
     draw_attention(&explanation, &args.out).with_context(|| format!("drawing {}", args.out.display()))?;
     // The top-10 on stdout stays machine-readable; the session summary is for the reader.
+    eprintln!("{moment}");
     for line in explanation.session_attention_lines(usize::MAX) {
         eprintln!("{line}");
     }
@@ -93,4 +104,28 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// "45 s", "12 min", "3.5 h", "4.2 days": a pause as a reader takes it in.
+fn duration_words(secs: i64) -> String {
+    match secs {
+        s if s < 60 => format!("{s} s"),
+        s if s < 3600 => format!("{} min", s / 60),
+        s if s < 86_400 => format!("{:.1} h", s as f64 / 3600.0),
+        s => format!("{:.1} days", s as f64 / 86_400.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::duration_words;
+
+    #[test]
+    fn pauses_read_in_the_unit_that_fits() {
+        assert_eq!(duration_words(0), "0 s");
+        assert_eq!(duration_words(59), "59 s");
+        assert_eq!(duration_words(61), "1 min");
+        assert_eq!(duration_words(5400), "1.5 h");
+        assert_eq!(duration_words(3 * 86_400 + 43_200), "3.5 days");
+    }
 }
