@@ -111,6 +111,49 @@ async fn connections_past_the_cap_wait_until_one_closes() {
     );
 }
 
+/// The gRPC port has the same two limits: silent connections are closed after the header read
+/// timeout, and a client past the connection cap waits for a slot instead of being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_connections_are_capped_and_silent_ones_cut_off() {
+    let server = server(&["--max-connections", "2", "--header-read-timeout-ms", "800"]).await;
+    let addr = server.running.grpc_addr.expect("gRPC is on in tests");
+    let mut silent = vec![
+        TcpStream::connect(addr).await.unwrap(),
+        TcpStream::connect(addr).await.unwrap(),
+    ];
+    let opened = std::time::Instant::now();
+    let call = tokio::spawn(async move {
+        let mut client = xsrec::grpc::pb::recommender_client::RecommenderClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        client
+            .model_info(xsrec::grpc::pb::ModelInfoRequest {})
+            .await
+            .map(|_| opened.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        !call.is_finished(),
+        "a third gRPC connection was served while two were open"
+    );
+    for stream in &mut silent {
+        read_until_closed(stream, Duration::from_secs(5)).await;
+    }
+    assert!(
+        opened.elapsed() >= Duration::from_millis(800),
+        "closed before the timeout"
+    );
+    let served_after = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("served once the silent connections were cut")
+        .unwrap()
+        .expect("the call succeeded");
+    assert!(
+        served_after >= Duration::from_millis(800),
+        "served after {served_after:?}"
+    );
+}
+
 /// Oversized request targets and headers get the API's JSON 414 and 431 (up to the sizes where
 /// hyper answers itself), with the request id, and the connection is closed or kept usable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -414,14 +414,18 @@ impl From<core_types::EventsResponse> for pb::IngestEventsResponse {
     }
 }
 
-/// Serves gRPC on `listener` until `shutdown` completes, then lets in-flight calls finish: the
+/// Serves gRPC on the connections of `incoming` (the serving layer caps them) until `shutdown` completes, then lets in-flight calls finish: the
 /// Recommender service, the standard health service (SERVING exactly while the core is ready)
 /// and reflection.
-pub async fn serve(
+pub async fn serve<Connection>(
     core: Arc<Recommender>,
-    listener: tokio::net::TcpListener,
+    incoming: impl tokio_stream::Stream<Item = std::io::Result<Connection>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<()>
+where
+    Connection:
+        tonic::transport::server::Connected + tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let watched = core.clone();
     let health_task = tokio::spawn(async move {
@@ -448,7 +452,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(GrpcService::server(core))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     health_task.abort();
     Ok(served?)

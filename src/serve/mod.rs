@@ -108,11 +108,13 @@ pub struct ServeConfig {
     pub queue_delay_target_ms: u64,
     #[arg(long, env = "XSREC_REQUEST_TIMEOUT_MS", default_value_t = 2000)]
     pub request_timeout_ms: u64,
-    /// Open client connections at most; past it, new ones wait in the kernel's accept backlog.
+    /// Open client connections at most, per port (REST, gRPC, admin); past it, new ones wait in
+    /// the kernel's accept backlog.
     #[arg(long, env = "XSREC_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
     /// How long a client may take to send a request's headers; also how long an idle
-    /// keep-alive connection is kept.
+    /// keep-alive connection is kept. On the gRPC port: how long a new connection may stay
+    /// silent (an established channel may idle).
     #[arg(long, env = "XSREC_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
     /// How long a client may take to send a request's body (408 `body_timeout` after). Requests
@@ -454,11 +456,13 @@ pub async fn start(
         };
         let grpc_serving = grpc_listener.map(|listener| {
             let failing = grpc_core.health.clone();
+            let incoming =
+                connections::capped_incoming(listener, connection_limits.clone(), connection_metrics.clone());
             let stopped = async move {
                 let _ = stop_grpc_rx.await;
             };
             tokio::spawn(async move {
-                if let Err(error) = crate::grpc::serve(grpc_core, listener, stopped).await {
+                if let Err(error) = crate::grpc::serve(grpc_core, incoming, stopped).await {
                     failing.fail(format!("the gRPC server failed: {error:#}"));
                 }
             })
