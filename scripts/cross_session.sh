@@ -27,7 +27,7 @@ VARIANTS=(
   "lstm|--arch lstm"
   "control|"
   "no-calendar|--no-calendar"
-  "no-summary|--no-session-summary"
+  "summary|--session-summary"
 )
 
 train_one() {

@@ -13,7 +13,7 @@ import statistics
 import sys
 
 ROOT = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cross-session")
-ORDER = ["popularity", "last item + gap", "plain", "lstm", "full", "no-calendar", "no-summary", "control", "oracle"]
+ORDER = ["popularity", "last item + gap", "plain", "lstm", "full", "no-calendar", "summary", "control", "oracle"]
 LABELS = {
     "popularity": "popularity",
     "last item + gap": "last item + gap (transitions)",
@@ -21,7 +21,7 @@ LABELS = {
     "lstm": "LSTM",
     "full": "full model (default recipe)",
     "no-calendar": "full model without the calendar feature",
-    "no-summary": "full model without the previous-session summary",
+    "summary": "full model with the previous-session summary (`--session-summary`)",
     "control": "full model, flattened-time control",
     "oracle": "oracle (reads the rule)",
 }

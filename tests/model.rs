@@ -20,8 +20,10 @@ fn config(arch: Arch, combine: Combine) -> ModelConfig {
         ffn_dim: 32,
         dropout: 0.1,
         tied_output: arch == Arch::Transformer,
+        // Every feature on, the opt-in ones included, so each is held to causality and parity.
         features: Features {
             combine,
+            session_summary: true,
             ..Features::default()
         },
         session_gap_secs: GAP,

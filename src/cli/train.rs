@@ -56,9 +56,10 @@ pub struct TrainArgs {
     /// Leave out the hour-of-the-week (UTC) embedding of the moment each position predicts.
     #[arg(long)]
     pub no_calendar: bool,
-    /// Leave out the previous session's mean item embedding that each event reads.
+    /// Let each event read the previous session's mean item embedding (off by default; see
+    /// docs/QUALITY.md for where it helps).
     #[arg(long)]
-    pub no_session_summary: bool,
+    pub session_summary: bool,
     #[arg(long, value_enum, default_value_t = Combine::Sum)]
     pub combine: Combine,
     /// Inactivity (seconds) that ends a session.
@@ -113,7 +114,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         event_type: !args.no_event_type && has_types,
         prediction_gap: !args.no_prediction_gap,
         calendar: !args.no_calendar,
-        session_summary: !args.no_session_summary,
+        session_summary: args.session_summary,
         combine: args.combine,
         ..Features::default()
     };

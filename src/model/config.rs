@@ -37,7 +37,8 @@ pub struct Features {
     /// Each event also reads the mean item embedding of the session before its own, projected:
     /// "what the user did last time" becomes a key that attention can match against what the
     /// user does now, so a cross-session succession needs one attention step instead of two.
-    /// Absent from older artifacts, which therefore read it as off.
+    /// Off by default: it helped on some cross-session logs, hurt on others and on ml-100k
+    /// (docs/QUALITY.md). Absent from older artifacts, which therefore read it as off.
     #[serde(default)]
     pub session_summary: bool,
     pub combine: Combine,
@@ -53,7 +54,7 @@ impl Default for Features {
             event_type: true,
             prediction_gap: true,
             calendar: true,
-            session_summary: true,
+            session_summary: false,
             combine: Combine::Sum,
             session_cap: 8,
         }
