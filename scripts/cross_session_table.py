@@ -13,10 +13,11 @@ import statistics
 import sys
 
 ROOT = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cross-session")
-ORDER = ["popularity", "last item + gap", "plain", "lstm", "full", "no-calendar", "summary", "control", "oracle"]
+ORDER = ["popularity", "last item + gap", "user's topics", "plain", "lstm", "full", "no-calendar", "summary", "control", "oracle"]
 LABELS = {
     "popularity": "popularity",
     "last item + gap": "last item + gap (transitions)",
+    "user's topics": "user's topics (knows item topics, no rule)",
     "plain": "plain SASRec (no session/time features)",
     "lstm": "LSTM",
     "full": "full model (default recipe)",

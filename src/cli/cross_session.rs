@@ -39,7 +39,7 @@ pub struct CrossSessionArgs {
 }
 
 /// Scored before the models, in this order.
-const REFERENCES: [&str; 3] = ["popularity", "last item + gap", "oracle"];
+const REFERENCES: [&str; 4] = ["popularity", "last item + gap", "user's topics", "oracle"];
 /// The references' input window; they read the whole history, so only batching depends on it.
 const REFERENCE_MAX_LEN: usize = 50;
 
@@ -78,6 +78,10 @@ pub fn run(args: &CrossSessionArgs) -> anyhow::Result<()> {
         ),
         (
             REFERENCES[2].into(),
+            evaluate(&OracleScorer::topics_only(&log), &truth, &reference_options),
+        ),
+        (
+            REFERENCES[3].into(),
             evaluate(&OracleScorer::new(&log), &truth, &reference_options),
         ),
     ];
@@ -150,7 +154,7 @@ fn artifact_dirs(runs: Option<&PathBuf>) -> anyhow::Result<Vec<(String, PathBuf)
 }
 
 /// Paired bootstrap intervals of session-start NDCG@10 for every trained model against the
-/// control, the transition baseline and the oracle.
+/// control and the references that read the history (transitions, user's topics, oracle).
 fn session_start_comparisons(scored: &[(String, Vec<CaseResult>)]) -> Vec<serde_json::Value> {
     let starts = |results: &[CaseResult]| -> Vec<f64> {
         results
@@ -161,7 +165,7 @@ fn session_start_comparisons(scored: &[(String, Vec<CaseResult>)]) -> Vec<serde_
             .collect()
     };
     let find = |name: &str| scored.iter().find(|(n, _)| n == name).map(|(_, r)| starts(r));
-    let references: Vec<(&str, Vec<f64>)> = ["control", REFERENCES[1], REFERENCES[2]]
+    let references: Vec<(&str, Vec<f64>)> = ["control", REFERENCES[1], REFERENCES[2], REFERENCES[3]]
         .into_iter()
         .filter_map(|name| find(name).map(|v| (name, v)))
         .collect();

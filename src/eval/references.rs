@@ -16,13 +16,24 @@ use crate::data::synth::item_index;
 pub struct OracleScorer<'a> {
     oracle: Oracle<'a>,
     log: &'a FamilyLog,
+    knows_the_rule: bool,
 }
 
 impl<'a> OracleScorer<'a> {
+    /// The oracle: it reads the planted rule.
     pub fn new(log: &'a FamilyLog) -> Self {
         Self {
             oracle: Oracle::new(&log.params),
             log,
+            knows_the_rule: true,
+        }
+    }
+
+    /// Topics known, rule not: see [`Oracle::topics_only_distribution`].
+    pub fn topics_only(log: &'a FamilyLog) -> Self {
+        Self {
+            knows_the_rule: false,
+            ..Self::new(log)
         }
     }
 
@@ -51,9 +62,13 @@ impl CaseScorer for OracleScorer<'_> {
                     purchase: Some(user.types[i]) == purchase,
                 })
                 .collect();
-            let by_number = self
-                .oracle
-                .item_scores(self.mechanism(&user.user_id), &history, user.timestamps[p]);
+            let at = user.timestamps[p];
+            let by_number = match self.knows_the_rule {
+                true => self.oracle.item_scores(self.mechanism(&user.user_id), &history, at),
+                false => self
+                    .oracle
+                    .item_scores_for(&self.oracle.topics_only_distribution(&history, at)),
+            };
             scores.extend(
                 item_number
                     .iter()

@@ -42,11 +42,12 @@ impl<'a> Oracle<'a> {
 
     /// Log-probability of each item number being next after `history`, asked at `at`.
     pub fn item_scores(&self, mechanism: Pattern, history: &[Observed], at: i64) -> Vec<f64> {
-        let topics: Vec<f64> = self
-            .topic_distribution(mechanism, history, at)
-            .iter()
-            .map(|p| p.max(FLOOR).ln())
-            .collect();
+        self.item_scores_for(&self.topic_distribution(mechanism, history, at))
+    }
+
+    /// Log-probability of each item number under a distribution over topics.
+    pub fn item_scores_for(&self, topic_distribution: &[f64]) -> Vec<f64> {
+        let topics: Vec<f64> = topic_distribution.iter().map(|p| p.max(FLOOR).ln()).collect();
         (0..self.params.items())
             .map(|item| topics[self.params.topic_of(item)] + self.log_rank_weight[item / self.params.topics])
             .collect()
@@ -72,6 +73,34 @@ impl<'a> Oracle<'a> {
         rule.iter()
             .map(|r| (1.0 - noise) * r + noise / p.topics as f64)
             .collect()
+    }
+
+    /// A rule-free reference: it knows each item's topic but no cross-session rule. Inside a
+    /// session it expects the session's topic; at a session start, one of the user's earlier
+    /// topics other than the newest session's, by how many sessions each had (popular unseen
+    /// topics when there is none). What a model gets from "the user's other interests" alone.
+    pub fn topics_only_distribution(&self, history: &[Observed], at: i64) -> Vec<f64> {
+        let p = self.params;
+        let Some(last) = history.last() else {
+            return self.prior_except(&[]);
+        };
+        let sessions = self.sessions(history);
+        let newest = self.majority(sessions.last().expect("a non-empty history has a session"));
+        if !crate::data::session::starts_new_session(at - last.timestamp, p.session_gap_secs) {
+            return blend(one_hot(p.topics, newest), self.prior_except(&[]), p.event_noise);
+        }
+        let mut others = vec![0.0; p.topics];
+        for session in &sessions {
+            let topic = self.majority(session);
+            if topic != newest {
+                others[topic] += 1.0;
+            }
+        }
+        let expected = match others.iter().any(|&c| c > 0.0) {
+            true => normalised(others),
+            false => self.prior_except(&[newest]),
+        };
+        blend(expected, self.prior_except(&[]), p.session_noise)
     }
 
     fn next_session(&self, mechanism: Pattern, sessions: &[&[Observed]], pause: i64, at: i64) -> Vec<f64> {

@@ -156,3 +156,31 @@ fn every_planted_rule_is_read_by_its_oracle_and_hidden_by_flattened_time() {
         }
     }
 }
+
+#[test]
+fn the_topics_only_reference_expects_the_users_other_topics_at_a_session_start() {
+    let mut p = FamilyParams::draw(Pattern::Rotation, 0);
+    (p.topics, p.session_noise, p.event_noise) = (6, 0.0, 0.0);
+    let oracle = Oracle::new(&p);
+    let gap = p.session_gap_secs;
+    // Sessions of topics 0, 1, 0, 2 (items are numbered topic + rank·topics), gaps of a day.
+    let history: Vec<Observed> = [0, 1, 0, 2]
+        .iter()
+        .enumerate()
+        .flat_map(|(s, &topic)| {
+            (0..2).map(move |e| Observed {
+                item: topic + e * 6,
+                timestamp: s as i64 * 86_400 + e as i64 * 60,
+                purchase: false,
+            })
+        })
+        .collect();
+    let last = history.last().unwrap().timestamp;
+    let start = oracle.topics_only_distribution(&history, last + gap + 1);
+    let expected = [2.0 / 3.0, 1.0 / 3.0, 0.0, 0.0, 0.0, 0.0];
+    for (got, want) in start.iter().zip(expected) {
+        assert!((got - want).abs() < 1e-12, "{start:?}");
+    }
+    let within = oracle.topics_only_distribution(&history, last + 30);
+    assert_eq!(within, [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]);
+}
