@@ -65,7 +65,8 @@ def main():
             new = [v for s in seeds if (v := ndcg(reports[s], model, "new_session")) is not None]
             same = [v for s in seeds if (v := ndcg(reports[s], model, "same_session")) is not None]
             if new:
-                print(f"| {LABELS[model]} | {mean_sd(new)} | {mean_sd(same)} |")
+                partial = f" ({len(new)} of {len(seeds)} seeds)" if len(new) < len(seeds) else ""
+                print(f"| {LABELS[model]}{partial} | {mean_sd(new)} | {mean_sd(same)} |")
         print()
         rows = []
         for s in seeds:
