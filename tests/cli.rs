@@ -180,6 +180,17 @@ fn malformed_rows_stop_the_load_unless_skipped() {
     let trained = xsrec(&train(&["--max-len", "8", "--skip-bad-rows"]));
     assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
     assert!(String::from_utf8_lossy(&trained.stderr).contains("skipped 1 malformed rows"));
+    for weight in [
+        "--session-start-weight=0",
+        "--session-start-weight=-1",
+        "--session-start-weight=NaN",
+    ] {
+        let err = failure(&train(&["--skip-bad-rows", weight]));
+        assert!(
+            err.contains("--session-start-weight must be a positive number"),
+            "{err}"
+        );
+    }
     let err = failure(&["train", "--data", "nowhere.parquet", "--out", path(&out)]);
     assert!(err.contains("nowhere.parquet"), "{err}");
     assert!(failure(&[

@@ -133,6 +133,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         session_gap_secs: args.session_gap,
     };
     model_config.validate().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        args.session_start_weight.is_finite() && args.session_start_weight > 0.0,
+        "--session-start-weight must be a positive number, not {}",
+        args.session_start_weight
+    );
     let train_config = TrainConfig {
         seed: args.seed,
         max_epochs: args.epochs,
