@@ -309,11 +309,28 @@ async fn core_errors_arrive_as_grpc_codes_with_the_cores_own_code() {
     grpc.ingest_events(pb::IngestEventsRequest { events: history })
         .await
         .unwrap();
-    let mut hurried = tonic::Request::new(ask(user, 5));
-    hurried.set_timeout(Duration::from_nanos(1));
-    let late = grpc.recommend(hurried).await.unwrap_err();
-    assert_eq!(late.code(), Code::DeadlineExceeded, "{late:?}");
-    assert_eq!(xsrec_code(&late), "deadline_exceeded");
+    // tonic runs its own timer from the moment the headers arrive; when the message body comes
+    // in a later read, that timer can fire while the body is still being decoded, before the
+    // core sees the request, and the client hears CANCELLED "Timeout expired" instead. That race
+    // is tonic's, so each try may lose it, but the core's answer must arrive in most of them.
+    let mut from_core = 0;
+    for _ in 0..5 {
+        let mut hurried = tonic::Request::new(ask(user, 5));
+        hurried.set_timeout(Duration::from_nanos(1));
+        let late = grpc.recommend(hurried).await.unwrap_err();
+        match late.code() {
+            Code::DeadlineExceeded => {
+                assert_eq!(xsrec_code(&late), "deadline_exceeded");
+                from_core += 1;
+            }
+            _ => assert_eq!(
+                (late.code(), late.message()),
+                (Code::Cancelled, "Timeout expired"),
+                "{late:?}"
+            ),
+        }
+    }
+    assert!(from_core >= 3, "the core answered {from_core} of 5 expired requests");
     // Without one, the same request is answered.
     grpc.recommend(ask(user, 5)).await.unwrap();
     server.shut_down().await.unwrap();
