@@ -2,7 +2,8 @@
 # The cross-session matrix of docs/QUALITY.md: for every pattern of the synthetic family and
 # every seed, a log and its flattened-time control (`xsrec data synth --pattern`), then the
 # default recipe of `xsrec train` as the full model, plain SASRec, the LSTM, the full model on
-# the control and the full model without its calendar feature, then the scoreboard with the
+# the control and the full model without its session-successor readout and without its calendar
+# feature, then the scoreboard with the
 # references (`xsrec cross-session`). Two trainings at a time, one libtorch thread each.
 #
 #   scripts/cross_session.sh [SEED...]     (default: 0 1 2; results in runs/cross-session/)
@@ -23,11 +24,11 @@ mkdir -p "$OUT"
 # name|flags: every variant is the default recipe plus these flags.
 VARIANTS=(
   "full|"
-  "plain|--no-session-recency --no-time-gap --no-prediction-gap --no-event-type --no-calendar"
+  "plain|--no-session-recency --no-time-gap --no-prediction-gap --no-event-type --no-calendar --no-session-successor"
   "lstm|--arch lstm"
   "control|"
+  "no-successor|--no-session-successor"
   "no-calendar|--no-calendar"
-  "summary|--session-summary"
 )
 
 train_one() {

@@ -53,13 +53,16 @@ pub struct TrainArgs {
     pub no_event_type: bool,
     #[arg(long)]
     pub no_prediction_gap: bool,
-    /// Leave out the hour-of-the-week (UTC) embedding of the moment each position predicts.
+    /// Leave out the hour-of-day and day-of-week (UTC) embeddings of the moment each position predicts.
     #[arg(long)]
     pub no_calendar: bool,
     /// Let each event read the previous session's mean item embedding (off by default; see
     /// docs/QUALITY.md for where it helps).
     #[arg(long)]
     pub session_summary: bool,
+    /// Leave out the readout of what followed earlier sessions resembling the current one.
+    #[arg(long)]
+    pub no_session_successor: bool,
     #[arg(long, value_enum, default_value_t = Combine::Sum)]
     pub combine: Combine,
     /// Inactivity (seconds) that ends a session.
@@ -115,6 +118,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         prediction_gap: !args.no_prediction_gap,
         calendar: !args.no_calendar,
         session_summary: args.session_summary,
+        session_successor: !args.no_session_successor,
         combine: args.combine,
         ..Features::default()
     };

@@ -38,8 +38,10 @@ pub fn gap_bucket(gap_secs: i64, session_gap_secs: i64) -> i64 {
     2 + 2 * log2 + i64::from(starts_new_session(gap_secs, session_gap_secs))
 }
 
-/// Hour-of-week slots plus the padding slot 0 (embedding table size).
-pub const NUM_HOUR_SLOTS: i64 = 1 + 7 * 24;
+pub const HOURS_PER_DAY: i64 = 24;
+pub const DAYS_PER_WEEK: i64 = 7;
+/// Hour-of-week numbers plus the padding number 0.
+pub const NUM_HOUR_SLOTS: i64 = 1 + DAYS_PER_WEEK * HOURS_PER_DAY;
 
 /// The hour of the week of a Unix timestamp in UTC, 1 (Monday 00:00–00:59) to 168, so that 0
 /// stays padding. One slot carries both the time of day and the day of the week.

@@ -41,6 +41,13 @@ pub struct Features {
     /// (docs/QUALITY.md). Absent from older artifacts, which therefore read it as off.
     #[serde(default)]
     pub session_summary: bool,
+    /// Each position's hidden state also reads what followed earlier sessions that resemble
+    /// its own session so far: the items of every earlier session whose predecessor is similar
+    /// (cosine of mean item vectors), through a gate the hidden state sets. A user-level
+    /// session kNN, "what came next last time I was here", which the encoder alone did not
+    /// learn (docs/QUALITY.md, rotation). Absent from older artifacts, which read it as off.
+    #[serde(default)]
+    pub session_successor: bool,
     pub combine: Combine,
     /// Session distances at or above this share one bias.
     pub session_cap: usize,
@@ -55,6 +62,7 @@ impl Default for Features {
             prediction_gap: true,
             calendar: true,
             session_summary: false,
+            session_successor: true,
             combine: Combine::Sum,
             session_cap: 8,
         }

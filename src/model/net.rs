@@ -4,7 +4,7 @@ use tch::{Kind, Tensor};
 
 use super::config::{Arch, Combine, ModelConfig};
 use super::input::Batch;
-use crate::data::session::{NUM_GAP_BUCKETS, NUM_HOUR_SLOTS};
+use crate::data::session::{DAYS_PER_WEEK, HOURS_PER_DAY, NUM_GAP_BUCKETS};
 
 const EMBED_INIT: nn::Init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
 
@@ -28,7 +28,7 @@ struct InputEmbedding {
     gaps: Option<nn::Embedding>,
     types: Option<nn::Embedding>,
     prediction_gaps: Option<nn::Embedding>,
-    prediction_hours: Option<nn::Embedding>,
+    calendar: Option<Calendar>,
     session_summary: Option<nn::Linear>,
     concat_projection: Option<nn::Linear>,
     dropout: f64,
@@ -42,7 +42,7 @@ impl InputEmbedding {
         let gaps = optional(f.time_gap, "gap_embedding", NUM_GAP_BUCKETS);
         let types = optional(f.event_type, "type_embedding", cfg.num_event_types as i64);
         let prediction_gaps = optional(f.prediction_gap, "prediction_gap_embedding", NUM_GAP_BUCKETS);
-        let prediction_hours = optional(f.calendar, "calendar_embedding", NUM_HOUR_SLOTS);
+        let calendar = f.calendar.then(|| Calendar::new(p, d));
         let session_summary = f
             .session_summary
             .then(|| nn::linear(p / "session_summary_projection", d, d, Default::default()));
@@ -64,7 +64,7 @@ impl InputEmbedding {
             gaps,
             types,
             prediction_gaps,
-            prediction_hours,
+            calendar,
             session_summary,
             concat_projection,
             dropout: cfg.dropout,
@@ -86,12 +86,14 @@ impl InputEmbedding {
             (&self.gaps, &batch.gaps),
             (&self.types, &batch.types),
             (&self.prediction_gaps, &batch.prediction_gaps),
-            (&self.prediction_hours, &batch.prediction_hours),
         ];
         for (table, index) in features {
             if let Some(table) = table {
                 parts.push(index.apply(table));
             }
+        }
+        if let Some(calendar) = &self.calendar {
+            parts.push(calendar.forward(&batch.prediction_hours));
         }
         if let Some(projection) = &self.session_summary {
             parts.push(previous_session_mean(batch, &items).apply(projection));
@@ -107,6 +109,109 @@ impl InputEmbedding {
         let real = batch.real_mask().unsqueeze(-1).to_kind(merged.kind());
         merged.dropout(self.dropout, train) * real
     }
+}
+
+/// The calendar of the moment a position predicts, as the sum of an hour-of-day and a
+/// day-of-week embedding. One table of all 168 hours of the week cost ml-100k 0.005 NDCG@10
+/// (docs/QUALITY.md), where rating times carry little periodic signal: each of its slots sees a
+/// 168th of the data. Two small tables see a 24th and a 7th, and a daily or a weekly band is
+/// still one table's pattern.
+#[derive(Debug)]
+struct Calendar {
+    hours: nn::Embedding,
+    days: nn::Embedding,
+}
+
+impl Calendar {
+    fn new(p: &nn::Path, d: i64) -> Self {
+        Self {
+            hours: embedding(p / "calendar_hour_embedding", 1 + HOURS_PER_DAY, d),
+            days: embedding(p / "calendar_day_embedding", 1 + DAYS_PER_WEEK, d),
+        }
+    }
+
+    /// `hours_of_week` as [`hour_of_week`](crate::data::session::hour_of_week) numbers them,
+    /// 0 = padding, which maps to each table's padding row 0.
+    fn forward(&self, hours_of_week: &Tensor) -> Tensor {
+        let (hour, day) = hour_and_day(hours_of_week);
+        hour.apply(&self.hours) + day.apply(&self.days)
+    }
+}
+
+/// Hour of the day (1–24) and day of the week (1 = Monday … 7) of hour-of-week numbers; 0 stays 0.
+fn hour_and_day(hours_of_week: &Tensor) -> (Tensor, Tensor) {
+    let real = hours_of_week.gt(0).to_kind(Kind::Int64);
+    let since_monday = (hours_of_week - 1).clamp_min(0);
+    let hour = (since_monday.remainder(HOURS_PER_DAY) + 1) * &real;
+    let day = (since_monday.floor_divide_scalar(HOURS_PER_DAY) + 1) * real;
+    (hour, day)
+}
+
+/// What followed earlier sessions like the current one: for position `i`, a softmax over the
+/// events `j` of earlier sessions, by the cosine between `i`'s session so far and the session
+/// before `j`'s, of `j`'s item vectors. A cosine below a learned threshold loses to a null slot
+/// (value zero), so a position whose session resembles no earlier one (a user's first round of
+/// interests) reads nothing rather than a blur of everything. The result lives in item space
+/// and is added to the hidden state, scaled by a gate the hidden state sets, so that the
+/// encoder decides where "what came next last time" applies (a session start) without having
+/// to carry it through its layers.
+#[derive(Debug)]
+struct SessionSuccessor {
+    sharpness: Tensor,
+    threshold: Tensor,
+    gate: nn::Linear,
+}
+
+impl SessionSuccessor {
+    fn new(p: &nn::Path, d: i64) -> Self {
+        let zero = nn::LinearConfig {
+            ws_init: nn::Init::Const(0.0),
+            bs_init: Some(nn::Init::Const(0.0)),
+            bias: true,
+        };
+        Self {
+            sharpness: p.var("sharpness", &[1], nn::Init::Const(10.0)),
+            threshold: p.var("threshold", &[1], nn::Init::Const(0.5)),
+            gate: nn::linear(p / "gate", d, 1, zero),
+        }
+    }
+
+    fn add_to(&self, hidden: Tensor, batch: &Batch, items: &Tensor) -> Tensor {
+        let gate = hidden.apply(&self.gate);
+        hidden + gate * self.retrieve(batch, items)
+    }
+
+    fn retrieve(&self, batch: &Batch, items: &Tensor) -> Tensor {
+        let sessions = &batch.sessions;
+        let real = batch.real_mask();
+        let (b, l) = (batch.size(), batch.seq_len());
+        let kind = items.kind();
+        // [B, i, j]: j is in i's session and not after i.
+        let causal = Tensor::ones([l, l], (Kind::Bool, items.device())).tril(0).unsqueeze(0);
+        let so_far = sessions
+            .unsqueeze(2)
+            .eq_tensor(&sessions.unsqueeze(1))
+            .logical_and(&causal)
+            .logical_and(&real.unsqueeze(1));
+        let so_far = so_far.to_kind(kind);
+        let current = (&so_far / so_far.sum_dim_intlist(-1, true, kind).clamp_min(1.0)).matmul(items);
+        let before = previous_session_mean(batch, items);
+        let has_before = before.abs().sum_dim_intlist(-1, false, kind).gt(0.0);
+        let similarity = (unit(&current).matmul(&unit(&before).transpose(1, 2)) - &self.threshold) * &self.sharpness;
+        let allowed = sessions
+            .unsqueeze(1)
+            .lt_tensor(&sessions.unsqueeze(2))
+            .logical_and(&real.unsqueeze(1))
+            .logical_and(&has_before.unsqueeze(1));
+        let logits = similarity.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+        let null = Tensor::zeros([b, l, 1], (kind, items.device()));
+        let weights = Tensor::cat(&[null, logits], -1).softmax(-1, kind);
+        weights.narrow(-1, 1, l).matmul(items)
+    }
+}
+
+fn unit(x: &Tensor) -> Tensor {
+    x / x.norm_scalaropt_dim(2.0, [-1], true).clamp_min(1e-6)
 }
 
 /// `[B, L, d]`: for each position, the mean of `items` over the real positions of the session
@@ -310,6 +415,7 @@ enum Encoder {
 pub struct Network {
     input: InputEmbedding,
     encoder: Encoder,
+    successor: Option<SessionSuccessor>,
     output_items: Option<nn::Embedding>,
 }
 
@@ -324,6 +430,7 @@ impl Network {
         Self {
             input: InputEmbedding::new(p, cfg),
             encoder,
+            successor: (cfg.features.session_successor).then(|| SessionSuccessor::new(&(p / "session_successor"), d)),
             output_items,
         }
     }
@@ -337,9 +444,13 @@ impl Network {
     /// `capture` is given (Transformer only).
     pub fn hidden_with_attention(&self, batch: &Batch, train: bool, capture: Option<&mut Vec<Tensor>>) -> Tensor {
         let x = self.input.forward(batch, train);
-        match &self.encoder {
+        let hidden = match &self.encoder {
             Encoder::Transformer(t) => t.forward(x, batch, train, capture),
             Encoder::Lstm(lstm) => lstm.forward(&x, train),
+        };
+        match &self.successor {
+            Some(successor) => successor.add_to(hidden, batch, &batch.items.apply(&self.input.items)),
+            None => hidden,
         }
     }
 
@@ -361,18 +472,24 @@ mod tests {
     use super::*;
     use crate::model::EncodedSeq;
 
+    /// A one-row batch of these items and session indices, every other feature zero.
+    fn items_in_sessions(items: Vec<i64>, sessions: Vec<i64>) -> Batch {
+        let n = items.len();
+        let row = EncodedSeq {
+            items,
+            types: vec![0; n],
+            gaps: vec![0; n],
+            prediction_gaps: vec![0; n],
+            sessions,
+            prediction_hours: vec![0; n],
+        };
+        Batch::new(&[row], Device::Cpu)
+    }
+
     #[test]
     fn previous_session_mean_averages_the_real_events_of_the_session_before() {
         // Padding shares session index 0 with the window's first session and must not count.
-        let row = EncodedSeq {
-            items: vec![0, 1, 2, 3, 4, 5],
-            types: vec![0; 6],
-            gaps: vec![0; 6],
-            prediction_gaps: vec![0; 6],
-            sessions: vec![0, 0, 0, 1, 1, 2],
-            prediction_hours: vec![0; 6],
-        };
-        let batch = Batch::new(&[row], Device::Cpu);
+        let batch = items_in_sessions(vec![0, 1, 2, 3, 4, 5], vec![0, 0, 0, 1, 1, 2]);
         let vectors = batch.items.to_kind(Kind::Float).unsqueeze(-1) * Tensor::from_slice(&[1.0f32, 10.0]);
         let mean = Vec::<f32>::try_from(previous_session_mean(&batch, &vectors).view(-1)).unwrap();
         let expected = [
@@ -382,5 +499,46 @@ mod tests {
             1.5, 15.0, 3.5, 35.0, // session 2 reads items 3 and 4
         ];
         assert_eq!(mean, expected);
+    }
+
+    #[test]
+    fn the_successor_reads_what_followed_the_earlier_session_that_matches_the_current_one() {
+        // Sessions A A | B B | A | A: the session after the earlier A session is B. The window's
+        // first session has nothing before it and takes no part; the A session after B does not
+        // match an A session (cosine 0, below the threshold) and nearly loses to the null slot.
+        let batch = items_in_sessions(vec![1, 1, 2, 2, 1, 1], vec![0, 0, 1, 1, 2, 3]);
+        let (a, b) = ([1.0f32, 0.0], [0.0f32, 1.0]);
+        let vectors: Vec<f32> = [a, a, b, b, a, a].concat();
+        let vectors = Tensor::from_slice(&vectors).view([1, 6, 2]);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let successor = SessionSuccessor::new(&vs.root(), 2);
+        let read = Vec::<f32>::try_from(tch::no_grad(|| successor.retrieve(&batch, &vectors)).view(-1)).unwrap();
+        // Sharpness 10 and threshold 0.5 at initialisation: a match scores +5, a miss −5, null 0.
+        let (hit, miss) = (5f32.exp(), (-5f32).exp());
+        let expected = [
+            0.0,
+            0.0,
+            0.0,
+            0.0, // the first session: no earlier session
+            0.0,
+            0.0,
+            0.0,
+            0.0, // B: only the first session is earlier, and it has no predecessor
+            0.0,
+            2.0 * hit / (1.0 + 2.0 * hit), // A after B: the B session follows an A session
+            miss / (1.0 + 2.0 * hit + miss),
+            2.0 * hit / (1.0 + 2.0 * hit + miss),
+        ];
+        for (got, want) in read.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-6, "{read:?} vs {expected:?}");
+        }
+    }
+
+    #[test]
+    fn the_calendar_splits_the_hour_of_the_week_into_hour_of_day_and_weekday() {
+        // Padding, Monday 00:00, Monday 23:00, Tuesday 00:00, Sunday 23:00.
+        let (hour, day) = hour_and_day(&Tensor::from_slice(&[0i64, 1, 24, 25, 168]));
+        assert_eq!(Vec::<i64>::try_from(hour).unwrap(), [0, 1, 24, 1, 24]);
+        assert_eq!(Vec::<i64>::try_from(day).unwrap(), [0, 1, 1, 2, 7]);
     }
 }

@@ -5,7 +5,8 @@ GAP_BUCKET_PAD = 0
 GAP_BUCKET_NONE = 1
 LOG2_BUCKETS = 32
 NUM_GAP_BUCKETS = 2 + 2 * LOG2_BUCKETS
-NUM_HOUR_SLOTS = 1 + 7 * 24
+HOURS_PER_DAY = 24
+DAYS_PER_WEEK = 7
 
 
 def starts_new_session(gap, session_gap):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .features import NUM_GAP_BUCKETS, NUM_HOUR_SLOTS
+from .features import DAYS_PER_WEEK, HOURS_PER_DAY, NUM_GAP_BUCKETS
 
 
 def _embedding(rows, dim):
@@ -81,6 +81,41 @@ def previous_session_mean(batch, item_vectors):
     return (member / member.sum(-1, keepdim=True).clamp_min(1.0)) @ item_vectors
 
 
+def _unit(x):
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+class SessionSuccessor(nn.Module):
+    """What followed earlier sessions like the current one, added to the hidden state through a
+    gate the hidden state sets (see `SessionSuccessor` in src/model/net.rs)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.sharpness = nn.Parameter(torch.tensor([10.0]))
+        self.threshold = nn.Parameter(torch.tensor([0.5]))
+        self.gate = nn.Linear(d, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, hidden, batch, item_vectors):
+        return hidden + self.gate(hidden) * self.retrieve(batch, item_vectors)
+
+    def retrieve(self, batch, item_vectors):
+        sessions, real = batch["sessions"], batch["items"] != 0
+        b, l = sessions.shape
+        causal = torch.ones(l, l, dtype=torch.bool, device=sessions.device).tril().unsqueeze(0)
+        so_far = ((sessions.unsqueeze(2) == sessions.unsqueeze(1)) & causal & real.unsqueeze(1)).to(item_vectors.dtype)
+        current = (so_far / so_far.sum(-1, keepdim=True).clamp_min(1.0)) @ item_vectors
+        before = previous_session_mean(batch, item_vectors)
+        has_before = before.abs().sum(-1) > 0
+        similarity = (_unit(current) @ _unit(before).transpose(1, 2) - self.threshold) * self.sharpness
+        allowed = (sessions.unsqueeze(1) < sessions.unsqueeze(2)) & real.unsqueeze(1) & has_before.unsqueeze(1)
+        logits = similarity.masked_fill(~allowed, float("-inf"))
+        null = torch.zeros(b, l, 1, dtype=item_vectors.dtype, device=item_vectors.device)
+        weights = torch.cat([null, logits], -1).softmax(-1)
+        return weights[..., 1:] @ item_vectors
+
+
 class Lstm(nn.LSTM):
     """nn.LSTM plus the output LayerNorm, so parameters are named lstm.weight_ih_l0, lstm.norm.*."""
 
@@ -105,7 +140,9 @@ class XsrecModel(nn.Module):
         self.type_embedding = _embedding(cfg["num_event_types"], d) if f["event_type"] else None
         self.prediction_gap_embedding = _embedding(NUM_GAP_BUCKETS, d) if f["prediction_gap"] else None
         # Artifacts older than the calendar feature have no such key: off.
-        self.calendar_embedding = _embedding(NUM_HOUR_SLOTS, d) if f.get("calendar", False) else None
+        calendar = f.get("calendar", False)
+        self.calendar_hour_embedding = _embedding(1 + HOURS_PER_DAY, d) if calendar else None
+        self.calendar_day_embedding = _embedding(1 + DAYS_PER_WEEK, d) if calendar else None
         # Likewise for the previous session's summary.
         self.session_summary_projection = nn.Linear(d, d) if f.get("session_summary", False) else None
         parts = 2 + sum(bool(f.get(k, False)) for k in ("time_gap", "event_type", "prediction_gap", "calendar", "session_summary"))
@@ -115,6 +152,8 @@ class XsrecModel(nn.Module):
         else:
             self.lstm = Lstm(cfg)
         self.output_embedding = None if cfg["tied_output"] else _embedding(cfg["num_items"], d)
+        # Artifacts older than the successor readout have no such key: off.
+        self.session_successor = SessionSuccessor(d) if f.get("session_successor", False) else None
         self.dropout = cfg["dropout"]
 
     def embed(self, batch):
@@ -124,10 +163,16 @@ class XsrecModel(nn.Module):
         positions = torch.arange(max_len - l, max_len, device=items.device)
         item_vectors = self.item_embedding(items)
         parts = [item_vectors, self.position_embedding(positions).unsqueeze(0).expand(b, l, -1)]
-        for table, key in ((self.gap_embedding, "gaps"), (self.type_embedding, "types"), (self.prediction_gap_embedding, "prediction_gaps"),
-                           (self.calendar_embedding, "prediction_hours")):
+        for table, key in ((self.gap_embedding, "gaps"), (self.type_embedding, "types"), (self.prediction_gap_embedding, "prediction_gaps")):
             if table is not None:
                 parts.append(table(batch[key]))
+        if self.calendar_hour_embedding is not None:
+            # Hour of day plus day of week of the hour-of-week number (0 = padding), as in Rust.
+            hours_of_week = batch["prediction_hours"]
+            real = (hours_of_week > 0).long()
+            slot = (hours_of_week - 1).clamp_min(0)
+            parts.append(self.calendar_hour_embedding((slot % HOURS_PER_DAY + 1) * real)
+                         + self.calendar_day_embedding((slot // HOURS_PER_DAY + 1) * real))
         if self.session_summary_projection is not None:
             parts.append(self.session_summary_projection(previous_session_mean(batch, item_vectors)))
         if self.concat_projection is not None:
@@ -140,7 +185,10 @@ class XsrecModel(nn.Module):
 
     def hidden(self, batch, weights_out=None):
         encoder = self.transformer if self.cfg["arch"] == "transformer" else self.lstm
-        return encoder(self.embed(batch), batch, weights_out)
+        hidden = encoder(self.embed(batch), batch, weights_out)
+        if self.session_successor is not None:
+            hidden = self.session_successor(hidden, batch, self.item_embedding(batch["items"]))
+        return hidden
 
     def item_table(self):
         return (self.output_embedding or self.item_embedding).weight

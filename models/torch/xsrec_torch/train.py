@@ -94,7 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--patience", type=int, default=20)
-    for feature in ("session-recency", "time-gap", "event-type", "prediction-gap", "calendar"):
+    for feature in ("session-recency", "time-gap", "event-type", "prediction-gap", "calendar", "session-successor"):
         p.add_argument(f"--no-{feature}", action="store_true")
     p.add_argument("--session-summary", action="store_true", help="each event reads the previous session's mean item vector")
     return p.parse_args(argv)
@@ -119,7 +119,7 @@ def main(argv=None):
         "features": {
             "session_recency": not args.no_session_recency, "time_gap": not args.no_time_gap,
             "event_type": not args.no_event_type and has_types, "prediction_gap": not args.no_prediction_gap,
-            "calendar": not args.no_calendar,
+            "calendar": not args.no_calendar, "session_successor": not args.no_session_successor,
             "session_summary": args.session_summary, "combine": args.combine, "session_cap": 8,
         },
         "session_gap_secs": args.session_gap,
