@@ -38,7 +38,7 @@ fn family(pattern: Pattern, seed: u64, users: usize) -> (Family, xsrec::data::fa
     (Family { real, control, gap }, log)
 }
 
-fn fit(set: &SequenceSet, features: Features, gap: i64) -> SeqModel {
+fn fit(set: &SequenceSet, features: Features, gap: i64, epochs: usize) -> SeqModel {
     let config = ModelConfig {
         arch: Arch::Transformer,
         num_items: set.items.len(),
@@ -55,12 +55,12 @@ fn fit(set: &SequenceSet, features: Features, gap: i64) -> SeqModel {
     };
     let cfg = TrainConfig {
         seed: 3,
-        max_epochs: 80,
+        max_epochs: epochs,
         batch_size: 64,
         learning_rate: 3e-3,
         weight_decay: 0.0,
         grad_clip: 1.0,
-        patience: 80,
+        patience: epochs,
         loss: Loss::Full,
         negatives: 0,
         mask_seen: true,
@@ -113,13 +113,15 @@ fn beats(model: &[f64], other: &[f64], what: &str) {
     assert!(interval.lower > 0.0, "no better than {what}: {interval:?}");
 }
 
+const PERIODIC_EPOCHS: usize = 80;
+
 /// Periodic interest: which topic a session opens with depends on the clock at the moment of
 /// prediction, which only the calendar feature shows and flattened time hides.
 #[test]
 fn the_periodic_rule_is_learned_through_the_calendar_and_real_time() {
     let (family, log) = family(Pattern::Periodic, 0, 800);
     let full = session_starts(&scored(
-        &fit(&family.real, Features::default(), family.gap),
+        &fit(&family.real, Features::default(), family.gap, PERIODIC_EPOCHS),
         &family.real,
         &family,
     ));
@@ -128,12 +130,12 @@ fn the_periodic_rule_is_learned_through_the_calendar_and_real_time() {
         ..Features::default()
     };
     let without_calendar = session_starts(&scored(
-        &fit(&family.real, no_calendar, family.gap),
+        &fit(&family.real, no_calendar, family.gap, PERIODIC_EPOCHS),
         &family.real,
         &family,
     ));
     let control = session_starts(&scored(
-        &fit(&family.control, Features::default(), family.gap),
+        &fit(&family.control, Features::default(), family.gap, PERIODIC_EPOCHS),
         &family.control,
         &family,
     ));
@@ -151,4 +153,35 @@ fn the_periodic_rule_is_learned_through_the_calendar_and_real_time() {
     beats(&full, &control, "the flattened-time control");
     beats(&full, &transitions, "last item + gap");
     beats(&full, &without_calendar, "the model without its calendar");
+}
+
+/// Topic rotation: a user cycles through their own order of 3–5 topics, one per session, so a
+/// new session's topic is whichever followed the current one last time, which only the user's
+/// own earlier sessions show. The encoder alone did not learn it (docs/QUALITY.md); the
+/// session-successor readout must make the difference.
+#[test]
+fn the_rotation_rule_is_learned_through_the_session_successor() {
+    let (family, log) = family(Pattern::Rotation, 1, 600);
+    let epochs = 40;
+    let full = session_starts(&scored(
+        &fit(&family.real, Features::default(), family.gap, epochs),
+        &family.real,
+        &family,
+    ));
+    let no_successor = Features {
+        session_successor: false,
+        ..Features::default()
+    };
+    let without_successor = session_starts(&scored(
+        &fit(&family.real, no_successor, family.gap, epochs),
+        &family.real,
+        &family,
+    ));
+    let oracle = session_starts(&scored(&OracleScorer::new(&log), &family.real, &family));
+    eprintln!(
+        "oracle session-start NDCG@10 {:.4} over {} cases",
+        mean(&oracle),
+        oracle.len()
+    );
+    beats(&full, &without_successor, "the model without its session successor");
 }
