@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::{parse_device, write_json};
 use crate::data::family::{flatten_time, generate, FamilyParams, Pattern};
-use crate::data::split::{build_sequences, Target};
+use crate::data::split::{build_sequences, SequenceSet, Target};
 use crate::data::vocab::Vocab;
 use crate::eval::bootstrap::paired_bootstrap;
 use crate::eval::references::{label_sessions_from, OracleScorer, TransitionBaseline};
@@ -114,6 +114,10 @@ pub fn run(args: &CrossSessionArgs) -> anyhow::Result<()> {
         .collect();
     let rows: Vec<(String, &SplitMetrics)> = metrics.iter().map(|(n, m)| (n.clone(), m)).collect();
     println!("{}", markdown_table(&rows));
+    let by_rule = match params.pattern {
+        Pattern::Mixture => session_starts_by_rule(&scored, &truth, &log.mechanisms),
+        _ => serde_json::Value::Null,
+    };
     let comparisons = session_start_comparisons(&scored);
     for c in &comparisons {
         println!(
@@ -129,10 +133,55 @@ pub fn run(args: &CrossSessionArgs) -> anyhow::Result<()> {
             metrics.into_iter().map(|(name, m)| (name, json!(m))).collect();
         write_json(
             path,
-            &json!({ "params": params, "metrics": metrics, "session_start_comparisons": comparisons }),
+            &json!({
+                "params": params,
+                "metrics": metrics,
+                "session_start_comparisons": comparisons,
+                "session_start_ndcg10_by_rule": by_rule,
+            }),
         )?;
     }
     Ok(())
+}
+
+/// In a mixture every user follows one of the rules: session-start NDCG@10 of each scorer over
+/// the users of each rule, printed as a table and returned as JSON (`{scorer: {rule: value}}`),
+/// to show which rule a model misses.
+fn session_starts_by_rule(
+    scored: &[(String, Vec<CaseResult>)],
+    truth: &SequenceSet,
+    mechanisms: &[Pattern],
+) -> serde_json::Value {
+    let rule_of = |user: usize| {
+        let number: usize = truth.users[user].user_id[1..].parse().expect("family user ids are u<n>");
+        mechanisms[number]
+    };
+    let rules: Vec<Pattern> = Pattern::ALL.into_iter().filter(|p| mechanisms.contains(p)).collect();
+    let header: Vec<String> = rules.iter().map(|r| r.name().to_owned()).collect();
+    println!("\nsession-start NDCG@10 by the user's rule\n\n| scorer | {} |", header.join(" | "));
+    println!("|---|{}", "---:|".repeat(rules.len()));
+    let mut out = serde_json::Map::new();
+    for (name, results) in scored {
+        let values = ndcg10(results);
+        let mut row = serde_json::Map::new();
+        for &rule in &rules {
+            let picked: Vec<f64> = results
+                .iter()
+                .zip(&values)
+                .filter(|(r, _)| r.new_session && rule_of(r.user) == rule)
+                .map(|(_, &v)| v)
+                .collect();
+            row.insert(rule.name().into(), json!(picked.iter().sum::<f64>() / picked.len().max(1) as f64));
+        }
+        let cells: Vec<String> = rules
+            .iter()
+            .map(|r| format!("{:.3}", row[r.name()].as_f64().unwrap_or_default()))
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
+        out.insert(name.clone(), serde_json::Value::Object(row));
+    }
+    println!();
+    serde_json::Value::Object(out)
 }
 
 /// `(name, dir)` for every artifact under `runs`, sorted by name.
