@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The cross-session matrix of docs/QUALITY.md: for every pattern of the synthetic family and
 # every seed, a log and its flattened-time control (`xsrec data synth --pattern`), then the
-# default recipe of `xsrec train` as the full model, plain SASRec, the LSTM, the full model on
-# the control and the full model without its session-successor readout and without its calendar
-# feature, then the scoreboard with the
-# references (`xsrec cross-session`). Two trainings at a time, one libtorch thread each.
+# default recipe of `xsrec train` as the full model, the full model on the control, plain SASRec,
+# the full model without each of its readouts (session successor, clock), the LSTM and the full
+# model with the shared calendar embedding, then the scoreboard with the references
+# (`xsrec cross-session`). Two trainings at a time, one libtorch thread each.
 #
 #   scripts/cross_session.sh [SEED...]     (default: 0 1 2; results in runs/cross-session/)
 #
@@ -24,11 +24,12 @@ mkdir -p "$OUT"
 # name|flags: every variant is the default recipe plus these flags.
 VARIANTS=(
   "full|"
-  "plain|--no-session-recency --no-time-gap --no-prediction-gap --no-event-type --no-calendar --no-session-successor"
-  "lstm|--arch lstm"
   "control|"
+  "plain|--no-session-recency --no-time-gap --no-prediction-gap --no-event-type --no-session-successor --no-clock-readout"
   "no-successor|--no-session-successor"
-  "no-calendar|--no-calendar"
+  "no-clock|--no-clock-readout"
+  "lstm|--arch lstm"
+  "calendar|--calendar"
 )
 
 train_one() {

@@ -13,7 +13,7 @@ import statistics
 import sys
 
 ROOT = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cross-session")
-ORDER = ["popularity", "last item + gap", "user's topics", "plain", "lstm", "full", "no-calendar", "summary", "control", "oracle"]
+ORDER = ["popularity", "last item + gap", "user's topics", "plain", "lstm", "full", "no-successor", "no-clock", "calendar", "control", "oracle"]
 LABELS = {
     "popularity": "popularity",
     "last item + gap": "last item + gap (transitions)",
@@ -21,8 +21,9 @@ LABELS = {
     "plain": "plain SASRec (no session/time features)",
     "lstm": "LSTM",
     "full": "full model (default recipe)",
-    "no-calendar": "full model without the calendar feature",
-    "summary": "full model with the previous-session summary (`--session-summary`)",
+    "no-successor": "full model without the session-successor readout",
+    "no-clock": "full model without the clock readout",
+    "calendar": "full model plus the shared calendar embedding (`--calendar`)",
     "control": "full model, flattened-time control",
     "oracle": "oracle (reads the rule)",
 }

@@ -116,21 +116,22 @@ fn beats(model: &[f64], other: &[f64], what: &str) {
 const PERIODIC_EPOCHS: usize = 80;
 
 /// Periodic interest: which topic a session opens with depends on the clock at the moment of
-/// prediction, which only the calendar feature shows and flattened time hides.
+/// prediction and on the user's own topics by time of day, which the clock readout reads and
+/// flattened time hides.
 #[test]
-fn the_periodic_rule_is_learned_through_the_calendar_and_real_time() {
+fn the_periodic_rule_is_learned_through_the_clock_readout_and_real_time() {
     let (family, log) = family(Pattern::Periodic, 0, 800);
     let full = session_starts(&scored(
         &fit(&family.real, Features::default(), family.gap, PERIODIC_EPOCHS),
         &family.real,
         &family,
     ));
-    let no_calendar = Features {
-        calendar: false,
+    let no_clock = Features {
+        clock_readout: false,
         ..Features::default()
     };
-    let without_calendar = session_starts(&scored(
-        &fit(&family.real, no_calendar, family.gap, PERIODIC_EPOCHS),
+    let without_clock = session_starts(&scored(
+        &fit(&family.real, no_clock, family.gap, PERIODIC_EPOCHS),
         &family.real,
         &family,
     ));
@@ -152,7 +153,7 @@ fn the_periodic_rule_is_learned_through_the_calendar_and_real_time() {
     );
     beats(&full, &control, "the flattened-time control");
     beats(&full, &transitions, "last item + gap");
-    beats(&full, &without_calendar, "the model without its calendar");
+    beats(&full, &without_clock, "the model without its clock readout");
 }
 
 /// Topic rotation: a user cycles through their own order of 3–5 topics, one per session, so a

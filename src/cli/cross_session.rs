@@ -153,12 +153,17 @@ fn session_starts_by_rule(
     mechanisms: &[Pattern],
 ) -> serde_json::Value {
     let rule_of = |user: usize| {
-        let number: usize = truth.users[user].user_id[1..].parse().expect("family user ids are u<n>");
+        let number: usize = truth.users[user].user_id[1..]
+            .parse()
+            .expect("family user ids are u<n>");
         mechanisms[number]
     };
     let rules: Vec<Pattern> = Pattern::ALL.into_iter().filter(|p| mechanisms.contains(p)).collect();
     let header: Vec<String> = rules.iter().map(|r| r.name().to_owned()).collect();
-    println!("\nsession-start NDCG@10 by the user's rule\n\n| scorer | {} |", header.join(" | "));
+    println!(
+        "\nsession-start NDCG@10 by the user's rule\n\n| scorer | {} |",
+        header.join(" | ")
+    );
     println!("|---|{}", "---:|".repeat(rules.len()));
     let mut out = serde_json::Map::new();
     for (name, results) in scored {
@@ -171,7 +176,10 @@ fn session_starts_by_rule(
                 .filter(|(r, _)| r.new_session && rule_of(r.user) == rule)
                 .map(|(_, &v)| v)
                 .collect();
-            row.insert(rule.name().into(), json!(picked.iter().sum::<f64>() / picked.len().max(1) as f64));
+            row.insert(
+                rule.name().into(),
+                json!(picked.iter().sum::<f64>() / picked.len().max(1) as f64),
+            );
         }
         let cells: Vec<String> = rules
             .iter()

@@ -53,9 +53,10 @@ pub struct TrainArgs {
     pub no_event_type: bool,
     #[arg(long)]
     pub no_prediction_gap: bool,
-    /// Leave out the hour-of-day and day-of-week (UTC) embeddings of the moment each position predicts.
+    /// Add hour-of-day and day-of-week (UTC) embeddings of the moment each position predicts,
+    /// shared by all users (off by default; the clock readout reads each user's own habits).
     #[arg(long)]
-    pub no_calendar: bool,
+    pub calendar: bool,
     /// Let each event read the previous session's mean item embedding (off by default; see
     /// docs/QUALITY.md for where it helps).
     #[arg(long)]
@@ -63,6 +64,9 @@ pub struct TrainArgs {
     /// Leave out the readout of what followed earlier sessions resembling the current one.
     #[arg(long)]
     pub no_session_successor: bool,
+    /// Leave out the readout of what the user did at this time of day and week in earlier sessions.
+    #[arg(long)]
+    pub no_clock_readout: bool,
     #[arg(long, value_enum, default_value_t = Combine::Sum)]
     pub combine: Combine,
     /// Inactivity (seconds) that ends a session.
@@ -116,9 +120,10 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         // Without types in the data the embedding would learn one constant: leave it out.
         event_type: !args.no_event_type && has_types,
         prediction_gap: !args.no_prediction_gap,
-        calendar: !args.no_calendar,
+        calendar: args.calendar,
         session_summary: args.session_summary,
         session_successor: !args.no_session_successor,
+        clock_readout: !args.no_clock_readout,
         combine: args.combine,
         ..Features::default()
     };

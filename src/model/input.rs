@@ -70,7 +70,7 @@ pub fn moment_key(history: HistoryView, predict_at: i64, features: &Features, se
         true => gap_bucket(predict_at - last, session_gap_secs),
         false => 0,
     };
-    let hour = match features.calendar {
+    let hour = match features.reads_the_clock() {
         true => hour_of_week(predict_at),
         false => 0,
     };

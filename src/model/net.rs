@@ -164,27 +164,16 @@ struct SessionSuccessor {
 
 impl SessionSuccessor {
     fn new(p: &nn::Path, d: i64) -> Self {
-        let zero = nn::LinearConfig {
-            ws_init: nn::Init::Const(0.0),
-            bs_init: Some(nn::Init::Const(0.0)),
-            bias: true,
-        };
         Self {
             sharpness: p.var("sharpness", &[1], nn::Init::Const(10.0)),
             threshold: p.var("threshold", &[1], nn::Init::Const(0.5)),
-            gate: nn::linear(p / "gate", d, 1, zero),
+            gate: zero_gate(p, d),
         }
-    }
-
-    fn add_to(&self, hidden: Tensor, batch: &Batch, items: &Tensor) -> Tensor {
-        let gate = hidden.apply(&self.gate);
-        hidden + gate * self.retrieve(batch, items)
     }
 
     fn retrieve(&self, batch: &Batch, items: &Tensor) -> Tensor {
         let sessions = &batch.sessions;
-        let real = batch.real_mask();
-        let (b, l) = (batch.size(), batch.seq_len());
+        let l = batch.seq_len();
         let kind = items.kind();
         // [B, i, j]: j is in i's session and not after i.
         let causal = Tensor::ones([l, l], (Kind::Bool, items.device())).tril(0).unsqueeze(0);
@@ -192,22 +181,96 @@ impl SessionSuccessor {
             .unsqueeze(2)
             .eq_tensor(&sessions.unsqueeze(1))
             .logical_and(&causal)
-            .logical_and(&real.unsqueeze(1));
-        let so_far = so_far.to_kind(kind);
+            .logical_and(&batch.real_mask().unsqueeze(1))
+            .to_kind(kind);
         let current = (&so_far / so_far.sum_dim_intlist(-1, true, kind).clamp_min(1.0)).matmul(items);
         let before = previous_session_mean(batch, items);
         let has_before = before.abs().sum_dim_intlist(-1, false, kind).gt(0.0);
         let similarity = (unit(&current).matmul(&unit(&before).transpose(1, 2)) - &self.threshold) * &self.sharpness;
-        let allowed = sessions
-            .unsqueeze(1)
-            .lt_tensor(&sessions.unsqueeze(2))
-            .logical_and(&real.unsqueeze(1))
-            .logical_and(&has_before.unsqueeze(1));
-        let logits = similarity.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
-        let null = Tensor::zeros([b, l, 1], (kind, items.device()));
-        let weights = Tensor::cat(&[null, logits], -1).softmax(-1, kind);
-        weights.narrow(-1, 1, l).matmul(items)
+        let allowed = earlier_sessions(batch).logical_and(&has_before.unsqueeze(1));
+        read_or_nothing(&similarity, &allowed, items)
     }
+}
+
+/// What the user did in earlier sessions at a time like the moment of prediction: for position
+/// `i`, a softmax over the events `k` of earlier sessions by a learned match between the hour
+/// of day and day of week of the moment `i` predicts and those of event `k`, of `k`'s item
+/// vectors, beside a null slot, gated into the hidden state like [`SessionSuccessor`]. A daily
+/// or weekly habit of one user ("evenings: films, mornings: news") is then one lookup, where a
+/// calendar embedding of the input can only learn the habits that many users share.
+#[derive(Debug)]
+struct ClockReadout {
+    query: Calendar,
+    key: Calendar,
+    gate: nn::Linear,
+}
+
+/// Width of the clock readout's query and key embeddings.
+const CLOCK_DIM: i64 = 16;
+
+impl ClockReadout {
+    fn new(p: &nn::Path, d: i64) -> Self {
+        Self {
+            query: Calendar::new(&(p / "query"), CLOCK_DIM),
+            key: Calendar::new(&(p / "key"), CLOCK_DIM),
+            gate: zero_gate(p, d),
+        }
+    }
+
+    fn retrieve(&self, batch: &Batch, items: &Tensor) -> Tensor {
+        let (b, l) = (batch.size(), batch.seq_len());
+        // Event k happened at the moment position k − 1 predicts; the window's first event
+        // has no such position and takes no part (in every batch shape alike).
+        let own_hours = Tensor::cat(
+            &[
+                Tensor::zeros([b, 1], (Kind::Int64, items.device())),
+                batch.prediction_hours.narrow(1, 0, l - 1),
+            ],
+            1,
+        );
+        let queries = self.query.forward(&batch.prediction_hours);
+        let keys = self.key.forward(&own_hours);
+        let logits = queries.matmul(&keys.transpose(1, 2)) / (CLOCK_DIM as f64).sqrt();
+        let allowed = earlier_sessions(batch).logical_and(&own_hours.gt(0).unsqueeze(1));
+        read_or_nothing(&logits, &allowed, items)
+    }
+}
+
+/// `[B, d] → [B, 1]`, zero at initialisation: a readout starts switched off and the hidden state
+/// learns where it applies.
+fn zero_gate(p: &nn::Path, d: i64) -> nn::Linear {
+    let zero = nn::LinearConfig {
+        ws_init: nn::Init::Const(0.0),
+        bs_init: Some(nn::Init::Const(0.0)),
+        bias: true,
+    };
+    nn::linear(p / "gate", d, 1, zero)
+}
+
+/// `hidden + gate(hidden) · read`.
+fn gated(hidden: Tensor, gate: &nn::Linear, read: Tensor) -> Tensor {
+    let scale = hidden.apply(gate);
+    hidden + scale * read
+}
+
+/// `[B, i, j]`: `j` is a real event of an earlier session than `i`'s.
+fn earlier_sessions(batch: &Batch) -> Tensor {
+    let sessions = &batch.sessions;
+    sessions
+        .unsqueeze(1)
+        .lt_tensor(&sessions.unsqueeze(2))
+        .logical_and(&batch.real_mask().unsqueeze(1))
+}
+
+/// `[B, L, d]`: `items` averaged by a softmax of `logits` over the allowed `j`, beside a null
+/// slot of logit 0 and value zero, so that a query with no good match reads (almost) nothing.
+fn read_or_nothing(logits: &Tensor, allowed: &Tensor, items: &Tensor) -> Tensor {
+    let (b, l) = (logits.size()[0], logits.size()[1]);
+    let kind = items.kind();
+    let logits = logits.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+    let null = Tensor::zeros([b, l, 1], (kind, items.device()));
+    let weights = Tensor::cat(&[null, logits], -1).softmax(-1, kind);
+    weights.narrow(-1, 1, l).matmul(items)
 }
 
 fn unit(x: &Tensor) -> Tensor {
@@ -416,6 +479,7 @@ pub struct Network {
     input: InputEmbedding,
     encoder: Encoder,
     successor: Option<SessionSuccessor>,
+    clock: Option<ClockReadout>,
     output_items: Option<nn::Embedding>,
 }
 
@@ -431,6 +495,10 @@ impl Network {
             input: InputEmbedding::new(p, cfg),
             encoder,
             successor: (cfg.features.session_successor).then(|| SessionSuccessor::new(&(p / "session_successor"), d)),
+            clock: cfg
+                .features
+                .clock_readout
+                .then(|| ClockReadout::new(&(p / "clock_readout"), d)),
             output_items,
         }
     }
@@ -448,8 +516,16 @@ impl Network {
             Encoder::Transformer(t) => t.forward(x, batch, train, capture),
             Encoder::Lstm(lstm) => lstm.forward(&x, train),
         };
-        match &self.successor {
-            Some(successor) => successor.add_to(hidden, batch, &batch.items.apply(&self.input.items)),
+        if self.successor.is_none() && self.clock.is_none() {
+            return hidden;
+        }
+        let items = batch.items.apply(&self.input.items);
+        let hidden = match &self.successor {
+            Some(successor) => gated(hidden, &successor.gate, successor.retrieve(batch, &items)),
+            None => hidden,
+        };
+        match &self.clock {
+            Some(clock) => gated(hidden, &clock.gate, clock.retrieve(batch, &items)),
             None => hidden,
         }
     }

@@ -15,7 +15,7 @@ NUM_ITEMS, NUM_TYPES, MAX_LEN, GAP = 40, 4, 12, 1800
 
 def config(**overrides):
     features = {"session_recency": True, "time_gap": True, "event_type": True, "prediction_gap": True, "calendar": True, "session_summary": True, "session_successor": True,
-                "combine": "sum", "session_cap": 3}
+                "clock_readout": True, "combine": "sum", "session_cap": 3}
     features.update(overrides.pop("features", {}))
     cfg = {
         "arch": "transformer", "num_items": NUM_ITEMS, "num_event_types": NUM_TYPES, "max_len": MAX_LEN,
@@ -36,8 +36,11 @@ VARIANTS = {
     "no-calendar": config(features={"calendar": False}),
     "no-session-summary": config(features={"session_summary": False}),
     "no-session-successor": config(features={"session_successor": False}),
+    "no-clock-readout": config(features={"clock_readout": False}),
+    "clock-readout-without-calendar": config(features={"calendar": False}),
     "plain-untied": config(tied_output=False, features={"session_recency": False, "time_gap": False, "event_type": False, "prediction_gap": False, "calendar": False,
-                                                        "session_summary": False, "session_successor": False}),
+                                                        "session_summary": False, "session_successor": False,
+                                                        "clock_readout": False}),
     "one-layer-four-heads": config(n_layers=1, n_heads=4),
     "lstm": config(arch="lstm", tied_output=False),
     "lstm-concat": config(arch="lstm", features={"combine": "concat"}),

@@ -85,35 +85,82 @@ def _unit(x):
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
+def _zero_gate(d):
+    gate = nn.Linear(d, 1)
+    nn.init.zeros_(gate.weight)
+    nn.init.zeros_(gate.bias)
+    return gate
+
+
+def _earlier_sessions(batch):
+    sessions = batch["sessions"]
+    return (sessions.unsqueeze(1) < sessions.unsqueeze(2)) & (batch["items"] != 0).unsqueeze(1)
+
+
+def _read_or_nothing(logits, allowed, item_vectors):
+    b, l = logits.shape[0], logits.shape[1]
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    null = torch.zeros(b, l, 1, dtype=item_vectors.dtype, device=item_vectors.device)
+    return torch.cat([null, logits], -1).softmax(-1)[..., 1:] @ item_vectors
+
+
+def _hour_and_day(hours_of_week):
+    real = (hours_of_week > 0).long()
+    since_monday = (hours_of_week - 1).clamp_min(0)
+    return (since_monday % HOURS_PER_DAY + 1) * real, (since_monday // HOURS_PER_DAY + 1) * real
+
+
+class Calendar(nn.Module):
+    """Hour-of-day plus day-of-week embedding of hour-of-week numbers (0 = padding)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.calendar_hour_embedding = _embedding(1 + HOURS_PER_DAY, d)
+        self.calendar_day_embedding = _embedding(1 + DAYS_PER_WEEK, d)
+
+    def forward(self, hours_of_week):
+        hour, day = _hour_and_day(hours_of_week)
+        return self.calendar_hour_embedding(hour) + self.calendar_day_embedding(day)
+
+
 class SessionSuccessor(nn.Module):
-    """What followed earlier sessions like the current one, added to the hidden state through a
-    gate the hidden state sets (see `SessionSuccessor` in src/model/net.rs)."""
+    """What followed earlier sessions like the current one (see `SessionSuccessor` in src/model/net.rs)."""
 
     def __init__(self, d):
         super().__init__()
         self.sharpness = nn.Parameter(torch.tensor([10.0]))
         self.threshold = nn.Parameter(torch.tensor([0.5]))
-        self.gate = nn.Linear(d, 1)
-        nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
-
-    def forward(self, hidden, batch, item_vectors):
-        return hidden + self.gate(hidden) * self.retrieve(batch, item_vectors)
+        self.gate = _zero_gate(d)
 
     def retrieve(self, batch, item_vectors):
         sessions, real = batch["sessions"], batch["items"] != 0
-        b, l = sessions.shape
+        l = sessions.shape[1]
         causal = torch.ones(l, l, dtype=torch.bool, device=sessions.device).tril().unsqueeze(0)
         so_far = ((sessions.unsqueeze(2) == sessions.unsqueeze(1)) & causal & real.unsqueeze(1)).to(item_vectors.dtype)
         current = (so_far / so_far.sum(-1, keepdim=True).clamp_min(1.0)) @ item_vectors
         before = previous_session_mean(batch, item_vectors)
         has_before = before.abs().sum(-1) > 0
         similarity = (_unit(current) @ _unit(before).transpose(1, 2) - self.threshold) * self.sharpness
-        allowed = (sessions.unsqueeze(1) < sessions.unsqueeze(2)) & real.unsqueeze(1) & has_before.unsqueeze(1)
-        logits = similarity.masked_fill(~allowed, float("-inf"))
-        null = torch.zeros(b, l, 1, dtype=item_vectors.dtype, device=item_vectors.device)
-        weights = torch.cat([null, logits], -1).softmax(-1)
-        return weights[..., 1:] @ item_vectors
+        return _read_or_nothing(similarity, _earlier_sessions(batch) & has_before.unsqueeze(1), item_vectors)
+
+
+CLOCK_DIM = 16
+
+
+class ClockReadout(nn.Module):
+    """What the user did in earlier sessions at a time like the moment of prediction (see `ClockReadout` in src/model/net.rs)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.query = Calendar(CLOCK_DIM)
+        self.key = Calendar(CLOCK_DIM)
+        self.gate = _zero_gate(d)
+
+    def retrieve(self, batch, item_vectors):
+        hours = batch["prediction_hours"]
+        own_hours = torch.cat([torch.zeros_like(hours[:, :1]), hours[:, :-1]], 1)
+        logits = self.query(hours) @ self.key(own_hours).transpose(1, 2) / math.sqrt(CLOCK_DIM)
+        return _read_or_nothing(logits, _earlier_sessions(batch) & (own_hours > 0).unsqueeze(1), item_vectors)
 
 
 class Lstm(nn.LSTM):
@@ -143,6 +190,9 @@ class XsrecModel(nn.Module):
         calendar = f.get("calendar", False)
         self.calendar_hour_embedding = _embedding(1 + HOURS_PER_DAY, d) if calendar else None
         self.calendar_day_embedding = _embedding(1 + DAYS_PER_WEEK, d) if calendar else None
+        # Likewise for the readouts.
+        self.session_successor = SessionSuccessor(d) if f.get("session_successor", False) else None
+        self.clock_readout = ClockReadout(d) if f.get("clock_readout", False) else None
         # Likewise for the previous session's summary.
         self.session_summary_projection = nn.Linear(d, d) if f.get("session_summary", False) else None
         parts = 2 + sum(bool(f.get(k, False)) for k in ("time_gap", "event_type", "prediction_gap", "calendar", "session_summary"))
@@ -152,8 +202,6 @@ class XsrecModel(nn.Module):
         else:
             self.lstm = Lstm(cfg)
         self.output_embedding = None if cfg["tied_output"] else _embedding(cfg["num_items"], d)
-        # Artifacts older than the successor readout have no such key: off.
-        self.session_successor = SessionSuccessor(d) if f.get("session_successor", False) else None
         self.dropout = cfg["dropout"]
 
     def embed(self, batch):
@@ -168,11 +216,8 @@ class XsrecModel(nn.Module):
                 parts.append(table(batch[key]))
         if self.calendar_hour_embedding is not None:
             # Hour of day plus day of week of the hour-of-week number (0 = padding), as in Rust.
-            hours_of_week = batch["prediction_hours"]
-            real = (hours_of_week > 0).long()
-            slot = (hours_of_week - 1).clamp_min(0)
-            parts.append(self.calendar_hour_embedding((slot % HOURS_PER_DAY + 1) * real)
-                         + self.calendar_day_embedding((slot // HOURS_PER_DAY + 1) * real))
+            hour, day = _hour_and_day(batch["prediction_hours"])
+            parts.append(self.calendar_hour_embedding(hour) + self.calendar_day_embedding(day))
         if self.session_summary_projection is not None:
             parts.append(self.session_summary_projection(previous_session_mean(batch, item_vectors)))
         if self.concat_projection is not None:
@@ -186,8 +231,9 @@ class XsrecModel(nn.Module):
     def hidden(self, batch, weights_out=None):
         encoder = self.transformer if self.cfg["arch"] == "transformer" else self.lstm
         hidden = encoder(self.embed(batch), batch, weights_out)
-        if self.session_successor is not None:
-            hidden = self.session_successor(hidden, batch, self.item_embedding(batch["items"]))
+        for readout in (self.session_successor, self.clock_readout):
+            if readout is not None:
+                hidden = hidden + readout.gate(hidden) * readout.retrieve(batch, self.item_embedding(batch["items"]))
         return hidden
 
     def item_table(self):

@@ -94,8 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--patience", type=int, default=20)
-    for feature in ("session-recency", "time-gap", "event-type", "prediction-gap", "calendar", "session-successor"):
+    for feature in ("session-recency", "time-gap", "event-type", "prediction-gap", "session-successor", "clock-readout"):
         p.add_argument(f"--no-{feature}", action="store_true")
+    p.add_argument("--calendar", action="store_true", help="hour-of-day and day-of-week embeddings shared by all users")
     p.add_argument("--session-summary", action="store_true", help="each event reads the previous session's mean item vector")
     return p.parse_args(argv)
 
@@ -119,7 +120,8 @@ def main(argv=None):
         "features": {
             "session_recency": not args.no_session_recency, "time_gap": not args.no_time_gap,
             "event_type": not args.no_event_type and has_types, "prediction_gap": not args.no_prediction_gap,
-            "calendar": not args.no_calendar, "session_successor": not args.no_session_successor,
+            "calendar": args.calendar, "session_successor": not args.no_session_successor,
+            "clock_readout": not args.no_clock_readout,
             "session_summary": args.session_summary, "combine": args.combine, "session_cap": 8,
         },
         "session_gap_secs": args.session_gap,
