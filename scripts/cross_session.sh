@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The cross-session matrix of docs/QUALITY.md: for every pattern of the synthetic family and
 # every seed, a log and its flattened-time control (`xsrec data synth --pattern`), then the
-# default recipe of `xsrec train` as the full model, the full model on the control, plain SASRec,
-# the full model without each of its readouts (session successor, clock), the LSTM and the full
-# model with the shared calendar embedding, then the scoreboard with the references
-# (`xsrec cross-session`). Two trainings at a time, one libtorch thread each.
+# default recipe of `xsrec train` as the full model (which trains the model with and without its
+# readouts and keeps the better on validation: both candidates are scored too, as `readouts` and
+# `lean`), the same recipe on the control, the LSTM, the model without each of its readouts
+# (session successor, clock), plain SASRec and the recipe plus the shared calendar embedding,
+# then the scoreboard with the references (`xsrec cross-session`). Two trainings at a time, one
+# libtorch thread each.
 #
 #   scripts/cross_session.sh [SEED...]     (default: 0 1 2; results in runs/cross-session/)
 #
@@ -23,12 +25,12 @@ mkdir -p "$OUT"
 
 # name|flags: every variant is the default recipe plus these flags.
 VARIANTS=(
-  "full|"
+  "full|--keep-candidates"
   "control|"
-  "plain|--no-session-recency --no-time-gap --no-prediction-gap --no-event-type --no-session-successor --no-clock-readout"
-  "no-successor|--no-session-successor"
-  "no-clock|--no-clock-readout"
   "lstm|--arch lstm"
+  "no-successor|--readouts on --no-session-successor"
+  "no-clock|--readouts on --no-clock-readout"
+  "plain|--readouts off --no-session-recency --no-time-gap --no-prediction-gap --no-event-type"
   "calendar|--calendar"
 )
 
@@ -38,6 +40,10 @@ train_one() {
   [ "$variant" = control ] && data=$dir/control.csv
   # shellcheck disable=SC2086
   "$BIN" train --data "$data" --out "$dir/$variant" --seed "$seed" --threads 1 --quiet $flags > "$dir/$variant.log" 2>&1
+  if [ "$variant" = full ]; then
+    ln -sfn full/candidates/with-readouts "$dir/readouts"
+    ln -sfn full/candidates/without-readouts "$dir/lean"
+  fi
   echo "$(basename "$dir") $variant: $(grep '^best epoch' "$dir/$variant.log")"
 }
 

@@ -13,14 +13,16 @@ import statistics
 import sys
 
 ROOT = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cross-session")
-ORDER = ["popularity", "last item + gap", "user's topics", "plain", "lstm", "full", "no-successor", "no-clock", "calendar", "control", "oracle"]
+ORDER = ["popularity", "last item + gap", "user's topics", "plain", "lstm", "full", "readouts", "lean", "no-successor", "no-clock", "calendar", "control", "oracle"]
 LABELS = {
     "popularity": "popularity",
     "last item + gap": "last item + gap (transitions)",
     "user's topics": "user's topics (knows item topics, no rule)",
     "plain": "plain SASRec (no session/time features)",
     "lstm": "LSTM",
-    "full": "full model (default recipe)",
+    "full": "full model (default recipe: the better of the next two on validation)",
+    "readouts": "full model with its readouts (session successor, clock)",
+    "lean": "full model without readouts",
     "no-successor": "full model without the session-successor readout",
     "no-clock": "full model without the clock readout",
     "calendar": "full model plus the shared calendar embedding (`--calendar`)",

@@ -64,6 +64,7 @@ fn synth_train_eval_explain_round_trip() {
         "16",
         "--layers",
         "1",
+        "--keep-candidates",
         "--quiet",
     ]);
     assert!(train_out.contains("| model (test) | all | 300 |"), "{train_out}");
@@ -82,6 +83,42 @@ fn synth_train_eval_explain_round_trip() {
         "synthetic data has event types"
     );
     assert_eq!(config["info"]["epochs_run"], 3);
+    // The default recipe trains the model with and without its readouts and keeps the one that
+    // validates better.
+    let candidates = config["info"]["candidates"].as_array().unwrap();
+    let readouts = |features: &serde_json::Value| {
+        (
+            features["session_successor"].as_bool().unwrap(),
+            features["clock_readout"].as_bool().unwrap(),
+        )
+    };
+    let tried: Vec<_> = candidates.iter().map(|c| readouts(&c["features"])).collect();
+    assert_eq!(tried, [(true, true), (false, false)]);
+    let best = candidates
+        .iter()
+        .max_by(|a, b| {
+            a["validation_ndcg10"]
+                .as_f64()
+                .partial_cmp(&b["validation_ndcg10"].as_f64())
+                .unwrap()
+        })
+        .unwrap();
+    assert_eq!(config["model"]["features"], best["features"]);
+    let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    let kept: Vec<_> = ["with-readouts", "without-readouts"]
+        .into_iter()
+        .filter(|name| read_json(&model.join("candidates").join(name).join("config.json"))["info"]["kept"] == true)
+        .collect();
+    assert_eq!(kept.len(), 1, "exactly one candidate is kept: {kept:?}");
+    assert_eq!(weights(&model.join("candidates").join(kept[0])), weights(&model));
+    let validation = config["info"]["metrics"]["validation"]["all"]["means"]["NDCG@10"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (validation - best["validation_ndcg10"].as_f64().unwrap()).abs() < 1e-5,
+        "the kept model scores {validation} on validation, not its recorded {}",
+        best["validation_ndcg10"]
+    );
 
     let predictions = dir.path().join("predictions.tsv");
     let json = dir.path().join("eval.json");

@@ -1,5 +1,5 @@
 //! `xsrec train`: fit a model on an event log and write the artifact directory.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
@@ -15,7 +15,7 @@ use crate::eval::report::markdown_table;
 use crate::model::artifact::Artifact;
 use crate::model::{Arch, Combine, Features, ModelConfig};
 use crate::train::plot::draw_curves;
-use crate::train::{train, Loss, TrainConfig};
+use crate::train::{best_on_validation, train, EpochLog, Loss, TrainConfig, TrainOutcome};
 
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
@@ -67,6 +67,14 @@ pub struct TrainArgs {
     /// Leave out the readout of what the user did at this time of day and week in earlier sessions.
     #[arg(long)]
     pub no_clock_readout: bool,
+    /// Whether the model gets its readouts (session successor, clock): `auto` trains it with
+    /// and without them and keeps the one with the better validation NDCG@10, since they carry
+    /// logs with cross-session habits and cost a little on logs without (docs/QUALITY.md).
+    #[arg(long, value_enum, default_value_t = Readouts::Auto)]
+    pub readouts: Readouts,
+    /// Also write every trained candidate's artifact to OUT/candidates/NAME (for ablations).
+    #[arg(long)]
+    pub keep_candidates: bool,
     #[arg(long, value_enum, default_value_t = Combine::Sum)]
     pub combine: Combine,
     /// Inactivity (seconds) that ends a session.
@@ -104,6 +112,33 @@ pub struct TrainArgs {
     /// libtorch intra-op threads (default: all cores); 1 lets runs go side by side.
     #[arg(long)]
     pub threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Readouts {
+    Auto,
+    On,
+    Off,
+}
+
+impl Readouts {
+    /// The model configurations to train: `with` as the readout flags say, and without any.
+    fn candidates(self, with: ModelConfig) -> Vec<ModelConfig> {
+        let without = ModelConfig {
+            features: Features {
+                session_successor: false,
+                clock_readout: false,
+                ..with.features
+            },
+            ..with.clone()
+        };
+        match self {
+            Readouts::On => vec![with],
+            Readouts::Off => vec![without],
+            Readouts::Auto if with == without => vec![with],
+            Readouts::Auto => vec![with, without],
+        }
+    }
 }
 
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
@@ -169,53 +204,117 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         set.items.len() - 1,
         set.num_events()
     );
-    let outcome = train(&set, model_config, &train_config);
+    let outcomes: Vec<TrainOutcome> = args
+        .readouts
+        .candidates(model_config)
+        .into_iter()
+        .map(|config| train(&set, config, &train_config))
+        .collect();
+    let kept = best_on_validation(&outcomes);
+    let candidates: Vec<serde_json::Value> = outcomes
+        .iter()
+        .map(|o| {
+            json!({
+                "features": o.model.config.features,
+                "validation_ndcg10": o.best_validation_ndcg10(),
+                "best_epoch": o.best_epoch,
+                "train_seconds": o.seconds,
+            })
+        })
+        .collect();
+    if outcomes.len() > 1 {
+        eprintln!(
+            "validation NDCG@10 {}; kept the model {}",
+            outcomes
+                .iter()
+                .map(|o| format!(
+                    "{:.4} {}",
+                    o.best_validation_ndcg10(),
+                    readouts_name(&o.model.config.features)
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
+            readouts_name(&outcomes[kept].model.config.features),
+        );
+    }
+    let train_seconds: f64 = outcomes.iter().map(|o| o.seconds).sum();
     let item_counts = set.train_item_counts();
-    let evaluation = evaluate_model(&outcome.model, &set, &item_counts, true, device);
-    let (validation, test, popularity) = (&evaluation.validation, &evaluation.test, &evaluation.popularity_test);
-    println!(
-        "{}",
-        markdown_table(&[("model (test)".into(), test), ("popularity (test)".into(), popularity)])
-    );
     let meta = args.data.load_item_meta()?;
     let item_categories = item_categories(&set.items, meta.as_ref());
-    let info = json!({
-        "data": {
-            "source": args.data.data.display().to_string(),
-            "users": set.users.len(),
-            "items": set.items.len() - 1,
-            "events": set.num_events(),
-        },
-        "training": train_config,
-        "best_epoch": outcome.best_epoch,
-        "epochs_run": outcome.epochs.len(),
-        "train_seconds": outcome.seconds,
-        "metrics": { "validation": validation, "test": test, "popularity_test": popularity },
-    });
-    let artifact = Artifact::new(
-        outcome.model,
-        set.items,
-        set.event_types,
-        item_counts,
-        item_categories,
-        info,
-    );
+    for (index, outcome) in outcomes.into_iter().enumerate() {
+        let evaluation = evaluate_model(&outcome.model, &set, &item_counts, true, device);
+        let (validation, test, popularity) = (&evaluation.validation, &evaluation.test, &evaluation.popularity_test);
+        let info = json!({
+            "data": {
+                "source": args.data.data.display().to_string(),
+                "users": set.users.len(),
+                "items": set.items.len() - 1,
+                "events": set.num_events(),
+            },
+            "training": train_config,
+            "candidates": candidates,
+            "kept": index == kept,
+            "best_epoch": outcome.best_epoch,
+            "epochs_run": outcome.epochs.len(),
+            "train_seconds": train_seconds,
+            "metrics": { "validation": validation, "test": test, "popularity_test": popularity },
+        });
+        let name = readouts_name(&outcome.model.config.features).replace(' ', "-");
+        let artifact = Artifact::new(
+            outcome.model,
+            set.items.clone(),
+            set.event_types.clone(),
+            item_counts.clone(),
+            item_categories.clone(),
+            info,
+        );
+        if args.keep_candidates {
+            save(
+                &artifact,
+                &outcome.epochs,
+                outcome.best_epoch,
+                &args.out.join("candidates").join(name),
+            )?;
+        }
+        if index != kept {
+            continue;
+        }
+        save(&artifact, &outcome.epochs, outcome.best_epoch, &args.out)?;
+        println!(
+            "{}",
+            markdown_table(&[("model (test)".into(), test), ("popularity (test)".into(), popularity)])
+        );
+        eprintln!(
+            "best epoch {} of {} in {:.0}s; test NDCG@10 {:.4} HR@10 {:.4}; wrote {}",
+            outcome.best_epoch,
+            outcome.epochs.len(),
+            train_seconds,
+            test.all.get("NDCG@10"),
+            test.all.get("HR@10"),
+            args.out.display()
+        );
+    }
+    Ok(())
+}
+
+/// The artifact, its epoch log and (where fonts allow) its training curves.
+fn save(artifact: &Artifact, epochs: &[EpochLog], best_epoch: usize, dir: &Path) -> anyhow::Result<()> {
     artifact
-        .save(&args.out)
-        .with_context(|| format!("saving artifact to {}", args.out.display()))?;
-    write_json(&args.out.join("epochs.json"), &outcome.epochs)?;
+        .save(dir)
+        .with_context(|| format!("saving artifact to {}", dir.display()))?;
+    write_json(&dir.join("epochs.json"), &epochs)?;
     // A server without fonts still gets its model: the picture is a convenience.
-    if let Err(e) = draw_curves(&outcome.epochs, outcome.best_epoch, &args.out.join("curves.png")) {
+    if let Err(e) = draw_curves(epochs, best_epoch, &dir.join("curves.png")) {
         eprintln!("warning: could not draw curves.png: {e:#}");
     }
-    eprintln!(
-        "best epoch {} of {} in {:.0}s; test NDCG@10 {:.4} HR@10 {:.4}; wrote {}",
-        outcome.best_epoch,
-        outcome.epochs.len(),
-        outcome.seconds,
-        test.all.get("NDCG@10"),
-        test.all.get("HR@10"),
-        args.out.display()
-    );
     Ok(())
+}
+
+fn readouts_name(features: &Features) -> &'static str {
+    match (features.session_successor, features.clock_readout) {
+        (true, true) => "with readouts",
+        (true, false) => "with the session successor",
+        (false, true) => "with the clock readout",
+        (false, false) => "without readouts",
+    }
 }

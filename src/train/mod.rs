@@ -79,6 +79,29 @@ pub struct TrainOutcome {
     pub seconds: f64,
 }
 
+impl TrainOutcome {
+    /// Validation NDCG@10 of the kept weights.
+    pub fn best_validation_ndcg10(&self) -> f64 {
+        self.epochs
+            .iter()
+            .map(|e| e.validation_ndcg10)
+            .fold(f64::NEG_INFINITY, f64::max)
+    }
+}
+
+/// Index of the outcome whose best validation NDCG@10 is highest (the earlier on a tie): how a
+/// recipe chooses between trained variants without looking at test data.
+pub fn best_on_validation(outcomes: &[TrainOutcome]) -> usize {
+    assert!(!outcomes.is_empty(), "at least one trained candidate");
+    (1..outcomes.len()).fold(0, |best, i| {
+        if outcomes[i].best_validation_ndcg10() > outcomes[best].best_validation_ndcg10() {
+            i
+        } else {
+            best
+        }
+    })
+}
+
 /// Trains a fresh model of `model_config` on the training part of `set`.
 pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) -> TrainOutcome {
     tch::manual_seed(cfg.seed as i64);
