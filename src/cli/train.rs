@@ -242,6 +242,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let meta = args.data.load_item_meta()?;
     let item_categories = item_categories(&set.items, meta.as_ref());
     for (index, outcome) in outcomes.into_iter().enumerate() {
+        if index != kept && !args.keep_candidates {
+            continue;
+        }
         let evaluation = evaluate_model(&outcome.model, &set, &item_counts, true, device);
         let (validation, test, popularity) = (&evaluation.validation, &evaluation.test, &evaluation.popularity_test);
         let info = json!({
