@@ -15,7 +15,7 @@ use crate::eval::report::markdown_table;
 use crate::model::artifact::Artifact;
 use crate::model::{Arch, Combine, Features, ModelConfig};
 use crate::train::plot::draw_curves;
-use crate::train::{best_on_validation, train, EpochLog, Loss, TrainConfig, TrainOutcome};
+use crate::train::{choose_on_validation, train, EpochLog, Loss, TrainConfig, TrainOutcome};
 
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
@@ -67,9 +67,10 @@ pub struct TrainArgs {
     /// Leave out the readout of what the user did at this time of day and week in earlier sessions.
     #[arg(long)]
     pub no_clock_readout: bool,
-    /// Whether the model gets its readouts (session successor, clock): `auto` trains it with
-    /// and without them and keeps the one with the better validation NDCG@10, since they carry
-    /// logs with cross-session habits and cost a little on logs without (docs/QUALITY.md).
+    /// Whether the model gets its readouts (session successor, clock): `auto` trains it without
+    /// and with them and keeps them only when they gain validation NDCG@10 beyond noise (a
+    /// paired bootstrap interval above zero), since they carry logs with cross-session habits
+    /// and cost a little on logs without (docs/QUALITY.md).
     #[arg(long, value_enum, default_value_t = Readouts::Auto)]
     pub readouts: Readouts,
     /// Also write every trained candidate's artifact to OUT/candidates/NAME (for ablations).
@@ -122,7 +123,8 @@ pub enum Readouts {
 }
 
 impl Readouts {
-    /// The model configurations to train: `with` as the readout flags say, and without any.
+    /// The model configurations to train, simplest first: without any readout, and `with` them
+    /// as the readout flags say.
     fn candidates(self, with: ModelConfig) -> Vec<ModelConfig> {
         let without = ModelConfig {
             features: Features {
@@ -136,7 +138,7 @@ impl Readouts {
             Readouts::On => vec![with],
             Readouts::Off => vec![without],
             Readouts::Auto if with == without => vec![with],
-            Readouts::Auto => vec![with, without],
+            Readouts::Auto => vec![without, with],
         }
     }
 }
@@ -210,31 +212,36 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         .into_iter()
         .map(|config| train(&set, config, &train_config))
         .collect();
-    let kept = best_on_validation(&outcomes);
+    let choice = choose_on_validation(&set, &outcomes, device);
+    let kept = choice.kept;
     let candidates: Vec<serde_json::Value> = outcomes
         .iter()
-        .map(|o| {
+        .enumerate()
+        .map(|(index, o)| {
             json!({
                 "features": o.model.config.features,
                 "validation_ndcg10": o.best_validation_ndcg10(),
+                "validation_gain": index.checked_sub(1).map(|i| choice.gains[i]),
                 "best_epoch": o.best_epoch,
                 "train_seconds": o.seconds,
             })
         })
         .collect();
+    for (o, gain) in outcomes.iter().skip(1).zip(&choice.gains) {
+        eprintln!(
+            "validation NDCG@10 {:.4} {} vs {:.4}: {:+.4} (95% CI {:+.4} .. {:+.4})",
+            o.best_validation_ndcg10(),
+            readouts_name(&o.model.config.features),
+            outcomes[0].best_validation_ndcg10(),
+            gain.mean_difference,
+            gain.lower,
+            gain.upper,
+        );
+    }
     if outcomes.len() > 1 {
         eprintln!(
-            "validation NDCG@10 {}; kept the model {}",
-            outcomes
-                .iter()
-                .map(|o| format!(
-                    "{:.4} {}",
-                    o.best_validation_ndcg10(),
-                    readouts_name(&o.model.config.features)
-                ))
-                .collect::<Vec<_>>()
-                .join(", "),
-            readouts_name(&outcomes[kept].model.config.features),
+            "kept the model {}",
+            readouts_name(&outcomes[kept].model.config.features)
         );
     }
     let train_seconds: f64 = outcomes.iter().map(|o| o.seconds).sum();

@@ -15,7 +15,8 @@ use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
 use crate::data::session::GAP_BUCKET_NONE;
 use crate::data::split::{SequenceSet, Target};
-use crate::eval::{evaluate, EvalOptions, SplitMetrics};
+use crate::eval::bootstrap::{paired_bootstrap, PairedInterval};
+use crate::eval::{evaluate, ndcg10, EvalOptions, SplitMetrics};
 use crate::model::input::stack_rows;
 use crate::model::{Batch, EncodedSeq, ModelConfig, SeqModel};
 use windows::{training_windows, Window};
@@ -89,17 +90,49 @@ impl TrainOutcome {
     }
 }
 
-/// Index of the outcome whose best validation NDCG@10 is highest (the earlier on a tie): how a
-/// recipe chooses between trained variants without looking at test data.
-pub fn best_on_validation(outcomes: &[TrainOutcome]) -> usize {
+/// Which of several trained variants a recipe keeps, decided on validation data only.
+#[derive(Debug, Clone, Serialize)]
+pub struct Choice {
+    /// Index of the kept outcome.
+    pub kept: usize,
+    /// For every outcome after the first: its per-user validation NDCG@10 against the choice
+    /// standing when it was considered (paired bootstrap, 95 %).
+    pub gains: Vec<PairedInterval>,
+}
+
+/// The first outcome is the baseline; each later (richer) one replaces the standing choice only
+/// when its per-user validation NDCG@10 gain over it has a paired bootstrap 95 % interval above
+/// zero. A richer model that validates only slightly better is as often worse on test data
+/// (measured on ml-100k, docs/QUALITY.md), so it has to earn its place.
+pub fn choose_on_validation(set: &SequenceSet, outcomes: &[TrainOutcome], device: Device) -> Choice {
     assert!(!outcomes.is_empty(), "at least one trained candidate");
-    (1..outcomes.len()).fold(0, |best, i| {
-        if outcomes[i].best_validation_ndcg10() > outcomes[best].best_validation_ndcg10() {
-            i
-        } else {
-            best
+    let per_user = |outcome: &TrainOutcome| {
+        let options = validation_options(&outcome.model.config, device);
+        ndcg10(&evaluate(&outcome.model, set, &options))
+    };
+    let mut kept = 0;
+    let mut kept_scores = per_user(&outcomes[0]);
+    let mut gains = Vec::new();
+    for (index, outcome) in outcomes.iter().enumerate().skip(1) {
+        let scores = per_user(outcome);
+        let gain = paired_bootstrap(&scores, &kept_scores, 2000, 0.95, 7);
+        if gain.lower > 0.0 {
+            (kept, kept_scores) = (index, scores);
         }
-    })
+        gains.push(gain);
+    }
+    Choice { kept, gains }
+}
+
+fn validation_options(config: &ModelConfig, device: Device) -> EvalOptions {
+    EvalOptions {
+        target: Target::Validation,
+        exclude_seen: true,
+        batch_size: 256,
+        max_len: config.max_len,
+        session_gap_secs: config.session_gap_secs,
+        device,
+    }
 }
 
 /// Trains a fresh model of `model_config` on the training part of `set`.
@@ -116,14 +149,7 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
     }
     .build(&model.vs, cfg.learning_rate)
     .expect("optimizer");
-    let eval_opts = EvalOptions {
-        target: Target::Validation,
-        exclude_seen: true,
-        batch_size: 256,
-        max_len: mc.max_len,
-        session_gap_secs: mc.session_gap_secs,
-        device: cfg.device,
-    };
+    let eval_opts = validation_options(mc, cfg.device);
     // A bar on a terminal; one line per epoch in logs (indicatif hides itself off a terminal).
     let log_lines = cfg.progress && !std::io::stderr().is_terminal();
     let bar = if cfg.progress {
