@@ -106,6 +106,12 @@ pub struct Choice {
 /// (measured on ml-100k, docs/QUALITY.md), so it has to earn its place.
 pub fn choose_on_validation(set: &SequenceSet, outcomes: &[TrainOutcome], device: Device) -> Choice {
     assert!(!outcomes.is_empty(), "at least one trained candidate");
+    if outcomes.len() == 1 {
+        return Choice {
+            kept: 0,
+            gains: Vec::new(),
+        };
+    }
     let per_user = |outcome: &TrainOutcome| {
         let options = validation_options(&outcome.model.config, device);
         ndcg10(&evaluate(&outcome.model, set, &options))
