@@ -179,7 +179,7 @@ async fn tokens_never_reach_the_servers_output_and_bad_key_files_refuse_to_start
             .unwrap();
     }
     server.kill();
-    let output = [server.startup.clone(), server.stderr_so_far()].concat().join("\n");
+    let output = [server.startup.clone(), server.stderr_to_end()].concat().join("\n");
     assert!(
         output.contains("ApiKeys(1 keys)"),
         "the configuration is printed, the keys counted"

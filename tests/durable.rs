@@ -540,6 +540,6 @@ async fn a_worker_that_keeps_failing_turns_readiness_off_and_the_process_exits_n
     }
     let status = server.wait_exit(Duration::from_secs(30));
     assert!(!status.success(), "{status}");
-    let log = server.stderr_so_far().join("\n");
+    let log = server.stderr_to_end().join("\n");
     assert!(log.contains("failed 3 batches in a row"), "{log}");
 }

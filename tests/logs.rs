@@ -160,8 +160,9 @@ async fn failed_and_shed_requests_are_one_json_log_line_each_and_a_panic_is_a_js
     let again = client.get(format!("{}/v1/model", server.base)).send().await.unwrap();
     assert_eq!(again.status(), StatusCode::OK);
 
-    tokio::time::sleep(Duration::from_millis(300)).await; // the log writer is a thread of its own
-    let lines = json_lines(&[server.startup.clone(), server.stderr_so_far()].concat());
+    // The log writer is a thread of its own; the panic's failure line is the last one written.
+    let logged = server.wait_for_line(&["request failed", "panic-1"], Duration::from_secs(30));
+    let lines = json_lines(&[server.startup.clone(), logged].concat());
     let failures: Vec<&Value> = lines.iter().filter(|l| l["message"] == "request failed").collect();
     let of = |id: &str| failures.iter().filter(|l| l["request_id"] == id).count();
     assert_eq!(of("bad-k-7"), 1);

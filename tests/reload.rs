@@ -349,11 +349,7 @@ async fn sighup_rereads_the_model_directory() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let logged = server.stderr_so_far();
-    assert!(
-        logged.iter().any(|line| line.contains("model reloaded from")),
-        "{logged:?}"
-    );
+    server.wait_for_line(&["model reloaded from"], Duration::from_secs(30));
     assert_eq!(
         client
             .get(format!("{}/health/ready", server.base))

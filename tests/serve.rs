@@ -535,7 +535,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_cleanly() {
     assert_eq!(response.json::<Value>().await.unwrap()["user_id"], "7");
     let status = tokio::task::spawn_blocking(move || {
         let status = server.wait_exit(Duration::from_secs(30));
-        (status, server.stderr_so_far())
+        (status, server.stderr_to_end())
     })
     .await
     .unwrap();

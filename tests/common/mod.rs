@@ -313,6 +313,33 @@ impl ServerProcess {
     pub fn stderr_so_far(&self) -> Vec<String> {
         self.lines.try_iter().collect()
     }
+
+    /// The rest of stderr, up to its end; for a process that has exited (the reader thread may
+    /// still be passing its last lines on when the exit is seen).
+    pub fn stderr_to_end(&self) -> Vec<String> {
+        self.lines.iter().collect()
+    }
+
+    /// Reads stderr until a line that contains every one of `needles` (returned with the lines
+    /// before it): what a request changed is visible to clients a moment before its log line is
+    /// written and read.
+    pub fn wait_for_line(&self, needles: &[&str], limit: Duration) -> Vec<String> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut read = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = needles.iter().all(|needle| line.contains(needle));
+                    read.push(line);
+                    if found {
+                        return read;
+                    }
+                }
+                Err(_) => panic!("no line containing {needles:?} within {limit:?}: {read:?}"),
+            }
+        }
+    }
 }
 
 impl Drop for ServerProcess {
