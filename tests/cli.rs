@@ -84,7 +84,8 @@ fn synth_train_eval_explain_round_trip() {
     );
     assert_eq!(config["info"]["epochs_run"], 3);
     // The default recipe trains the model without and with its readouts and keeps the readouts
-    // only when their validation gain's interval is above zero.
+    // only when their validation gain's interval is above zero, over all validation events or
+    // over those that open a session.
     let candidates = config["info"]["candidates"].as_array().unwrap();
     let readouts = |features: &serde_json::Value| {
         (
@@ -95,9 +96,13 @@ fn synth_train_eval_explain_round_trip() {
     let tried: Vec<_> = candidates.iter().map(|c| readouts(&c["features"])).collect();
     assert_eq!(tried, [(false, false), (true, true)]);
     let gain = &candidates[1]["validation_gain"];
-    let (lower, upper) = (gain["lower"].as_f64().unwrap(), gain["upper"].as_f64().unwrap());
+    let (lower, upper) = (
+        gain["all"]["lower"].as_f64().unwrap(),
+        gain["all"]["upper"].as_f64().unwrap(),
+    );
     assert!(lower <= upper, "{gain}");
-    let best = &candidates[usize::from(lower > 0.0)];
+    let starts_lower = gain["session_starts"]["lower"].as_f64().unwrap_or(f64::NEG_INFINITY);
+    let best = &candidates[usize::from(lower > 0.0 || starts_lower > 0.0)];
     assert_eq!(config["model"]["features"], best["features"]);
     let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
     let kept: Vec<_> = ["with-readouts", "without-readouts"]

@@ -11,6 +11,7 @@ use crate::data::formats::item_categories;
 use crate::data::session::DEFAULT_SESSION_GAP_SECS;
 use crate::data::split::build_sequences;
 use crate::data::vocab::Vocab;
+use crate::eval::bootstrap::PairedInterval;
 use crate::eval::report::markdown_table;
 use crate::model::artifact::Artifact;
 use crate::model::{Arch, Combine, Features, ModelConfig};
@@ -228,14 +229,17 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         })
         .collect();
     for (o, gain) in outcomes.iter().skip(1).zip(&choice.gains) {
+        let interval =
+            |g: &PairedInterval| format!("{:+.4} (95% CI {:+.4} .. {:+.4})", g.mean_difference, g.lower, g.upper);
         eprintln!(
-            "validation NDCG@10 {:.4} {} vs {:.4}: {:+.4} (95% CI {:+.4} .. {:+.4})",
+            "validation NDCG@10 {:.4} {} vs {:.4}: {}; at session starts {}",
             o.best_validation_ndcg10(),
             readouts_name(&o.model.config.features),
             outcomes[0].best_validation_ndcg10(),
-            gain.mean_difference,
-            gain.lower,
-            gain.upper,
+            interval(&gain.all),
+            gain.session_starts
+                .as_ref()
+                .map_or_else(|| "too few to tell".to_owned(), interval),
         );
     }
     if outcomes.len() > 1 {

@@ -95,15 +95,64 @@ impl TrainOutcome {
 pub struct Choice {
     /// Index of the kept outcome.
     pub kept: usize,
-    /// For every outcome after the first: its per-user validation NDCG@10 against the choice
-    /// standing when it was considered (paired bootstrap, 95 %).
-    pub gains: Vec<PairedInterval>,
+    /// For every outcome after the first: its validation gain over the choice standing when it
+    /// was considered.
+    pub gains: Vec<ValidationGain>,
+}
+
+/// A candidate's per-user validation NDCG@10 against another's (paired bootstrap, 95 %).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ValidationGain {
+    /// Over every validation event.
+    pub all: PairedInterval,
+    /// Over the validation events that open a session; `None` with fewer than
+    /// [`MIN_SESSION_START_CASES`] of them.
+    pub session_starts: Option<PairedInterval>,
+}
+
+/// Below this many session-start validation events their bootstrap interval is not trusted: a
+/// handful of lucky users would pass for evidence.
+pub const MIN_SESSION_START_CASES: usize = 30;
+
+impl ValidationGain {
+    fn between(richer: &Scored, standing: &Scored) -> Self {
+        let starts = |scored: &Scored| -> Vec<f64> {
+            scored
+                .ndcg10
+                .iter()
+                .zip(&scored.new_session)
+                .filter_map(|(score, &opens)| opens.then_some(*score))
+                .collect()
+        };
+        let (richer_starts, standing_starts) = (starts(richer), starts(standing));
+        let interval = |a: &[f64], b: &[f64]| paired_bootstrap(a, b, 2000, 0.95, 7);
+        Self {
+            all: interval(&richer.ndcg10, &standing.ndcg10),
+            session_starts: (richer_starts.len() >= MIN_SESSION_START_CASES)
+                .then(|| interval(&richer_starts, &standing_starts)),
+        }
+    }
+
+    /// Whether the gain is evidence: its interval is above zero over all events or over those
+    /// that open a session.
+    pub fn is_evidence(&self) -> bool {
+        self.all.lower > 0.0 || self.session_starts.is_some_and(|starts| starts.lower > 0.0)
+    }
+}
+
+/// Per-user validation NDCG@10 and whether each user's validation event opens a session.
+struct Scored {
+    ndcg10: Vec<f64>,
+    new_session: Vec<bool>,
 }
 
 /// The first outcome is the baseline; each later (richer) one replaces the standing choice only
 /// when its per-user validation NDCG@10 gain over it has a paired bootstrap 95 % interval above
-/// zero. A richer model that validates only slightly better is as often worse on test data
-/// (measured on ml-100k, docs/QUALITY.md), so it has to earn its place.
+/// zero, over all validation events or over those that open a session. A richer model that
+/// validates only slightly better is as often worse on test data (measured on ml-100k,
+/// docs/QUALITY.md), so it has to earn its place; session starts are tested on their own
+/// because they are few among validation events (a user's second-to-last event rarely opens a
+/// session) while being where cross-session structure shows.
 pub fn choose_on_validation(set: &SequenceSet, outcomes: &[TrainOutcome], device: Device) -> Choice {
     assert!(!outcomes.is_empty(), "at least one trained candidate");
     if outcomes.len() == 1 {
@@ -112,18 +161,22 @@ pub fn choose_on_validation(set: &SequenceSet, outcomes: &[TrainOutcome], device
             gains: Vec::new(),
         };
     }
-    let per_user = |outcome: &TrainOutcome| {
+    let scored = |outcome: &TrainOutcome| {
         let options = validation_options(&outcome.model.config, device);
-        ndcg10(&evaluate(&outcome.model, set, &options))
+        let results = evaluate(&outcome.model, set, &options);
+        Scored {
+            ndcg10: ndcg10(&results),
+            new_session: results.iter().map(|r| r.new_session).collect(),
+        }
     };
     let mut kept = 0;
-    let mut kept_scores = per_user(&outcomes[0]);
+    let mut kept_scored = scored(&outcomes[0]);
     let mut gains = Vec::new();
     for (index, outcome) in outcomes.iter().enumerate().skip(1) {
-        let scores = per_user(outcome);
-        let gain = paired_bootstrap(&scores, &kept_scores, 2000, 0.95, 7);
-        if gain.lower > 0.0 {
-            (kept, kept_scores) = (index, scores);
+        let candidate = scored(outcome);
+        let gain = ValidationGain::between(&candidate, &kept_scored);
+        if gain.is_evidence() {
+            (kept, kept_scored) = (index, candidate);
         }
         gains.push(gain);
     }
@@ -357,5 +410,52 @@ mod tests {
         ];
         let starts = Vec::<bool>::try_from(session_start_targets(&Tensor::from_slice(&buckets))).unwrap();
         assert_eq!(starts, [false, false, false, false, true, true, false]);
+    }
+
+    /// `users` validation scores, the first `starts` of them opening a session; the richer
+    /// candidate gains `start_gain` there and `continuing_gain` elsewhere, plus noise.
+    fn pair(users: usize, starts: usize, start_gain: f64, continuing_gain: f64, seed: u64) -> (Scored, Scored) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let new_session: Vec<bool> = (0..users).map(|u| u < starts).collect();
+        let standing: Vec<f64> = (0..users).map(|_| rand::Rng::gen_range(&mut rng, 0.0..0.6)).collect();
+        let richer = standing
+            .iter()
+            .zip(&new_session)
+            .map(|(score, &opens)| {
+                let gain = if opens { start_gain } else { continuing_gain };
+                score + gain + rand::Rng::gen_range(&mut rng, -0.2..0.2)
+            })
+            .collect();
+        let scored = |ndcg10| Scored {
+            ndcg10,
+            new_session: new_session.clone(),
+        };
+        (scored(richer), scored(standing))
+    }
+
+    #[test]
+    fn a_gain_at_session_starts_alone_is_evidence_when_there_are_enough_of_them() {
+        for seed in 0..5 {
+            // 100 of 1,000 users open a session and gain 0.2; the rest lose 0.02: overall 0.002.
+            let (richer, standing) = pair(1000, 100, 0.2, -0.02, seed);
+            let gain = ValidationGain::between(&richer, &standing);
+            assert!(gain.all.lower < 0.0, "{gain:?}");
+            assert!(gain.session_starts.unwrap().lower > 0.0, "{gain:?}");
+            assert!(gain.is_evidence());
+            // Too few session starts for an interval: only the overall one decides.
+            let (richer, standing) = pair(1000, MIN_SESSION_START_CASES - 1, 0.5, 0.0, seed);
+            let gain = ValidationGain::between(&richer, &standing);
+            assert!(gain.session_starts.is_none());
+            assert_eq!(gain.is_evidence(), gain.all.lower > 0.0);
+            // Noise alone is not evidence, nor is a loss.
+            for (start_gain, continuing_gain) in [(0.0, 0.0), (-0.05, -0.05)] {
+                let (richer, standing) = pair(1000, 200, start_gain, continuing_gain, seed);
+                assert!(!ValidationGain::between(&richer, &standing).is_evidence());
+            }
+            // A gain everywhere is.
+            let (richer, standing) = pair(1000, 100, 0.05, 0.05, seed);
+            let gain = ValidationGain::between(&richer, &standing);
+            assert!(gain.all.lower > 0.0 && gain.is_evidence(), "{gain:?}");
+        }
     }
 }
