@@ -37,6 +37,8 @@ enum Command {
     History(cli::history::HistoryCommand),
     /// Serve recommendations over HTTP.
     Serve(xsrec::serve::ServeConfig),
+    /// Print the REST API's OpenAPI document (what `/openapi.json` serves; `docs/openapi.json`).
+    Openapi,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,5 +61,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(command) => cli::bench::run(&command),
         Command::History(command) => cli::history::run(&command),
         Command::Serve(config) => cli::serve::run(&config),
+        Command::Openapi => {
+            print!("{}", xsrec::api::openapi::document());
+            Ok(())
+        }
     }
 }

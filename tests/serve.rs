@@ -428,7 +428,7 @@ async fn admission_limit_and_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_and_spec_are_there_before_any_traffic() {
+async fn metrics_and_model_info_are_there_before_any_traffic() {
     let server = server(&[]).await;
     let (status, text) = server.get("/metrics").await;
     assert_eq!(status, StatusCode::OK);
@@ -455,21 +455,6 @@ async fn metrics_and_spec_are_there_before_any_traffic() {
         assert!(
             text.contains(&format!("# TYPE {name} ")),
             "{name} missing from /metrics"
-        );
-    }
-    let (_, spec) = server.get("/openapi.json").await;
-    let spec: Value = serde_json::from_str(&spec).unwrap();
-    for route in xsrec::api::V1_ROUTES.iter().chain(&xsrec::api::OPS_ROUTES) {
-        assert!(
-            spec["paths"].get(route).is_some(),
-            "{route} missing from the OpenAPI spec"
-        );
-    }
-    let documented = &spec["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"];
-    for code in xsrec::api::ApiError::all_codes() {
-        assert!(
-            documented.as_array().unwrap().contains(&json!(code)),
-            "error code {code} missing from the OpenAPI spec"
         );
     }
     let (_, model) = server.get("/v1/model").await;

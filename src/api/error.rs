@@ -3,8 +3,9 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
 use std::sync::Arc;
+use utoipa::ToSchema;
 
 use crate::recommend::error::quote;
 use crate::recommend::CoreError;
@@ -103,9 +104,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let message = self.to_string();
-        let body = match super::REQUEST_ID.try_with(Arc::clone) {
-            Ok(id) => json!({"error": {"code": self.code(), "message": message, "request_id": &*id}}),
-            Err(_) => json!({"error": {"code": self.code(), "message": message}}),
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: message.clone(),
+                request_id: super::REQUEST_ID.try_with(Arc::clone).ok(),
+            },
         };
         let mut response = (self.status(), Json(body)).into_response();
         if matches!(
@@ -134,6 +138,34 @@ impl IntoResponse for ApiError {
         });
         response
     }
+}
+
+/// Every error answer's body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable; the message is for people.
+    #[schema(schema_with = code_schema)]
+    pub code: &'static str,
+    pub message: String,
+    /// The request's id: the client's `x-request-id` when it is 1..=128 bytes of letters,
+    /// digits and `-_.:/+=`, else a generated UUID; also in the `x-request-id` header of every
+    /// response.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub request_id: Option<Arc<str>>,
+}
+
+/// The `code` field: one of [`ApiError::all_codes`], listed from the code itself.
+fn code_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .enum_values(Some(ApiError::all_codes()))
+        .build()
 }
 
 /// Attached to error responses for the request-metrics and log middleware.

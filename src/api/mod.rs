@@ -2,6 +2,7 @@
 //! metrics layers, JSON decoding, and the mapping of every failure to a JSON error with a status.
 pub mod error;
 mod handlers;
+pub mod openapi;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa_swagger_ui::SwaggerUi;
 
 /// Routes under `/v1` (and the admin one) pass admission control; health, metrics and the spec
 /// never wait.
@@ -36,6 +38,8 @@ pub const V1_ROUTES: [&str; 8] = [
     "/admin/v1/model",
 ];
 pub const OPS_ROUTES: [&str; 4] = ["/health/live", "/health/ready", "/metrics", "/openapi.json"];
+/// Where a browser reads the spec (Swagger UI, served from the binary); open like the spec.
+pub const DOCS_UI: &str = "/docs";
 
 /// How the API's HTTP side behaves beyond the core's limits.
 #[derive(Debug, Clone)]
@@ -80,7 +84,8 @@ pub fn router(state: Arc<Recommender>, options: &HttpOptions) -> Router {
     let mut ops = Router::new()
         .route("/health/live", get(handlers::live))
         .route("/health/ready", get(handlers::ready))
-        .route("/openapi.json", get(handlers::openapi));
+        .route("/openapi.json", get(handlers::openapi))
+        .merge(SwaggerUi::new(DOCS_UI).config(utoipa_swagger_ui::Config::from("/openapi.json")));
     if options.with_metrics {
         ops = ops.route("/metrics", get(handlers::metrics));
     }

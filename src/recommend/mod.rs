@@ -529,7 +529,7 @@ impl Recommender {
         self.served.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn model(&self) -> serde_json::Value {
+    pub fn model(&self) -> types::ModelInfo {
         self.served().info()
     }
 

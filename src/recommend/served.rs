@@ -14,6 +14,7 @@ use std::sync::Arc;
 use tch::Device;
 
 use super::error::quote;
+use super::types::ModelInfo;
 use super::Catalog;
 use crate::data::formats::{item_categories, ItemMeta};
 use crate::infer::ModelSlot;
@@ -46,8 +47,11 @@ pub fn vocabulary_change(served: &Catalog, next: &Catalog) -> String {
 
 impl ServedModel {
     /// What `GET /v1/model` shows.
-    pub fn info(&self) -> serde_json::Value {
-        serde_json::json!({"version": self.version, "config": self.config})
+    pub fn info(&self) -> ModelInfo {
+        ModelInfo {
+            version: self.version.clone(),
+            config: self.config.clone(),
+        }
     }
 }
 
