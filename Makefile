@@ -15,7 +15,7 @@ DEFAULT_MODEL := models/default
 # The documented recipe of the default model (see README "The default model").
 DEFAULT_TRAIN_FLAGS := --max-len 50 --seed 42 --threads 1 --readouts off
 
-.PHONY: venv build data run test fmt lint bench load quality cross-session fuzz image clean
+.PHONY: venv build data run test fmt lint bench load quality cross-session fuzz api-fuzz image clean
 
 venv: $(TORCH_STAMP)
 
@@ -81,6 +81,10 @@ image:
 # journal record decoding; FUZZ_SECONDS per target. No sanitizer (-s none): libtorch is not built
 # for one; panics and aborts are what is caught. The targets need libtorch on the loader path.
 FUZZ_SECONDS ?= 20
+# Schemathesis over the OpenAPI document against a running server with keys and a store.
+api-fuzz: build
+	scripts/api_fuzz.sh $(FUZZ_SECONDS)
+
 TORCH_LIB = $(shell $(VENV)/bin/python -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 fuzz: venv
 	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked

@@ -9,7 +9,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use xsrec::api::error::ApiError;
 use xsrec::api::{openapi, DOCS_UI, OPS_ROUTES, V1_ROUTES};
-use xsrec::recommend::types::{DEFAULT_K, DEFAULT_TOP, MAX_K};
+use xsrec::recommend::types::{DEFAULT_K, DEFAULT_TOP, MAX_K, MAX_TOP};
 
 fn spec() -> Value {
     serde_json::from_str(&openapi::document()).unwrap()
@@ -45,9 +45,23 @@ fn routes_codes_and_limits_in_the_document_are_the_codes() {
     let k = &schemas["RecommendRequest"]["properties"]["k"];
     assert_eq!(k["maximum"], json!(MAX_K));
     assert_eq!(k["default"], json!(DEFAULT_K));
+    let top = &schemas["InterestsRequest"]["properties"]["top"];
+    assert_eq!(top["default"], json!(DEFAULT_TOP));
+    assert_eq!(top["maximum"], json!(MAX_TOP));
+    // The list limits are the server's defaults (a server started with others says so itself).
+    let defaults = common::config(&fixture().model, &[]);
+    let max_items = |schema: &str, field: &str| schemas[schema]["properties"][field]["maxItems"].clone();
     assert_eq!(
-        schemas["InterestsRequest"]["properties"]["top"]["default"],
-        json!(DEFAULT_TOP)
+        max_items("EventsRequest", "events"),
+        json!(defaults.max_events_per_call)
+    );
+    assert_eq!(
+        max_items("BatchRecommendRequest", "requests"),
+        json!(defaults.max_batch_requests)
+    );
+    assert_eq!(
+        max_items("RecommendRequest", "candidates"),
+        json!(defaults.max_candidates)
     );
 }
 
@@ -129,7 +143,7 @@ async fn every_answer_of_the_server_has_a_documented_status_and_code() {
             let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let what = format!("{method} {path}");
             let targets: Vec<String> = match path.contains("{id}") {
-                true => [user.as_str(), "nobody", "%FF%FE", "a%2Fb"]
+                true => [user.as_str(), "nobody", "%FF%FE", "a%2Fb", "%01x", "%20"]
                     .iter()
                     .map(|id| path.replace("{id}", id))
                     .collect(),

@@ -76,7 +76,7 @@ pub async fn interests(
 }
 
 /// The events memory holds for a user.
-#[utoipa::path(get, path = "/v1/users/{id}/history", tag = "users", params(("id" = String, Path, description = "the user's id")),
+#[utoipa::path(get, path = "/v1/users/{id}/history", tag = "users", params(("id" = Id, Path, description = "the user's id")),
     responses((status = 200, description = "oldest first", body = HistoryResponse), HistoryErrors),
     security(("apiKey" = [])))]
 pub async fn history(
@@ -87,7 +87,7 @@ pub async fn history(
 }
 
 /// Erases a user: memory, the store and cached state.
-#[utoipa::path(delete, path = "/v1/users/{id}", tag = "users", params(("id" = String, Path, description = "the user's id")),
+#[utoipa::path(delete, path = "/v1/users/{id}", tag = "users", params(("id" = Id, Path, description = "the user's id")),
     responses((status = 204, description = "erased"), ForgetErrors),
     security(("apiKey" = [])))]
 pub async fn forget(

@@ -144,6 +144,7 @@ fn json_body() -> Vec<ApiError> {
 fn user_path() -> Vec<ApiError> {
     [
         ApiError::MalformedPath(blank()),
+        ApiError::Core(CoreError::InvalidRequest(blank())),
         ApiError::Core(CoreError::UserNotFound(blank())),
     ]
     .into_iter()

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::data::formats::InterWriter;
 use crate::history::{EncodedEvents, Journal, JournalConfig};
-use crate::recommend::{check_event, MAX_ID_BYTES};
+use crate::recommend::{check_event, MAX_ID_CHARS};
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum HistoryCommand {
@@ -100,7 +100,7 @@ pub fn run(command: &HistoryCommand) -> anyhow::Result<()> {
                     &e.item_id,
                     e.timestamp,
                     e.event_type.as_deref(),
-                    MAX_ID_BYTES,
+                    MAX_ID_CHARS,
                 )
                 .with_context(|| format!("{}: nothing was imported", data.data.display()))?;
             }

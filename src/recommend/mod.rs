@@ -68,7 +68,7 @@ impl Operation {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_events_per_call: usize,
-    pub max_id_bytes: usize,
+    pub max_id_chars: usize,
     pub max_k: usize,
     pub max_candidates: usize,
     pub max_batch_requests: usize,
@@ -121,12 +121,14 @@ fn invalid(message: String) -> CoreError {
 }
 
 /// Ids must be non-blank, bounded, and free of control characters (which would break the
-/// tab-separated logs that `xsrec history export` writes for training).
-fn check_id(field: &str, value: &str, max_bytes: usize) -> Result<(), CoreError> {
-    if value.trim().is_empty() || value.len() > max_bytes || value.chars().any(char::is_control) {
+/// tab-separated logs that `xsrec history export` writes for training). Counted in characters,
+/// as JSON Schema's `maxLength` counts, so that the API's schema ([`types::Id`]) says exactly
+/// what is accepted.
+fn check_id(field: &str, value: &str, max_chars: usize) -> Result<(), CoreError> {
+    let chars = value.chars().count();
+    if value.trim().is_empty() || chars > max_chars || value.chars().any(char::is_control) {
         return Err(invalid(format!(
-            "`{field}` must be a non-blank string of at most {max_bytes} bytes without control characters (got {} bytes)",
-            value.len()
+            "`{field}` must be a non-blank string of at most {max_chars} characters without control characters (got {chars} characters)"
         )));
     }
     Ok(())
@@ -155,21 +157,21 @@ pub fn check_event(
     item_id: &str,
     timestamp: i64,
     event_type: Option<&str>,
-    max_id_bytes: usize,
+    max_id_chars: usize,
 ) -> Result<(), CoreError> {
-    check_id(&format!("{field}.user_id"), user_id, max_id_bytes)?;
-    check_id(&format!("{field}.item_id"), item_id, max_id_bytes)?;
+    check_id(&format!("{field}.user_id"), user_id, max_id_chars)?;
+    check_id(&format!("{field}.item_id"), item_id, max_id_chars)?;
     check_time(&format!("{field}.timestamp"), timestamp)?;
     match event_type {
-        Some(event_type) => check_id(&format!("{field}.event_type"), event_type, max_id_bytes),
+        Some(event_type) => check_id(&format!("{field}.event_type"), event_type, max_id_chars),
         None => Ok(()),
     }
 }
 
-/// Longest user, item or type id accepted.
-pub const MAX_ID_BYTES: usize = 256;
-/// Longest model directory a reload accepts.
-const MAX_PATH_BYTES: usize = 4096;
+/// Longest user, item or type id accepted, in characters.
+pub const MAX_ID_CHARS: usize = 256;
+/// Longest model directory a reload accepts, in characters.
+pub const MAX_PATH_CHARS: usize = 4096;
 
 impl Recommender {
     /// The deadline of a request arriving now, `client` being the client's own allowance.
@@ -228,7 +230,7 @@ impl Recommender {
                 &event.item_id,
                 event.timestamp,
                 event.event_type.as_deref(),
-                limits.max_id_bytes,
+                limits.max_id_chars,
             )?;
         }
         let accepted = request.events.len();
@@ -321,7 +323,7 @@ impl Recommender {
         deadline: Deadline,
     ) -> Result<RecommendResponse, CoreError> {
         let limits = &self.limits;
-        check_id("user_id", &request.user_id, limits.max_id_bytes)?;
+        check_id("user_id", &request.user_id, limits.max_id_chars)?;
         check_range("k", request.k, limits.max_k)?;
         if let Some(at) = request.at {
             check_time("at", at)?;
@@ -335,7 +337,7 @@ impl Recommender {
                 )));
             }
             for (i, id) in list.iter().enumerate() {
-                check_id(&format!("candidates[{i}]"), id, limits.max_id_bytes)?;
+                check_id(&format!("candidates[{i}]"), id, limits.max_id_chars)?;
             }
         }
         // Only a valid request reads the history (which may read it back from disk).
@@ -441,7 +443,8 @@ impl Recommender {
         request: InterestsRequest,
         deadline: Deadline,
     ) -> Result<InterestsResponse, CoreError> {
-        check_id("user_id", &request.user_id, self.limits.max_id_bytes)?;
+        check_id("user_id", &request.user_id, self.limits.max_id_chars)?;
+        check_range("top", request.top, types::MAX_TOP)?;
         if let Some(at) = request.at {
             check_time("at", at)?;
         }
@@ -450,16 +453,18 @@ impl Recommender {
         if catalog.categories.is_empty() {
             return Err(CoreError::CategoriesUnavailable);
         }
-        check_range("top", request.top, catalog.categories.len())?;
+        // Asking for more categories than the model has gets them all, as a large k gets the
+        // whole catalogue.
+        let top = request.top.min(catalog.categories.len());
         // Only a history with a known item is one the model can read.
         let (ranked, fallback) = match history.filter(|h| !h.items.is_empty()) {
             None => (
-                catalog.popular_interests.iter().take(request.top).copied().collect(),
+                catalog.popular_interests.iter().take(top).copied().collect(),
                 Some("popular".to_owned()),
             ),
             Some(history) => {
                 let at = request.at.unwrap_or_else(unix_now);
-                let query = Query::Interests { top: request.top };
+                let query = Query::Interests { top };
                 match self
                     .ask(&served, &request.user_id, history, at, query, deadline)
                     .await?
@@ -484,7 +489,7 @@ impl Recommender {
     }
 
     pub fn history(&self, user: &str) -> Result<HistoryResponse, CoreError> {
-        check_id("user_id", user, self.limits.max_id_bytes)?;
+        check_id("user_id", user, self.limits.max_id_chars)?;
         let (served, snapshot) = self.served_with_history(user)?;
         let snapshot = snapshot.ok_or_else(|| CoreError::UserNotFound(user.to_owned()))?;
         let types = &served.catalog.event_types;
@@ -509,7 +514,7 @@ impl Recommender {
     /// Erases a user from memory, the inference cache and the journal; returns once the erasure
     /// is as durable as an ingest would be.
     pub async fn forget(&self, user: &str) -> Result<(), CoreError> {
-        check_id("user_id", user, self.limits.max_id_bytes)?;
+        check_id("user_id", user, self.limits.max_id_chars)?;
         let (erased_at, commit) = self
             .store
             .remove(user)
@@ -520,7 +525,7 @@ impl Recommender {
 
     /// A reload's model directory as a client gave it: non-blank, bounded, no control characters.
     pub fn check_model_path(&self, path: String) -> Result<PathBuf, CoreError> {
-        check_id("path", &path, MAX_PATH_BYTES)?;
+        check_id("path", &path, MAX_PATH_CHARS)?;
         Ok(PathBuf::from(path))
     }
 
@@ -636,6 +641,37 @@ impl Recommender {
             m.journal_fsync_seconds
                 .inc_by((journal.fsync_seconds - m.journal_fsync_seconds.get()).max(0.0));
             m.journal_disk_bytes.set(journal.disk_bytes as i64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Characters at the edges of the rule: control, Unicode white space of every kind, and
+    /// ordinary ones of 1 to 4 bytes.
+    const EDGES: &[char] = &[
+        '\u{0}', '\t', '\n', '\u{1f}', ' ', 'a', 'Z', '7', '-', '\u{7f}', '\u{85}', '\u{9f}', '\u{a0}', '\u{a1}', 'é',
+        '\u{1680}', '\u{2000}', '\u{200a}', '\u{200b}', '\u{2028}', '\u{2029}', '\u{202f}', '\u{205f}', '\u{3000}',
+        '\u{feff}', '語', '🦀',
+    ];
+
+    proptest! {
+        /// The OpenAPI document's id schema (length and pattern) accepts exactly what the core
+        /// accepts.
+        #[test]
+        fn the_documented_id_schema_is_the_cores_rule(
+            picks in proptest::collection::vec(0..EDGES.len(), 0..12),
+            padding in 0usize..260,
+        ) {
+            let pattern = regex::Regex::new(types::ID_PATTERN).unwrap();
+            let core: String = picks.iter().map(|&i| EDGES[i]).collect();
+            for id in [core.clone(), format!("{}{core}", "x".repeat(padding))] {
+                let documented = (1..=MAX_ID_CHARS).contains(&id.chars().count()) && pattern.is_match(&id);
+                prop_assert_eq!(check_id("id", &id, MAX_ID_CHARS).is_ok(), documented, "{:?}", id);
+            }
         }
     }
 }

@@ -319,7 +319,7 @@ pub async fn start(
     };
     let limits = Limits {
         max_events_per_call: config.max_events_per_call,
-        max_id_bytes: crate::recommend::MAX_ID_BYTES,
+        max_id_chars: crate::recommend::MAX_ID_CHARS,
         max_k: crate::recommend::types::MAX_K,
         max_candidates: config.max_candidates,
         max_batch_requests: config.max_batch_requests,
