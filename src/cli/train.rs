@@ -70,8 +70,9 @@ pub struct TrainArgs {
     pub no_clock_readout: bool,
     /// Whether the model gets its readouts (session successor, clock): `auto` trains it without
     /// and with them and keeps them only when they gain validation NDCG@10 beyond noise (a
-    /// paired bootstrap interval above zero), since they carry logs with cross-session habits
-    /// and cost a little on logs without (docs/QUALITY.md).
+    /// paired bootstrap interval above zero, over all validation events or over those that open
+    /// a session), since they carry logs with cross-session habits and cost a little on logs
+    /// without (docs/QUALITY.md).
     #[arg(long, value_enum, default_value_t = Readouts::Auto)]
     pub readouts: Readouts,
     /// Also write every trained candidate's artifact to OUT/candidates/NAME (for ablations).
