@@ -34,6 +34,26 @@ fn routes_codes_and_limits_in_the_document_are_the_codes() {
     sorted.sort_unstable();
     assert_eq!(sorted, routed, "documented paths vs the router's");
 
+    // Routes under admission name the key scheme, which exists; health, metrics and the spec
+    // are open.
+    let schemes = spec["components"]["securitySchemes"].as_object().unwrap();
+    for (path, operations) in spec["paths"].as_object().unwrap() {
+        for (method, operation) in operations.as_object().unwrap() {
+            let named: Vec<&String> = operation["security"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|requirement| requirement.as_object().unwrap().keys())
+                .collect();
+            assert!(
+                named.iter().all(|name| schemes.contains_key(*name)),
+                "{method} {path}: {named:?}"
+            );
+            let admitted = V1_ROUTES.contains(&path.as_str());
+            assert_eq!(!named.is_empty(), admitted, "{method} {path}: security {named:?}");
+        }
+    }
+
     let codes = &spec["components"]["schemas"]["ErrorDetail"]["properties"]["code"]["enum"];
     let mut codes: Vec<&str> = codes.as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
     let mut all: Vec<&str> = ApiError::all_codes().collect();
