@@ -3,9 +3,9 @@
 # every seed, a log and its flattened-time control (`xsrec data synth --pattern`), then the
 # default recipe of `xsrec train` as the full model (which trains the model with and without its
 # readouts and keeps the better on validation: both candidates are scored too, as `readouts` and
-# `lean`), the same recipe on the control, the LSTM, the model without each of its readouts
-# (session successor, clock), plain SASRec and the recipe plus the shared calendar embedding,
-# then the scoreboard with the references (`xsrec cross-session`). Two trainings at a time, one
+# `lean`), the same recipe on the control, the LSTM, plain SASRec, the model without each of
+# its readouts (session successor, clock) and the recipe plus the shared calendar embedding (in
+# that order, the references of the table first), then the scoreboard with the references (`xsrec cross-session`). Two trainings at a time, one
 # libtorch thread each.
 #
 #   scripts/cross_session.sh [SEED...]     (default: 0 1 2; results in runs/cross-session/)
@@ -28,9 +28,9 @@ VARIANTS=(
   "full|--keep-candidates"
   "control|"
   "lstm|--arch lstm"
+  "plain|--readouts off --no-session-recency --no-time-gap --no-prediction-gap --no-event-type"
   "no-successor|--readouts on --no-session-successor"
   "no-clock|--readouts on --no-clock-readout"
-  "plain|--readouts off --no-session-recency --no-time-gap --no-prediction-gap --no-event-type"
   "calendar|--calendar"
 )
 
