@@ -14,7 +14,7 @@ use crate::data::vocab::Vocab;
 use crate::eval::bootstrap::PairedInterval;
 use crate::eval::report::markdown_table;
 use crate::model::artifact::Artifact;
-use crate::model::{Arch, Combine, Features, ModelConfig};
+use crate::model::{Arch, Combine, Features, ModelConfig, PositionOrigin};
 use crate::train::plot::draw_curves;
 use crate::train::{choose_on_validation, train, EpochLog, Loss, TrainConfig, TrainOutcome};
 
@@ -75,6 +75,10 @@ pub struct TrainArgs {
     /// without (docs/QUALITY.md).
     #[arg(long, value_enum, default_value_t = Readouts::Auto)]
     pub readouts: Readouts,
+    /// Where position embeddings count from: `window-start` keeps earlier positions' keys and
+    /// values unchanged when an event is appended, which incremental inference needs.
+    #[arg(long, value_enum, default_value_t = PositionOrigin::Newest)]
+    pub positions: PositionOrigin,
     /// Also write every trained candidate's artifact to OUT/candidates/NAME (for ablations).
     #[arg(long)]
     pub keep_candidates: bool,
@@ -164,6 +168,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         session_successor: !args.no_session_successor,
         clock_readout: !args.no_clock_readout,
         combine: args.combine,
+        positions: args.positions,
         ..Features::default()
     };
     let model_config = ModelConfig {

@@ -19,6 +19,20 @@ pub enum Combine {
     Concat,
 }
 
+/// Where the position embeddings count from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PositionOrigin {
+    /// The newest event is always the last position, so an appended event moves every
+    /// position and changes every earlier position's keys and values.
+    #[default]
+    Newest,
+    /// The window's oldest event is position 0: an appended event leaves the earlier positions'
+    /// keys and values as they were, so serving can keep them and compute only the new
+    /// positions (`Network::extend`).
+    WindowStart,
+}
+
 /// The cross-session structure, each part switchable for ablation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Features {
@@ -58,6 +72,9 @@ pub struct Features {
     #[serde(default)]
     pub clock_readout: bool,
     pub combine: Combine,
+    /// Absent from artifacts made before it existed, which count from the newest event.
+    #[serde(default)]
+    pub positions: PositionOrigin,
     /// Session distances at or above this share one bias.
     pub session_cap: usize,
 }
@@ -82,6 +99,7 @@ impl Default for Features {
             session_successor: true,
             clock_readout: true,
             combine: Combine::Sum,
+            positions: PositionOrigin::Newest,
             session_cap: 8,
         }
     }

@@ -4,12 +4,14 @@ pub mod builtin;
 pub mod config;
 pub mod input;
 pub mod net;
+pub mod prefix;
 
 use tch::{nn, Device, Kind, Tensor};
 
 pub use artifact::{Artifact, ArtifactError};
-pub use config::{Arch, Combine, Features, ModelConfig};
+pub use config::{Arch, Combine, Features, ModelConfig, PositionOrigin};
 pub use input::{encode, Batch, EncodedSeq, HistoryView};
+pub use prefix::Prefix;
 
 /// Anything that ranks items for a batch of histories: the trained networks and the baselines
 /// are evaluated through this one interface.
@@ -83,6 +85,12 @@ impl SeqModel {
     /// `[B, d]` hidden state at the newest event of each row (inference mode).
     pub fn last_hidden(&self, batch: &Batch) -> Tensor {
         tch::no_grad(|| self.net.hidden(batch, false).select(1, -1))
+    }
+
+    /// [`Self::last_hidden`] computing only the positions after each row's cached prefix, with
+    /// the grown prefixes ([`net::Network::extend`]); `None` where appending is not exact.
+    pub fn extend_last_hidden(&self, batch: &Batch, prefixes: &[&Prefix]) -> Option<(Tensor, Vec<Prefix>)> {
+        tch::no_grad(|| self.net.extend(batch, prefixes))
     }
 }
 

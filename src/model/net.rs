@@ -2,8 +2,9 @@
 use tch::nn;
 use tch::{Kind, Tensor};
 
-use super::config::{Arch, Combine, ModelConfig};
+use super::config::{Arch, Combine, ModelConfig, PositionOrigin};
 use super::input::Batch;
+use super::prefix::Prefix;
 use crate::data::session::{DAYS_PER_WEEK, HOURS_PER_DAY, NUM_GAP_BUCKETS};
 
 const EMBED_INIT: nn::Init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
@@ -31,6 +32,7 @@ struct InputEmbedding {
     calendar: Option<Calendar>,
     session_summary: Option<nn::Linear>,
     concat_projection: Option<nn::Linear>,
+    origin: PositionOrigin,
     dropout: f64,
 }
 
@@ -67,21 +69,14 @@ impl InputEmbedding {
             calendar,
             session_summary,
             concat_projection,
+            origin: f.positions,
             dropout: cfg.dropout,
         }
     }
 
     fn forward(&self, batch: &Batch, train: bool) -> Tensor {
-        let (b, l) = (batch.size(), batch.seq_len());
-        // Rows are left-padded to the model's max_len, so the newest event always sits at the
-        // last position, online and offline; shorter batches take the last `l` positions.
-        let max_len = self.positions.ws.size()[0];
-        let positions = Tensor::arange_start(max_len - l, max_len, (Kind::Int64, batch.device()));
         let items = batch.items.apply(&self.items);
-        let mut parts = vec![
-            items.shallow_clone(),
-            positions.apply(&self.positions).unsqueeze(0).expand([b, l, -1], false),
-        ];
+        let mut parts = vec![items.shallow_clone(), self.positions(batch)];
         let features = [
             (&self.gaps, &batch.gaps),
             (&self.types, &batch.types),
@@ -108,6 +103,24 @@ impl InputEmbedding {
         };
         let real = batch.real_mask().unsqueeze(-1).to_kind(merged.kind());
         merged.dropout(self.dropout, train) * real
+    }
+
+    /// `[B, L, d]` position embeddings. Rows are left-padded, so counted from the newest event
+    /// the last column is the last position in every row (shorter batches take the last `l`
+    /// positions); counted from the window start, a row's first real event is position 0.
+    fn positions(&self, batch: &Batch) -> Tensor {
+        let (b, l) = (batch.size(), batch.seq_len());
+        match self.origin {
+            PositionOrigin::Newest => {
+                let max_len = self.positions.ws.size()[0];
+                let positions = Tensor::arange_start(max_len - l, max_len, (Kind::Int64, batch.device()));
+                positions.apply(&self.positions).unsqueeze(0).expand([b, l, -1], false)
+            }
+            PositionOrigin::WindowStart => {
+                let counted = batch.real_mask().cumsum(1, Kind::Int64) - 1;
+                counted.clamp_min(0).apply(&self.positions)
+            }
+        }
     }
 }
 
@@ -318,10 +331,19 @@ impl TransformerBlock {
         }
     }
 
-    /// Pre-LayerNorm block. `attn_bias` is `[B, H|1, L, L]`, −inf where attention is not allowed.
-    /// With `capture`, attention is computed explicitly and its weights are pushed there; the
-    /// fused kernel is used otherwise. Both give the same output.
-    fn forward(&self, x: &Tensor, attn_bias: &Tensor, train: bool, capture: Option<&mut Vec<Tensor>>) -> Tensor {
+    /// Pre-LayerNorm block over `x` (`[B, L, d]`), whose positions follow the cached ones of
+    /// `past` (per row `[B, H, P, head_dim]` keys and values, P = 0 without). `attn_bias` is
+    /// `[B, H|1, L, P + L]`, −inf where attention is not allowed. Returns the output and the
+    /// keys and values of `x`'s positions. With `capture`, attention is computed explicitly and
+    /// its weights are pushed there; the fused kernel is used otherwise. Both give the same output.
+    fn forward(
+        &self,
+        x: &Tensor,
+        past: Option<(&Tensor, &Tensor)>,
+        attn_bias: &Tensor,
+        train: bool,
+        capture: Option<&mut Vec<Tensor>>,
+    ) -> (Tensor, Tensor, Tensor) {
         let (b, l, d) = x.size3().expect("[B, L, d]");
         let head_dim = d / self.n_heads;
         let qkv = x
@@ -329,7 +351,11 @@ impl TransformerBlock {
             .apply(&self.qkv)
             .view([b, l, 3, self.n_heads, head_dim])
             .permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let (q, own_k, own_v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let (k, v) = match past {
+            Some((past_k, past_v)) => (Tensor::cat(&[past_k, &own_k], 2), Tensor::cat(&[past_v, &own_v], 2)),
+            None => (own_k.shallow_clone(), own_v.shallow_clone()),
+        };
         let dropout = if train { self.dropout } else { 0.0 };
         let attended = match capture {
             None => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(attn_bias), dropout, false, None, false),
@@ -349,7 +375,7 @@ impl TransformerBlock {
             .gelu("none")
             .dropout(self.dropout, train)
             .apply(&self.ffn_out);
-        &x + ffn.dropout(self.dropout, train)
+        (&x + ffn.dropout(self.dropout, train), own_k, own_v)
     }
 }
 
@@ -386,35 +412,60 @@ impl Transformer {
         }
     }
 
-    /// `[B, H|1, L, L]` additive attention bias: causal, no attention to padding (a padding
-    /// query attends to itself only, so no row is empty), plus the session-recency bias.
-    fn attention_bias(&self, batch: &Batch) -> Tensor {
-        let (l, device) = (batch.seq_len(), batch.device());
-        let causal = Tensor::ones([l, l], (Kind::Bool, device)).tril(0);
-        let diagonal = Tensor::eye(l, (Kind::Bool, device));
+    /// `[B, H|1, Q, K]` additive attention bias of queries that are the last Q of K positions
+    /// (the first K − Q keys are a cached prefix): causal, only to `key_allowed` keys (a query
+    /// may always read itself, so that no row is empty: padding attends to itself only), plus
+    /// the session-recency bias by the sessions between key and query.
+    fn attention_bias(&self, query_sessions: &Tensor, key_sessions: &Tensor, key_allowed: &Tensor) -> Tensor {
+        let (b, q) = (query_sessions.size()[0], query_sessions.size()[1]);
+        let (k, device) = (key_sessions.size()[1], query_sessions.device());
+        let causal = Tensor::ones([q, k], (Kind::Bool, device)).tril(k - q);
+        let own = causal.triu(k - q);
         let allowed = causal
             .unsqueeze(0)
-            .logical_and(&batch.real_mask().unsqueeze(1).logical_or(&diagonal.unsqueeze(0)));
+            .logical_and(&key_allowed.unsqueeze(1).logical_or(&own.unsqueeze(0)));
         let bias = match &self.session_bias {
             // Sessions between key and query, seen from the query: 0 = its own session.
             Some(table) => {
-                let sessions = &batch.sessions;
-                let distance = (sessions.unsqueeze(2) - sessions.unsqueeze(1)).clamp(0, self.session_cap);
+                let distance = (query_sessions.unsqueeze(2) - key_sessions.unsqueeze(1)).clamp(0, self.session_cap);
                 distance.apply(table).permute([0, 3, 1, 2])
             }
-            None => Tensor::zeros([batch.size(), 1, l, l], (Kind::Float, device)),
+            None => Tensor::zeros([b, 1, q, k], (Kind::Float, device)),
         };
         bias.masked_fill(&allowed.logical_not().unsqueeze(1), f64::NEG_INFINITY)
     }
 
     fn forward(&self, x: Tensor, batch: &Batch, train: bool, mut capture: Option<&mut Vec<Tensor>>) -> Tensor {
         // The fused kernel wants the bias in the activations' precision (bf16 inference).
-        let bias = self.attention_bias(batch).to_kind(x.kind());
+        let bias = self
+            .attention_bias(&batch.sessions, &batch.sessions, &batch.real_mask())
+            .to_kind(x.kind());
         let mut x = x;
         for block in &self.blocks {
-            x = block.forward(&x, &bias, train, capture.as_deref_mut());
+            x = block.forward(&x, None, &bias, train, capture.as_deref_mut()).0;
         }
         x.apply(&self.final_norm)
+    }
+
+    /// The forward pass of positions that follow `prefix`'s: `x` and `sessions` are theirs
+    /// (`[B, m, d]`, `[B, m]`), `fresh` (`[B, m]`) says which of them to compute (the others
+    /// are padding or already in the prefix, and nothing reads them). Returns the hidden states
+    /// and, per layer, the keys and values of the `m` positions.
+    fn extend(&self, x: Tensor, sessions: &Tensor, fresh: &Tensor, prefix: &Prefix) -> (Tensor, Vec<(Tensor, Tensor)>) {
+        let key_sessions = Tensor::cat(&[&prefix.sessions, sessions], 1);
+        let key_allowed = Tensor::cat(&[&prefix.real, fresh], 1);
+        let bias = self
+            .attention_bias(sessions, &key_sessions, &key_allowed)
+            .to_kind(x.kind());
+        let mut x = x;
+        let mut new_keys_values = Vec::with_capacity(self.blocks.len());
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let past = (&prefix.keys[layer], &prefix.values[layer]);
+            let (out, k, v) = block.forward(&x, Some(past), &bias, false, None);
+            new_keys_values.push((k, v));
+            x = out;
+        }
+        (x.apply(&self.final_norm), new_keys_values)
     }
 }
 
@@ -516,18 +567,96 @@ impl Network {
             Encoder::Transformer(t) => t.forward(x, batch, train, capture),
             Encoder::Lstm(lstm) => lstm.forward(&x, train),
         };
+        self.read_out(hidden, batch)
+    }
+
+    /// `hidden`, the states of the last `m` positions of `batch` (`[B, m, d]`), with the
+    /// enabled readouts added.
+    fn read_out(&self, hidden: Tensor, batch: &Batch) -> Tensor {
         if self.successor.is_none() && self.clock.is_none() {
             return hidden;
         }
         let items = batch.items.apply(&self.input.items);
+        let (l, m) = (batch.seq_len(), hidden.size()[1]);
+        let last = |read: Tensor| read.narrow(1, l - m, m);
         let hidden = match &self.successor {
-            Some(successor) => gated(hidden, &successor.gate, successor.retrieve(batch, &items)),
+            Some(successor) => gated(hidden, &successor.gate, last(successor.retrieve(batch, &items))),
             None => hidden,
         };
         match &self.clock {
-            Some(clock) => gated(hidden, &clock.gate, clock.retrieve(batch, &items)),
+            Some(clock) => gated(hidden, &clock.gate, last(clock.retrieve(batch, &items))),
             None => hidden,
         }
+    }
+
+    /// A prefix of no positions, to extend from; `None` where appending is not exact: the
+    /// LSTM, and positions counted from the newest event (an append moves them all).
+    pub fn empty_prefix(&self) -> Option<Prefix> {
+        let transformer = self.appendable()?;
+        let table = &self.input.items.ws;
+        let heads = transformer.blocks[0].n_heads;
+        let head_dim = table.size()[1] / heads;
+        Some(Prefix::empty(
+            transformer.blocks.len(),
+            heads,
+            head_dim,
+            table.kind(),
+            table.device(),
+        ))
+    }
+
+    fn appendable(&self) -> Option<&Transformer> {
+        match &self.encoder {
+            Encoder::Transformer(transformer) if self.input.origin == PositionOrigin::WindowStart => Some(transformer),
+            _ => None,
+        }
+    }
+
+    /// `[B, d]`: the hidden state at each row's newest position, computing only the positions
+    /// after `prefixes[row]` (the keys and values of that row's first positions, from an
+    /// earlier call on the same window, or [`Self::empty_prefix`]); and each row's prefix grown
+    /// to all its positions but the newest, whose input depends on the moment of prediction.
+    /// Equal to `hidden(batch, false).select(1, -1)` up to float rounding. `None` where
+    /// [`Self::empty_prefix`] is.
+    pub fn extend(&self, batch: &Batch, prefixes: &[&Prefix]) -> Option<(Tensor, Vec<Prefix>)> {
+        let transformer = self.appendable()?;
+        assert_eq!(prefixes.len() as i64, batch.size(), "one prefix per row");
+        let (l, device) = (batch.seq_len(), batch.device());
+        let lengths = Vec::<i64>::try_from(
+            batch
+                .real_mask()
+                .sum_dim_intlist(1, false, Kind::Int64)
+                .to_device(tch::Device::Cpu),
+        )
+        .expect("row lengths");
+        let fresh: Vec<i64> = lengths
+            .iter()
+            .zip(prefixes)
+            .map(|(&len, prefix)| {
+                assert!(
+                    (prefix.len() as i64) < len,
+                    "a row must have a position after its prefix"
+                );
+                len - prefix.len() as i64
+            })
+            .collect();
+        let m = fresh.iter().copied().max().unwrap_or(1);
+        let first_fresh = Tensor::from_slice(&fresh).to_device(device).neg() + m;
+        let fresh_mask = Tensor::arange(m, (Kind::Int64, device))
+            .unsqueeze(0)
+            .ge_tensor(&first_fresh.unsqueeze(1));
+        let x = self.input.forward(batch, false).narrow(1, l - m, m);
+        let sessions = batch.sessions.narrow(1, l - m, m);
+        let stacked = Prefix::stack(prefixes);
+        let (hidden, keys_values) = transformer.extend(x, &sessions, &fresh_mask, &stacked);
+        let newest = self.read_out(hidden, batch).select(1, -1);
+        let grown = prefixes
+            .iter()
+            .zip(&fresh)
+            .enumerate()
+            .map(|(row, (prefix, &fresh))| prefix.append(&keys_values, &sessions, row as i64, m - fresh, fresh - 1))
+            .collect();
+        Some((newest, grown))
     }
 
     /// `[V, d]` table that hidden states are scored against.
