@@ -1,13 +1,18 @@
 //! The inference worker's own steps, timed: its forward pass (to the newest position's hidden
 //! state) by batch size on an ml-100k-sized model, and its ranking step (scores against the item
-//! table, padding and 50 seen items per row masked, top 10) by catalogue size.
+//! table, padding and 50 seen items per row masked, top 10) by catalogue size; and one append
+//! against one full forward pass by history length (incremental inference).
 //! Run with `cargo bench`; results are recorded in docs/BENCHMARKS.md.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tch::{Device, Kind, Tensor};
 use xsrec::infer::worker::rank_excluding;
-use xsrec::model::{encode, Arch, Batch, Features, HistoryView, ModelConfig, SeqModel};
+use xsrec::model::{encode, Arch, Batch, Features, HistoryView, ModelConfig, PositionOrigin, Prefix, SeqModel};
 
 fn model(num_items: usize, max_len: usize) -> SeqModel {
+    model_with(num_items, max_len, Features::default())
+}
+
+fn model_with(num_items: usize, max_len: usize, features: Features) -> SeqModel {
     tch::manual_seed(0);
     SeqModel::new(
         ModelConfig {
@@ -21,7 +26,7 @@ fn model(num_items: usize, max_len: usize) -> SeqModel {
             ffn_dim: 256,
             dropout: 0.0,
             tied_output: true,
-            features: Features::default(),
+            features,
             session_gap_secs: 1800,
         },
         Device::Cpu,
@@ -30,21 +35,57 @@ fn model(num_items: usize, max_len: usize) -> SeqModel {
 
 /// `batch` users with 50-event histories (the load script's shape), encoded for a 200-wide model.
 fn batch(batch: usize, num_items: usize) -> Batch {
+    histories(batch, 50, num_items, 200)
+}
+
+/// `batch` users with `len`-event histories, encoded for a `max_len`-wide model.
+fn histories(batch: usize, len: usize, num_items: usize, max_len: usize) -> Batch {
     let rows: Vec<_> = (0..batch)
         .map(|u| {
-            let items: Vec<u32> = (0..50)
+            let items: Vec<u32> = (0..len)
                 .map(|i| 1 + ((u * 31 + i * 7) % (num_items - 1)) as u32)
                 .collect();
-            let timestamps: Vec<i64> = (0..50).map(|i| 1_000_000 + i * 120).collect();
+            let timestamps: Vec<i64> = (0..len as i64).map(|i| 1_000_000 + i * 120).collect();
             encode(
-                HistoryView::new(&items, &timestamps, &[1; 50]),
-                1_000_000 + 50 * 120,
-                200,
+                HistoryView::new(&items, &timestamps, &vec![1; len]),
+                1_000_000 + len as i64 * 120,
+                max_len,
                 1800,
             )
         })
         .collect();
     Batch::trimmed(&rows, Device::Cpu)
+}
+
+/// The fresh workload's step: a user with `len` events, whose state was cached when they had
+/// `len − 1`, asks again. In full that is a forward pass over `len` positions; from the cached
+/// prefix (every position but the then newest) it is two, the previous newest and the new one.
+fn append_vs_full_by_length(c: &mut Criterion) {
+    let features = Features {
+        positions: PositionOrigin::WindowStart,
+        ..Features::default()
+    };
+    let model = model_with(1683, 200, features);
+    for size in [1usize, 64] {
+        let mut group = c.benchmark_group(format!("append_vs_full_batch{size}"));
+        for len in [10usize, 50, 100, 200] {
+            let before = histories(size, len - 1, 1683, 200);
+            let empty = model.net.empty_prefix().expect("appendable");
+            let (_, cached) = model
+                .extend_last_hidden(&before, &vec![&empty; size])
+                .expect("appendable");
+            let cached: Vec<&Prefix> = cached.iter().collect();
+            let now = histories(size, len, 1683, 200);
+            group.throughput(Throughput::Elements(size as u64));
+            group.bench_with_input(BenchmarkId::new("full", len), &now, |b, now| {
+                b.iter(|| model.last_hidden(now))
+            });
+            group.bench_with_input(BenchmarkId::new("append", len), &now, |b, now| {
+                b.iter(|| model.extend_last_hidden(now, &cached))
+            });
+        }
+        group.finish();
+    }
 }
 
 fn forward_by_batch_size(c: &mut Criterion) {
@@ -79,6 +120,6 @@ fn topk_by_catalogue(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(3));
-    targets = forward_by_batch_size, topk_by_catalogue
+    targets = forward_by_batch_size, topk_by_catalogue, append_vs_full_by_length
 }
 criterion_main!(benches);

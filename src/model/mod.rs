@@ -84,7 +84,7 @@ impl SeqModel {
 
     /// `[B, d]` hidden state at the newest event of each row (inference mode).
     pub fn last_hidden(&self, batch: &Batch) -> Tensor {
-        tch::no_grad(|| self.net.hidden(batch, false).select(1, -1))
+        tch::no_grad(|| self.net.last_hidden(batch))
     }
 
     /// [`Self::last_hidden`] computing only the positions after each row's cached prefix, with

@@ -184,13 +184,17 @@ impl SessionSuccessor {
         }
     }
 
-    fn retrieve(&self, batch: &Batch, items: &Tensor) -> Tensor {
+    /// `[B, m, d]` for the last `m` positions of `batch`.
+    fn retrieve(&self, batch: &Batch, items: &Tensor, m: i64) -> Tensor {
         let sessions = &batch.sessions;
         let l = batch.seq_len();
         let kind = items.kind();
         // [B, i, j]: j is in i's session and not after i.
-        let causal = Tensor::ones([l, l], (Kind::Bool, items.device())).tril(0).unsqueeze(0);
+        let causal = Tensor::ones([m, l], (Kind::Bool, items.device()))
+            .tril(l - m)
+            .unsqueeze(0);
         let so_far = sessions
+            .narrow(1, l - m, m)
             .unsqueeze(2)
             .eq_tensor(&sessions.unsqueeze(1))
             .logical_and(&causal)
@@ -200,7 +204,7 @@ impl SessionSuccessor {
         let before = previous_session_mean(batch, items);
         let has_before = before.abs().sum_dim_intlist(-1, false, kind).gt(0.0);
         let similarity = (unit(&current).matmul(&unit(&before).transpose(1, 2)) - &self.threshold) * &self.sharpness;
-        let allowed = earlier_sessions(batch).logical_and(&has_before.unsqueeze(1));
+        let allowed = earlier_sessions(batch, m).logical_and(&has_before.unsqueeze(1));
         read_or_nothing(&similarity, &allowed, items)
     }
 }
@@ -230,7 +234,8 @@ impl ClockReadout {
         }
     }
 
-    fn retrieve(&self, batch: &Batch, items: &Tensor) -> Tensor {
+    /// `[B, m, d]` for the last `m` positions of `batch`.
+    fn retrieve(&self, batch: &Batch, items: &Tensor, m: i64) -> Tensor {
         let (b, l) = (batch.size(), batch.seq_len());
         // Event k happened at the moment position k − 1 predicts; the window's first event
         // has no such position and takes no part (in every batch shape alike).
@@ -241,10 +246,10 @@ impl ClockReadout {
             ],
             1,
         );
-        let queries = self.query.forward(&batch.prediction_hours);
+        let queries = self.query.forward(&batch.prediction_hours.narrow(1, l - m, m));
         let keys = self.key.forward(&own_hours);
         let logits = queries.matmul(&keys.transpose(1, 2)) / (CLOCK_DIM as f64).sqrt();
-        let allowed = earlier_sessions(batch).logical_and(&own_hours.gt(0).unsqueeze(1));
+        let allowed = earlier_sessions(batch, m).logical_and(&own_hours.gt(0).unsqueeze(1));
         read_or_nothing(&logits, &allowed, items)
     }
 }
@@ -266,22 +271,24 @@ fn gated(hidden: Tensor, gate: &nn::Linear, read: Tensor) -> Tensor {
     hidden + scale * read
 }
 
-/// `[B, i, j]`: `j` is a real event of an earlier session than `i`'s.
-fn earlier_sessions(batch: &Batch) -> Tensor {
+/// `[B, i, j]` for `i` among the last `m` positions: `j` is a real event of an earlier session
+/// than `i`'s.
+fn earlier_sessions(batch: &Batch, m: i64) -> Tensor {
     let sessions = &batch.sessions;
     sessions
         .unsqueeze(1)
-        .lt_tensor(&sessions.unsqueeze(2))
+        .lt_tensor(&sessions.narrow(1, batch.seq_len() - m, m).unsqueeze(2))
         .logical_and(&batch.real_mask().unsqueeze(1))
 }
 
-/// `[B, L, d]`: `items` averaged by a softmax of `logits` over the allowed `j`, beside a null
-/// slot of logit 0 and value zero, so that a query with no good match reads (almost) nothing.
+/// `[B, m, d]`: `items` (`[B, L, d]`) averaged by a softmax of `logits` (`[B, m, L]`) over the
+/// allowed `j`, beside a null slot of logit 0 and value zero, so that a query with no good match
+/// reads (almost) nothing.
 fn read_or_nothing(logits: &Tensor, allowed: &Tensor, items: &Tensor) -> Tensor {
-    let (b, l) = (logits.size()[0], logits.size()[1]);
+    let (b, m, l) = logits.size3().expect("[B, m, L]");
     let kind = items.kind();
     let logits = logits.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
-    let null = Tensor::zeros([b, l, 1], (kind, items.device()));
+    let null = Tensor::zeros([b, m, 1], (kind, items.device()));
     let weights = Tensor::cat(&[null, logits], -1).softmax(-1, kind);
     weights.narrow(-1, 1, l).matmul(items)
 }
@@ -562,12 +569,25 @@ impl Network {
     /// Like [`Self::hidden`], also collecting per-layer attention weights `[B, H, L, L]` when
     /// `capture` is given (Transformer only).
     pub fn hidden_with_attention(&self, batch: &Batch, train: bool, capture: Option<&mut Vec<Tensor>>) -> Tensor {
+        let hidden = self.encoded(batch, train, capture);
+        self.read_out(hidden, batch)
+    }
+
+    /// `[B, d]`: the hidden state at each row's newest position (inference mode), with the
+    /// readouts read for that position alone.
+    pub fn last_hidden(&self, batch: &Batch) -> Tensor {
+        let hidden = self.encoded(batch, false, None);
+        let l = hidden.size()[1];
+        self.read_out(hidden.narrow(1, l - 1, 1), batch).squeeze_dim(1)
+    }
+
+    /// `[B, L, d]` encoder states, before the readouts.
+    fn encoded(&self, batch: &Batch, train: bool, capture: Option<&mut Vec<Tensor>>) -> Tensor {
         let x = self.input.forward(batch, train);
-        let hidden = match &self.encoder {
+        match &self.encoder {
             Encoder::Transformer(t) => t.forward(x, batch, train, capture),
             Encoder::Lstm(lstm) => lstm.forward(&x, train),
-        };
-        self.read_out(hidden, batch)
+        }
     }
 
     /// `hidden`, the states of the last `m` positions of `batch` (`[B, m, d]`), with the
@@ -577,14 +597,13 @@ impl Network {
             return hidden;
         }
         let items = batch.items.apply(&self.input.items);
-        let (l, m) = (batch.seq_len(), hidden.size()[1]);
-        let last = |read: Tensor| read.narrow(1, l - m, m);
+        let m = hidden.size()[1];
         let hidden = match &self.successor {
-            Some(successor) => gated(hidden, &successor.gate, last(successor.retrieve(batch, &items))),
+            Some(successor) => gated(hidden, &successor.gate, successor.retrieve(batch, &items, m)),
             None => hidden,
         };
         match &self.clock {
-            Some(clock) => gated(hidden, &clock.gate, last(clock.retrieve(batch, &items))),
+            Some(clock) => gated(hidden, &clock.gate, clock.retrieve(batch, &items, m)),
             None => hidden,
         }
     }
@@ -717,7 +736,7 @@ mod tests {
         let vectors = Tensor::from_slice(&vectors).view([1, 6, 2]);
         let vs = nn::VarStore::new(Device::Cpu);
         let successor = SessionSuccessor::new(&vs.root(), 2);
-        let read = Vec::<f32>::try_from(tch::no_grad(|| successor.retrieve(&batch, &vectors)).view(-1)).unwrap();
+        let read = Vec::<f32>::try_from(tch::no_grad(|| successor.retrieve(&batch, &vectors, 6)).view(-1)).unwrap();
         // Sharpness 10 and threshold 0.5 at initialisation: a match scores +5, a miss −5, null 0.
         let (hit, miss) = (5f32.exp(), (-5f32).exp());
         let expected = [

@@ -49,6 +49,9 @@ impl Prefix {
 
     /// One-row prefixes as the rows of one, left-padded to the longest.
     pub(super) fn stack(rows: &[&Prefix]) -> Self {
+        if let [only] = rows {
+            return only.shallow_clone();
+        }
         let longest = rows.iter().map(|row| row.len()).max().unwrap_or(0) as i64;
         let pads: Vec<i64> = rows.iter().map(|row| longest - row.len() as i64).collect();
         let padded = |pick: &dyn Fn(&Prefix) -> &Tensor, dims_after: usize| {
@@ -73,6 +76,16 @@ impl Prefix {
             real: Tensor::arange(longest, (Kind::Int64, device))
                 .unsqueeze(0)
                 .ge_tensor(&first_real.unsqueeze(1)),
+        }
+    }
+
+    fn shallow_clone(&self) -> Self {
+        let all = |tensors: &[Tensor]| tensors.iter().map(Tensor::shallow_clone).collect();
+        Self {
+            keys: all(&self.keys),
+            values: all(&self.values),
+            sessions: self.sessions.shallow_clone(),
+            real: self.real.shallow_clone(),
         }
     }
 
