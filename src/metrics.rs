@@ -36,6 +36,8 @@ pub struct Metrics {
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub cached_states: IntGauge,
+    pub cache_appends: IntCounter,
+    pub cached_bytes: IntGauge,
     pub worker_failures: IntCounter,
     pub journal_batches: IntCounter,
     pub journal_events: IntCounter,
@@ -168,6 +170,14 @@ impl Metrics {
             cached_states: gauge(
                 "xsrec_cached_states",
                 "Users whose hidden state the inference worker holds",
+            ),
+            cache_appends: counter(
+                "xsrec_cache_appends_total",
+                "Cache misses computed from the user's cached keys and values: only the positions after them",
+            ),
+            cached_bytes: gauge(
+                "xsrec_cached_state_bytes",
+                "Bytes of hidden states, keys and values the inference worker holds",
             ),
             worker_failures: counter(
                 "xsrec_inference_failures_total",

@@ -12,10 +12,11 @@ use super::batcher::Batcher;
 use super::{Answer, Control, InferError, InferRequest, ModelSlot, Query};
 use crate::data::formats::category_names;
 use crate::health::Health;
+use crate::history::HistorySnapshot;
 use crate::metrics::Metrics;
 use crate::model::input::moment_key;
 use crate::model::input::to_device_pinned;
-use crate::model::{encode, mask_items, padded_index, Artifact, Batch, HistoryView, SeqModel};
+use crate::model::{encode, mask_items, padded_index, Artifact, Batch, HistoryView, Prefix, SeqModel};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -33,14 +34,104 @@ pub struct WorkerConfig {
 /// its requests get `inference_failed`, the cache is dropped, and serving goes on.
 pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
 
-/// A user's final hidden state, valid while the model, the history version and the
-/// prediction-gap bucket match.
+/// Requests whose history gained at most this many positions since their cached prefix are
+/// extended in a pass of their own, so that one recompute does not pad every append to its width.
+const APPEND_POSITIONS: i64 = 4;
+
+/// What the worker keeps of a user, for one model: the final hidden state, valid while the
+/// history version and the moment key match (a hit costs no forward pass); and where the model
+/// can append, the keys and values of every position but the newest, so that a changed history
+/// costs only the positions after them.
 struct CachedState {
     model: u64,
     version: u64,
     bucket: i64,
     hidden: Tensor,
+    prefix: Option<CachedPrefix>,
     last_used: u64,
+}
+
+impl CachedState {
+    fn bytes(&self) -> usize {
+        let hidden = self.hidden.numel() * self.hidden.kind().elt_size_in_bytes();
+        hidden + self.prefix.as_ref().map_or(0, |p| p.keys_values.bytes())
+    }
+}
+
+/// The users' states, with the bytes they hold kept up to date.
+#[derive(Default)]
+struct StateCache {
+    states: HashMap<Arc<str>, CachedState>,
+    bytes: usize,
+}
+
+impl StateCache {
+    fn get_mut(&mut self, user: &str) -> Option<&mut CachedState> {
+        self.states.get_mut(user)
+    }
+
+    fn insert(&mut self, user: Arc<str>, state: CachedState) {
+        self.bytes += state.bytes();
+        if let Some(old) = self.states.insert(user, state) {
+            self.bytes -= old.bytes();
+        }
+    }
+
+    fn remove(&mut self, user: &str) -> Option<CachedState> {
+        let state = self.states.remove(user)?;
+        self.bytes -= state.bytes();
+        Some(state)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&CachedState) -> bool) {
+        let bytes = &mut self.bytes;
+        self.states.retain(|_, state| {
+            let kept = keep(state);
+            if !kept {
+                *bytes -= state.bytes();
+            }
+            kept
+        });
+    }
+
+    fn clear(&mut self) {
+        self.states.clear();
+        self.bytes = 0;
+    }
+
+    fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    fn last_used(&self) -> Vec<u64> {
+        self.states.values().map(|s| s.last_used).collect()
+    }
+}
+
+/// Keys and values of a window's first positions, with the events they were computed from.
+struct CachedPrefix {
+    items: Vec<u32>,
+    timestamps: Vec<i64>,
+    types: Vec<u32>,
+    keys_values: Prefix,
+}
+
+impl CachedPrefix {
+    /// Whether these are the first positions of `history`'s window, with at least one after
+    /// them. The window is the whole history here: past `max_len` the window start moves with
+    /// every event and the prefix no longer applies.
+    fn starts(&self, history: &HistorySnapshot, max_len: usize) -> bool {
+        let covered = self.items.len();
+        history.items.len() <= max_len
+            && covered < history.items.len()
+            && history.items[..covered] == self.items[..]
+            && history.timestamps[..covered] == self.timestamps[..]
+            && history.types[..covered] == self.types[..]
+    }
 }
 
 /// A model as the worker runs it.
@@ -48,12 +139,15 @@ pub struct ServingModel {
     model: SeqModel,
     /// `[V, C]`: each item's probability mass split evenly over its categories.
     categories: Option<Tensor>,
+    /// Where the model can append positions to cached keys and values.
+    empty_prefix: Option<Prefix>,
 }
 
 impl ServingModel {
     pub fn new(artifact: Artifact, device: Device) -> Self {
         Self {
             categories: category_matrix(&artifact.item_categories, device),
+            empty_prefix: artifact.model.net.empty_prefix(),
             model: artifact.model,
         }
     }
@@ -93,7 +187,7 @@ struct HeldModel {
 pub struct InferenceWorker {
     /// Newest last. Usually one; two while requests admitted before a reload are in flight.
     models: Vec<HeldModel>,
-    cache: HashMap<Arc<str>, CachedState>,
+    cache: StateCache,
     config: WorkerConfig,
     tick: u64,
     metrics: Arc<Metrics>,
@@ -135,7 +229,7 @@ impl InferenceWorker {
     fn new(config: WorkerConfig, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
         Self {
             models: Vec::new(),
-            cache: HashMap::new(),
+            cache: StateCache::default(),
             config,
             tick: 0,
             metrics,
@@ -171,7 +265,7 @@ impl InferenceWorker {
         self.models.retain(|held| held.slot.strong_count() > 0);
         if self.models.len() < before {
             let live: Vec<u64> = self.models.iter().map(|held| held.number).collect();
-            self.cache.retain(|_, state| live.contains(&state.model));
+            self.cache.retain(|state| live.contains(&state.model));
         }
     }
 
@@ -181,6 +275,7 @@ impl InferenceWorker {
             tch::no_grad(|| self.execute(batch));
             self.retire_unused_models();
             self.metrics.cached_states.set(self.cache.len() as i64);
+            self.metrics.cached_bytes.set(self.cache.bytes as i64);
         }
     }
 
@@ -290,67 +385,107 @@ impl InferenceWorker {
         moment_key(view, request.at, &config.features, config.session_gap_secs)
     }
 
-    /// `[B, d]` final hidden states: cached where still valid, one forward pass for the rest.
+    /// `[B, d]` final hidden states: cached where still valid; computed from the user's cached
+    /// keys and values where the model can append; one full forward pass for the rest.
     fn hidden_states(&mut self, model: &ServingModel, number: u64, requests: &[InferRequest]) -> Tensor {
         self.tick += 1;
-        let mut rows: Vec<Option<Tensor>> = Vec::with_capacity(requests.len());
-        let mut misses = Vec::new();
+        let caching = self.config.cache_capacity > 0;
+        let max_len = model.model.config.max_len;
+        let mut rows: Vec<Option<Tensor>> = (0..requests.len()).map(|_| None).collect();
         let buckets: Vec<i64> = requests.iter().map(|r| Self::cache_bucket(model, r)).collect();
+        let (mut full, mut appends) = (Vec::new(), Vec::new());
         for (i, (request, &bucket)) in requests.iter().zip(&buckets).enumerate() {
-            let cached = if self.config.cache_capacity == 0 {
-                None
-            } else {
-                self.cache.get_mut(&request.user)
-            };
-            match cached {
-                Some(state)
-                    if state.model == number && state.version == request.history.version && state.bucket == bucket =>
-                {
+            if let Some(state) = self.cache.get_mut(&request.user).filter(|_| caching) {
+                if state.model == number && state.version == request.history.version && state.bucket == bucket {
                     state.last_used = self.tick;
-                    rows.push(Some(state.hidden.shallow_clone()));
+                    rows[i] = Some(state.hidden.shallow_clone());
+                    continue;
                 }
-                _ => {
-                    rows.push(None);
-                    misses.push(i);
+            }
+            match (&model.empty_prefix, request.history.items.len() <= max_len) {
+                (Some(empty), true) => {
+                    // Taken out of the cache: the state is replaced once this request is computed.
+                    let prefix = self
+                        .cache
+                        .remove(&request.user)
+                        .filter(|state| state.model == number)
+                        .and_then(|state| state.prefix)
+                        .filter(|prefix| prefix.starts(&request.history, max_len));
+                    let prefix = prefix.map_or_else(|| empty.shallow_clone(), |p| p.keys_values);
+                    appends.push((i, prefix));
                 }
+                _ => full.push(i),
             }
         }
-        self.metrics.cache_hits.inc_by((requests.len() - misses.len()) as u64);
-        self.metrics.cache_misses.inc_by(misses.len() as u64);
-        if !misses.is_empty() {
-            let config = &model.model.config;
-            let encoded: Vec<_> = misses
-                .iter()
-                .map(|&i| {
-                    let h = &requests[i].history;
-                    let view = HistoryView::new(&h.items, &h.timestamps, &h.types);
-                    encode(view, requests[i].at, config.max_len, config.session_gap_secs)
-                })
-                .collect();
-            let hidden = model.model.last_hidden(&Batch::trimmed(&encoded, self.config.device));
-            let caching = self.config.cache_capacity > 0;
-            if caching {
-                self.make_room(misses.len());
-            }
-            for (j, &i) in misses.iter().enumerate() {
+        let misses = full.len() + appends.len();
+        self.metrics.cache_hits.inc_by((requests.len() - misses) as u64);
+        self.metrics.cache_misses.inc_by(misses as u64);
+        self.metrics
+            .cache_appends
+            .inc_by(appends.iter().filter(|(_, prefix)| !prefix.is_empty()).count() as u64);
+        if caching {
+            self.make_room(misses);
+        }
+        let encoded = |i: usize| {
+            let (h, config) = (&requests[i].history, &model.model.config);
+            let view = HistoryView::new(&h.items, &h.timestamps, &h.types);
+            encode(view, requests[i].at, config.max_len, config.session_gap_secs)
+        };
+        if !full.is_empty() {
+            let rows_in = full.iter().map(|&i| encoded(i)).collect::<Vec<_>>();
+            let hidden = model.model.last_hidden(&Batch::trimmed(&rows_in, self.config.device));
+            for (j, &i) in full.iter().enumerate() {
                 let row = hidden.get(j as i64);
-                if caching && self.cacheable(&requests[i]) {
-                    let state = CachedState {
-                        model: number,
-                        version: requests[i].history.version,
-                        bucket: buckets[i],
-                        // A copy of its own: a view would keep the whole batch's `[B, L, d]`
-                        // activations alive for as long as any one of its users stays cached.
-                        hidden: row.copy(),
-                        last_used: self.tick,
-                    };
-                    self.cache.insert(requests[i].user.clone(), state);
-                }
+                self.keep(&requests[i], number, buckets[i], &row, None);
                 rows[i] = Some(row);
+            }
+        }
+        let (short, long): (Vec<_>, Vec<_>) = appends
+            .into_iter()
+            .partition(|(i, prefix)| requests[*i].history.items.len() as i64 - prefix.len() as i64 <= APPEND_POSITIONS);
+        for group in [short, long].into_iter().filter(|group| !group.is_empty()) {
+            let rows_in = group.iter().map(|(i, _)| encoded(*i)).collect::<Vec<_>>();
+            let prefixes: Vec<&Prefix> = group.iter().map(|(_, prefix)| prefix).collect();
+            let batch = Batch::trimmed(&rows_in, self.config.device);
+            let (hidden, grown) = model
+                .model
+                .extend_last_hidden(&batch, &prefixes)
+                .expect("an appendable model");
+            for (j, ((i, _), keys_values)) in group.iter().zip(grown).enumerate() {
+                let row = hidden.get(j as i64);
+                let h = &requests[*i].history;
+                let covered = keys_values.len();
+                let prefix = CachedPrefix {
+                    items: h.items[..covered].to_vec(),
+                    timestamps: h.timestamps[..covered].to_vec(),
+                    types: h.types[..covered].to_vec(),
+                    keys_values,
+                };
+                self.keep(&requests[*i], number, buckets[*i], &row, Some(prefix));
+                rows[*i] = Some(row);
             }
         }
         let rows: Vec<Tensor> = rows.into_iter().map(|r| r.expect("every row filled")).collect();
         Tensor::stack(&rows, 0)
+    }
+
+    /// Caches what was computed for `request`, unless caching is off or the user was erased
+    /// after its history was read.
+    fn keep(&mut self, request: &InferRequest, model: u64, bucket: i64, hidden: &Tensor, prefix: Option<CachedPrefix>) {
+        if self.config.cache_capacity == 0 || !self.cacheable(request) {
+            return;
+        }
+        let state = CachedState {
+            model,
+            version: request.history.version,
+            bucket,
+            // A copy of its own: a view would keep the whole batch's `[B, L, d]` activations
+            // alive for as long as any one of its users stays cached.
+            hidden: hidden.copy(),
+            prefix,
+            last_used: self.tick,
+        };
+        self.cache.insert(request.user.clone(), state);
     }
 
     /// Keeps the cache within capacity by dropping the least recently used half when full.
@@ -358,10 +493,10 @@ impl InferenceWorker {
         if self.cache.is_empty() || self.cache.len() + incoming <= self.config.cache_capacity {
             return;
         }
-        let mut ticks: Vec<u64> = self.cache.values().map(|s| s.last_used).collect();
+        let mut ticks = self.cache.last_used();
         let middle = ticks.len() / 2;
         let (_, &mut cutoff, _) = ticks.select_nth_unstable(middle);
-        self.cache.retain(|_, state| state.last_used > cutoff);
+        self.cache.retain(|state| state.last_used > cutoff);
     }
 }
 

@@ -79,7 +79,8 @@ impl Prefix {
         }
     }
 
-    fn shallow_clone(&self) -> Self {
+    /// The same tensors, shared (prefixes are never written in place).
+    pub fn shallow_clone(&self) -> Self {
         let all = |tensors: &[Tensor]| tensors.iter().map(Tensor::shallow_clone).collect();
         Self {
             keys: all(&self.keys),

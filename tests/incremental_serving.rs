@@ -1,0 +1,158 @@
+//! Incremental inference in the server: with a model whose positions count from the window
+//! start, answers computed from a user's cached keys and values equal a full forward over the
+//! same history: through appends, queries at new moments without new events, out-of-order
+//! events, erasure, histories past the window (which fall back to the full pass), and
+//! concurrent requests whose batches mix all of these.
+mod common;
+
+use std::path::Path;
+
+use common::{fixture, ranked, server_for, users};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use reqwest::StatusCode;
+use serde_json::json;
+use tch::{Device, Tensor};
+use xsrec::data::Event;
+use xsrec::model::artifact::Artifact;
+use xsrec::model::{encode, Batch, HistoryView, PositionOrigin, Scorer};
+
+const K: usize = 10;
+
+/// The shared fixture's weights, read with positions counted from the window start.
+fn window_start_model(dir: &Path) -> Artifact {
+    let mut artifact = Artifact::load(&fixture().model, Device::Cpu).unwrap();
+    artifact.config.model.features.positions = PositionOrigin::WindowStart;
+    artifact.save(dir).unwrap();
+    Artifact::load(dir, Device::Cpu).unwrap()
+}
+
+/// Scores of every item after `sent` (the events the server holds for a user), predicting at
+/// `at`, by one full forward pass: the known items in time order, as the store keeps them.
+fn offline_scores(artifact: &Artifact, sent: &[Event], at: i64) -> Vec<f32> {
+    let mut known: Vec<(i64, u32, u32)> = sent
+        .iter()
+        .filter_map(|e| {
+            let item = artifact.items.get(&e.item_id)?;
+            let kind = e
+                .event_type
+                .as_deref()
+                .and_then(|t| artifact.event_types.get(t))
+                .unwrap_or(1);
+            Some((e.timestamp, item, kind))
+        })
+        .collect();
+    known.sort_by_key(|&(timestamp, _, _)| timestamp); // stable: ties keep their arrival order
+    let timestamps: Vec<i64> = known.iter().map(|k| k.0).collect();
+    let items: Vec<u32> = known.iter().map(|k| k.1).collect();
+    let types: Vec<u32> = known.iter().map(|k| k.2).collect();
+    let config = &artifact.model.config;
+    let row = encode(
+        HistoryView::new(&items, &timestamps, &types),
+        at,
+        config.max_len,
+        config.session_gap_secs,
+    );
+    let scores: Tensor = artifact.model.score_next(&Batch::new(&[row], Device::Cpu)).get(0);
+    Vec::<f32>::try_from(scores).unwrap()
+}
+
+/// The served top-k is the offline top-k: every served score is the offline score of its item,
+/// and no item left out scores above the lowest served one (up to rounding, so that near-ties
+/// may come in either order).
+fn assert_top_k(artifact: &Artifact, served: &[(String, f64)], offline: &[f32], what: &str) {
+    assert_eq!(served.len(), K, "{what}");
+    for (item, score) in served {
+        let index = artifact.items.get(item).unwrap() as usize;
+        let expected = f64::from(offline[index]);
+        assert!(
+            (score - expected).abs() < 1e-4,
+            "{what}: {item} served {score}, offline {expected}"
+        );
+    }
+    let mut sorted: Vec<f32> = offline[1..].to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let lowest_served = served.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
+    assert!(
+        lowest_served >= f64::from(sorted[K - 1]) - 1e-4,
+        "{what}: not the top {K}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_from_cached_keys_and_values_equal_the_full_forward_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = window_start_model(dir.path());
+    let max_len = artifact.model.config.max_len;
+    let server = server_for(dir.path(), &["--history-cap", "1000", "--max-batch-delay-us", "3000"]).await;
+    let by_user = users(&fixture().events);
+    let mut streams: Vec<Vec<Event>> = by_user
+        .values()
+        .take(16)
+        .map(|events| {
+            let mut events: Vec<Event> = events.iter().map(|&e| e.clone()).collect();
+            events.sort_by_key(|e| e.timestamp);
+            events
+        })
+        .collect();
+    assert!(
+        streams.iter().any(|s| s.len() > max_len),
+        "some history must pass the window"
+    );
+    let mut sent: Vec<Vec<Event>> = vec![Vec::new(); streams.len()];
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut asked = 0usize;
+    for round in 0..40 {
+        // Each user gets 0–3 new events; one goes back in time, one user is erased.
+        for (user, stream) in streams.iter_mut().enumerate() {
+            let new: Vec<Event> = stream.drain(..rng.gen_range(0..=3).min(stream.len())).collect();
+            if !new.is_empty() {
+                server.ingest(&new.iter().collect::<Vec<_>>()).await;
+                sent[user].extend(new);
+            }
+        }
+        if round == 12 {
+            let user = 0;
+            let newest = sent[user].iter().map(|e| e.timestamp).max().unwrap();
+            let mut late = sent[user][0].clone();
+            late.timestamp = newest - 500;
+            server.ingest(&[&late]).await;
+            sent[user].push(late);
+        }
+        if round == 20 {
+            let user = 1;
+            let status = server.delete(&format!("/v1/users/{}", sent[user][0].user_id)).await;
+            assert!(status.is_success(), "{status}");
+            sent[user].clear();
+        }
+        // All users at once, at a moment that sometimes moves without new events.
+        let asking: Vec<usize> = (0..sent.len()).filter(|&u| !sent[u].is_empty()).collect();
+        let moments: Vec<i64> = asking
+            .iter()
+            .map(|&u| sent[u].iter().map(|e| e.timestamp).max().unwrap() + [60, 4_000, 200_000][rng.gen_range(0..3)])
+            .collect();
+        let bodies: Vec<_> = asking
+            .iter()
+            .zip(&moments)
+            .map(|(&u, at)| json!({"user_id": sent[u][0].user_id, "k": K, "at": at, "exclude_seen": false}))
+            .collect();
+        let replies = futures_util::future::join_all(bodies.iter().map(|b| server.post("/v1/recommend", b))).await;
+        for ((&user, &at), (status, reply)) in asking.iter().zip(&moments).zip(&replies) {
+            assert_eq!(*status, StatusCode::OK, "{reply}");
+            let what = format!("round {round}, user {user} with {} events", sent[user].len());
+            assert_top_k(
+                &artifact,
+                &ranked(reply),
+                &offline_scores(&artifact, &sent[user], at),
+                &what,
+            );
+            asked += 1;
+        }
+    }
+    let appends = server.metric("xsrec_cache_appends_total").await;
+    assert!(
+        appends > asked as f64 / 3.0,
+        "{appends} of {asked} answers came from cached keys and values"
+    );
+    assert!(server.metric("xsrec_cached_state_bytes").await > 0.0);
+}
