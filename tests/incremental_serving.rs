@@ -1,8 +1,8 @@
 //! Incremental inference in the server: with a model whose positions count from the window
 //! start, answers computed from a user's cached keys and values equal a full forward over the
-//! same history: through appends, queries at new moments without new events, out-of-order
-//! events, erasure, histories past the window (which fall back to the full pass), and
-//! concurrent requests whose batches mix all of these.
+//! same window: through appends, queries at new moments without new events, out-of-order
+//! events, erasure, histories that move the window many times, and concurrent requests whose
+//! batches mix all of these.
 mod common;
 
 use std::path::Path;
@@ -15,7 +15,7 @@ use serde_json::json;
 use tch::{Device, Tensor};
 use xsrec::data::Event;
 use xsrec::model::artifact::Artifact;
-use xsrec::model::{encode, Batch, HistoryView, PositionOrigin, Scorer};
+use xsrec::model::{encode_window, fresh_window_start, Batch, HistoryView, PositionOrigin, Scorer};
 
 const K: usize = 10;
 
@@ -27,9 +27,9 @@ fn window_start_model(dir: &Path) -> Artifact {
     Artifact::load(dir, Device::Cpu).unwrap()
 }
 
-/// Scores of every item after `sent` (the events the server holds for a user), predicting at
-/// `at`, by one full forward pass: the known items in time order, as the store keeps them.
-fn offline_scores(artifact: &Artifact, sent: &[Event], at: i64) -> Vec<f32> {
+/// The known items of `sent` (the events the server holds for a user) in time order, as the
+/// store keeps them.
+fn known_history(artifact: &Artifact, sent: &[Event]) -> (Vec<u32>, Vec<i64>, Vec<u32>) {
     let mut known: Vec<(i64, u32, u32)> = sent
         .iter()
         .filter_map(|e| {
@@ -43,40 +43,52 @@ fn offline_scores(artifact: &Artifact, sent: &[Event], at: i64) -> Vec<f32> {
         })
         .collect();
     known.sort_by_key(|&(timestamp, _, _)| timestamp); // stable: ties keep their arrival order
-    let timestamps: Vec<i64> = known.iter().map(|k| k.0).collect();
-    let items: Vec<u32> = known.iter().map(|k| k.1).collect();
-    let types: Vec<u32> = known.iter().map(|k| k.2).collect();
+    (
+        known.iter().map(|k| k.1).collect(),
+        known.iter().map(|k| k.0).collect(),
+        known.iter().map(|k| k.2).collect(),
+    )
+}
+
+/// Scores of every item by one full forward pass over the window from `start`, predicting at `at`.
+fn offline_scores(artifact: &Artifact, history: &(Vec<u32>, Vec<i64>, Vec<u32>), start: usize, at: i64) -> Vec<f32> {
     let config = &artifact.model.config;
-    let row = encode(
-        HistoryView::new(&items, &timestamps, &types),
-        at,
-        config.max_len,
-        config.session_gap_secs,
-    );
+    let view = HistoryView::new(&history.0, &history.1, &history.2);
+    let row = encode_window(view, start, at, config.max_len, config.session_gap_secs);
     let scores: Tensor = artifact.model.score_next(&Batch::new(&[row], Device::Cpu)).get(0);
     Vec::<f32>::try_from(scores).unwrap()
 }
 
-/// The served top-k is the offline top-k: every served score is the offline score of its item,
-/// and no item left out scores above the lowest served one (up to rounding, so that near-ties
-/// may come in either order).
-fn assert_top_k(artifact: &Artifact, served: &[(String, f64)], offline: &[f32], what: &str) {
-    assert_eq!(served.len(), K, "{what}");
+/// Whether the served top-k is the offline top-k: every served score is the offline score of
+/// its item, and no item left out scores above the lowest served one (up to rounding, so that
+/// near-ties may come in either order).
+fn same_top_k(artifact: &Artifact, served: &[(String, f64)], offline: &[f32]) -> Result<(), String> {
+    if served.len() != K {
+        return Err(format!("{} items served", served.len()));
+    }
     for (item, score) in served {
-        let index = artifact.items.get(item).unwrap() as usize;
-        let expected = f64::from(offline[index]);
-        assert!(
-            (score - expected).abs() < 1e-4,
-            "{what}: {item} served {score}, offline {expected}"
-        );
+        let expected = f64::from(offline[artifact.items.get(item).unwrap() as usize]);
+        if (score - expected).abs() >= 1e-4 {
+            return Err(format!("{item} served {score}, offline {expected}"));
+        }
     }
     let mut sorted: Vec<f32> = offline[1..].to_vec();
     sorted.sort_by(|a, b| b.total_cmp(a));
     let lowest_served = served.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
-    assert!(
-        lowest_served >= f64::from(sorted[K - 1]) - 1e-4,
-        "{what}: not the top {K}"
-    );
+    match lowest_served >= f64::from(sorted[K - 1]) - 1e-4 {
+        true => Ok(()),
+        false => Err(format!("not the top {K}")),
+    }
+}
+
+/// The windows a served answer may have been computed on: the whole history while it fits,
+/// else one of `max_len − max_len / 4` to `max_len` newest events (where the worker's window
+/// stands depends on when the user asked before).
+fn allowed_window_starts(len: usize, max_len: usize) -> Vec<usize> {
+    match len <= max_len {
+        true => vec![0],
+        false => (len - max_len..=fresh_window_start(len, max_len)).collect(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,8 +98,10 @@ async fn answers_from_cached_keys_and_values_equal_the_full_forward_pass() {
     let max_len = artifact.model.config.max_len;
     let server = server_for(dir.path(), &["--history-cap", "1000", "--max-batch-delay-us", "3000"]).await;
     let by_user = users(&fixture().events);
-    let mut streams: Vec<Vec<Event>> = by_user
-        .values()
+    let mut longest_first: Vec<_> = by_user.values().collect();
+    longest_first.sort_by_key(|events| std::cmp::Reverse(events.len()));
+    let mut streams: Vec<Vec<Event>> = longest_first
+        .into_iter()
         .take(16)
         .map(|events| {
             let mut events: Vec<Event> = events.iter().map(|&e| e.clone()).collect();
@@ -95,27 +109,31 @@ async fn answers_from_cached_keys_and_values_equal_the_full_forward_pass() {
             events
         })
         .collect();
-    assert!(
-        streams.iter().any(|s| s.len() > max_len),
-        "some history must pass the window"
-    );
     let mut sent: Vec<Vec<Event>> = vec![Vec::new(); streams.len()];
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let mut asked = 0usize;
-    for round in 0..40 {
+    let (mut asked, mut longest) = (0usize, 0usize);
+    for round in 0..60 {
         // Each user gets 0–3 new events; one goes back in time, one user is erased.
         for (user, stream) in streams.iter_mut().enumerate() {
-            let new: Vec<Event> = stream.drain(..rng.gen_range(0..=3).min(stream.len())).collect();
+            let count = rng.gen_range(0..=3).min(stream.len());
+            // User 0 gets only the late event of round 12.
+            let count = if round == 12 && user == 0 { 0 } else { count };
+            let new: Vec<Event> = stream.drain(..count).collect();
             if !new.is_empty() {
                 server.ingest(&new.iter().collect::<Vec<_>>()).await;
                 sent[user].extend(new);
             }
         }
         if round == 12 {
+            // Between the two newest events: the cached positions are still the history's first
+            // ones, but the newest of them now predicts another moment (its next event's time).
             let user = 0;
-            let newest = sent[user].iter().map(|e| e.timestamp).max().unwrap();
+            let mut times: Vec<i64> = sent[user].iter().map(|e| e.timestamp).collect();
+            times.sort_unstable();
+            let (second, newest) = (times[times.len() - 2], times[times.len() - 1]);
+            assert!(newest - second > 1, "{second} {newest}");
             let mut late = sent[user][0].clone();
-            late.timestamp = newest - 500;
+            late.timestamp = (second + newest) / 2;
             server.ingest(&[&late]).await;
             sent[user].push(late);
         }
@@ -139,16 +157,25 @@ async fn answers_from_cached_keys_and_values_equal_the_full_forward_pass() {
         let replies = futures_util::future::join_all(bodies.iter().map(|b| server.post("/v1/recommend", b))).await;
         for ((&user, &at), (status, reply)) in asking.iter().zip(&moments).zip(&replies) {
             assert_eq!(*status, StatusCode::OK, "{reply}");
-            let what = format!("round {round}, user {user} with {} events", sent[user].len());
-            assert_top_k(
-                &artifact,
-                &ranked(reply),
-                &offline_scores(&artifact, &sent[user], at),
-                &what,
+            let history = known_history(&artifact, &sent[user]);
+            let served = ranked(reply);
+            let outcomes: Vec<_> = allowed_window_starts(history.0.len(), max_len)
+                .into_iter()
+                .map(|start| same_top_k(&artifact, &served, &offline_scores(&artifact, &history, start, at)))
+                .collect();
+            assert!(
+                outcomes.iter().any(Result::is_ok),
+                "round {round}, user {user} with {} events: {outcomes:?}",
+                history.0.len()
             );
+            longest = longest.max(history.0.len());
             asked += 1;
         }
     }
+    assert!(
+        longest > 2 * max_len,
+        "the window must move several times ({longest} events at most)"
+    );
     let appends = server.metric("xsrec_cache_appends_total").await;
     assert!(
         appends > asked as f64 / 3.0,

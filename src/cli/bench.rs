@@ -17,7 +17,7 @@ use crate::bench::{forward, parity};
 use crate::data::split::build_sequences;
 use crate::data::vocab::Vocab;
 use crate::model::artifact::{read_items, ITEMS_FILE};
-use crate::model::{Arch, Artifact, Features, ModelConfig, Precision, SeqModel};
+use crate::model::{Arch, Artifact, Features, ModelConfig, PositionOrigin, Precision, SeqModel};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -60,6 +60,9 @@ pub struct ShapeArgs {
     pub heads: usize,
     #[arg(long, value_enum, default_value_t = Arch::Transformer)]
     pub arch: Arch,
+    /// `window-start` makes a model that serves incrementally.
+    #[arg(long, value_enum, default_value_t = PositionOrigin::Newest)]
+    pub positions: PositionOrigin,
 }
 
 impl ShapeArgs {
@@ -75,7 +78,10 @@ impl ShapeArgs {
             ffn_dim: 4 * self.d_model,
             dropout: 0.0,
             tied_output: true,
-            features: Features::default(),
+            features: Features {
+                positions: self.positions,
+                ..Features::default()
+            },
             session_gap_secs: 1800,
         };
         config.validate().map_err(anyhow::Error::msg)?;

@@ -16,7 +16,9 @@ use crate::history::HistorySnapshot;
 use crate::metrics::Metrics;
 use crate::model::input::moment_key;
 use crate::model::input::to_device_pinned;
-use crate::model::{encode, mask_items, padded_index, Artifact, Batch, HistoryView, Prefix, SeqModel};
+use crate::model::{
+    encode, encode_window, fresh_window_start, mask_items, padded_index, Artifact, Batch, HistoryView, Prefix, SeqModel,
+};
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -112,25 +114,57 @@ impl StateCache {
     }
 }
 
-/// Keys and values of a window's first positions, with the events they were computed from.
+/// Keys and values of a window's first positions, with the events their inputs read.
 struct CachedPrefix {
-    items: Vec<u32>,
-    timestamps: Vec<i64>,
-    types: Vec<u32>,
+    covered: CoveredEvents,
     keys_values: Prefix,
 }
 
-impl CachedPrefix {
-    /// Whether these are the first positions of `history`'s window, with at least one after
-    /// them. The window is the whole history here: past `max_len` the window start moves with
-    /// every event and the prefix no longer applies.
-    fn starts(&self, history: &HistorySnapshot, max_len: usize) -> bool {
+/// What the inputs of a window's first positions read: their events, the time of the event
+/// before the window (the first position's gap) and of the event after them (the moment the
+/// last of them predicts).
+#[derive(Debug)]
+struct CoveredEvents {
+    previous_timestamp: Option<i64>,
+    items: Vec<u32>,
+    timestamps: Vec<i64>,
+    types: Vec<u32>,
+    next_timestamp: i64,
+}
+
+impl CoveredEvents {
+    /// Positions `start..end` of `history` (with an event after them).
+    fn new(history: &HistorySnapshot, start: usize, end: usize) -> Self {
+        Self {
+            previous_timestamp: start.checked_sub(1).map(|i| history.timestamps[i]),
+            items: history.items[start..end].to_vec(),
+            timestamps: history.timestamps[start..end].to_vec(),
+            types: history.types[start..end].to_vec(),
+            next_timestamp: history.timestamps[end],
+        }
+    }
+
+    /// Where `history`'s window starts if these are still its first positions: the same
+    /// events in one piece, between the same neighbours' times, with at least one event after
+    /// them and at most `max_len` from the start on. Events inserted out of order, erased or
+    /// dropped from the front where the positions' inputs read them make it `None`.
+    fn window_start(&self, history: &HistorySnapshot, max_len: usize) -> Option<usize> {
+        let first = *self.timestamps.first()?;
         let covered = self.items.len();
-        history.items.len() <= max_len
-            && covered < history.items.len()
-            && history.items[..covered] == self.items[..]
-            && history.timestamps[..covered] == self.timestamps[..]
-            && history.types[..covered] == self.types[..]
+        let len = history.items.len();
+        let from = history.timestamps.partition_point(|&t| t < first);
+        (from..len)
+            .take_while(|&start| history.timestamps[start] == first)
+            .find(|&start| {
+                let end = start + covered;
+                end < len
+                    && len - start <= max_len
+                    && history.timestamps[end] == self.next_timestamp
+                    && start.checked_sub(1).map(|i| history.timestamps[i]) == self.previous_timestamp
+                    && history.items[start..end] == self.items[..]
+                    && history.timestamps[start..end] == self.timestamps[..]
+                    && history.types[start..end] == self.types[..]
+            })
     }
 }
 
@@ -402,19 +436,21 @@ impl InferenceWorker {
                     continue;
                 }
             }
-            match (&model.empty_prefix, request.history.items.len() <= max_len) {
-                (Some(empty), true) => {
+            match &model.empty_prefix {
+                Some(empty) => {
                     // Taken out of the cache: the state is replaced once this request is computed.
-                    let prefix = self
+                    let history = &request.history;
+                    let found = self
                         .cache
                         .remove(&request.user)
                         .filter(|state| state.model == number)
                         .and_then(|state| state.prefix)
-                        .filter(|prefix| prefix.starts(&request.history, max_len));
-                    let prefix = prefix.map_or_else(|| empty.shallow_clone(), |p| p.keys_values);
-                    appends.push((i, prefix));
+                        .and_then(|prefix| Some((prefix.covered.window_start(history, max_len)?, prefix.keys_values)));
+                    let (start, prefix) = found
+                        .unwrap_or_else(|| (fresh_window_start(history.items.len(), max_len), empty.shallow_clone()));
+                    appends.push((i, start, prefix));
                 }
-                _ => full.push(i),
+                None => full.push(i),
             }
         }
         let misses = full.len() + appends.len();
@@ -422,17 +458,21 @@ impl InferenceWorker {
         self.metrics.cache_misses.inc_by(misses as u64);
         self.metrics
             .cache_appends
-            .inc_by(appends.iter().filter(|(_, prefix)| !prefix.is_empty()).count() as u64);
+            .inc_by(appends.iter().filter(|(_, _, prefix)| !prefix.is_empty()).count() as u64);
         if caching {
             self.make_room(misses);
         }
-        let encoded = |i: usize| {
-            let (h, config) = (&requests[i].history, &model.model.config);
+        let config = &model.model.config;
+        let encoded = |i: usize, start: usize| {
+            let h = &requests[i].history;
             let view = HistoryView::new(&h.items, &h.timestamps, &h.types);
-            encode(view, requests[i].at, config.max_len, config.session_gap_secs)
+            encode_window(view, start, requests[i].at, config.max_len, config.session_gap_secs)
         };
         if !full.is_empty() {
-            let rows_in = full.iter().map(|&i| encoded(i)).collect::<Vec<_>>();
+            let rows_in = full
+                .iter()
+                .map(|&i| encoded(i, requests[i].history.items.len().saturating_sub(max_len)))
+                .collect::<Vec<_>>();
             let hidden = model.model.last_hidden(&Batch::trimmed(&rows_in, self.config.device));
             for (j, &i) in full.iter().enumerate() {
                 let row = hidden.get(j as i64);
@@ -440,29 +480,23 @@ impl InferenceWorker {
                 rows[i] = Some(row);
             }
         }
-        let (short, long): (Vec<_>, Vec<_>) = appends
-            .into_iter()
-            .partition(|(i, prefix)| requests[*i].history.items.len() as i64 - prefix.len() as i64 <= APPEND_POSITIONS);
+        let (short, long): (Vec<_>, Vec<_>) = appends.into_iter().partition(|(i, start, prefix)| {
+            (requests[*i].history.items.len() - start - prefix.len()) as i64 <= APPEND_POSITIONS
+        });
         for group in [short, long].into_iter().filter(|group| !group.is_empty()) {
-            let rows_in = group.iter().map(|(i, _)| encoded(*i)).collect::<Vec<_>>();
-            let prefixes: Vec<&Prefix> = group.iter().map(|(_, prefix)| prefix).collect();
+            let rows_in = group.iter().map(|&(i, start, _)| encoded(i, start)).collect::<Vec<_>>();
+            let prefixes: Vec<&Prefix> = group.iter().map(|(_, _, prefix)| prefix).collect();
             let batch = Batch::trimmed(&rows_in, self.config.device);
             let (hidden, grown) = model
                 .model
                 .extend_last_hidden(&batch, &prefixes)
                 .expect("an appendable model");
-            for (j, ((i, _), keys_values)) in group.iter().zip(grown).enumerate() {
+            for (j, (&(i, start, _), keys_values)) in group.iter().zip(grown).enumerate() {
                 let row = hidden.get(j as i64);
-                let h = &requests[*i].history;
-                let covered = keys_values.len();
-                let prefix = CachedPrefix {
-                    items: h.items[..covered].to_vec(),
-                    timestamps: h.timestamps[..covered].to_vec(),
-                    types: h.types[..covered].to_vec(),
-                    keys_values,
-                };
-                self.keep(&requests[*i], number, buckets[*i], &row, Some(prefix));
-                rows[*i] = Some(row);
+                let covered = CoveredEvents::new(&requests[i].history, start, start + keys_values.len());
+                let prefix = CachedPrefix { covered, keys_values };
+                self.keep(&requests[i], number, buckets[i], &row, Some(prefix));
+                rows[i] = Some(row);
             }
         }
         let rows: Vec<Tensor> = rows.into_iter().map(|r| r.expect("every row filled")).collect();
@@ -645,4 +679,101 @@ fn category_matrix(item_categories: &[Vec<String>], device: Device) -> Option<Te
             .view([item_categories.len() as i64, names.len() as i64])
             .to_device(device),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::model::EncodedSeq;
+
+    fn snapshot(events: &[(i64, u32, u32)]) -> HistorySnapshot {
+        HistorySnapshot {
+            version: 1,
+            timestamps: events.iter().map(|e| e.0).collect(),
+            items: events.iter().map(|e| e.1).collect(),
+            types: events.iter().map(|e| e.2).collect(),
+            events: Vec::new(),
+        }
+    }
+
+    /// The model input of positions `start..end` of `history`'s window from `start`.
+    fn inputs(history: &HistorySnapshot, start: usize, end: usize, max_len: usize) -> Vec<[i64; 6]> {
+        let view = HistoryView::new(&history.items, &history.timestamps, &history.types);
+        let row: EncodedSeq = encode_window(view, start, i64::MAX / 2, max_len, 100);
+        let pad = max_len - (history.items.len() - start);
+        (pad..pad + end - start)
+            .map(|j| {
+                let r = &row;
+                [
+                    r.items[j],
+                    r.types[j],
+                    r.gaps[j],
+                    r.prediction_gaps[j],
+                    r.sessions[j],
+                    r.prediction_hours[j],
+                ]
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// Cached positions are reused only where the model would give them the very same
+        /// input (the oracle: the encoded rows), and always after events are only appended.
+        #[test]
+        fn a_prefix_is_reused_only_where_its_positions_read_the_same_inputs(
+            gaps in prop::collection::vec(prop::sample::select(vec![0i64, 1, 30, 99, 100, 250, 5_000]), 2..30),
+            items in prop::collection::vec(1u32..4, 30),
+            max_len in 2usize..24,
+            cut in any::<prop::sample::Index>(),
+            covered_share in 0.0f64..1.0,
+            change in 0usize..4,
+            at in any::<prop::sample::Index>(),
+            late_gap in 0i64..300,
+            appended in 1usize..6,
+        ) {
+            let mut t = 1_000;
+            let events: Vec<(i64, u32, u32)> = gaps
+                .iter()
+                .zip(&items)
+                .map(|(gap, &item)| { t += gap; (t, item, 1 + item % 2) })
+                .collect();
+            let history = snapshot(&events);
+            let len = events.len();
+            // A window from `start` of at most max_len events, its first `covered` cached.
+            let start = len.saturating_sub(max_len) + cut.index(max_len.min(len));
+            let start = start.min(len - 2);
+            let covered = 1 + ((len - 2 - start) as f64 * covered_share) as usize;
+            let cached = CoveredEvents::new(&history, start, start + covered);
+            let mut changed = events.clone();
+            match change {
+                // Events appended after the newest.
+                0 => {
+                    let last = changed.last().unwrap().0;
+                    changed.extend((1..=appended as i64).map(|k| (last + 10 * k, 2, 1)));
+                }
+                // One event inserted out of order.
+                1 => {
+                    let index = at.index(len);
+                    changed.insert(index, (events[index].0.saturating_sub(late_gap).max(events[index.saturating_sub(1)].0), 3, 2));
+                }
+                // One event removed (erased, or dropped from the front).
+                2 => { changed.remove(at.index(len)); }
+                _ => {}
+            }
+            let after = snapshot(&changed);
+            let found = cached.window_start(&after, max_len);
+            if let Some(new_start) = found {
+                prop_assert!(new_start + covered < after.items.len() && after.items.len() - new_start <= max_len);
+                prop_assert_eq!(
+                    inputs(&after, new_start, new_start + covered, max_len),
+                    inputs(&history, start, start + covered, max_len)
+                );
+            }
+            if change == 0 && changed.len() - start <= max_len {
+                prop_assert_eq!(found, Some(start));
+            }
+        }
+    }
 }

@@ -83,8 +83,30 @@ pub fn moment_key(history: HistoryView, predict_at: i64, features: &Features, se
 /// Every feature of position `j` depends only on events up to `j` (and, for the prediction gap,
 /// on the time of `j + 1`), which keeps the model causal.
 pub fn encode(history: HistoryView, predict_at: i64, max_len: usize, session_gap_secs: i64) -> EncodedSeq {
+    encode_window(
+        history,
+        history.len().saturating_sub(max_len),
+        predict_at,
+        max_len,
+        session_gap_secs,
+    )
+}
+
+/// Like [`encode`], of the events from index `start` on (at most `max_len` of them): the
+/// window that incremental inference keeps (see [`fresh_window_start`]). The first event's gap
+/// is still the gap to the event before it.
+pub fn encode_window(
+    history: HistoryView,
+    start: usize,
+    predict_at: i64,
+    max_len: usize,
+    session_gap_secs: i64,
+) -> EncodedSeq {
     let n = history.len();
-    let start = n.saturating_sub(max_len);
+    assert!(
+        start <= n && n - start <= max_len,
+        "a window of {start}..{n} for max_len {max_len}"
+    );
     let pad = max_len - (n - start);
     let mut seq = EncodedSeq {
         items: vec![0; max_len],
@@ -110,6 +132,28 @@ pub fn encode(history: HistoryView, predict_at: i64, max_len: usize, session_gap
         seq.sessions[j] = i64::from(window_sessions[offset]);
     }
     seq
+}
+
+/// Where incremental inference starts the window over `len` events when no cached keys and
+/// values say otherwise: at the first event while all fit, else `max_len / 4` events later than
+/// the newest `max_len` would, so that that many events can be appended before the window has
+/// to move again (and every position be recomputed): a window of `max_len − max_len / 4` to
+/// `max_len` events, about 1 + 3 = 4 positions computed per appended event.
+pub fn fresh_window_start(len: usize, max_len: usize) -> usize {
+    match len <= max_len {
+        true => 0,
+        false => len - (max_len - max_len / 4),
+    }
+}
+
+/// Events a server keeps per user for a model of window `max_len`: the window, and where the
+/// model appends, the window's slack besides, so that a window restarted short of full keeps
+/// its first event in memory while it grows back to `max_len`.
+pub fn events_to_keep(max_len: usize, appendable: bool) -> usize {
+    match appendable {
+        true => max_len + max_len / 4,
+        false => max_len,
+    }
 }
 
 impl EncodedSeq {

@@ -18,7 +18,7 @@ use crate::health::Health;
 use crate::history::{FsyncPolicy, Histories, HistoryStore, Journal, JournalConfig, MemoryBudget};
 use crate::infer::{Engine, EngineConfig, LimitConfig, WorkerConfig};
 use crate::metrics::Metrics;
-use crate::model::Precision;
+use crate::model::{events_to_keep, Precision};
 use crate::recommend::{ApiKeys, Catalog, Limits, ModelLoader, Recommender, ServedModel};
 
 /// `xsrec serve` settings; every flag can also come from its `XSREC_*` environment variable.
@@ -67,7 +67,8 @@ pub struct ServeConfig {
     /// Without it, events are kept until erased.
     #[arg(long, env = "XSREC_RETENTION", value_parser = parse_retention)]
     pub retention: Option<Duration>,
-    /// Events kept in memory per user (the journal keeps all); defaults to the model's max_len.
+    /// Events kept in memory per user (the journal keeps all); defaults to the model's max_len,
+    /// plus a quarter for a model that serves incrementally (`--positions window-start`).
     #[arg(long, env = "XSREC_HISTORY_CAP")]
     pub history_cap: Option<usize>,
     /// Serve `/metrics` (and the health endpoints) on this address, and not `/metrics` on
@@ -286,7 +287,10 @@ pub async fn start(
         .set(1);
     let model_config = serde_json::to_value(&artifact.config)?;
     let catalog = Arc::new(Catalog::new(&artifact));
-    let history_cap = config.history_cap.unwrap_or(artifact.config.model.max_len);
+    let appendable = artifact.model.net.empty_prefix().is_some();
+    let history_cap = config
+        .history_cap
+        .unwrap_or_else(|| events_to_keep(artifact.config.model.max_len, appendable));
     let warmup_batch_sizes = std::iter::successors(Some(1usize), |&n| {
         (n < config.max_batch_size).then(|| (n * 2).min(config.max_batch_size))
     })
