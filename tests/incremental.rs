@@ -14,8 +14,8 @@ use xsrec::model::{
 
 const SESSION_GAP: i64 = 1800;
 /// Relative to the largest value: a different summation order, nothing more. Random networks
-/// with every parameter moved by up to ±0.5 and widths down to 2 are badly conditioned (layer
-/// norms of two numbers), and reach 1.2e-5 in fp32; the f64 run holds the logic to 1e-12.
+/// with every parameter moved by up to ±0.5 are badly conditioned and reach 1.2e-5 in fp32;
+/// the f64 run holds the logic to 1e-12 at every width.
 const FP32_TOLERANCE: f64 = 1e-4;
 const F64_TOLERANCE: f64 = 1e-12;
 
@@ -133,10 +133,15 @@ proptest! {
     #[test]
     fn the_incremental_hidden_state_equals_the_full_forward(shape in shapes(), seed in any::<u64>()) {
         let mut model = model(config(&shape, Arch::Transformer, PositionOrigin::WindowStart), seed);
-        appends_match_the_full_forward(&model, &shape, seed, FP32_TOLERANCE)?;
         // In f64 rounding is out of the way: what is left would be a wrong key, bias or mask.
         model.vs.double();
         appends_match_the_full_forward(&model, &shape, seed, F64_TOLERANCE)?;
+        // fp32 where layer norms are not of two or four numbers, whose rounding an
+        // ill-conditioned random network amplifies past any fixed bound (3.4e-4 at d = 2).
+        if shape.heads * shape.head_dim >= 8 {
+            model.vs.float(); // exact: the parameters were f32 values
+            appends_match_the_full_forward(&model, &shape, seed, FP32_TOLERANCE)?;
+        }
     }
 }
 

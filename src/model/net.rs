@@ -467,8 +467,8 @@ impl Transformer {
         let mut x = x;
         let mut new_keys_values = Vec::with_capacity(self.blocks.len());
         for (layer, block) in self.blocks.iter().enumerate() {
-            let past = (&prefix.keys[layer], &prefix.values[layer]);
-            let (out, k, v) = block.forward(&x, Some(past), &bias, false, None);
+            let (past_k, past_v) = prefix.layer(layer);
+            let (out, k, v) = block.forward(&x, Some((&past_k, &past_v)), &bias, false, None);
             new_keys_values.push((k, v));
             x = out;
         }
@@ -669,11 +669,13 @@ impl Network {
         let stacked = Prefix::stack(prefixes);
         let (hidden, keys_values) = transformer.extend(x, &sessions, &fresh_mask, &stacked);
         let newest = self.read_out(hidden, batch).select(1, -1);
+        let states: Vec<&Tensor> = keys_values.iter().flat_map(|(k, v)| [k, v]).collect();
+        let states = Tensor::stack(&states, 0);
         let grown = prefixes
             .iter()
             .zip(&fresh)
             .enumerate()
-            .map(|(row, (prefix, &fresh))| prefix.append(&keys_values, &sessions, row as i64, m - fresh, fresh - 1))
+            .map(|(row, (prefix, &fresh))| prefix.append(&states, &sessions, row as i64, m - fresh, fresh - 1))
             .collect();
         Some((newest, grown))
     }
