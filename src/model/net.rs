@@ -457,22 +457,23 @@ impl Transformer {
     /// The forward pass of positions that follow `prefix`'s: `x` and `sessions` are theirs
     /// (`[B, m, d]`, `[B, m]`), `fresh` (`[B, m]`) says which of them to compute (the others
     /// are padding or already in the prefix, and nothing reads them). Returns the hidden states
-    /// and, per layer, the keys and values of the `m` positions.
-    fn extend(&self, x: Tensor, sessions: &Tensor, fresh: &Tensor, prefix: &Prefix) -> (Tensor, Vec<(Tensor, Tensor)>) {
+    /// and every layer's keys and values of the `m` positions, laid out as [`Prefix`] keeps them
+    /// (`[2 × layers, B, H, m, head_dim]`).
+    fn extend(&self, x: Tensor, sessions: &Tensor, fresh: &Tensor, prefix: &Prefix) -> (Tensor, Tensor) {
         let key_sessions = Tensor::cat(&[&prefix.sessions, sessions], 1);
         let key_allowed = Tensor::cat(&[&prefix.real, fresh], 1);
         let bias = self
             .attention_bias(sessions, &key_sessions, &key_allowed)
             .to_kind(x.kind());
         let mut x = x;
-        let mut new_keys_values = Vec::with_capacity(self.blocks.len());
+        let mut states = Vec::with_capacity(2 * self.blocks.len());
         for (layer, block) in self.blocks.iter().enumerate() {
             let (past_k, past_v) = prefix.layer(layer);
             let (out, k, v) = block.forward(&x, Some((&past_k, &past_v)), &bias, false, None);
-            new_keys_values.push((k, v));
+            states.extend([k, v]);
             x = out;
         }
-        (x.apply(&self.final_norm), new_keys_values)
+        (x.apply(&self.final_norm), Tensor::stack(&states, 0))
     }
 }
 
@@ -667,10 +668,8 @@ impl Network {
         let x = self.input.forward(batch, false).narrow(1, l - m, m);
         let sessions = batch.sessions.narrow(1, l - m, m);
         let stacked = Prefix::stack(prefixes);
-        let (hidden, keys_values) = transformer.extend(x, &sessions, &fresh_mask, &stacked);
+        let (hidden, states) = transformer.extend(x, &sessions, &fresh_mask, &stacked);
         let newest = self.read_out(hidden, batch).select(1, -1);
-        let states: Vec<&Tensor> = keys_values.iter().flat_map(|(k, v)| [k, v]).collect();
-        let states = Tensor::stack(&states, 0);
         let grown = prefixes
             .iter()
             .zip(&fresh)
