@@ -37,6 +37,7 @@ pub struct Metrics {
     pub cache_misses: IntCounter,
     pub cached_states: IntGauge,
     pub cache_appends: IntCounter,
+    pub cache_evictions: IntCounter,
     pub cached_bytes: IntGauge,
     pub worker_failures: IntCounter,
     pub journal_batches: IntCounter,
@@ -174,6 +175,10 @@ impl Metrics {
             cache_appends: counter(
                 "xsrec_cache_appends_total",
                 "Cache misses computed from the user's cached keys and values: only the positions after them",
+            ),
+            cache_evictions: counter(
+                "xsrec_cache_evictions_total",
+                "User states dropped to make room (capacity in users or the key/value byte budget); an evicted user is recomputed on demand",
             ),
             cached_bytes: gauge(
                 "xsrec_cached_state_bytes",

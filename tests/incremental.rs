@@ -7,10 +7,8 @@ use std::sync::Mutex;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tch::{Device, Tensor};
-use xsrec::model::{
-    encode, Arch, Batch, Combine, Features, HistoryView, ModelConfig, PositionOrigin, Prefix, SeqModel,
-};
+use tch::{Device, Kind, Tensor};
+use xsrec::model::{encode, Arch, Batch, Combine, Features, HistoryView, ModelConfig, PositionOrigin, SeqModel, Slot};
 
 const SESSION_GAP: i64 = 1800;
 /// Relative to the largest value: a different summation order, nothing more. Random networks
@@ -164,8 +162,14 @@ fn appends_match_the_full_forward(
         })
         .collect();
     let mut revealed = vec![0usize; users];
-    let mut prefixes: Vec<Option<Prefix>> = (0..users).map(|_| None).collect();
-    let element_bytes = model.net.item_table().kind().elt_size_in_bytes();
+    let kind = model.net.item_table().kind();
+    let mut pool = model.net.prefix_pool(1 << 30, kind).expect("window-start Transformer");
+    let slots: Vec<Slot> = (0..users).map(|_| pool.allocate().expect("room")).collect();
+    let d = shape.heads * shape.head_dim;
+    prop_assert_eq!(
+        pool.slot_bytes(),
+        shape.layers * shape.max_len * d * 2 * kind.elt_size_in_bytes()
+    );
     for step in 0..12 {
         let asking: Vec<usize> = (0..users).filter(|_| rng.gen_bool(0.7)).collect();
         for &user in &asking {
@@ -199,24 +203,19 @@ fn appends_match_the_full_forward(
         let every_position = tch::no_grad(|| model.net.hidden(&batch, false)).select(1, -1);
         let readouts_alone = (&full - &every_position).abs().max().double_value(&[]);
         prop_assert!(readouts_alone <= tolerance * full.abs().max().double_value(&[]).max(1.0));
-        let empty = model.net.empty_prefix().expect("window-start Transformer");
-        let held: Vec<&Prefix> = asking
-            .iter()
-            .map(|&user| prefixes[user].as_ref().unwrap_or(&empty))
-            .collect();
-        let (incremental, grown) = model.extend_last_hidden(&batch, &held).expect("exact appends");
+        let held: Vec<&Slot> = asking.iter().map(|&user| &slots[user]).collect();
+        let incremental = model
+            .extend_last_hidden(&batch, &mut pool, &held)
+            .expect("exact appends");
         let difference = (&full - &incremental).abs().max().double_value(&[]);
         let scale = full.abs().max().double_value(&[]).max(1.0);
         prop_assert!(
             difference <= tolerance * scale,
             "step {step}: max |full − incremental| = {difference:e}, max |full| = {scale}"
         );
-        for (&user, prefix) in asking.iter().zip(grown) {
+        for &user in &asking {
             // Every position but the newest, whose input depends on the moment.
-            prop_assert_eq!(prefix.len(), revealed[user] - 1);
-            let d = shape.heads * shape.head_dim;
-            prop_assert_eq!(prefix.bytes(), shape.layers * prefix.len() * d * 2 * element_bytes);
-            prefixes[user] = Some(prefix);
+            prop_assert_eq!(pool.len(&slots[user]), revealed[user] - 1);
         }
     }
     Ok(())
@@ -234,11 +233,11 @@ fn appending_is_refused_where_it_cannot_be_exact() {
     };
     let newest = model(config(&shape, Arch::Transformer, PositionOrigin::Newest), 1);
     assert!(
-        newest.net.empty_prefix().is_none(),
+        newest.net.prefix_pool(1 << 20, Kind::Float).is_none(),
         "an append moves every position counted from the newest"
     );
     let lstm = model(config(&shape, Arch::Lstm, PositionOrigin::WindowStart), 1);
-    assert!(lstm.net.empty_prefix().is_none());
+    assert!(lstm.net.prefix_pool(1 << 20, Kind::Float).is_none());
     let h = history(&mut ChaCha8Rng::seed_from_u64(1), 3);
     let row = encode(
         HistoryView::new(&h.items, &h.timestamps, &h.types),
@@ -248,7 +247,8 @@ fn appending_is_refused_where_it_cannot_be_exact() {
     );
     let batch = Batch::new(&[row], Device::Cpu);
     let window_start = model(config(&shape, Arch::Transformer, PositionOrigin::WindowStart), 1);
-    let empty = window_start.net.empty_prefix().unwrap();
-    assert!(newest.extend_last_hidden(&batch, &[&empty]).is_none());
-    assert!(lstm.extend_last_hidden(&batch, &[&empty]).is_none());
+    let mut pool = window_start.net.prefix_pool(1 << 20, Kind::Float).unwrap();
+    let slot = pool.allocate().unwrap();
+    assert!(newest.extend_last_hidden(&batch, &mut pool, &[&slot]).is_none());
+    assert!(lstm.extend_last_hidden(&batch, &mut pool, &[&slot]).is_none());
 }

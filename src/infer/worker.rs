@@ -17,7 +17,8 @@ use crate::metrics::Metrics;
 use crate::model::input::moment_key;
 use crate::model::input::to_device_pinned;
 use crate::model::{
-    encode, encode_window, fresh_window_start, mask_items, padded_index, Artifact, Batch, HistoryView, Prefix, SeqModel,
+    encode, encode_window, fresh_window_start, mask_items, padded_index, Artifact, Batch, HistoryView, Precision,
+    PrefixPool, SeqModel, Slot,
 };
 
 #[derive(Debug, Clone)]
@@ -25,6 +26,10 @@ pub struct WorkerConfig {
     pub device: Device,
     /// Users whose final hidden state is kept; 0 turns the cache off.
     pub cache_capacity: usize,
+    /// Bytes of keys and values kept for incremental inference (models that can append), and
+    /// their storage precision (the model's when `None`).
+    pub prefix_bytes: usize,
+    pub prefix_precision: Option<Precision>,
     /// Batch sizes run once at start so that no request pays for first-use set-up.
     pub warmup_batch_sizes: Vec<usize>,
     /// The longest a request can wait for its batch: how long an erasure must be remembered.
@@ -42,8 +47,8 @@ const APPEND_POSITIONS: i64 = 4;
 
 /// What the worker keeps of a user, for one model: the final hidden state, valid while the
 /// history version and the moment key match (a hit costs no forward pass); and where the model
-/// can append, the keys and values of every position but the newest, so that a changed history
-/// costs only the positions after them.
+/// can append, a slot of the model's prefix pool with the keys and values of every position
+/// but the newest, so that a changed history costs only the positions after them.
 struct CachedState {
     model: u64,
     version: u64,
@@ -54,17 +59,18 @@ struct CachedState {
 }
 
 impl CachedState {
-    fn bytes(&self) -> usize {
-        let hidden = self.hidden.numel() * self.hidden.kind().elt_size_in_bytes();
-        hidden + self.prefix.as_ref().map_or(0, |p| p.keys_values.bytes())
+    fn hidden_bytes(&self) -> usize {
+        self.hidden.numel() * self.hidden.kind().elt_size_in_bytes()
     }
 }
 
-/// The users' states, with the bytes they hold kept up to date.
+/// The users' states and, per model that can append, the pool their prefixes live in. Every
+/// state that leaves the cache returns its slot, except one [`Self::take`]n for computing.
 #[derive(Default)]
 struct StateCache {
     states: HashMap<Arc<str>, CachedState>,
-    bytes: usize,
+    pools: HashMap<u64, PrefixPool>,
+    hidden_bytes: usize,
 }
 
 impl StateCache {
@@ -73,32 +79,95 @@ impl StateCache {
     }
 
     fn insert(&mut self, user: Arc<str>, state: CachedState) {
-        self.bytes += state.bytes();
+        self.hidden_bytes += state.hidden_bytes();
         if let Some(old) = self.states.insert(user, state) {
-            self.bytes -= old.bytes();
+            self.discard(old);
         }
     }
 
-    fn remove(&mut self, user: &str) -> Option<CachedState> {
+    /// The user's state, out of the cache, its slot (if any) now the caller's.
+    fn take(&mut self, user: &str) -> Option<CachedState> {
         let state = self.states.remove(user)?;
-        self.bytes -= state.bytes();
+        self.hidden_bytes -= state.hidden_bytes();
         Some(state)
     }
 
+    fn remove(&mut self, user: &str) {
+        if let Some(state) = self.take(user) {
+            self.release(state.model, state.prefix);
+        }
+    }
+
+    fn discard(&mut self, state: CachedState) {
+        self.hidden_bytes -= state.hidden_bytes();
+        self.release(state.model, state.prefix);
+    }
+
+    /// Returns a slot that no state holds any more to its pool.
+    fn release(&mut self, model: u64, prefix: Option<CachedPrefix>) {
+        if let (Some(prefix), Some(pool)) = (prefix, self.pools.get_mut(&model)) {
+            pool.release(prefix.slot);
+        }
+    }
+
     fn retain(&mut self, mut keep: impl FnMut(&CachedState) -> bool) {
-        let bytes = &mut self.bytes;
-        self.states.retain(|_, state| {
-            let kept = keep(state);
-            if !kept {
-                *bytes -= state.bytes();
-            }
-            kept
-        });
+        let dropped: Vec<Arc<str>> = self
+            .states
+            .iter()
+            .filter(|(_, state)| !keep(state))
+            .map(|(user, _)| user.clone())
+            .collect();
+        for user in dropped {
+            self.remove(&user);
+        }
     }
 
     fn clear(&mut self) {
         self.states.clear();
-        self.bytes = 0;
+        self.hidden_bytes = 0;
+        self.pools.values_mut().for_each(PrefixPool::clear);
+    }
+
+    /// A free slot of `model`'s pool, evicting the least recently used eighth of the states
+    /// that hold one when the pool is full; `None` when the model cannot append or the pool
+    /// has no slot to give (all held by the batch being computed). Returns the evictions too.
+    fn allocate(&mut self, model: u64) -> (Option<Slot>, usize) {
+        let pool = match self.pools.get_mut(&model) {
+            Some(pool) => pool,
+            None => return (None, 0),
+        };
+        if let Some(slot) = pool.allocate() {
+            return (Some(slot), 0);
+        }
+        let mut holders: Vec<(u64, Arc<str>)> = self
+            .states
+            .iter()
+            .filter(|(_, state)| state.model == model && state.prefix.is_some())
+            .map(|(user, state)| (state.last_used, user.clone()))
+            .collect();
+        let evicted = holders.len().div_ceil(8);
+        if evicted > 0 {
+            holders.select_nth_unstable(evicted - 1);
+        }
+        for (_, user) in holders.into_iter().take(evicted) {
+            self.remove(&user);
+        }
+        let slot = self.pools.get_mut(&model).and_then(PrefixPool::allocate);
+        (slot, evicted)
+    }
+
+    fn pool(&mut self, model: u64) -> Option<&mut PrefixPool> {
+        self.pools.get_mut(&model)
+    }
+
+    /// The pool of a model that has handed out slots.
+    fn pool_of(&mut self, model: u64) -> &mut PrefixPool {
+        self.pool(model).expect("slots come from their model's pool")
+    }
+
+    /// Bytes held: hidden states and the pools' slots in use.
+    fn bytes(&self) -> usize {
+        self.hidden_bytes + self.pools.values().map(PrefixPool::bytes_in_use).sum::<usize>()
     }
 
     fn len(&self) -> usize {
@@ -114,10 +183,10 @@ impl StateCache {
     }
 }
 
-/// Keys and values of a window's first positions, with the events their inputs read.
+/// A slot of keys and values of a window's first positions, with the events their inputs read.
 struct CachedPrefix {
     covered: CoveredEvents,
-    keys_values: Prefix,
+    slot: Slot,
 }
 
 /// What the inputs of a window's first positions read: their events, the time of the event
@@ -173,15 +242,12 @@ pub struct ServingModel {
     model: SeqModel,
     /// `[V, C]`: each item's probability mass split evenly over its categories.
     categories: Option<Tensor>,
-    /// Where the model can append positions to cached keys and values.
-    empty_prefix: Option<Prefix>,
 }
 
 impl ServingModel {
     pub fn new(artifact: Artifact, device: Device) -> Self {
         Self {
             categories: category_matrix(&artifact.item_categories, device),
-            empty_prefix: artifact.model.net.empty_prefix(),
             model: artifact.model,
         }
     }
@@ -275,6 +341,26 @@ impl InferenceWorker {
 
     fn install(&mut self, slot: Weak<ModelSlot>, model: ServingModel) {
         let number = slot.upgrade().map_or(0, |slot| slot.number());
+        let net = &model.model.net;
+        let storage = self
+            .config
+            .prefix_precision
+            .map_or(net.item_table().kind(), Precision::kind);
+        let budget = if self.config.cache_capacity > 0 {
+            self.config.prefix_bytes
+        } else {
+            0
+        };
+        if let Some(pool) = net.prefix_pool(budget, storage) {
+            tracing::info!(
+                "incremental inference: {} keys and values per user ({:?}), room for {} users in {} MiB",
+                pool.slot_bytes(),
+                storage,
+                pool.capacity(),
+                budget >> 20
+            );
+            self.cache.pools.insert(number, pool);
+        }
         self.models.push(HeldModel {
             slot,
             number,
@@ -300,6 +386,7 @@ impl InferenceWorker {
         if self.models.len() < before {
             let live: Vec<u64> = self.models.iter().map(|held| held.number).collect();
             self.cache.retain(|state| live.contains(&state.model));
+            self.cache.pools.retain(|model, _| live.contains(model));
         }
     }
 
@@ -309,7 +396,7 @@ impl InferenceWorker {
             tch::no_grad(|| self.execute(batch));
             self.retire_unused_models();
             self.metrics.cached_states.set(self.cache.len() as i64);
-            self.metrics.cached_bytes.set(self.cache.bytes as i64);
+            self.metrics.cached_bytes.set(self.cache.bytes() as i64);
         }
     }
 
@@ -427,7 +514,7 @@ impl InferenceWorker {
         let max_len = model.model.config.max_len;
         let mut rows: Vec<Option<Tensor>> = (0..requests.len()).map(|_| None).collect();
         let buckets: Vec<i64> = requests.iter().map(|r| Self::cache_bucket(model, r)).collect();
-        let (mut full, mut appends) = (Vec::new(), Vec::new());
+        let (mut full, mut appends, mut evicted) = (Vec::new(), Vec::new(), 0);
         for (i, (request, &bucket)) in requests.iter().zip(&buckets).enumerate() {
             if let Some(state) = self.cache.get_mut(&request.user).filter(|_| caching) {
                 if state.model == number && state.version == request.history.version && state.bucket == bucket {
@@ -436,29 +523,45 @@ impl InferenceWorker {
                     continue;
                 }
             }
-            match &model.empty_prefix {
-                Some(empty) => {
-                    // Taken out of the cache: the state is replaced once this request is computed.
-                    let history = &request.history;
-                    let found = self
-                        .cache
-                        .remove(&request.user)
-                        .filter(|state| state.model == number)
-                        .and_then(|state| state.prefix)
-                        .and_then(|prefix| Some((prefix.covered.window_start(history, max_len)?, prefix.keys_values)));
-                    let (start, prefix) = found
-                        .unwrap_or_else(|| (fresh_window_start(history.items.len(), max_len), empty.shallow_clone()));
-                    appends.push((i, start, prefix));
+            // Taken out of the cache: the state is replaced once this request is computed.
+            let history = &request.history;
+            let fresh_start = fresh_window_start(history.items.len(), max_len);
+            let reused = match self.cache.take(&request.user) {
+                Some(state) if state.model == number => {
+                    state
+                        .prefix
+                        .map(|prefix| match prefix.covered.window_start(history, max_len) {
+                            Some(start) => (start, prefix.slot),
+                            None => {
+                                self.cache.pool_of(number).truncate(&prefix.slot, 0);
+                                (fresh_start, prefix.slot)
+                            }
+                        })
                 }
+                Some(stale) => {
+                    self.cache.release(stale.model, stale.prefix);
+                    None
+                }
+                None => None,
+            };
+            let slot = reused.or_else(|| {
+                let (slot, evictions) = self.cache.allocate(number);
+                evicted += evictions;
+                slot.map(|slot| (fresh_start, slot))
+            });
+            match slot {
+                Some((start, slot)) => appends.push((i, start, slot)),
                 None => full.push(i),
             }
         }
         let misses = full.len() + appends.len();
         self.metrics.cache_hits.inc_by((requests.len() - misses) as u64);
         self.metrics.cache_misses.inc_by(misses as u64);
-        self.metrics
-            .cache_appends
-            .inc_by(appends.iter().filter(|(_, _, prefix)| !prefix.is_empty()).count() as u64);
+        self.metrics.cache_evictions.inc_by(evicted as u64);
+        if let Some(pool) = self.cache.pool(number) {
+            let extended = appends.iter().filter(|(_, _, slot)| pool.len(slot) > 0).count();
+            self.metrics.cache_appends.inc_by(extended as u64);
+        }
         if caching {
             self.make_room(misses);
         }
@@ -480,22 +583,29 @@ impl InferenceWorker {
                 rows[i] = Some(row);
             }
         }
-        let (short, long): (Vec<_>, Vec<_>) = appends.into_iter().partition(|(i, start, prefix)| {
-            (requests[*i].history.items.len() - start - prefix.len()) as i64 <= APPEND_POSITIONS
+        let (short, long): (Vec<_>, Vec<_>) = appends.into_iter().partition(|(i, start, slot)| {
+            let held = self.cache.pool_of(number).len(slot);
+            (requests[*i].history.items.len() - start - held) as i64 <= APPEND_POSITIONS
         });
         for group in [short, long].into_iter().filter(|group| !group.is_empty()) {
             let rows_in = group.iter().map(|&(i, start, _)| encoded(i, start)).collect::<Vec<_>>();
-            let prefixes: Vec<&Prefix> = group.iter().map(|(_, _, prefix)| prefix).collect();
+            let slots: Vec<&Slot> = group.iter().map(|(_, _, slot)| slot).collect();
             let batch = Batch::trimmed(&rows_in, self.config.device);
-            let (hidden, grown) = model
+            let hidden = model
                 .model
-                .extend_last_hidden(&batch, &prefixes)
+                .extend_last_hidden(&batch, self.cache.pool_of(number), &slots)
                 .expect("an appendable model");
-            for (j, (&(i, start, _), keys_values)) in group.iter().zip(grown).enumerate() {
+            for (j, (i, start, slot)) in group.into_iter().enumerate() {
                 let row = hidden.get(j as i64);
-                let covered = CoveredEvents::new(&requests[i].history, start, start + keys_values.len());
-                let prefix = CachedPrefix { covered, keys_values };
-                self.keep(&requests[i], number, buckets[i], &row, Some(prefix));
+                let held = self.cache.pool_of(number).len(&slot);
+                let covered = CoveredEvents::new(&requests[i].history, start, start + held);
+                self.keep(
+                    &requests[i],
+                    number,
+                    buckets[i],
+                    &row,
+                    Some(CachedPrefix { covered, slot }),
+                );
                 rows[i] = Some(row);
             }
         }
@@ -507,6 +617,7 @@ impl InferenceWorker {
     /// after its history was read.
     fn keep(&mut self, request: &InferRequest, model: u64, bucket: i64, hidden: &Tensor, prefix: Option<CachedPrefix>) {
         if self.config.cache_capacity == 0 || !self.cacheable(request) {
+            self.cache.release(model, prefix);
             return;
         }
         let state = CachedState {
@@ -530,7 +641,9 @@ impl InferenceWorker {
         let mut ticks = self.cache.last_used();
         let middle = ticks.len() / 2;
         let (_, &mut cutoff, _) = ticks.select_nth_unstable(middle);
+        let before = self.cache.len();
         self.cache.retain(|state| state.last_used > cutoff);
+        self.metrics.cache_evictions.inc_by((before - self.cache.len()) as u64);
     }
 }
 

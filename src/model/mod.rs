@@ -11,7 +11,7 @@ use tch::{nn, Device, Kind, Tensor};
 pub use artifact::{Artifact, ArtifactError};
 pub use config::{Arch, Combine, Features, ModelConfig, PositionOrigin};
 pub use input::{encode, encode_window, events_to_keep, fresh_window_start, Batch, EncodedSeq, HistoryView};
-pub use prefix::Prefix;
+pub use prefix::{PrefixPool, Slot};
 
 /// Anything that ranks items for a batch of histories: the trained networks and the baselines
 /// are evaluated through this one interface.
@@ -28,6 +28,15 @@ pub enum Precision {
     #[default]
     Fp32,
     Bf16,
+}
+
+impl Precision {
+    pub fn kind(self) -> Kind {
+        match self {
+            Self::Fp32 => Kind::Float,
+            Self::Bf16 => Kind::BFloat16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,10 +96,10 @@ impl SeqModel {
         tch::no_grad(|| self.net.last_hidden(batch))
     }
 
-    /// [`Self::last_hidden`] computing only the positions after each row's cached prefix, with
-    /// the grown prefixes ([`net::Network::extend`]); `None` where appending is not exact.
-    pub fn extend_last_hidden(&self, batch: &Batch, prefixes: &[&Prefix]) -> Option<(Tensor, Vec<Prefix>)> {
-        tch::no_grad(|| self.net.extend(batch, prefixes))
+    /// [`Self::last_hidden`] computing only the positions after each row's prefix in `pool`,
+    /// and growing the prefixes ([`net::Network::extend`]); `None` where appending is not exact.
+    pub fn extend_last_hidden(&self, batch: &Batch, pool: &mut PrefixPool, slots: &[&Slot]) -> Option<Tensor> {
+        tch::no_grad(|| self.net.extend(batch, pool, slots))
     }
 }
 

@@ -4,7 +4,7 @@ use tch::{Kind, Tensor};
 
 use super::config::{Arch, Combine, ModelConfig, PositionOrigin};
 use super::input::Batch;
-use super::prefix::Prefix;
+use super::prefix::{PrefixPool, Slot};
 use crate::data::session::{DAYS_PER_WEEK, HOURS_PER_DAY, NUM_GAP_BUCKETS};
 
 const EMBED_INIT: nn::Init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
@@ -75,8 +75,16 @@ impl InputEmbedding {
     }
 
     fn forward(&self, batch: &Batch, train: bool) -> Tensor {
-        let items = batch.items.apply(&self.items);
-        let mut parts = vec![items.shallow_clone(), self.positions(batch)];
+        self.forward_last(batch, batch.seq_len(), train)
+    }
+
+    /// `[B, m, d]`: the inputs of the last `m` positions of `batch` only.
+    fn forward_last(&self, batch: &Batch, m: i64, train: bool) -> Tensor {
+        let last = |index: &Tensor| index.narrow(1, batch.seq_len() - m, m);
+        let mut parts = vec![
+            last(&batch.items).apply(&self.items),
+            last(&self.positions(batch)).apply(&self.positions),
+        ];
         let features = [
             (&self.gaps, &batch.gaps),
             (&self.types, &batch.types),
@@ -84,14 +92,15 @@ impl InputEmbedding {
         ];
         for (table, index) in features {
             if let Some(table) = table {
-                parts.push(index.apply(table));
+                parts.push(last(index).apply(table));
             }
         }
         if let Some(calendar) = &self.calendar {
-            parts.push(calendar.forward(&batch.prediction_hours));
+            parts.push(calendar.forward(&last(&batch.prediction_hours)));
         }
         if let Some(projection) = &self.session_summary {
-            parts.push(previous_session_mean(batch, &items).apply(projection));
+            let items = batch.items.apply(&self.items);
+            parts.push(last(&previous_session_mean(batch, &items)).apply(projection));
         }
 
         let merged = match &self.concat_projection {
@@ -101,12 +110,12 @@ impl InputEmbedding {
                 .reduce(|acc, part| acc + part)
                 .expect("at least two parts"),
         };
-        let real = batch.real_mask().unsqueeze(-1).to_kind(merged.kind());
+        let real = last(&batch.real_mask()).unsqueeze(-1).to_kind(merged.kind());
         merged.dropout(self.dropout, train) * real
     }
 
-    /// `[B, L, d]` position embeddings. Rows are left-padded, so counted from the newest event
-    /// the last column is the last position in every row (shorter batches take the last `l`
+    /// `[B, L]` position indices. Rows are left-padded, so counted from the newest event the
+    /// last column is the last position in every row (shorter batches take the last `l`
     /// positions); counted from the window start, a row's first real event is position 0.
     fn positions(&self, batch: &Batch) -> Tensor {
         let (b, l) = (batch.size(), batch.seq_len());
@@ -114,12 +123,9 @@ impl InputEmbedding {
             PositionOrigin::Newest => {
                 let max_len = self.positions.ws.size()[0];
                 let positions = Tensor::arange_start(max_len - l, max_len, (Kind::Int64, batch.device()));
-                positions.apply(&self.positions).unsqueeze(0).expand([b, l, -1], false)
+                positions.unsqueeze(0).expand([b, l], false)
             }
-            PositionOrigin::WindowStart => {
-                let counted = batch.real_mask().cumsum(1, Kind::Int64) - 1;
-                counted.clamp_min(0).apply(&self.positions)
-            }
+            PositionOrigin::WindowStart => (batch.real_mask().cumsum(1, Kind::Int64) - 1).clamp_min(0),
         }
     }
 }
@@ -299,16 +305,21 @@ fn unit(x: &Tensor) -> Tensor {
 
 /// `[B, L, d]`: for each position, the mean of `items` over the real positions of the session
 /// before its own (zero in the window's first session). Only earlier events take part, so the
-/// model stays causal and a served window gives the same value as the offline one.
+/// model stays causal and a served window gives the same value as the offline one. Sums per
+/// session index (which is below L) and reads them back: O(L·d) per row, where comparing every
+/// pair of positions would cost O(L²·d).
 fn previous_session_mean(batch: &Batch, items: &Tensor) -> Tensor {
     let sessions = &batch.sessions;
-    let member = sessions
-        .unsqueeze(1)
-        .eq_tensor(&(sessions.unsqueeze(2) - 1))
-        .logical_and(&batch.real_mask().unsqueeze(1))
-        .to_kind(items.kind());
-    let counts = member.sum_dim_intlist(-1, true, items.kind()).clamp_min(1.0);
-    (member / counts).matmul(items)
+    let real = batch.real_mask().to_kind(items.kind());
+    let by_session = sessions.unsqueeze(-1).expand_as(items);
+    let sums = items
+        .zeros_like()
+        .scatter_add(1, &by_session, &(items * real.unsqueeze(-1)));
+    let counts = real.zeros_like().scatter_add(1, sessions, &real).clamp_min(1.0);
+    let means = sums / counts.unsqueeze(-1);
+    let before = (sessions - 1).clamp_min(0).unsqueeze(-1).expand_as(items);
+    let has_before = sessions.gt(0).unsqueeze(-1).to_kind(items.kind());
+    means.gather(1, &before, false) * has_before
 }
 
 #[derive(Debug)]
@@ -341,7 +352,7 @@ impl TransformerBlock {
     /// Pre-LayerNorm block over `x` (`[B, L, d]`), whose positions follow the cached ones of
     /// `past` (per row `[B, H, P, head_dim]` keys and values, P = 0 without). `attn_bias` is
     /// `[B, H|1, L, P + L]`, −inf where attention is not allowed. Returns the output and the
-    /// keys and values of `x`'s positions. With `capture`, attention is computed explicitly and
+    /// keys and values of `x`'s positions (`[B, L, H, head_dim]` each, as a prefix pool keeps them). With `capture`, attention is computed explicitly and
     /// its weights are pushed there; the fused kernel is used otherwise. Both give the same output.
     fn forward(
         &self,
@@ -382,7 +393,11 @@ impl TransformerBlock {
             .gelu("none")
             .dropout(self.dropout, train)
             .apply(&self.ffn_out);
-        (&x + ffn.dropout(self.dropout, train), own_k, own_v)
+        (
+            &x + ffn.dropout(self.dropout, train),
+            own_k.transpose(1, 2),
+            own_v.transpose(1, 2),
+        )
     }
 }
 
@@ -454,26 +469,35 @@ impl Transformer {
         x.apply(&self.final_norm)
     }
 
-    /// The forward pass of positions that follow `prefix`'s: `x` and `sessions` are theirs
+    /// The forward pass of positions that follow a prefix's: `x` and `sessions` are theirs
     /// (`[B, m, d]`, `[B, m]`), `fresh` (`[B, m]`) says which of them to compute (the others
-    /// are padding or already in the prefix, and nothing reads them). Returns the hidden states
-    /// and every layer's keys and values of the `m` positions, laid out as [`Prefix`] keeps them
-    /// (`[2 × layers, B, H, m, head_dim]`).
-    fn extend(&self, x: Tensor, sessions: &Tensor, fresh: &Tensor, prefix: &Prefix) -> (Tensor, Tensor) {
-        let key_sessions = Tensor::cat(&[&prefix.sessions, sessions], 1);
-        let key_allowed = Tensor::cat(&[&prefix.real, fresh], 1);
+    /// are padding or already in the prefix, and nothing reads them). `prefix` is what
+    /// [`PrefixPool::gather`] returns. Returns the hidden states and every layer's keys and
+    /// values of the `m` positions, laid out as the pool keeps them (`[B, m, 2 × layers, H,
+    /// head_dim]`).
+    fn extend(
+        &self,
+        x: Tensor,
+        sessions: &Tensor,
+        fresh: &Tensor,
+        prefix: &(Tensor, Tensor, Tensor),
+    ) -> (Tensor, Tensor) {
+        let (past, past_sessions, held) = prefix;
+        let key_sessions = Tensor::cat(&[past_sessions, sessions], 1);
+        let key_allowed = Tensor::cat(&[held, fresh], 1);
         let bias = self
             .attention_bias(sessions, &key_sessions, &key_allowed)
             .to_kind(x.kind());
         let mut x = x;
         let mut states = Vec::with_capacity(2 * self.blocks.len());
         for (layer, block) in self.blocks.iter().enumerate() {
-            let (past_k, past_v) = prefix.layer(layer);
+            let past_k = past.select(2, 2 * layer as i64).transpose(1, 2);
+            let past_v = past.select(2, 2 * layer as i64 + 1).transpose(1, 2);
             let (out, k, v) = block.forward(&x, Some((&past_k, &past_v)), &bias, false, None);
             states.extend([k, v]);
             x = out;
         }
-        (x.apply(&self.final_norm), Tensor::stack(&states, 0))
+        (x.apply(&self.final_norm), Tensor::stack(&states, 2))
     }
 }
 
@@ -609,20 +633,28 @@ impl Network {
         }
     }
 
-    /// A prefix of no positions, to extend from; `None` where appending is not exact: the
-    /// LSTM, and positions counted from the newest event (an append moves them all).
-    pub fn empty_prefix(&self) -> Option<Prefix> {
+    /// A pool of prefixes to extend from, in at most `budget` bytes, stored as `storage`; `None` where
+    /// appending is not exact: the LSTM, and positions counted from the newest event (an
+    /// append moves them all).
+    pub fn prefix_pool(&self, budget: usize, storage: Kind) -> Option<PrefixPool> {
         let transformer = self.appendable()?;
         let table = &self.input.items.ws;
         let heads = transformer.blocks[0].n_heads;
         let head_dim = table.size()[1] / heads;
-        Some(Prefix::empty(
-            transformer.blocks.len(),
-            heads,
-            head_dim,
-            table.kind(),
+        let states = 2 * transformer.blocks.len() as i64;
+        let max_len = self.input.positions.ws.size()[0] as usize;
+        Some(PrefixPool::new(
+            budget,
+            max_len,
+            [states, heads, head_dim],
+            storage,
             table.device(),
         ))
+    }
+
+    /// Whether [`Self::extend`] is exact for this model (see [`Self::prefix_pool`]).
+    pub fn can_append(&self) -> bool {
+        self.appendable().is_some()
     }
 
     fn appendable(&self) -> Option<&Transformer> {
@@ -633,14 +665,14 @@ impl Network {
     }
 
     /// `[B, d]`: the hidden state at each row's newest position, computing only the positions
-    /// after `prefixes[row]` (the keys and values of that row's first positions, from an
-    /// earlier call on the same window, or [`Self::empty_prefix`]); and each row's prefix grown
-    /// to all its positions but the newest, whose input depends on the moment of prediction.
-    /// Equal to `hidden(batch, false).select(1, -1)` up to float rounding. `None` where
-    /// [`Self::empty_prefix`] is.
-    pub fn extend(&self, batch: &Batch, prefixes: &[&Prefix]) -> Option<(Tensor, Vec<Prefix>)> {
+    /// after the prefix held in `slots[row]` of `pool` (that row's first positions, from an
+    /// earlier call on the same window; an empty slot computes them all); and each slot grown
+    /// to all its row's positions but the newest, whose input depends on the moment of
+    /// prediction. Equal to `hidden(batch, false).select(1, -1)` up to float rounding (and the
+    /// storage precision). `None` where [`Self::prefix_pool`] is.
+    pub fn extend(&self, batch: &Batch, pool: &mut PrefixPool, slots: &[&Slot]) -> Option<Tensor> {
         let transformer = self.appendable()?;
-        assert_eq!(prefixes.len() as i64, batch.size(), "one prefix per row");
+        assert_eq!(slots.len() as i64, batch.size(), "one slot per row");
         let (l, device) = (batch.seq_len(), batch.device());
         let lengths = Vec::<i64>::try_from(
             batch
@@ -651,13 +683,11 @@ impl Network {
         .expect("row lengths");
         let fresh: Vec<i64> = lengths
             .iter()
-            .zip(prefixes)
-            .map(|(&len, prefix)| {
-                assert!(
-                    (prefix.len() as i64) < len,
-                    "a row must have a position after its prefix"
-                );
-                len - prefix.len() as i64
+            .zip(slots)
+            .map(|(&len, slot)| {
+                let held = pool.len(slot) as i64;
+                assert!(held < len, "a row must have a position after its prefix");
+                len - held
             })
             .collect();
         let m = fresh.iter().copied().max().unwrap_or(1);
@@ -665,18 +695,15 @@ impl Network {
         let fresh_mask = Tensor::arange(m, (Kind::Int64, device))
             .unsqueeze(0)
             .ge_tensor(&first_fresh.unsqueeze(1));
-        let x = self.input.forward(batch, false).narrow(1, l - m, m);
+        let x = self.input.forward_last(batch, m, false);
         let sessions = batch.sessions.narrow(1, l - m, m);
-        let stacked = Prefix::stack(prefixes);
-        let (hidden, states) = transformer.extend(x, &sessions, &fresh_mask, &stacked);
+        let prefix = pool.gather(slots, x.kind());
+        let (hidden, states) = transformer.extend(x, &sessions, &fresh_mask, &prefix);
         let newest = self.read_out(hidden, batch).select(1, -1);
-        let grown = prefixes
-            .iter()
-            .zip(&fresh)
-            .enumerate()
-            .map(|(row, (prefix, &fresh))| prefix.append(&states, &sessions, row as i64, m - fresh, fresh - 1))
-            .collect();
-        Some((newest, grown))
+        let starts: Vec<i64> = fresh.iter().map(|&fresh| m - fresh).collect();
+        let kept: Vec<i64> = fresh.iter().map(|&fresh| fresh - 1).collect();
+        pool.append(slots, &states, &sessions, &starts, &kept);
+        Some(newest)
     }
 
     /// `[V, d]` table that hidden states are scored against.

@@ -1,101 +1,178 @@
-//! What incremental inference keeps of a user's window: the keys and values of its first
+//! What incremental inference keeps of its users' windows: the keys and values of their first
 //! positions, which later positions attend to and which an appended event does not change
 //! (positions counted from the window start; `Network::extend`).
 use tch::{Device, Kind, Tensor};
 
-/// The keys and values of a window's first P positions in every layer, with their session
-/// indices. A prefix of a batch has its rows left-padded to the longest; `real` says which slots
-/// hold a position. All layers live in one tensor, so that batching and growing a prefix cost a
-/// few tensor operations per row, not a few per row and layer.
+/// The keys and values of many users' window prefixes, one fixed-size slot each, in one tensor:
+/// a batch gathers its rows' prefixes with one indexed read and stores its new positions with
+/// one indexed write, whatever the mix of prefix lengths. A slot holds up to `max_len`
+/// positions; the pool grows by doubling up to `capacity` slots, so memory follows use.
 #[derive(Debug)]
-pub struct Prefix {
-    /// `[2 × layers, B, H, P, head_dim]`: layer `l`'s keys at `2l`, its values at `2l + 1`.
+pub struct PrefixPool {
+    /// `[slots, max_len, 2 × layers, H, head_dim]`: layer `l`'s keys at `2l`, values at `2l + 1`.
     states: Tensor,
-    /// `[B, P]`: session index of each position within its window.
-    pub(super) sessions: Tensor,
-    /// `[B, P]` bool.
-    pub(super) real: Tensor,
+    /// `[slots, max_len]`: session index of each held position within its window.
+    sessions: Tensor,
+    /// Positions held, per allocated slot.
+    lengths: Vec<usize>,
+    free: Vec<usize>,
+    capacity: usize,
+    max_len: i64,
 }
 
-impl Prefix {
-    pub(super) fn empty(layers: usize, heads: i64, head_dim: i64, kind: Kind, device: Device) -> Self {
-        Self {
-            states: Tensor::zeros([2 * layers as i64, 1, heads, 0, head_dim], (kind, device)),
-            sessions: Tensor::zeros([1, 0], (Kind::Int64, device)),
-            real: Tensor::zeros([1, 0], (Kind::Bool, device)),
+/// A pool slot, owned by whoever holds it (it is not `Clone`): it returns to the pool only
+/// through [`PrefixPool::release`] or [`PrefixPool::clear`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Slot(usize);
+
+impl PrefixPool {
+    /// A pool of as many slots of `max_len` positions as fit in `budget` bytes, stored as `kind`
+    /// (bf16 halves the memory; computation stays in the model's precision).
+    pub(super) fn new(budget: usize, max_len: usize, per_position: [i64; 3], kind: Kind, device: Device) -> Self {
+        let [states, heads, head_dim] = per_position;
+        let max_len = max_len as i64;
+        let mut pool = Self {
+            states: Tensor::zeros([0, max_len, states, heads, head_dim], (kind, device)),
+            sessions: Tensor::zeros([0, max_len], (Kind::Int64, device)),
+            lengths: Vec::new(),
+            free: Vec::new(),
+            capacity: 0,
+            max_len,
+        };
+        pool.capacity = budget / pool.slot_bytes().max(1);
+        pool
+    }
+
+    /// Bytes of one slot: layers × max_len × d × 2 (keys and values) × the element size.
+    pub fn slot_bytes(&self) -> usize {
+        let [_, max_len, states, heads, head_dim] = self.states.size()[..] else {
+            unreachable!("five dimensions")
+        };
+        (max_len * states * heads * head_dim) as usize * self.states.kind().elt_size_in_bytes()
+    }
+
+    /// Slots the pool may hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Slots handed out and not yet released.
+    pub fn in_use(&self) -> usize {
+        self.lengths.len() - self.free.len()
+    }
+
+    /// Bytes of the slots in use.
+    pub fn bytes_in_use(&self) -> usize {
+        self.in_use() * self.slot_bytes()
+    }
+
+    /// An empty slot, or `None` when all `capacity` are in use.
+    pub fn allocate(&mut self) -> Option<Slot> {
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None if self.lengths.len() < self.capacity => {
+                self.grow();
+                self.lengths.push(0);
+                self.lengths.len() - 1
+            }
+            None => return None,
+        };
+        self.lengths[index] = 0;
+        Some(Slot(index))
+    }
+
+    /// Makes room for one more slot than allocated so far, doubling the tensors when they are
+    /// full (at most to `capacity`).
+    fn grow(&mut self) {
+        let allocated = self.states.size()[0] as usize;
+        if self.lengths.len() < allocated {
+            return;
         }
+        let target = (allocated * 2).max(16).min(self.capacity) as i64;
+        let mut shape = self.states.size();
+        shape[0] = target;
+        let states = Tensor::zeros(&shape, (self.states.kind(), self.states.device()));
+        states.narrow(0, 0, allocated as i64).copy_(&self.states);
+        let sessions = Tensor::zeros([target, self.max_len], (Kind::Int64, self.sessions.device()));
+        sessions.narrow(0, 0, allocated as i64).copy_(&self.sessions);
+        (self.states, self.sessions) = (states, sessions);
     }
 
-    /// Positions held (by each row of a one-row prefix, the longest row otherwise).
-    pub fn len(&self) -> usize {
-        self.sessions.size()[1] as usize
+    pub fn release(&mut self, slot: Slot) {
+        self.free.push(slot.0);
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Every slot free again (what holders there are must forget theirs).
+    pub fn clear(&mut self) {
+        self.free = (0..self.lengths.len()).collect();
     }
 
-    /// Bytes of keys and values held: layers × positions × d × 2 × the element size.
-    pub fn bytes(&self) -> usize {
-        self.states.numel() * self.states.kind().elt_size_in_bytes()
+    /// Positions `slot` holds.
+    pub fn len(&self, slot: &Slot) -> usize {
+        self.lengths[slot.0]
     }
 
-    /// Layer `layer`'s keys and values, `[B, H, P, head_dim]` each.
-    pub(super) fn layer(&self, layer: usize) -> (Tensor, Tensor) {
-        (self.states.get(2 * layer as i64), self.states.get(2 * layer as i64 + 1))
+    /// Keeps only the first `len` positions of `slot` (0: the next extension starts its window
+    /// afresh).
+    pub fn truncate(&mut self, slot: &Slot, len: usize) {
+        self.lengths[slot.0] = self.lengths[slot.0].min(len);
     }
 
-    /// One-row prefixes as the rows of one, left-padded to the longest.
-    pub(super) fn stack(rows: &[&Prefix]) -> Self {
-        if let [only] = rows {
-            return only.shallow_clone();
+    /// The prefixes of `slots` as the rows of one batch, right-padded to the longest:
+    /// `[B, P, 2 × layers, H, head_dim]` states in `kind`, `[B, P]` sessions, `[B, P]` bool
+    /// saying which positions are held.
+    pub(super) fn gather(&self, slots: &[&Slot], kind: Kind) -> (Tensor, Tensor, Tensor) {
+        let device = self.sessions.device();
+        let longest = slots.iter().map(|slot| self.len(slot)).max().unwrap_or(0) as i64;
+        let index = Tensor::from_slice(&slots.iter().map(|slot| slot.0 as i64).collect::<Vec<_>>()).to_device(device);
+        let lengths =
+            Tensor::from_slice(&slots.iter().map(|slot| self.len(slot) as i64).collect::<Vec<_>>()).to_device(device);
+        let states = self.states.narrow(1, 0, longest).index_select(0, &index).to_kind(kind);
+        let sessions = self.sessions.narrow(1, 0, longest).index_select(0, &index);
+        let held = Tensor::arange(longest, (Kind::Int64, device))
+            .unsqueeze(0)
+            .lt_tensor(&lengths.unsqueeze(1));
+        (states, sessions, held)
+    }
+
+    /// Appends to each slot `counts[row]` positions of its row of a batch's new states
+    /// (`[B, m, 2 × layers, H, head_dim]`) and sessions (`[B, m]`), from column `starts[row]`.
+    pub(super) fn append(
+        &mut self,
+        slots: &[&Slot],
+        states: &Tensor,
+        sessions: &Tensor,
+        starts: &[i64],
+        counts: &[i64],
+    ) {
+        let m = sessions.size()[1];
+        let (mut from, mut to) = (Vec::new(), Vec::new());
+        for (row, ((slot, &start), &count)) in slots.iter().zip(starts).zip(counts).enumerate() {
+            let held = self.lengths[slot.0] as i64;
+            assert!(held + count <= self.max_len, "a slot holds at most max_len positions");
+            for offset in 0..count {
+                from.push(row as i64 * m + start + offset);
+                to.push(slot.0 as i64 * self.max_len + held + offset);
+            }
+            self.lengths[slot.0] += count as usize;
         }
-        let longest = rows.iter().map(|row| row.len()).max().unwrap_or(0) as i64;
-        let pads: Vec<i64> = rows.iter().map(|row| longest - row.len() as i64).collect();
-        let states: Vec<Tensor> = rows
-            .iter()
-            .zip(&pads)
-            .map(|(row, &pad)| row.states.constant_pad_nd([0, 0, pad, 0]))
-            .collect();
-        let sessions: Vec<Tensor> = rows
-            .iter()
-            .zip(&pads)
-            .map(|(row, &pad)| row.sessions.constant_pad_nd([pad, 0]))
-            .collect();
-        let device = rows.first().map_or(Device::Cpu, |row| row.sessions.device());
-        let first_real = Tensor::from_slice(&pads).to_device(device);
-        Self {
-            states: Tensor::cat(&states, 1),
-            sessions: Tensor::cat(&sessions, 0),
-            real: Tensor::arange(longest, (Kind::Int64, device))
-                .unsqueeze(0)
-                .ge_tensor(&first_real.unsqueeze(1)),
+        if from.is_empty() {
+            return;
         }
-    }
-
-    /// The same tensors, shared (prefixes are never written in place).
-    pub fn shallow_clone(&self) -> Self {
-        Self {
-            states: self.states.shallow_clone(),
-            sessions: self.sessions.shallow_clone(),
-            real: self.real.shallow_clone(),
-        }
-    }
-
-    /// This one-row prefix followed by `count` positions of row `row` of a batch's new keys and
-    /// values (`[2 × layers, B, H, m, head_dim]`, as [`Self::states`] holds them) and sessions
-    /// (`[B, m]`), from column `start`. The result owns its memory, so it keeps no batch tensor
-    /// alive.
-    pub(super) fn append(&self, states: &Tensor, sessions: &Tensor, row: i64, start: i64, count: i64) -> Self {
-        let states = Tensor::cat(&[&self.states, &states.narrow(1, row, 1).narrow(3, start, count)], 3);
-        let sessions = Tensor::cat(
-            &[&self.sessions, &sessions.narrow(0, row, 1).narrow(1, start, count)],
-            1,
+        let device = self.sessions.device();
+        let (from, to) = (
+            Tensor::from_slice(&from).to_device(device),
+            Tensor::from_slice(&to).to_device(device),
         );
-        Self {
-            states,
-            real: sessions.ones_like().to_kind(Kind::Bool),
-            sessions,
-        }
+        let per_position: i64 = self.states.size()[2..].iter().product();
+        let new_states = states
+            .reshape([-1, per_position])
+            .index_select(0, &from)
+            .to_kind(self.states.kind());
+        let mut states = self.states.view([-1, per_position]);
+        let _ = states.index_copy_(0, &to, &new_states);
+        let new_sessions = sessions.reshape([-1]).index_select(0, &from);
+        let mut sessions = self.sessions.view([-1]);
+        let _ = sessions.index_copy_(0, &to, &new_sessions);
     }
 }

@@ -137,6 +137,15 @@ pub struct ServeConfig {
     /// Users whose final hidden state the inference worker keeps.
     #[arg(long, env = "XSREC_CACHE_CAPACITY", default_value_t = 100_000)]
     pub cache_capacity: usize,
+    /// Bytes of keys and values kept for incremental inference (models trained with
+    /// `--positions window-start`): each user holds max_len × layers × d × 2 values; the least
+    /// recently used are evicted beyond it and recomputed when they return.
+    #[arg(long, env = "XSREC_CACHE_BYTES", default_value_t = 1 << 30)]
+    pub cache_bytes: usize,
+    /// Storage precision of those keys and values (default: the model's). bf16 halves their
+    /// memory; answers then differ from a full pass within bf16 rounding.
+    #[arg(long, env = "XSREC_CACHE_PRECISION", value_enum)]
+    pub cache_precision: Option<Precision>,
     /// libtorch intra-op threads. One is fastest on CPU here: the inference worker already runs
     /// beside the HTTP threads, and waking a second math thread for small batches costs more
     /// than it saves (measured in docs/BENCHMARKS.md).
@@ -287,7 +296,7 @@ pub async fn start(
         .set(1);
     let model_config = serde_json::to_value(&artifact.config)?;
     let catalog = Arc::new(Catalog::new(&artifact));
-    let appendable = artifact.model.net.empty_prefix().is_some();
+    let appendable = artifact.model.net.can_append();
     let history_cap = config
         .history_cap
         .unwrap_or_else(|| events_to_keep(artifact.config.model.max_len, appendable));
@@ -308,6 +317,8 @@ pub async fn start(
         worker: WorkerConfig {
             device,
             cache_capacity: config.cache_capacity,
+            prefix_bytes: config.cache_bytes,
+            prefix_precision: config.cache_precision,
             warmup_batch_sizes,
             max_request_age: request_timeout + Duration::from_secs(1),
         },
