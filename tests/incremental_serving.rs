@@ -95,8 +95,46 @@ fn allowed_window_starts(len: usize, max_len: usize) -> Vec<usize> {
 async fn answers_from_cached_keys_and_values_equal_the_full_forward_pass() {
     let dir = tempfile::tempdir().unwrap();
     let artifact = window_start_model(dir.path());
+    let (server, asked) = serve_and_check(&artifact, dir.path(), &[]).await;
+    let appends = server.metric("xsrec_cache_appends_total").await;
+    assert!(
+        appends > asked as f64 / 3.0,
+        "{appends} of {asked} answers came from cached keys and values"
+    );
+    assert!(server.metric("xsrec_cached_state_bytes").await > 0.0);
+}
+
+/// Room for the keys and values of 5 users where 16 ask at once: each batch mixes appends,
+/// fresh windows and full passes of the rows that found no slot, and users are evicted and
+/// recomputed on their return. None of it may change an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_value_budget_too_small_for_every_user_evicts_without_changing_an_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = window_start_model(dir.path());
+    let config = &artifact.model.config;
+    let slot_bytes = config.n_layers * config.max_len * config.d_model * 2 * 4;
+    let budget = (5 * slot_bytes).to_string();
+    let (server, asked) = serve_and_check(&artifact, dir.path(), &["--cache-bytes", &budget]).await;
+    let evictions = server.metric("xsrec_cache_evictions_total").await;
+    let appends = server.metric("xsrec_cache_appends_total").await;
+    assert!(evictions > 0.0, "no user was evicted");
+    assert!(
+        appends > 0.0 && appends < asked as f64 / 3.0,
+        "{appends} appends of {asked} answers"
+    );
+    let bytes = server.metric("xsrec_cached_state_bytes").await;
+    let hidden = 16 * config.d_model * 4;
+    assert!(bytes <= (5 * slot_bytes + hidden) as f64, "{bytes} bytes held");
+}
+
+/// Streams the 16 longest fixture histories to a server of `artifact` (with `extra` flags)
+/// over 60 rounds, asking for every user each round, and holds every answer to a full forward
+/// over an allowed window. Returns the server and the answers checked.
+async fn serve_and_check(artifact: &Artifact, dir: &Path, extra: &[&str]) -> (common::Server, usize) {
     let max_len = artifact.model.config.max_len;
-    let server = server_for(dir.path(), &["--history-cap", "1000", "--max-batch-delay-us", "3000"]).await;
+    let mut flags = vec!["--history-cap", "1000", "--max-batch-delay-us", "3000"];
+    flags.extend(extra);
+    let server = server_for(dir, &flags).await;
     let by_user = users(&fixture().events);
     let mut longest_first: Vec<_> = by_user.values().collect();
     longest_first.sort_by_key(|events| std::cmp::Reverse(events.len()));
@@ -157,11 +195,11 @@ async fn answers_from_cached_keys_and_values_equal_the_full_forward_pass() {
         let replies = futures_util::future::join_all(bodies.iter().map(|b| server.post("/v1/recommend", b))).await;
         for ((&user, &at), (status, reply)) in asking.iter().zip(&moments).zip(&replies) {
             assert_eq!(*status, StatusCode::OK, "{reply}");
-            let history = known_history(&artifact, &sent[user]);
+            let history = known_history(artifact, &sent[user]);
             let served = ranked(reply);
             let outcomes: Vec<_> = allowed_window_starts(history.0.len(), max_len)
                 .into_iter()
-                .map(|start| same_top_k(&artifact, &served, &offline_scores(&artifact, &history, start, at)))
+                .map(|start| same_top_k(artifact, &served, &offline_scores(artifact, &history, start, at)))
                 .collect();
             assert!(
                 outcomes.iter().any(Result::is_ok),
@@ -176,10 +214,5 @@ async fn answers_from_cached_keys_and_values_equal_the_full_forward_pass() {
         longest > 2 * max_len,
         "the window must move several times ({longest} events at most)"
     );
-    let appends = server.metric("xsrec_cache_appends_total").await;
-    assert!(
-        appends > asked as f64 / 3.0,
-        "{appends} of {asked} answers came from cached keys and values"
-    );
-    assert!(server.metric("xsrec_cached_state_bytes").await > 0.0);
+    (server, asked)
 }

@@ -6,7 +6,7 @@ use tch::{Device, Kind, Tensor};
 /// The keys and values of many users' window prefixes, one fixed-size slot each, in one tensor:
 /// a batch gathers its rows' prefixes with one indexed read and stores its new positions with
 /// one indexed write, whatever the mix of prefix lengths. A slot holds up to `max_len`
-/// positions; the pool grows by doubling up to `capacity` slots, so memory follows use.
+/// positions.
 #[derive(Debug)]
 pub struct PrefixPool {
     /// `[slots, max_len, 2 × layers, H, head_dim]`: layer `l`'s keys at `2l`, values at `2l + 1`.
@@ -31,16 +31,20 @@ impl PrefixPool {
     pub(super) fn new(budget: usize, max_len: usize, per_position: [i64; 3], kind: Kind, device: Device) -> Self {
         let [states, heads, head_dim] = per_position;
         let max_len = max_len as i64;
-        let mut pool = Self {
-            states: Tensor::zeros([0, max_len, states, heads, head_dim], (kind, device)),
-            sessions: Tensor::zeros([0, max_len], (Kind::Int64, device)),
+        let slot_bytes = (max_len * states * heads * head_dim) as usize * kind.elt_size_in_bytes();
+        let capacity = budget / slot_bytes.max(1);
+        // Uninitialised (each slot is zeroed when first handed out), so on CPU the pages are
+        // mapped only as slots come into use, and memory follows use without a pause to copy
+        // a grown pool.
+        let slots = capacity as i64;
+        Self {
+            states: Tensor::empty([slots, max_len, states, heads, head_dim], (kind, device)),
+            sessions: Tensor::empty([slots, max_len], (Kind::Int64, device)),
             lengths: Vec::new(),
             free: Vec::new(),
-            capacity: 0,
+            capacity,
             max_len,
-        };
-        pool.capacity = budget / pool.slot_bytes().max(1);
-        pool
+        }
     }
 
     /// Bytes of one slot: layers × max_len × d × 2 (keys and values) × the element size.
@@ -71,7 +75,10 @@ impl PrefixPool {
         let index = match self.free.pop() {
             Some(index) => index,
             None if self.lengths.len() < self.capacity => {
-                self.grow();
+                // Zeroed on first use: a batch reads every slot's positions up to its longest
+                // row and masks the rest, and masked garbage (a NaN) would still poison the
+                // weighted sum of values.
+                let _ = self.states.get(self.lengths.len() as i64).zero_();
                 self.lengths.push(0);
                 self.lengths.len() - 1
             }
@@ -79,23 +86,6 @@ impl PrefixPool {
         };
         self.lengths[index] = 0;
         Some(Slot(index))
-    }
-
-    /// Makes room for one more slot than allocated so far, doubling the tensors when they are
-    /// full (at most to `capacity`).
-    fn grow(&mut self) {
-        let allocated = self.states.size()[0] as usize;
-        if self.lengths.len() < allocated {
-            return;
-        }
-        let target = (allocated * 2).max(16).min(self.capacity) as i64;
-        let mut shape = self.states.size();
-        shape[0] = target;
-        let states = Tensor::zeros(&shape, (self.states.kind(), self.states.device()));
-        states.narrow(0, 0, allocated as i64).copy_(&self.states);
-        let sessions = Tensor::zeros([target, self.max_len], (Kind::Int64, self.sessions.device()));
-        sessions.narrow(0, 0, allocated as i64).copy_(&self.sessions);
-        (self.states, self.sessions) = (states, sessions);
     }
 
     pub fn release(&mut self, slot: Slot) {
