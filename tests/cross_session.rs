@@ -80,6 +80,7 @@ fn scored(scorer: &dyn CaseScorer, set: &SequenceSet, family: &Family) -> Vec<Ca
         max_len: MAX_LEN,
         session_gap_secs: family.gap,
         device: Device::Cpu,
+        window: xsrec::model::WindowPolicy::Newest,
     };
     let mut results = evaluate(scorer, set, &opts);
     label_sessions_from(&mut results, &family.real, family.gap);

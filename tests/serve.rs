@@ -31,6 +31,7 @@ fn offline_top(artifact: &Artifact, set: &SequenceSet, exclude_seen: bool) -> BT
         max_len: cfg.max_len,
         session_gap_secs: cfg.session_gap_secs,
         device: Device::Cpu,
+        window: xsrec::model::WindowPolicy::Newest,
     };
     xsrec::eval::evaluate(&artifact.model, set, &opts)
         .into_iter()

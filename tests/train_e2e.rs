@@ -61,6 +61,7 @@ fn cases(scorer: &dyn CaseScorer, set: &SequenceSet) -> Vec<CaseResult> {
                 max_len: MAX_LEN,
                 session_gap_secs: GAP,
                 device: Device::Cpu,
+                window: xsrec::model::WindowPolicy::Newest,
             };
             evaluate(scorer, set, &opts)
         })

@@ -57,6 +57,7 @@ pub fn run(args: &CrossSessionArgs) -> anyhow::Result<()> {
         max_len,
         session_gap_secs,
         device,
+        window: crate::model::WindowPolicy::Newest,
     };
     let reference_options = options(REFERENCE_MAX_LEN, params.session_gap_secs);
     let mut scored: Vec<(String, Vec<CaseResult>)> = vec![

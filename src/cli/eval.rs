@@ -10,7 +10,7 @@ use crate::data::split::{build_sequences, SequenceSet, Target};
 use crate::eval::bootstrap::paired_bootstrap;
 use crate::eval::report::{markdown_table, write_predictions};
 use crate::eval::{evaluate, ndcg10, CaseResult, CaseScorer, EvalOptions, SplitMetrics};
-use crate::model::{Artifact, Popularity, SeqModel};
+use crate::model::{Artifact, Popularity, SeqModel, WindowPolicy};
 
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
@@ -30,9 +30,13 @@ pub struct EvalArgs {
     pub json_out: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// The events each case's model reads: `served` measures what incremental serving costs
+    /// (a window restarted short of full, see `WindowPolicy::Served`).
+    #[arg(long, value_enum, default_value_t = WindowPolicy::Newest)]
+    pub window: WindowPolicy,
 }
 
-fn options(model: &SeqModel, target: Target, exclude_seen: bool, device: Device) -> EvalOptions {
+fn options(model: &SeqModel, target: Target, exclude_seen: bool, device: Device, window: WindowPolicy) -> EvalOptions {
     EvalOptions {
         target,
         exclude_seen,
@@ -40,6 +44,7 @@ fn options(model: &SeqModel, target: Target, exclude_seen: bool, device: Device)
         max_len: model.config.max_len,
         session_gap_secs: model.config.session_gap_secs,
         device,
+        window,
     }
 }
 
@@ -58,8 +63,10 @@ pub fn evaluate_model(
     item_counts: &[u64],
     exclude_seen: bool,
     device: Device,
+    window: WindowPolicy,
 ) -> Evaluation {
-    let run = |scorer: &dyn CaseScorer, target| evaluate(scorer, set, &options(model, target, exclude_seen, device));
+    let run =
+        |scorer: &dyn CaseScorer, target| evaluate(scorer, set, &options(model, target, exclude_seen, device, window));
     let test_results = run(model, Target::Test);
     let popularity_results = run(&Popularity::new(item_counts, device), Target::Test);
     Evaluation {
@@ -89,7 +96,14 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         test_results,
         popularity_test,
         popularity_results,
-    } = evaluate_model(&artifact.model, &set, &artifact.item_counts, exclude_seen, device);
+    } = evaluate_model(
+        &artifact.model,
+        &set,
+        &artifact.item_counts,
+        exclude_seen,
+        device,
+        args.window,
+    );
     let versus_popularity = paired_bootstrap(&ndcg10(&test_results), &ndcg10(&popularity_results), 2000, 0.95, 7);
     println!(
         "{}",
@@ -120,6 +134,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             &json!({
                 "model": args.model.display().to_string(),
                 "exclude_seen": exclude_seen,
+                "window": args.window,
                 "validation": validation,
                 "test": test,
                 "popularity_test": popularity_test,

@@ -14,7 +14,7 @@ use crate::data::vocab::Vocab;
 use crate::eval::bootstrap::PairedInterval;
 use crate::eval::report::markdown_table;
 use crate::model::artifact::Artifact;
-use crate::model::{Arch, Combine, Features, ModelConfig, PositionOrigin};
+use crate::model::{Arch, Combine, Features, ModelConfig, PositionOrigin, WindowPolicy};
 use crate::train::plot::draw_curves;
 use crate::train::{choose_on_validation, train, EpochLog, Loss, TrainConfig, TrainOutcome};
 
@@ -262,7 +262,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         if index != kept && !args.keep_candidates {
             continue;
         }
-        let evaluation = evaluate_model(&outcome.model, &set, &item_counts, true, device);
+        let evaluation = evaluate_model(&outcome.model, &set, &item_counts, true, device, WindowPolicy::Newest);
         let (validation, test, popularity) = (&evaluation.validation, &evaluation.test, &evaluation.popularity_test);
         let info = json!({
             "data": {

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::session::starts_new_session;
 use crate::data::split::{SequenceSet, Target, UserSequence};
-use crate::model::{encode, mask_items, Batch, HistoryView, Scorer};
+use crate::model::{encode_window, mask_items, Batch, HistoryView, Scorer, WindowPolicy};
 pub use metrics::Metrics;
 
 /// Number of best items kept per case (for `--predictions-out`).
@@ -24,6 +24,8 @@ pub struct EvalOptions {
     pub max_len: usize,
     pub session_gap_secs: i64,
     pub device: Device,
+    /// The events of each case's history the model reads.
+    pub window: WindowPolicy,
 }
 
 /// One user's outcome.
@@ -61,8 +63,9 @@ impl<S: Scorer + ?Sized> CaseScorer for S {
             .iter()
             .map(|&(u, p)| {
                 let user = &set.users[u];
-                encode(
+                encode_window(
                     case_input(user, p),
+                    opts.window.start(p, opts.max_len),
                     user.timestamps[p],
                     opts.max_len,
                     opts.session_gap_secs,

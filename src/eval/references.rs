@@ -166,6 +166,7 @@ mod tests {
             max_len: 50,
             session_gap_secs: 1800,
             device: Device::Cpu,
+            window: crate::model::WindowPolicy::Newest,
         }
     }
 

@@ -146,6 +146,35 @@ pub fn fresh_window_start(len: usize, max_len: usize) -> usize {
     }
 }
 
+/// Which events of a history a model reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WindowPolicy {
+    /// The newest `max_len` events: what a full forward pass per request reads.
+    #[default]
+    Newest,
+    /// The window incremental serving settles into for a user who asks after every event: the
+    /// whole history while it fits, then restarted [`fresh_window_start`]'s way each time it
+    /// would exceed `max_len` (windows of `max_len − max_len / 4` to `max_len` events). The
+    /// quality cost of serving incrementally is the difference to [`Self::Newest`].
+    Served,
+}
+
+impl WindowPolicy {
+    /// Index of the window's first event in a history of `len` events.
+    pub fn start(self, len: usize, max_len: usize) -> usize {
+        match self {
+            Self::Newest => len.saturating_sub(max_len),
+            Self::Served if len <= max_len => 0,
+            Self::Served => {
+                // Each restart moves the start by max_len / 4 + 1 (see fresh_window_start).
+                let step = max_len / 4 + 1;
+                (len - max_len).div_ceil(step) * step
+            }
+        }
+    }
+}
+
 /// Events a server keeps per user for a model of window `max_len`: the window, and where the
 /// model appends, the window's slack besides, so that a window restarted short of full keeps
 /// its first event in memory while it grows back to `max_len`.
@@ -320,5 +349,23 @@ mod tests {
         let seq = encode(HistoryView::new(&items, &ts, &types), 50, 2, 1800);
         assert_eq!(seq.items, [3, 4]);
         assert_eq!(seq.gaps, [gap_bucket(10, 1800), gap_bucket(20, 1800)]);
+    }
+
+    #[test]
+    fn the_served_window_is_where_restarts_after_every_event_leave_it() {
+        for max_len in [1usize, 2, 5, 8, 50] {
+            let mut start = 0;
+            for len in 1..10 * max_len {
+                if len - start > max_len {
+                    start = fresh_window_start(len, max_len);
+                }
+                assert_eq!(
+                    WindowPolicy::Served.start(len, max_len),
+                    start,
+                    "len {len}, max_len {max_len}"
+                );
+                assert_eq!(WindowPolicy::Newest.start(len, max_len), len.saturating_sub(max_len));
+            }
+        }
     }
 }

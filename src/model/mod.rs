@@ -10,7 +10,9 @@ use tch::{nn, Device, Kind, Tensor};
 
 pub use artifact::{Artifact, ArtifactError};
 pub use config::{Arch, Combine, Features, ModelConfig, PositionOrigin};
-pub use input::{encode, encode_window, events_to_keep, fresh_window_start, Batch, EncodedSeq, HistoryView};
+pub use input::{
+    encode, encode_window, events_to_keep, fresh_window_start, Batch, EncodedSeq, HistoryView, WindowPolicy,
+};
 pub use prefix::{PrefixPool, Slot};
 
 /// Anything that ranks items for a batch of histories: the trained networks and the baselines

@@ -191,6 +191,7 @@ fn validation_options(config: &ModelConfig, device: Device) -> EvalOptions {
         max_len: config.max_len,
         session_gap_secs: config.session_gap_secs,
         device,
+        window: crate::model::WindowPolicy::Newest,
     }
 }
 
