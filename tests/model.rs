@@ -312,3 +312,60 @@ fn bf16_inference_keeps_the_default_models_top10() {
     assert!(found.mean_overlap >= 9.0, "{found:?}");
     assert!(found.max_abs_score_diff < 0.2, "{found:?}");
 }
+
+/// Keys and values stored in bf16 (`--cache-precision bf16`) are held to the bound bf16
+/// inference is held to: the default model's weights, read with positions from the window
+/// start, on 100 ml-100k users revealed 1–3 events at a time up to the window; every step's
+/// top 10 from the bf16 store against a full fp32 pass.
+#[test]
+fn bf16_keys_and_values_keep_the_top10_of_a_full_pass() {
+    use rand::{Rng, SeedableRng};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut artifact = Artifact::load(&root.join("models/default"), Device::Cpu).unwrap();
+    artifact.config.model.features.positions = xsrec::model::PositionOrigin::WindowStart;
+    artifact.save(dir.path()).unwrap();
+    let artifact = Artifact::load(dir.path(), Device::Cpu).unwrap();
+    let model = &artifact.model;
+    let (max_len, gap) = (model.config.max_len, model.config.session_gap_secs);
+    let events = xsrec::data::formats::load_events(&root.join("data/ml-100k/ml-100k.inter"), &Default::default())
+        .unwrap()
+        .events;
+    let set = xsrec::data::split::build_sequences(&events, artifact.items.clone(), artifact.event_types.clone(), false);
+    let users: Vec<_> = set.users.iter().take(100).collect();
+    let mut pool = model.net.prefix_pool(1 << 30, Kind::BFloat16).expect("appendable");
+    let slots: Vec<xsrec::model::Slot> = users.iter().map(|_| pool.allocate().unwrap()).collect();
+    let mut revealed = vec![0usize; users.len()];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let top10 = |scores: &Tensor| Vec::<i64>::try_from(scores.topk(10, 1, true, true).1.view(-1)).unwrap();
+    let (mut overlap, mut lists, mut worst) = (0usize, 0usize, 0f64);
+    for _ in 0..max_len / 2 {
+        let rows: Vec<_> = users
+            .iter()
+            .zip(&mut revealed)
+            .map(|(user, n)| {
+                *n = (*n + rng.gen_range(1..=3)).min(user.items.len().min(max_len));
+                let view = HistoryView::new(&user.items, &user.timestamps, &user.types).prefix(*n);
+                encode(view, user.timestamps[*n - 1] + 600, max_len, gap)
+            })
+            .collect();
+        let batch = Batch::new(&rows, Device::Cpu);
+        let full = model.score_next(&batch);
+        let held: Vec<&xsrec::model::Slot> = slots.iter().collect();
+        let stepped: Vec<usize> = (0..users.len())
+            .filter(|&u| pool.len(&slots[u]) < revealed[u])
+            .collect();
+        let hidden = model.extend_last_hidden(&batch, &mut pool, &held);
+        let incremental = model.net.score(&hidden.expect("appendable"));
+        worst = worst.max((&full - &incremental).abs().max().double_value(&[]));
+        let (a, b) = (top10(&full), top10(&incremental));
+        for u in stepped {
+            let (a, b) = (&a[u * 10..u * 10 + 10], &b[u * 10..u * 10 + 10]);
+            overlap += a.iter().filter(|item| b.contains(item)).count();
+            lists += 1;
+        }
+    }
+    let mean_overlap = overlap as f64 / lists as f64;
+    assert!(mean_overlap >= 9.0, "mean top-10 overlap {mean_overlap}");
+    assert!(worst < 0.2, "largest score difference {worst}");
+}
