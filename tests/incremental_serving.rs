@@ -216,3 +216,61 @@ async fn serve_and_check(artifact: &Artifact, dir: &Path, extra: &[&str]) -> (co
     );
     (server, asked)
 }
+
+/// A reload to other weights drops every user's cached keys and values with the old model: the
+/// answers after it, appends included, are the new model's full forward pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reload_answers_come_from_the_new_models_keys_and_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first_dir, second_dir) = (dir.path().join("first"), dir.path().join("second"));
+    let first = window_start_model(&first_dir);
+    let second = {
+        let artifact = window_start_model(&second_dir);
+        tch::no_grad(|| {
+            for (_, mut weights) in artifact.model.vs.variables() {
+                let _ = weights.g_add_(&(weights.randn_like() * 0.05));
+            }
+        });
+        artifact.save(&second_dir).unwrap();
+        Artifact::load(&second_dir, Device::Cpu).unwrap()
+    };
+    let server = server_for(&first_dir, &["--history-cap", "1000"]).await;
+    let by_user = users(&fixture().events);
+    let mut longest_first: Vec<_> = by_user.values().collect();
+    longest_first.sort_by_key(|events| std::cmp::Reverse(events.len()));
+    let streams: Vec<Vec<Event>> = longest_first
+        .into_iter()
+        .take(8)
+        .map(|events| {
+            let mut events: Vec<Event> = events.iter().map(|&e| e.clone()).collect();
+            events.sort_by_key(|e| e.timestamp);
+            events
+        })
+        .collect();
+    let max_len = first.model.config.max_len;
+    for (round, end) in [20usize, 21, 22, 23].into_iter().enumerate() {
+        if round == 2 {
+            let (status, reply) = server.post("/admin/v1/model", &json!({"path": second_dir})).await;
+            assert_eq!(status, StatusCode::OK, "{reply}");
+        }
+        let serving = if round < 2 { &first } else { &second };
+        let from = if round == 0 { 0 } else { end - 1 };
+        for stream in &streams {
+            server.ingest(&stream[from..end].iter().collect::<Vec<_>>()).await;
+        }
+        for stream in &streams {
+            let at = stream[end - 1].timestamp + 60;
+            let body = json!({"user_id": stream[0].user_id, "k": K, "at": at, "exclude_seen": false});
+            let (status, reply) = server.post("/v1/recommend", &body).await;
+            assert_eq!(status, StatusCode::OK, "{reply}");
+            let history = known_history(serving, &stream[..end]);
+            let served = ranked(&reply);
+            let outcomes: Vec<_> = allowed_window_starts(history.0.len(), max_len)
+                .into_iter()
+                .map(|start| same_top_k(serving, &served, &offline_scores(serving, &history, start, at)))
+                .collect();
+            assert!(outcomes.iter().any(Result::is_ok), "round {round}: {outcomes:?}");
+        }
+    }
+    assert!(server.metric("xsrec_cache_appends_total").await > 0.0);
+}
