@@ -91,6 +91,13 @@ fn append_vs_full_by_length(c: &mut Criterion) {
                     hidden
                 })
             });
+            // A first visit: the whole window computed into an empty slot.
+            group.bench_with_input(BenchmarkId::new("into_empty_slot", len), &now, |b, now| {
+                b.iter(|| {
+                    slots.iter().for_each(|slot| pool.truncate(slot, 0));
+                    model.extend_last_hidden(now, &mut pool, &slots)
+                })
+            });
         }
         group.finish();
     }

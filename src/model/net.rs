@@ -699,7 +699,8 @@ impl Network {
         let sessions = batch.sessions.narrow(1, l - m, m);
         let prefix = pool.gather(slots, x.kind());
         let (hidden, states) = transformer.extend(x, &sessions, &fresh_mask, &prefix);
-        let newest = self.read_out(hidden, batch).select(1, -1);
+        // The readouts of the newest position only, as `last_hidden` reads them.
+        let newest = self.read_out(hidden.narrow(1, m - 1, 1), batch).squeeze_dim(1);
         let starts: Vec<i64> = fresh.iter().map(|&fresh| m - fresh).collect();
         let kept: Vec<i64> = fresh.iter().map(|&fresh| fresh - 1).collect();
         pool.append(slots, &states, &sessions, &starts, &kept);
