@@ -74,11 +74,18 @@ class Transformer(nn.Module):
 
 
 def previous_session_mean(batch, item_vectors):
-    """For each position, the mean item vector of the real events of the session before its own."""
+    """For each position, the mean item vector of the real events of the session before its own:
+    sums per session index read back (O(L·d)), in the Rust model's order of operations, so that
+    the two round alike."""
     sessions = batch["sessions"]
-    member = (sessions.unsqueeze(1) == sessions.unsqueeze(2) - 1) & (batch["items"] != 0).unsqueeze(1)
-    member = member.to(item_vectors.dtype)
-    return (member / member.sum(-1, keepdim=True).clamp_min(1.0)) @ item_vectors
+    real = (batch["items"] != 0).to(item_vectors.dtype)
+    by_session = sessions.unsqueeze(-1).expand_as(item_vectors)
+    sums = torch.zeros_like(item_vectors).scatter_add(1, by_session, item_vectors * real.unsqueeze(-1))
+    counts = torch.zeros_like(real).scatter_add(1, sessions, real).clamp_min(1.0)
+    means = sums / counts.unsqueeze(-1)
+    before = (sessions - 1).clamp_min(0).unsqueeze(-1).expand_as(item_vectors)
+    has_before = (sessions > 0).unsqueeze(-1).to(item_vectors.dtype)
+    return means.gather(1, before) * has_before
 
 
 def _unit(x):
