@@ -135,18 +135,7 @@ async fn serve_and_check(artifact: &Artifact, dir: &Path, extra: &[&str]) -> (co
     let mut flags = vec!["--history-cap", "1000", "--max-batch-delay-us", "3000"];
     flags.extend(extra);
     let server = server_for(dir, &flags).await;
-    let by_user = users(&fixture().events);
-    let mut longest_first: Vec<_> = by_user.values().collect();
-    longest_first.sort_by_key(|events| std::cmp::Reverse(events.len()));
-    let mut streams: Vec<Vec<Event>> = longest_first
-        .into_iter()
-        .take(16)
-        .map(|events| {
-            let mut events: Vec<Event> = events.iter().map(|&e| e.clone()).collect();
-            events.sort_by_key(|e| e.timestamp);
-            events
-        })
-        .collect();
+    let mut streams = longest_streams(16);
     let mut sent: Vec<Vec<Event>> = vec![Vec::new(); streams.len()];
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let (mut asked, mut longest) = (0usize, 0usize);
@@ -217,6 +206,22 @@ async fn serve_and_check(artifact: &Artifact, dir: &Path, extra: &[&str]) -> (co
     (server, asked)
 }
 
+/// The `count` fixture users with the most events, each user's events in time order.
+fn longest_streams(count: usize) -> Vec<Vec<Event>> {
+    let by_user = users(&fixture().events);
+    let mut longest_first: Vec<_> = by_user.values().collect();
+    longest_first.sort_by_key(|events| std::cmp::Reverse(events.len()));
+    longest_first
+        .into_iter()
+        .take(count)
+        .map(|events| {
+            let mut events: Vec<Event> = events.iter().map(|&e| e.clone()).collect();
+            events.sort_by_key(|e| e.timestamp);
+            events
+        })
+        .collect()
+}
+
 /// A reload to other weights drops every user's cached keys and values with the old model: the
 /// answers after it, appends included, are the new model's full forward pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,18 +240,7 @@ async fn after_a_reload_answers_come_from_the_new_models_keys_and_values() {
         Artifact::load(&second_dir, Device::Cpu).unwrap()
     };
     let server = server_for(&first_dir, &["--history-cap", "1000"]).await;
-    let by_user = users(&fixture().events);
-    let mut longest_first: Vec<_> = by_user.values().collect();
-    longest_first.sort_by_key(|events| std::cmp::Reverse(events.len()));
-    let streams: Vec<Vec<Event>> = longest_first
-        .into_iter()
-        .take(8)
-        .map(|events| {
-            let mut events: Vec<Event> = events.iter().map(|&e| e.clone()).collect();
-            events.sort_by_key(|e| e.timestamp);
-            events
-        })
-        .collect();
+    let streams = longest_streams(8);
     let max_len = first.model.config.max_len;
     for (round, end) in [20usize, 21, 22, 23].into_iter().enumerate() {
         if round == 2 {
