@@ -16,7 +16,6 @@ pub struct PrefixPool {
     /// Positions held, per allocated slot.
     lengths: Vec<usize>,
     free: Vec<usize>,
-    capacity: usize,
     max_len: i64,
 }
 
@@ -32,17 +31,15 @@ impl PrefixPool {
         let [states, heads, head_dim] = per_position;
         let max_len = max_len as i64;
         let slot_bytes = (max_len * states * heads * head_dim) as usize * kind.elt_size_in_bytes();
-        let capacity = budget / slot_bytes.max(1);
+        let slots = (budget / slot_bytes.max(1)) as i64;
         // Uninitialised (each slot is zeroed when first handed out), so on CPU the pages are
         // mapped only as slots come into use, and memory follows use without a pause to copy
         // a grown pool.
-        let slots = capacity as i64;
         Self {
             states: Tensor::empty([slots, max_len, states, heads, head_dim], (kind, device)),
             sessions: Tensor::empty([slots, max_len], (Kind::Int64, device)),
             lengths: Vec::new(),
             free: Vec::new(),
-            capacity,
             max_len,
         }
     }
@@ -57,7 +54,7 @@ impl PrefixPool {
 
     /// Slots the pool may hold.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.states.size()[0] as usize
     }
 
     /// Slots handed out and not yet released.
@@ -74,7 +71,7 @@ impl PrefixPool {
     pub fn allocate(&mut self) -> Option<Slot> {
         let index = match self.free.pop() {
             Some(index) => index,
-            None if self.lengths.len() < self.capacity => {
+            None if self.lengths.len() < self.capacity() => {
                 // Zeroed on first use: a batch reads every slot's positions up to its longest
                 // row and masks the rest, and masked garbage (a NaN) would still poison the
                 // weighted sum of values.
