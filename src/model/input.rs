@@ -201,6 +201,12 @@ pub struct Batch {
     pub prediction_gaps: Tensor,
     pub sessions: Tensor,
     pub prediction_hours: Tensor,
+    /// Real events per row, on the host: what a batch's shape depends on is known without
+    /// asking the device.
+    pub lengths: Vec<i64>,
+    /// `sessions` on the host, row after row (`[B × L]`), for what is built there (the
+    /// attention index of a few new positions, the sessions a prefix pool keeps).
+    pub host_sessions: Vec<i64>,
 }
 
 impl Batch {
@@ -238,7 +244,10 @@ impl Batch {
         }
         let host = Tensor::from_slice(&flat).view([fields.len() as i64, rows.len() as i64, width as i64]);
         let all = to_device_pinned(host, device);
+        let sessions_at = 4 * rows.len() * width;
         Self {
+            lengths: rows.iter().map(|r| r.borrow().real_len().min(width) as i64).collect(),
+            host_sessions: flat[sessions_at..sessions_at + rows.len() * width].to_vec(),
             items: all.get(0),
             types: all.get(1),
             gaps: all.get(2),
@@ -263,6 +272,12 @@ impl Batch {
 
     pub fn device(&self) -> Device {
         self.items.device()
+    }
+
+    /// Session indices of row `row`'s last `m` columns.
+    pub fn row_sessions(&self, row: usize, m: usize) -> &[i64] {
+        let width = self.seq_len() as usize;
+        &self.host_sessions[row * width + width - m..(row + 1) * width]
     }
 }
 

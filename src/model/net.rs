@@ -3,7 +3,7 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::config::{Arch, Combine, ModelConfig, PositionOrigin};
-use super::input::Batch;
+use super::input::{to_device_pinned, Batch};
 use super::prefix::{PrefixPool, Slot};
 use crate::data::session::{DAYS_PER_WEEK, HOURS_PER_DAY, NUM_GAP_BUCKETS};
 
@@ -349,30 +349,43 @@ impl TransformerBlock {
         }
     }
 
-    /// Pre-LayerNorm block over `x` (`[B, L, d]`), whose positions follow the cached ones of
-    /// `past` (per row `[B, H, P, head_dim]` keys and values, P = 0 without). `attn_bias` is
-    /// `[B, H|1, L, P + L]`, −inf where attention is not allowed. Returns the output and the
-    /// keys and values of `x`'s positions (`[B, L, H, head_dim]` each, as a prefix pool keeps them). With `capture`, attention is computed explicitly and
-    /// its weights are pushed there; the fused kernel is used otherwise. Both give the same output.
+    /// Pre-LayerNorm block over `x` (`[B, L, d]`). With `cached`, `x`'s positions follow a
+    /// prefix whose keys and values are in that buffer: this layer writes its own beside them
+    /// and attends to all. `attn_bias` is `[B, H|1, L, P + L]`, −inf where attention is not
+    /// allowed. With `capture`, attention is computed explicitly and its weights are pushed
+    /// there; the fused kernel is used otherwise. Both give the same output.
     fn forward(
         &self,
         x: &Tensor,
-        past: Option<(&Tensor, &Tensor)>,
+        cached: Option<&LayerStates>,
         attn_bias: &Tensor,
         train: bool,
         capture: Option<&mut Vec<Tensor>>,
-    ) -> (Tensor, Tensor, Tensor) {
+    ) -> Tensor {
         let (b, l, d) = x.size3().expect("[B, L, d]");
         let head_dim = d / self.n_heads;
         let qkv = x
             .apply(&self.attn_norm)
             .apply(&self.qkv)
-            .view([b, l, 3, self.n_heads, head_dim])
-            .permute([2, 0, 3, 1, 4]);
-        let (q, own_k, own_v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let (k, v) = match past {
-            Some((past_k, past_v)) => (Tensor::cat(&[past_k, &own_k], 2), Tensor::cat(&[past_v, &own_v], 2)),
-            None => (own_k.shallow_clone(), own_v.shallow_clone()),
+            .view([b, l, 3, self.n_heads, head_dim]);
+        let heads_first = |t: Tensor| t.transpose(1, 2);
+        let q = heads_first(qkv.select(2, 0));
+        let (k, v) = match cached {
+            None => (heads_first(qkv.select(2, 1)), heads_first(qkv.select(2, 2))),
+            Some(LayerStates {
+                states,
+                layer,
+                prefix_len,
+            }) => {
+                states
+                    .narrow(1, *prefix_len, l)
+                    .narrow(2, 2 * layer, 2)
+                    .copy_(&qkv.narrow(2, 1, 2));
+                (
+                    heads_first(states.select(2, 2 * layer)),
+                    heads_first(states.select(2, 2 * layer + 1)),
+                )
+            }
         };
         let dropout = if train { self.dropout } else { 0.0 };
         let attended = match capture {
@@ -393,12 +406,17 @@ impl TransformerBlock {
             .gelu("none")
             .dropout(self.dropout, train)
             .apply(&self.ffn_out);
-        (
-            &x + ffn.dropout(self.dropout, train),
-            own_k.transpose(1, 2),
-            own_v.transpose(1, 2),
-        )
+        &x + ffn.dropout(self.dropout, train)
     }
+}
+
+/// One layer's view of a batch's keys and values as [`PrefixPool::gather`] lays them out
+/// (`[B, P + m, 2 × layers, H, head_dim]`): the prefix's in the first `prefix_len` positions,
+/// the new positions' written after them by the layer itself.
+struct LayerStates<'a> {
+    states: &'a Tensor,
+    layer: i64,
+    prefix_len: i64,
 }
 
 #[derive(Debug)]
@@ -434,70 +452,89 @@ impl Transformer {
         }
     }
 
-    /// `[B, H|1, Q, K]` additive attention bias of queries that are the last Q of K positions
-    /// (the first K − Q keys are a cached prefix): causal, only to `key_allowed` keys (a query
-    /// may always read itself, so that no row is empty: padding attends to itself only), plus
-    /// the session-recency bias by the sessions between key and query.
-    fn attention_bias(&self, query_sessions: &Tensor, key_sessions: &Tensor, key_allowed: &Tensor) -> Tensor {
-        let (b, q) = (query_sessions.size()[0], query_sessions.size()[1]);
-        let (k, device) = (key_sessions.size()[1], query_sessions.device());
-        let causal = Tensor::ones([q, k], (Kind::Bool, device)).tril(k - q);
-        let own = causal.triu(k - q);
-        let allowed = causal
-            .unsqueeze(0)
-            .logical_and(&key_allowed.unsqueeze(1).logical_or(&own.unsqueeze(0)));
-        let bias = match &self.session_bias {
-            // Sessions between key and query, seen from the query: 0 = its own session.
-            Some(table) => {
-                let distance = (query_sessions.unsqueeze(2) - key_sessions.unsqueeze(1)).clamp(0, self.session_cap);
-                distance.apply(table).permute([0, 3, 1, 2])
+    /// `[B, H|1, Q, K]` additive attention bias of queries that are the last Q of each row's
+    /// K keys (the first K − Q may be a cached prefix), given the keys' session indices and
+    /// whether each may be read (`[B × K]`, row after row): causal, only to allowed keys (a
+    /// query may always read itself, so that no row is empty: padding attends to itself
+    /// only), plus the session-recency bias by the sessions between key and query. The index
+    /// into the bias table is built on the host and read with one lookup: for the few queries
+    /// of an append, a dozen masking ops on the device would cost more than the pass's
+    /// arithmetic, and a full window costs the host O(B·L²) integer steps, well below its
+    /// O(B·L²·d) attention.
+    fn attention_bias(&self, key_sessions: &[i64], key_allowed: &[bool], keys: usize, queries: usize) -> Tensor {
+        let table = self.bias_table();
+        let blocked = table.size()[0] - 1;
+        let rows = key_allowed.len() / keys;
+        let mut index = Vec::with_capacity(rows * queries * keys);
+        for (sessions, allowed) in key_sessions.chunks(keys).zip(key_allowed.chunks(keys)) {
+            for query in keys - queries..keys {
+                index.extend(
+                    (0..keys).map(|key| match key == query || (key < query && allowed[key]) {
+                        // Sessions between key and query, seen from the query: 0 = its own session.
+                        true if self.session_bias.is_some() => {
+                            (sessions[query] - sessions[key]).clamp(0, self.session_cap)
+                        }
+                        true => 0,
+                        false => blocked,
+                    }),
+                );
             }
-            None => Tensor::zeros([b, 1, q, k], (Kind::Float, device)),
+        }
+        let index = Tensor::from_slice(&index).view([rows as i64, queries as i64, keys as i64]);
+        Tensor::embedding(&table, &to_device_pinned(index, table.device()), -1, false, false).permute([0, 3, 1, 2])
+    }
+
+    /// `[rows, H|1]` attention bias by session distance (zero without the session-recency
+    /// feature), then one row of −inf for a key that may not be read.
+    fn bias_table(&self) -> Tensor {
+        let by_distance = match &self.session_bias {
+            Some(table) => table.ws.shallow_clone(),
+            None => {
+                let weights = &self.blocks[0].qkv.ws;
+                Tensor::zeros([1, 1], (weights.kind(), weights.device()))
+            }
         };
-        bias.masked_fill(&allowed.logical_not().unsqueeze(1), f64::NEG_INFINITY)
+        let blocked = Tensor::full(
+            [1, by_distance.size()[1]],
+            f64::NEG_INFINITY,
+            (by_distance.kind(), by_distance.device()),
+        );
+        Tensor::cat(&[by_distance, blocked], 0)
     }
 
     fn forward(&self, x: Tensor, batch: &Batch, train: bool, mut capture: Option<&mut Vec<Tensor>>) -> Tensor {
+        let l = batch.seq_len();
+        let allowed: Vec<bool> = batch
+            .lengths
+            .iter()
+            .flat_map(|&len| (0..l).map(move |column| column >= l - len))
+            .collect();
         // The fused kernel wants the bias in the activations' precision (bf16 inference).
         let bias = self
-            .attention_bias(&batch.sessions, &batch.sessions, &batch.real_mask())
+            .attention_bias(&batch.host_sessions, &allowed, l as usize, l as usize)
             .to_kind(x.kind());
         let mut x = x;
         for block in &self.blocks {
-            x = block.forward(&x, None, &bias, train, capture.as_deref_mut()).0;
+            x = block.forward(&x, None, &bias, train, capture.as_deref_mut());
         }
         x.apply(&self.final_norm)
     }
 
-    /// The forward pass of positions that follow a prefix's: `x` and `sessions` are theirs
-    /// (`[B, m, d]`, `[B, m]`), `fresh` (`[B, m]`) says which of them to compute (the others
-    /// are padding or already in the prefix, and nothing reads them). `prefix` is what
-    /// [`PrefixPool::gather`] returns. Returns the hidden states and every layer's keys and
-    /// values of the `m` positions, laid out as the pool keeps them (`[B, m, 2 × layers, H,
-    /// head_dim]`).
-    fn extend(
-        &self,
-        x: Tensor,
-        sessions: &Tensor,
-        fresh: &Tensor,
-        prefix: &(Tensor, Tensor, Tensor),
-    ) -> (Tensor, Tensor) {
-        let (past, past_sessions, held) = prefix;
-        let key_sessions = Tensor::cat(&[past_sessions, sessions], 1);
-        let key_allowed = Tensor::cat(&[held, fresh], 1);
-        let bias = self
-            .attention_bias(sessions, &key_sessions, &key_allowed)
-            .to_kind(x.kind());
+    /// The forward pass of `x` (`[B, m, d]`), positions that follow a prefix whose keys and
+    /// values are the first `prefix_len` of `states` (from [`PrefixPool::gather`]); every
+    /// layer writes the keys and values of `x`'s positions after them. Returns the hidden
+    /// states.
+    fn extend(&self, x: Tensor, bias: &Tensor, states: &Tensor, prefix_len: i64) -> Tensor {
         let mut x = x;
-        let mut states = Vec::with_capacity(2 * self.blocks.len());
         for (layer, block) in self.blocks.iter().enumerate() {
-            let past_k = past.select(2, 2 * layer as i64).transpose(1, 2);
-            let past_v = past.select(2, 2 * layer as i64 + 1).transpose(1, 2);
-            let (out, k, v) = block.forward(&x, Some((&past_k, &past_v)), &bias, false, None);
-            states.extend([k, v]);
-            x = out;
+            let cached = LayerStates {
+                states,
+                layer: layer as i64,
+                prefix_len,
+            };
+            x = block.forward(&x, Some(&cached), bias, false, None);
         }
-        (x.apply(&self.final_norm), Tensor::stack(&states, 2))
+        x.apply(&self.final_norm)
     }
 }
 
@@ -673,37 +710,46 @@ impl Network {
     pub fn extend(&self, batch: &Batch, pool: &mut PrefixPool, slots: &[&Slot]) -> Option<Tensor> {
         let transformer = self.appendable()?;
         assert_eq!(slots.len() as i64, batch.size(), "one slot per row");
-        let (l, device) = (batch.seq_len(), batch.device());
-        let lengths = Vec::<i64>::try_from(
-            batch
-                .real_mask()
-                .sum_dim_intlist(1, false, Kind::Int64)
-                .to_device(tch::Device::Cpu),
-        )
-        .expect("row lengths");
-        let fresh: Vec<i64> = lengths
+        let fresh: Vec<usize> = batch
+            .lengths
             .iter()
             .zip(slots)
             .map(|(&len, slot)| {
-                let held = pool.len(slot) as i64;
-                assert!(held < len, "a row must have a position after its prefix");
-                len - held
+                let held = pool.len(slot);
+                assert!((held as i64) < len, "a row must have a position after its prefix");
+                len as usize - held
             })
             .collect();
         let m = fresh.iter().copied().max().unwrap_or(1);
-        let first_fresh = Tensor::from_slice(&fresh).to_device(device).neg() + m;
-        let fresh_mask = Tensor::arange(m, (Kind::Int64, device))
-            .unsqueeze(0)
-            .ge_tensor(&first_fresh.unsqueeze(1));
-        let x = self.input.forward_last(batch, m, false);
-        let sessions = batch.sessions.narrow(1, l - m, m);
-        let prefix = pool.gather(slots, x.kind());
-        let (hidden, states) = transformer.extend(x, &sessions, &fresh_mask, &prefix);
+        let prefix_len = slots.iter().map(|slot| pool.len(slot)).max().unwrap_or(0);
+        // Each row's keys: its prefix, right-padded to the longest, then the batch's `m` new
+        // positions, of which the row's own are the last `fresh[row]`.
+        let keys = prefix_len + m;
+        let (mut key_sessions, mut key_allowed) = (Vec::with_capacity(slots.len() * keys), Vec::new());
+        for (row, (slot, &fresh)) in slots.iter().zip(&fresh).enumerate() {
+            let held = pool.sessions(slot);
+            key_sessions.extend(held.iter().copied().chain(std::iter::repeat(0)).take(prefix_len));
+            key_sessions.extend_from_slice(batch.row_sessions(row, m));
+            key_allowed.extend((0..prefix_len).map(|key| key < held.len()));
+            key_allowed.extend((0..m).map(|new| new >= m - fresh));
+        }
+        let x = self.input.forward_last(batch, m as i64, false);
+        let bias = transformer
+            .attention_bias(&key_sessions, &key_allowed, keys, m)
+            .to_kind(x.kind());
+        let states = pool.gather(slots, m as i64, x.kind());
+        let hidden = transformer.extend(x, &bias, &states, prefix_len as i64);
         // The readouts of the newest position only, as `last_hidden` reads them.
-        let newest = self.read_out(hidden.narrow(1, m - 1, 1), batch).squeeze_dim(1);
-        let starts: Vec<i64> = fresh.iter().map(|&fresh| m - fresh).collect();
-        let kept: Vec<i64> = fresh.iter().map(|&fresh| fresh - 1).collect();
-        pool.append(slots, &states, &sessions, &starts, &kept);
+        let newest = self.read_out(hidden.narrow(1, m as i64 - 1, 1), batch).squeeze_dim(1);
+        // Every new position but the newest joins the prefix.
+        let starts: Vec<i64> = fresh.iter().map(|&fresh| (prefix_len + m - fresh) as i64).collect();
+        let kept: Vec<&[i64]> = (0..slots.len())
+            .map(|row| {
+                let own = batch.row_sessions(row, fresh[row]);
+                &own[..own.len() - 1]
+            })
+            .collect();
+        pool.append(slots, &states, &starts, &kept);
         Some(newest)
     }
 

@@ -11,10 +11,9 @@ use tch::{Device, Kind, Tensor};
 pub struct PrefixPool {
     /// `[slots, max_len, 2 × layers, H, head_dim]`: layer `l`'s keys at `2l`, values at `2l + 1`.
     states: Tensor,
-    /// `[slots, max_len]`: session index of each held position within its window.
-    sessions: Tensor,
-    /// Positions held, per allocated slot.
-    lengths: Vec<usize>,
+    /// Per allocated slot, the session index (within its window) of each position it holds:
+    /// its length is the slot's. On the host, where the attention index is built.
+    sessions: Vec<Vec<i64>>,
     free: Vec<usize>,
     max_len: i64,
 }
@@ -37,8 +36,7 @@ impl PrefixPool {
         // a grown pool.
         Self {
             states: Tensor::empty([slots, max_len, states, heads, head_dim], (kind, device)),
-            sessions: Tensor::empty([slots, max_len], (Kind::Int64, device)),
-            lengths: Vec::new(),
+            sessions: Vec::new(),
             free: Vec::new(),
             max_len,
         }
@@ -59,7 +57,7 @@ impl PrefixPool {
 
     /// Slots handed out and not yet released.
     pub fn in_use(&self) -> usize {
-        self.lengths.len() - self.free.len()
+        self.sessions.len() - self.free.len()
     }
 
     /// Bytes of the slots in use.
@@ -71,17 +69,17 @@ impl PrefixPool {
     pub fn allocate(&mut self) -> Option<Slot> {
         let index = match self.free.pop() {
             Some(index) => index,
-            None if self.lengths.len() < self.capacity() => {
+            None if self.sessions.len() < self.capacity() => {
                 // Zeroed on first use: a batch reads every slot's positions up to its longest
                 // row and masks the rest, and masked garbage (a NaN) would still poison the
                 // weighted sum of values.
-                let _ = self.states.get(self.lengths.len() as i64).zero_();
-                self.lengths.push(0);
-                self.lengths.len() - 1
+                let _ = self.states.get(self.sessions.len() as i64).zero_();
+                self.sessions.push(Vec::with_capacity(self.max_len as usize));
+                self.sessions.len() - 1
             }
             None => return None,
         };
-        self.lengths[index] = 0;
+        self.sessions[index].clear();
         Some(Slot(index))
     }
 
@@ -91,75 +89,79 @@ impl PrefixPool {
 
     /// Every slot free again (what holders there are must forget theirs).
     pub fn clear(&mut self) {
-        self.free = (0..self.lengths.len()).collect();
+        self.free = (0..self.sessions.len()).collect();
     }
 
     /// Positions `slot` holds.
     pub fn len(&self, slot: &Slot) -> usize {
-        self.lengths[slot.0]
+        self.sessions[slot.0].len()
+    }
+
+    /// Session index of each position `slot` holds.
+    pub(super) fn sessions(&self, slot: &Slot) -> &[i64] {
+        &self.sessions[slot.0]
     }
 
     /// Keeps only the first `len` positions of `slot` (0: the next extension starts its window
     /// afresh).
     pub fn truncate(&mut self, slot: &Slot, len: usize) {
-        self.lengths[slot.0] = self.lengths[slot.0].min(len);
+        self.sessions[slot.0].truncate(len);
     }
 
-    /// The prefixes of `slots` as the rows of one batch, right-padded to the longest:
-    /// `[B, P, 2 × layers, H, head_dim]` states in `kind`, `[B, P]` sessions, `[B, P]` bool
-    /// saying which positions are held.
-    pub(super) fn gather(&self, slots: &[&Slot], kind: Kind) -> (Tensor, Tensor, Tensor) {
-        let device = self.sessions.device();
+    /// `[B, P + room, 2 × layers, H, head_dim]` in `kind`, P the longest prefix of `slots`:
+    /// each row's prefix in its first positions (right-padded with what the slot holds beyond
+    /// it, which attention must mask), and `room` positions left for the batch's new ones, so
+    /// that every layer writes its new keys and values beside the prefix's instead of copying
+    /// both into a new tensor.
+    pub(super) fn gather(&self, slots: &[&Slot], room: i64, kind: Kind) -> Tensor {
+        let device = self.states.device();
         let longest = slots.iter().map(|slot| self.len(slot)).max().unwrap_or(0) as i64;
         let index = Tensor::from_slice(&slots.iter().map(|slot| slot.0 as i64).collect::<Vec<_>>()).to_device(device);
-        let lengths =
-            Tensor::from_slice(&slots.iter().map(|slot| self.len(slot) as i64).collect::<Vec<_>>()).to_device(device);
-        let states = self.states.narrow(1, 0, longest).index_select(0, &index).to_kind(kind);
-        let sessions = self.sessions.narrow(1, 0, longest).index_select(0, &index);
-        let held = Tensor::arange(longest, (Kind::Int64, device))
-            .unsqueeze(0)
-            .lt_tensor(&lengths.unsqueeze(1));
-        (states, sessions, held)
+        let mut shape = self.states.size();
+        shape[0] = slots.len() as i64;
+        shape[1] = longest + room;
+        let gathered = Tensor::empty(shape.as_slice(), (kind, device));
+        let held = self.states.narrow(1, 0, longest);
+        let mut prefix = gathered.narrow(1, 0, longest);
+        if kind == self.states.kind() {
+            let _ = held.index_select_out(&prefix, 0, &index);
+        } else {
+            prefix.copy_(&held.index_select(0, &index));
+        }
+        gathered
     }
 
-    /// Appends to each slot `counts[row]` positions of its row of a batch's new states
-    /// (`[B, m, 2 × layers, H, head_dim]`) and sessions (`[B, m]`), from column `starts[row]`.
-    pub(super) fn append(
-        &mut self,
-        slots: &[&Slot],
-        states: &Tensor,
-        sessions: &Tensor,
-        starts: &[i64],
-        counts: &[i64],
-    ) {
-        let m = sessions.size()[1];
+    /// Appends to each slot `sessions[row].len()` positions of `states` (`[B, P, 2 × layers, H,
+    /// head_dim]`, contiguous), from position `starts[row]` of its row, with those sessions.
+    pub(super) fn append(&mut self, slots: &[&Slot], states: &Tensor, starts: &[i64], sessions: &[&[i64]]) {
+        let width = states.size()[1];
         let (mut from, mut to) = (Vec::new(), Vec::new());
-        for (row, ((slot, &start), &count)) in slots.iter().zip(starts).zip(counts).enumerate() {
-            let held = self.lengths[slot.0] as i64;
-            assert!(held + count <= self.max_len, "a slot holds at most max_len positions");
-            for offset in 0..count {
-                from.push(row as i64 * m + start + offset);
-                to.push(slot.0 as i64 * self.max_len + held + offset);
+        for (row, ((slot, &start), new)) in slots.iter().zip(starts).zip(sessions).enumerate() {
+            let held = &mut self.sessions[slot.0];
+            assert!(
+                (held.len() + new.len()) as i64 <= self.max_len,
+                "a slot holds at most max_len positions"
+            );
+            for offset in 0..new.len() as i64 {
+                from.push(row as i64 * width + start + offset);
+                to.push(slot.0 as i64 * self.max_len + held.len() as i64 + offset);
             }
-            self.lengths[slot.0] += count as usize;
+            held.extend_from_slice(new);
         }
         if from.is_empty() {
             return;
         }
-        let device = self.sessions.device();
+        let device = self.states.device();
         let (from, to) = (
             Tensor::from_slice(&from).to_device(device),
             Tensor::from_slice(&to).to_device(device),
         );
         let per_position: i64 = self.states.size()[2..].iter().product();
         let new_states = states
-            .reshape([-1, per_position])
+            .view([-1, per_position])
             .index_select(0, &from)
             .to_kind(self.states.kind());
-        let mut states = self.states.view([-1, per_position]);
-        let _ = states.index_copy_(0, &to, &new_states);
-        let new_sessions = sessions.reshape([-1]).index_select(0, &from);
-        let mut sessions = self.sessions.view([-1]);
-        let _ = sessions.index_copy_(0, &to, &new_sessions);
+        let mut pool = self.states.view([-1, per_position]);
+        let _ = pool.index_copy_(0, &to, &new_states);
     }
 }
