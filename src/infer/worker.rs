@@ -53,14 +53,16 @@ struct CachedState {
     model: u64,
     version: u64,
     bucket: i64,
-    hidden: Tensor,
+    /// On the host (f32, which holds a bf16 model's state exactly): a batch's hits and misses
+    /// are then assembled into one tensor with one copy, not one op per row.
+    hidden: Vec<f32>,
     prefix: Option<CachedPrefix>,
     last_used: u64,
 }
 
 impl CachedState {
     fn hidden_bytes(&self) -> usize {
-        self.hidden.numel() * self.hidden.kind().elt_size_in_bytes()
+        self.hidden.len() * std::mem::size_of::<f32>()
     }
 }
 
@@ -512,14 +514,17 @@ impl InferenceWorker {
         self.tick += 1;
         let caching = self.config.cache_capacity > 0;
         let max_len = model.model.config.max_len;
-        let mut rows: Vec<Option<Tensor>> = (0..requests.len()).map(|_| None).collect();
+        let width = model.model.net.item_table().size()[1] as usize;
+        let mut rows = vec![0f32; requests.len() * width];
+        let mut filled = 0;
         let buckets: Vec<i64> = requests.iter().map(|r| Self::cache_bucket(model, r)).collect();
         let (mut full, mut appends, mut evicted) = (Vec::new(), Vec::new(), 0);
         for (i, (request, &bucket)) in requests.iter().zip(&buckets).enumerate() {
             if let Some(state) = self.cache.get_mut(&request.user).filter(|_| caching) {
                 if state.model == number && state.version == request.history.version && state.bucket == bucket {
                     state.last_used = self.tick;
-                    rows[i] = Some(state.hidden.shallow_clone());
+                    rows[i * width..(i + 1) * width].copy_from_slice(&state.hidden);
+                    filled += 1;
                     continue;
                 }
             }
@@ -576,11 +581,11 @@ impl InferenceWorker {
                 .iter()
                 .map(|&i| encoded(i, requests[i].history.items.len().saturating_sub(max_len)))
                 .collect::<Vec<_>>();
-            let hidden = model.model.last_hidden(&Batch::trimmed(&rows_in, self.config.device));
-            for (j, &i) in full.iter().enumerate() {
-                let row = hidden.get(j as i64);
-                self.keep(&requests[i], number, buckets[i], &row, None);
-                rows[i] = Some(row);
+            let hidden = host_rows(&model.model.last_hidden(&Batch::trimmed(&rows_in, self.config.device)));
+            for (&i, row) in full.iter().zip(hidden.chunks(width)) {
+                self.keep(&requests[i], number, buckets[i], row, None);
+                rows[i * width..(i + 1) * width].copy_from_slice(row);
+                filled += 1;
             }
         }
         let (short, long): (Vec<_>, Vec<_>) = appends.into_iter().partition(|(i, start, slot)| {
@@ -595,27 +600,29 @@ impl InferenceWorker {
                 .model
                 .extend_last_hidden(&batch, self.cache.pool_of(number), &slots)
                 .expect("an appendable model");
-            for (j, (i, start, slot)) in group.into_iter().enumerate() {
-                let row = hidden.get(j as i64);
+            let hidden = host_rows(&hidden);
+            for ((i, start, slot), row) in group.into_iter().zip(hidden.chunks(width)) {
                 let held = self.cache.pool_of(number).len(&slot);
                 let covered = CoveredEvents::new(&requests[i].history, start, start + held);
                 self.keep(
                     &requests[i],
                     number,
                     buckets[i],
-                    &row,
+                    row,
                     Some(CachedPrefix { covered, slot }),
                 );
-                rows[i] = Some(row);
+                rows[i * width..(i + 1) * width].copy_from_slice(row);
+                filled += 1;
             }
         }
-        let rows: Vec<Tensor> = rows.into_iter().map(|r| r.expect("every row filled")).collect();
-        Tensor::stack(&rows, 0)
+        assert_eq!(filled, requests.len(), "every row filled");
+        let rows = Tensor::from_slice(&rows).view([requests.len() as i64, width as i64]);
+        to_device_pinned(rows, self.config.device).to_kind(model.model.net.item_table().kind())
     }
 
     /// Caches what was computed for `request`, unless caching is off or the user was erased
     /// after its history was read.
-    fn keep(&mut self, request: &InferRequest, model: u64, bucket: i64, hidden: &Tensor, prefix: Option<CachedPrefix>) {
+    fn keep(&mut self, request: &InferRequest, model: u64, bucket: i64, hidden: &[f32], prefix: Option<CachedPrefix>) {
         if self.config.cache_capacity == 0 || !self.cacheable(request) {
             self.cache.release(model, prefix);
             return;
@@ -624,9 +631,7 @@ impl InferenceWorker {
             model,
             version: request.history.version,
             bucket,
-            // A copy of its own: a view would keep the whole batch's `[B, L, d]` activations
-            // alive for as long as any one of its users stays cached.
-            hidden: hidden.copy(),
+            hidden: hidden.to_vec(),
             prefix,
             last_used: self.tick,
         };
@@ -645,6 +650,11 @@ impl InferenceWorker {
         self.cache.retain(|state| state.last_used > cutoff);
         self.metrics.cache_evictions.inc_by((before - self.cache.len()) as u64);
     }
+}
+
+/// `[B, d]` hidden states as f32 on the host, row after row.
+fn host_rows(hidden: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(hidden.to_kind(Kind::Float).to_device(Device::Cpu).reshape([-1])).expect("hidden states")
 }
 
 fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> Vec<Answer> {
