@@ -61,8 +61,13 @@ fn histories(batch: usize, len: usize, num_items: usize, max_len: usize) -> Batc
 /// `len − 1`, asks again. In full that is a forward pass over `len` positions; from the cached
 /// prefix (every position but the then newest) it is two, the previous newest and the new one.
 fn append_vs_full_by_length(c: &mut Criterion) {
+    // The default recipe's model (`--readouts off`, no event types in ml-100k), positions
+    // counted from the window start.
     let features = Features {
         positions: PositionOrigin::WindowStart,
+        event_type: false,
+        session_successor: false,
+        clock_readout: false,
         ..Features::default()
     };
     let model = model_with(1683, 200, features);
