@@ -13,7 +13,7 @@ BIN := target/release/xsrec
 ML100K := data/ml-100k/ml-100k.inter
 DEFAULT_MODEL := models/default
 # The documented recipe of the default model (see README "The default model").
-DEFAULT_TRAIN_FLAGS := --max-len 50 --seed 42 --threads 1 --readouts off
+DEFAULT_TRAIN_FLAGS := --max-len 50 --seed 42 --threads 1 --readouts off --positions window-start
 
 .PHONY: venv build data run test fmt lint bench load quality cross-session fuzz api-fuzz image clean
 

@@ -27,7 +27,7 @@ results="$OUT/results.md"
 } > "$results"
 for budget in $BUDGETS; do
   rm -rf "$OUT/data-$budget"
-  flags=(--data-dir "$OUT/data-$budget" --fsync interval --history-cap 50)
+  flags=(--data-dir "$OUT/data-$budget" --fsync interval)
   [ "$budget" = none ] || flags+=(--max-memory-bytes "$budget")
   taskset -c 0 "$BIN" serve --model "$MODEL" --addr "127.0.0.1:$PORT" --device cpu "${flags[@]}" \
     > "$OUT/server-$budget.log" 2>&1 &

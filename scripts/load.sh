@@ -10,7 +10,9 @@
 # wrk is closed-loop; set RATE_PER_CONN=N to pace every connection at N requests/s instead
 # (open-loop-like fixed rate). MODES="on off" and CONNS="1 16 64" choose the cells; SERVE_FLAGS
 # adds server flags (e.g. "--data-dir /tmp/state --fsync interval"); HISTORY_CAP sets the
-# events kept per user (default EVENTS; a model that serves incrementally wants max_len × 1.25). Results: a markdown table on stdout and in runs/load/results.md,
+# events kept per user (default: the server's, max_len, or max_len × 1.25 for a model that serves
+# incrementally: a cap of max_len would trim the window's first event with every new one and
+# force a full recompute). Results: a markdown table on stdout and in runs/load/results.md,
 # plus the server's own per-route latency histograms (runs/load/metrics-*.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +41,7 @@ results="$OUT/results.md"
 for mode in ${MODES:-on off}; do
   if [ "$mode" = on ]; then batch_flags=(--max-batch-size 64 --max-batch-delay-us 1000); else batch_flags=(--max-batch-size 1 --max-batch-delay-us 0); fi
   target/release/xsrec serve --model "$MODEL" --addr "127.0.0.1:$PORT" --device cpu \
-    --history-cap "${HISTORY_CAP:-$EVENTS}" --max-concurrent-requests 4096 "${batch_flags[@]}" ${SERVE_FLAGS:-} > "$OUT/server-$mode.log" 2>&1 &
+    ${HISTORY_CAP:+--history-cap "$HISTORY_CAP"} --max-concurrent-requests 4096 "${batch_flags[@]}" ${SERVE_FLAGS:-} > "$OUT/server-$mode.log" 2>&1 &
   server_pid=$!
   until curl -sf "$BASE/health/ready" >/dev/null; do sleep 0.2; done
   python3 scripts/load/preload.py "$BASE" "$USERS" "$EVENTS" "$ITEMS"

@@ -20,7 +20,7 @@ BIN=${SERVE_BIN:-$BIN}
 BASE="http://127.0.0.1:$PORT"
 
 rss_mb() { awk '/^VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$server_pid/status"; }
-"$BIN" serve --model "$MODEL" --addr "127.0.0.1:$PORT" --device cpu --history-cap 50 ${SERVE_FLAGS:-} \
+"$BIN" serve --model "$MODEL" --addr "127.0.0.1:$PORT" --device cpu ${SERVE_FLAGS:-} \
   > "$OUT/server-$LABEL.log" 2>&1 &
 server_pid=$!
 until curl -sf "$BASE/health/ready" >/dev/null; do sleep 0.2; done

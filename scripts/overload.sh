@@ -27,7 +27,7 @@ load() { # load NAME ARGS... → $OUT/NAME.json
 }
 
 for target in 5 0; do
-  "$BIN" serve --model "$MODEL" --addr "127.0.0.1:$PORT" --device cpu --history-cap 50 \
+  "$BIN" serve --model "$MODEL" --addr "127.0.0.1:$PORT" --device cpu \
     --cache-capacity 0 --queue-delay-target-ms "$target" > "$OUT/server-$target.log" 2>&1 &
   server_pid=$!
   load "peak-$target" --events-per-user 50 --concurrency 64

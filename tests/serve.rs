@@ -31,7 +31,11 @@ fn offline_top(artifact: &Artifact, set: &SequenceSet, exclude_seen: bool) -> BT
         max_len: cfg.max_len,
         session_gap_secs: cfg.session_gap_secs,
         device: Device::Cpu,
-        window: xsrec::model::WindowPolicy::Newest,
+        // A server that appends computes a user's first window its own way.
+        window: match artifact.model.net.can_append() {
+            true => xsrec::model::WindowPolicy::FirstVisit,
+            false => xsrec::model::WindowPolicy::Newest,
+        },
     };
     xsrec::eval::evaluate(&artifact.model, set, &opts)
         .into_iter()

@@ -158,6 +158,9 @@ pub enum WindowPolicy {
     /// would exceed `max_len` (windows of `max_len − max_len / 4` to `max_len` events). The
     /// quality cost of serving incrementally is the difference to [`Self::Newest`].
     Served,
+    /// The window a server computes for a user on their first request, whatever came before
+    /// ([`fresh_window_start`]): what a freshly started server answers for a model that appends.
+    FirstVisit,
 }
 
 impl WindowPolicy {
@@ -171,6 +174,7 @@ impl WindowPolicy {
                 let step = max_len / 4 + 1;
                 (len - max_len).div_ceil(step) * step
             }
+            Self::FirstVisit => fresh_window_start(len, max_len),
         }
     }
 }

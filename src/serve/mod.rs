@@ -300,6 +300,14 @@ pub async fn start(
     let history_cap = config
         .history_cap
         .unwrap_or_else(|| events_to_keep(artifact.config.model.max_len, appendable));
+    let keep = events_to_keep(artifact.config.model.max_len, appendable);
+    if history_cap < keep {
+        // Each new event then trims the window's first, so no cached prefix survives it.
+        tracing::warn!(
+            "--history-cap {history_cap} is below the {keep} events this model needs per user to serve \
+             incrementally: every changed history will be recomputed in full"
+        );
+    }
     let warmup_batch_sizes = std::iter::successors(Some(1usize), |&n| {
         (n < config.max_batch_size).then(|| (n * 2).min(config.max_batch_size))
     })

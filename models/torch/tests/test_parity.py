@@ -29,6 +29,7 @@ def config(**overrides):
 VARIANTS = {
     "all-sum": config(),
     "all-concat": config(features={"combine": "concat"}),
+    "window-start-positions": config(features={"positions": "window-start"}),
     "no-session-recency": config(features={"session_recency": False}),
     "no-time-gap": config(features={"time_gap": False}),
     "no-event-type": config(features={"event_type": False}),

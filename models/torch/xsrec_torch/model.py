@@ -215,9 +215,14 @@ class XsrecModel(nn.Module):
         items = batch["items"]
         b, l = items.shape
         max_len = self.position_embedding.num_embeddings
-        positions = torch.arange(max_len - l, max_len, device=items.device)
+        if self.cfg["features"].get("positions", "newest") == "window-start":
+            # Counted from the window's oldest event: rows are left-padded, so a row's first real
+            # event is position 0 (padding reads position 0 too, and is masked), as in Rust.
+            positions = ((items != 0).long().cumsum(1) - 1).clamp_min(0)
+        else:
+            positions = torch.arange(max_len - l, max_len, device=items.device).unsqueeze(0).expand(b, l)
         item_vectors = self.item_embedding(items)
-        parts = [item_vectors, self.position_embedding(positions).unsqueeze(0).expand(b, l, -1)]
+        parts = [item_vectors, self.position_embedding(positions)]
         for table, key in ((self.gap_embedding, "gaps"), (self.type_embedding, "types"), (self.prediction_gap_embedding, "prediction_gaps")):
             if table is not None:
                 parts.append(table(batch[key]))
