@@ -297,11 +297,9 @@ pub async fn start(
     let model_config = serde_json::to_value(&artifact.config)?;
     let catalog = Arc::new(Catalog::new(&artifact));
     let appendable = artifact.model.net.can_append();
-    let history_cap = config
-        .history_cap
-        .unwrap_or_else(|| events_to_keep(artifact.config.model.max_len, appendable));
     let keep = events_to_keep(artifact.config.model.max_len, appendable);
-    if history_cap < keep {
+    let history_cap = config.history_cap.unwrap_or(keep);
+    if appendable && history_cap < keep {
         // Each new event then trims the window's first, so no cached prefix survives it.
         tracing::warn!(
             "--history-cap {history_cap} is below the {keep} events this model needs per user to serve \
