@@ -10,7 +10,7 @@
 # wrk is closed-loop; set RATE_PER_CONN=N to pace every connection at N requests/s instead
 # (open-loop-like fixed rate). MODES="on off" and CONNS="1 16 64" choose the cells; SERVE_FLAGS
 # adds server flags (e.g. "--data-dir /tmp/state --fsync interval"); HISTORY_CAP sets the
-# events kept per user (default: the server's, max_len, or max_len × 1.25 for a model that serves
+# events kept per user (default: the server's, max_len, or max_len × 1.5 for a model that serves
 # incrementally: a cap of max_len would trim the window's first event with every new one and
 # force a full recompute). Results: a markdown table on stdout and in runs/load/results.md,
 # plus the server's own per-route latency histograms (runs/load/metrics-*.txt).

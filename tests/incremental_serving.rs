@@ -82,7 +82,7 @@ fn same_top_k(artifact: &Artifact, served: &[(String, f64)], offline: &[f32]) ->
 }
 
 /// The windows a served answer may have been computed on: the whole history while it fits,
-/// else one of `max_len − max_len / 4` to `max_len` newest events (where the worker's window
+/// else one of `max_len − append_slack(max_len)` to `max_len` newest events (where the worker's window
 /// stands depends on when the user asked before).
 fn allowed_window_starts(len: usize, max_len: usize) -> Vec<usize> {
     match len <= max_len {

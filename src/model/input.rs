@@ -134,15 +134,21 @@ pub fn encode_window(
     seq
 }
 
+/// Events a window restarted by incremental inference leaves free for appends: each restart
+/// recomputes the newest `max_len − slack` events, then that many events are appended before
+/// the next (about 1 + (max_len − slack) / slack positions computed per appended event).
+pub fn append_slack(max_len: usize) -> usize {
+    max_len / 2
+}
+
 /// Where incremental inference starts the window over `len` events when no cached keys and
-/// values say otherwise: at the first event while all fit, else `max_len / 4` events later than
-/// the newest `max_len` would, so that that many events can be appended before the window has
-/// to move again (and every position be recomputed): a window of `max_len − max_len / 4` to
-/// `max_len` events, about 1 + 3 = 4 positions computed per appended event.
+/// values say otherwise: at the first event while all fit, else [`append_slack`] events later
+/// than the newest `max_len` would, so that that many events can be appended before the window
+/// has to move again (and every position be recomputed).
 pub fn fresh_window_start(len: usize, max_len: usize) -> usize {
     match len <= max_len {
         true => 0,
-        false => len - (max_len - max_len / 4),
+        false => len - (max_len - append_slack(max_len)),
     }
 }
 
@@ -155,7 +161,7 @@ pub enum WindowPolicy {
     Newest,
     /// The window incremental serving settles into for a user who asks after every event: the
     /// whole history while it fits, then restarted [`fresh_window_start`]'s way each time it
-    /// would exceed `max_len` (windows of `max_len − max_len / 4` to `max_len` events). The
+    /// would exceed `max_len` (windows of `max_len −` [`append_slack`] to `max_len` events). The
     /// quality cost of serving incrementally is the difference to [`Self::Newest`].
     Served,
     /// The window a server computes for a user on their first request, whatever came before
@@ -170,8 +176,8 @@ impl WindowPolicy {
             Self::Newest => len.saturating_sub(max_len),
             Self::Served if len <= max_len => 0,
             Self::Served => {
-                // Each restart moves the start by max_len / 4 + 1 (see fresh_window_start).
-                let step = max_len / 4 + 1;
+                // Each restart moves the start by the slack and the event that overflowed.
+                let step = append_slack(max_len) + 1;
                 (len - max_len).div_ceil(step) * step
             }
             Self::FirstVisit => fresh_window_start(len, max_len),
@@ -184,7 +190,7 @@ impl WindowPolicy {
 /// its first event in memory while it grows back to `max_len`.
 pub fn events_to_keep(max_len: usize, appendable: bool) -> usize {
     match appendable {
-        true => max_len + max_len / 4,
+        true => max_len + append_slack(max_len),
         false => max_len,
     }
 }
