@@ -81,14 +81,12 @@ fn same_top_k(artifact: &Artifact, served: &[(String, f64)], offline: &[f32]) ->
     }
 }
 
-/// The windows a served answer may have been computed on: the whole history while it fits,
-/// else one of `max_len − append_slack(max_len)` to `max_len` newest events (where the worker's window
-/// stands depends on when the user asked before).
+/// The windows a served answer may have been computed on: from the whole history (or its
+/// newest `max_len` events) to the newest `max_len − append_slack(max_len)`, where a window
+/// computed afresh starts (where the worker's window stands depends on when the user asked
+/// before).
 fn allowed_window_starts(len: usize, max_len: usize) -> Vec<usize> {
-    match len <= max_len {
-        true => vec![0],
-        false => (len - max_len..=fresh_window_start(len, max_len)).collect(),
-    }
+    (len.saturating_sub(max_len)..=fresh_window_start(len, max_len)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -142,14 +142,13 @@ pub fn append_slack(max_len: usize) -> usize {
 }
 
 /// Where incremental inference starts the window over `len` events when no cached keys and
-/// values say otherwise: at the first event while all fit, else [`append_slack`] events later
-/// than the newest `max_len` would, so that that many events can be appended before the window
-/// has to move again (and every position be recomputed).
+/// values say otherwise: at most `max_len −` [`append_slack`] events back, so that a window
+/// computed afresh always has room for that many appends before it must move again (and every
+/// position be recomputed). A window computed for a history at or near `max_len` (a user's
+/// first request to a fresh server, or one whose cached keys were evicted) would otherwise be
+/// recomputed again at the very next event.
 pub fn fresh_window_start(len: usize, max_len: usize) -> usize {
-    match len <= max_len {
-        true => 0,
-        false => len - (max_len - append_slack(max_len)),
-    }
+    len.saturating_sub(max_len - append_slack(max_len))
 }
 
 /// Which events of a history a model reads.
