@@ -133,14 +133,24 @@ proptest! {
         let mut model = model(config(&shape, Arch::Transformer, PositionOrigin::WindowStart), seed);
         // In f64 rounding is out of the way: what is left would be a wrong key, bias or mask.
         model.vs.double();
-        appends_match_the_full_forward(&model, &shape, seed, F64_TOLERANCE)?;
+        appends_match_the_full_forward(&model, &shape, seed, F64_TOLERANCE, Path::Libtorch)?;
         // fp32 where layer norms are not of two or four numbers, whose rounding an
         // ill-conditioned random network amplifies past any fixed bound (3.4e-4 at d = 2).
         if shape.heads * shape.head_dim >= 8 {
             model.vs.float(); // exact: the parameters were f32 values
-            appends_match_the_full_forward(&model, &shape, seed, FP32_TOLERANCE)?;
+            for path in [Path::Host, Path::Libtorch] {
+                appends_match_the_full_forward(&model, &shape, seed, FP32_TOLERANCE, path)?;
+            }
         }
     }
+}
+
+/// Where an fp32 pool on the host runs its appends: its own kernel (what serving on CPU
+/// uses) or libtorch's operations (the path of CUDA and bf16).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Path {
+    Host,
+    Libtorch,
 }
 
 /// Users with random histories ask in random groups, some after 0–3 new events (0: a query at
@@ -151,6 +161,7 @@ fn appends_match_the_full_forward(
     shape: &Shape,
     seed: u64,
     tolerance: f64,
+    path: Path,
 ) -> Result<(), TestCaseError> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let users = rng.gen_range(1..=4);
@@ -164,6 +175,10 @@ fn appends_match_the_full_forward(
     let mut revealed = vec![0usize; users];
     let kind = model.net.item_table().kind();
     let mut pool = model.net.prefix_pool(1 << 30, kind).expect("window-start Transformer");
+    if path == Path::Libtorch {
+        pool = pool.without_host_kernel();
+    }
+    prop_assert_eq!(pool.on_host(), path == Path::Host);
     let slots: Vec<Slot> = (0..users).map(|_| pool.allocate().expect("room")).collect();
     let d = shape.heads * shape.head_dim;
     prop_assert_eq!(

@@ -18,7 +18,7 @@ use crate::model::input::moment_key;
 use crate::model::input::to_device_pinned;
 use crate::model::{
     encode, encode_window, fresh_window_start, mask_items, padded_index, Artifact, Batch, HistoryView, Precision,
-    PrefixPool, SeqModel, Slot,
+    PrefixPool, SeqModel, Slot, SHORT_APPEND,
 };
 
 #[derive(Debug, Clone)]
@@ -40,10 +40,6 @@ pub struct WorkerConfig {
 /// exits non-zero for its orchestrator to restart it). One failure is treated as a bad batch:
 /// its requests get `inference_failed`, the cache is dropped, and serving goes on.
 pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
-
-/// Requests whose history gained at most this many positions since their cached prefix are
-/// extended in a pass of their own, so that one recompute does not pad every append to its width.
-const APPEND_POSITIONS: i64 = 4;
 
 /// What the worker keeps of a user, for one model: the final hidden state, valid while the
 /// history version and the moment key match (a hit costs no forward pass); and where the model
@@ -590,7 +586,7 @@ impl InferenceWorker {
         }
         let (short, long): (Vec<_>, Vec<_>) = appends.into_iter().partition(|(i, start, slot)| {
             let held = self.cache.pool_of(number).len(slot);
-            (requests[*i].history.items.len() - start - held) as i64 <= APPEND_POSITIONS
+            requests[*i].history.items.len() - start - held <= SHORT_APPEND
         });
         for group in [short, long].into_iter().filter(|group| !group.is_empty()) {
             let rows_in = group.iter().map(|&(i, start, _)| encoded(i, start)).collect::<Vec<_>>();

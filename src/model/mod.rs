@@ -2,6 +2,7 @@
 pub mod artifact;
 pub mod builtin;
 pub mod config;
+mod host;
 pub mod input;
 pub mod net;
 pub mod prefix;
@@ -13,6 +14,7 @@ pub use config::{Arch, Combine, Features, ModelConfig, PositionOrigin};
 pub use input::{
     encode, encode_window, events_to_keep, fresh_window_start, Batch, EncodedSeq, HistoryView, WindowPolicy,
 };
+pub use net::SHORT_APPEND;
 pub use prefix::{PrefixPool, Slot};
 
 /// Anything that ranks items for a batch of histories: the trained networks and the baselines

@@ -1,11 +1,19 @@
 //! The networks: a shared input embedding, the causal Transformer and the LSTM baseline.
 use tch::nn;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::config::{Arch, Combine, ModelConfig, PositionOrigin};
+use super::host::{BlockWeights, HostTransformer};
 use super::input::{to_device_pinned, Batch};
 use super::prefix::{PrefixPool, Slot};
 use crate::data::session::{DAYS_PER_WEEK, HOURS_PER_DAY, NUM_GAP_BUCKETS};
+
+/// New positions per row up to which an extension is short: such passes run on the host
+/// kernel where the pool has one (an append's few positions cost libtorch more in operation
+/// dispatch than in arithmetic), longer ones (a window computed afresh) through libtorch,
+/// whose GEMMs and fused attention win there (docs/BENCHMARKS.md). Servers extend short and
+/// long rows in separate passes, so that one recompute does not pad every append to its width.
+pub const SHORT_APPEND: usize = 4;
 
 const EMBED_INIT: nn::Init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
 
@@ -502,6 +510,29 @@ impl Transformer {
         Tensor::cat(&[by_distance, blocked], 0)
     }
 
+    /// The weights on the host, for appends there ([`HostTransformer`]).
+    fn host_copy(&self) -> HostTransformer {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| BlockWeights {
+                attn_norm: &b.attn_norm,
+                qkv: &b.qkv,
+                attn_out: &b.attn_out,
+                ffn_norm: &b.ffn_norm,
+                ffn_in: &b.ffn_in,
+                ffn_out: &b.ffn_out,
+            })
+            .collect();
+        HostTransformer::new(
+            blocks,
+            &self.final_norm,
+            self.session_bias.as_ref().map(|table| &table.ws),
+            self.session_cap,
+            self.blocks[0].n_heads as usize,
+        )
+    }
+
     fn forward(&self, x: Tensor, batch: &Batch, train: bool, mut capture: Option<&mut Vec<Tensor>>) -> Tensor {
         let l = batch.seq_len();
         let allowed: Vec<bool> = batch
@@ -680,13 +711,11 @@ impl Network {
         let head_dim = table.size()[1] / heads;
         let states = 2 * transformer.blocks.len() as i64;
         let max_len = self.input.positions.ws.size()[0] as usize;
-        Some(PrefixPool::new(
-            budget,
-            max_len,
-            [states, heads, head_dim],
-            storage,
-            table.device(),
-        ))
+        let pool = PrefixPool::new(budget, max_len, [states, heads, head_dim], storage, table.device());
+        Some(match table.device() == Device::Cpu && table.kind() == Kind::Float {
+            true => pool.with_host_kernel(transformer.host_copy()),
+            false => pool,
+        })
     }
 
     /// Whether [`Self::extend`] is exact for this model (see [`Self::prefix_pool`]).
@@ -734,6 +763,21 @@ impl Network {
             key_allowed.extend((0..m).map(|new| new >= m - fresh));
         }
         let x = self.input.forward_last(batch, m as i64, false);
+        if pool.on_host() && m <= SHORT_APPEND && x.kind() == Kind::Float {
+            let d = x.size()[2] as usize;
+            let inputs = Vec::<f32>::try_from(x.reshape([-1])).expect("f32 inputs");
+            let rows: Vec<&[f32]> = inputs
+                .chunks(m * d)
+                .zip(&fresh)
+                .map(|(row, &fresh)| &row[(m - fresh) * d..])
+                .collect();
+            let sessions: Vec<&[i64]> = (0..slots.len())
+                .map(|row| batch.row_sessions(row, fresh[row]))
+                .collect();
+            let newest = pool.extend_on_host(slots, &rows, &sessions).expect("a host pool");
+            let newest = Tensor::from_slice(&newest).view([slots.len() as i64, 1, d as i64]);
+            return Some(self.read_out(newest, batch).squeeze_dim(1));
+        }
         let bias = transformer
             .attention_bias(&key_sessions, &key_allowed, keys, m)
             .to_kind(x.kind());

@@ -3,6 +3,8 @@
 //! (positions counted from the window start; `Network::extend`).
 use tch::{Device, Kind, Tensor};
 
+use super::host::{HostRow, HostTransformer};
+
 /// The keys and values of many users' window prefixes, one fixed-size slot each, in one tensor:
 /// a batch gathers its rows' prefixes with one indexed read and stores its new positions with
 /// one indexed write, whatever the mix of prefix lengths. A slot holds up to `max_len`
@@ -16,6 +18,8 @@ pub struct PrefixPool {
     sessions: Vec<Vec<i64>>,
     free: Vec<usize>,
     max_len: i64,
+    /// The model's weights on the host, where appends run there (CPU, fp32 storage).
+    host: Option<HostTransformer>,
 }
 
 /// A pool slot, owned by whoever holds it (it is not `Clone`): it returns to the pool only
@@ -39,7 +43,71 @@ impl PrefixPool {
             sessions: Vec::new(),
             free: Vec::new(),
             max_len,
+            host: None,
         }
+    }
+
+    /// Extensions of this pool run on the host with `host` where the pool is in host memory
+    /// and fp32 (else through libtorch).
+    pub(super) fn with_host_kernel(mut self, host: HostTransformer) -> Self {
+        let fits = self.states.device() == Device::Cpu
+            && self.states.kind() == Kind::Float
+            && self.states.size()[2..].iter().product::<i64>() as usize == host.per_position();
+        self.host = fits.then_some(host);
+        self
+    }
+
+    /// Extensions through libtorch's operations even on the host (the reference path, for
+    /// tests and benchmarks).
+    pub fn without_host_kernel(mut self) -> Self {
+        self.host = None;
+        self
+    }
+
+    /// Whether extensions run on the host (see [`super::host`]).
+    pub fn on_host(&self) -> bool {
+        self.host.is_some()
+    }
+
+    /// Runs `rows` (one per slot of `slots`) after their slots' positions on the host, keeps
+    /// each row's new positions but the newest (`keep[row]` of them) in its slot, and returns
+    /// the rows' newest hidden states (`[B, d]`); `None` where the pool has no host kernel.
+    pub(super) fn extend_on_host(
+        &mut self,
+        slots: &[&Slot],
+        inputs: &[&[f32]],
+        new_sessions: &[&[i64]],
+    ) -> Option<Vec<f32>> {
+        let host = self.host.as_ref()?;
+        let slot_values = (self.max_len as usize) * host.per_position();
+        for (slot, new) in slots.iter().zip(new_sessions) {
+            assert!(
+                self.sessions[slot.0].len() + new.len() <= self.max_len as usize,
+                "a slot holds at most max_len positions"
+            );
+        }
+        let rows: Vec<HostRow> = slots
+            .iter()
+            .zip(inputs)
+            .zip(new_sessions)
+            .map(|((slot, inputs), new)| HostRow {
+                slot_offset: slot.0 * slot_values,
+                held_sessions: &self.sessions[slot.0],
+                new_sessions: new,
+                inputs,
+            })
+            .collect();
+        let values = self.states.numel();
+        assert!(self.states.is_contiguous(), "a pool is one contiguous tensor");
+        // SAFETY: the pool's tensor is a contiguous fp32 CPU tensor (checked when the kernel
+        // was attached) of `values` elements that nothing else reads or writes while the pool
+        // is borrowed mutably here.
+        let states = unsafe { std::slice::from_raw_parts_mut(self.states.data_ptr() as *mut f32, values) };
+        let newest = host.extend(&rows, states);
+        for (slot, new) in slots.iter().zip(new_sessions) {
+            self.sessions[slot.0].extend_from_slice(&new[..new.len() - 1]);
+        }
+        Some(newest)
     }
 
     /// Bytes of one slot: layers × max_len × d × 2 (keys and values) × the element size.
