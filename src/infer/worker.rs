@@ -749,9 +749,12 @@ pub fn rank_excluding<E: AsRef<[i64]>>(scores: Tensor, exclude: &[E], ks: &[usiz
 }
 
 /// Per row, the best `ks[row]` finite entries as (column, value) — or (`columns[row, column]`,
-/// value) when the columns stand for items. One `topk` on the device for the whole group; only
-/// the winners are copied back.
+/// value) when the columns stand for items. On a GPU one `topk` for the whole group, and only
+/// the winners are copied back; on the host the values are read where they are.
 pub fn top_k(values: &Tensor, ks: &[usize], columns: Option<&Tensor>) -> Vec<Vec<(u32, f32)>> {
+    if values.device() == Device::Cpu {
+        return top_k_on_host(values, ks, columns);
+    }
     let k_max = ks.iter().copied().max().unwrap_or(1).min(values.size()[1] as usize) as i64;
     let (top_values, top_index) = values.topk(k_max, 1, true, true);
     let top_index = columns.map_or(top_index.shallow_clone(), |c| c.gather(1, &top_index, false));
@@ -777,6 +780,79 @@ pub fn top_k(values: &Tensor, ks: &[usize], columns: Option<&Tensor>) -> Vec<Vec
                 .collect()
         })
         .collect()
+}
+
+/// [`top_k`] on the host. Per row, the maxima of ≥ 2k blocks of columns bound the k-th best
+/// value from below (the k largest maxima are k distinct entries), so one vectorisable pass for
+/// the maxima, then a look into only the blocks that reach that floor, find the few
+/// candidates, which are then sorted.
+/// libtorch's CPU `topk` keeps a heap of (value, index) pairs per row and cost ~6.5 µs per row
+/// of 1,683 items here, as much as the rest of the ranking step; a running sorted list inserts
+/// at nearly every entry when the scores rise along the columns. Equal values keep the lower
+/// column first.
+fn top_k_on_host(values: &Tensor, ks: &[usize], columns: Option<&Tensor>) -> Vec<Vec<(u32, f32)>> {
+    let values = values.to_kind(Kind::Float).contiguous();
+    let width = values.size()[1] as usize;
+    let columns = columns.map(|c| Vec::<i64>::try_from(c.reshape([-1])).expect("columns"));
+    // SAFETY: `values` is a contiguous fp32 tensor in host memory of `numel` elements, alive
+    // and unchanged while the slice is read.
+    let all = unsafe { std::slice::from_raw_parts(values.data_ptr() as *const f32, values.numel()) };
+    let (mut maxima, mut ranked_maxima, mut candidates) = (Vec::new(), Vec::new(), Vec::new());
+    all.chunks(width.max(1))
+        .zip(ks)
+        .enumerate()
+        .map(|(row, (scores, &k))| {
+            if k == 0 {
+                return Vec::new();
+            }
+            let block = (scores.len() / (2 * k)).clamp(1, 256);
+            maxima.clear();
+            maxima.extend(scores.chunks(block).map(block_max));
+            ranked_maxima.clone_from(&maxima);
+            let floor = match ranked_maxima.len() > k {
+                true => *ranked_maxima.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1,
+                false => f32::NEG_INFINITY,
+            };
+            candidates.clear();
+            // Only blocks whose maximum reaches the floor can hold a candidate.
+            for (index, _) in maxima.iter().enumerate().filter(|&(_, &max)| max >= floor) {
+                let first = index * block;
+                candidates.extend(
+                    scores[first..(first + block).min(scores.len())]
+                        .iter()
+                        .enumerate()
+                        .filter(|&(_, &value)| value >= floor && value.is_finite())
+                        .map(|(offset, &value)| (value, first + offset)),
+                );
+            }
+            candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            candidates
+                .iter()
+                .take(k)
+                .map(|&(value, column)| {
+                    let item = columns.as_ref().map_or(column as i64, |c| c[row * width + column]);
+                    (item as u32, value)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The largest of `values` (−inf for none or all NaN), with eight running maxima so that the
+/// compiler may keep them in vector registers.
+fn block_max(values: &[f32]) -> f32 {
+    let mut maxima = [f32::NEG_INFINITY; 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    for chunk in chunks {
+        for i in 0..8 {
+            maxima[i] = if chunk[i] > maxima[i] { chunk[i] } else { maxima[i] };
+        }
+    }
+    maxima.iter().fold(tail, |m, &v| if v > m { v } else { m })
 }
 
 /// `[V, C]` matrix spreading each item's mass evenly over its categories, or `None` when no item
@@ -838,6 +914,48 @@ mod tests {
     }
 
     proptest! {
+        /// The host's top-k against the oracle of sorting every row: values from a few levels
+        /// (ties), masked entries (−inf), NaN, rising and falling rows, any k and width, with
+        /// and without a column map.
+        #[test]
+        fn the_host_top_k_is_the_best_k_finite_entries_by_value_then_column(
+            rows in prop::collection::vec(
+                (prop::collection::vec(prop::sample::select(vec![
+                    -2.5f32, -1.0, 0.0, 0.25, 0.5, 3.0, f32::NEG_INFINITY, f32::NAN,
+                ]), 1..400), any::<bool>(), 0usize..40),
+                1..5,
+            ),
+            width in 1usize..400,
+            mapped in any::<bool>(),
+        ) {
+            let rows: Vec<(Vec<f32>, usize)> = rows
+                .into_iter()
+                .map(|(levels, rising, k)| {
+                    let row = (0..width)
+                        .map(|j| levels[j % levels.len()] + if rising { j as f32 * 1e-3 } else { 0.0 })
+                        .collect();
+                    (row, k)
+                })
+                .collect();
+            let flat: Vec<f32> = rows.iter().flat_map(|(row, _)| row.iter().copied()).collect();
+            let values = Tensor::from_slice(&flat).view([rows.len() as i64, width as i64]);
+            let ks: Vec<usize> = rows.iter().map(|(_, k)| *k).collect();
+            let map: Vec<i64> = (0..flat.len() as i64).map(|i| 7 * i + 3).collect();
+            let columns = Tensor::from_slice(&map).view([rows.len() as i64, width as i64]);
+            let got = top_k(&values, &ks, mapped.then_some(&columns));
+            for (r, ((row, k), got)) in rows.iter().zip(&got).enumerate() {
+                let mut oracle: Vec<(f32, usize)> =
+                    row.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(j, &v)| (v, j)).collect();
+                oracle.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
+                let oracle: Vec<(u32, f32)> = oracle
+                    .into_iter()
+                    .take(*k)
+                    .map(|(v, j)| (if mapped { map[r * width + j] } else { j as i64 } as u32, v))
+                    .collect();
+                prop_assert_eq!(got, &oracle);
+            }
+        }
+
         /// Cached positions are reused only where the model would give them the very same
         /// input (the oracle: the encoded rows), and always after events are only appended.
         #[test]
