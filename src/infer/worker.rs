@@ -785,8 +785,7 @@ pub fn top_k(values: &Tensor, ks: &[usize], columns: Option<&Tensor>) -> Vec<Vec
 /// [`top_k`] on the host. Per row, the maxima of ≥ 2k blocks of columns bound the k-th best
 /// value from below (the k largest maxima are k distinct entries), so one vectorisable pass for
 /// the maxima, then a look into only the blocks that reach that floor, find the few
-/// candidates, which are then sorted.
-/// libtorch's CPU `topk` keeps a heap of (value, index) pairs per row and cost ~6.5 µs per row
+/// candidates, which are then sorted. libtorch's CPU `topk` keeps a heap of (value, index) pairs per row and cost ~6.5 µs per row
 /// of 1,683 items here, as much as the rest of the ranking step; a running sorted list inserts
 /// at nearly every entry when the scores rise along the columns. Equal values keep the lower
 /// column first.

@@ -735,7 +735,8 @@ impl Network {
     /// earlier call on the same window; an empty slot computes them all); and each slot grown
     /// to all its row's positions but the newest, whose input depends on the moment of
     /// prediction. Equal to `hidden(batch, false).select(1, -1)` up to float rounding (and the
-    /// storage precision). `None` where [`Self::prefix_pool`] is.
+    /// storage precision). Passes of at most [`SHORT_APPEND`] new positions per row run on the
+    /// pool's host kernel where it has one. `None` where [`Self::prefix_pool`] is.
     pub fn extend(&self, batch: &Batch, pool: &mut PrefixPool, slots: &[&Slot]) -> Option<Tensor> {
         let transformer = self.appendable()?;
         assert_eq!(slots.len() as i64, batch.size(), "one slot per row");
@@ -750,18 +751,6 @@ impl Network {
             })
             .collect();
         let m = fresh.iter().copied().max().unwrap_or(1);
-        let prefix_len = slots.iter().map(|slot| pool.len(slot)).max().unwrap_or(0);
-        // Each row's keys: its prefix, right-padded to the longest, then the batch's `m` new
-        // positions, of which the row's own are the last `fresh[row]`.
-        let keys = prefix_len + m;
-        let (mut key_sessions, mut key_allowed) = (Vec::with_capacity(slots.len() * keys), Vec::new());
-        for (row, (slot, &fresh)) in slots.iter().zip(&fresh).enumerate() {
-            let held = pool.sessions(slot);
-            key_sessions.extend(held.iter().copied().chain(std::iter::repeat(0)).take(prefix_len));
-            key_sessions.extend_from_slice(batch.row_sessions(row, m));
-            key_allowed.extend((0..prefix_len).map(|key| key < held.len()));
-            key_allowed.extend((0..m).map(|new| new >= m - fresh));
-        }
         let x = self.input.forward_last(batch, m as i64, false);
         if pool.on_host() && m <= SHORT_APPEND && x.kind() == Kind::Float {
             let d = x.size()[2] as usize;
@@ -777,6 +766,18 @@ impl Network {
             let newest = pool.extend_on_host(slots, &rows, &sessions).expect("a host pool");
             let newest = Tensor::from_slice(&newest).view([slots.len() as i64, 1, d as i64]);
             return Some(self.read_out(newest, batch).squeeze_dim(1));
+        }
+        let prefix_len = slots.iter().map(|slot| pool.len(slot)).max().unwrap_or(0);
+        // Each row's keys: its prefix, right-padded to the longest, then the batch's `m` new
+        // positions, of which the row's own are the last `fresh[row]`.
+        let keys = prefix_len + m;
+        let (mut key_sessions, mut key_allowed) = (Vec::with_capacity(slots.len() * keys), Vec::new());
+        for (row, (slot, &fresh)) in slots.iter().zip(&fresh).enumerate() {
+            let held = pool.sessions(slot);
+            key_sessions.extend(held.iter().copied().chain(std::iter::repeat(0)).take(prefix_len));
+            key_sessions.extend_from_slice(batch.row_sessions(row, m));
+            key_allowed.extend((0..prefix_len).map(|key| key < held.len()));
+            key_allowed.extend((0..m).map(|new| new >= m - fresh));
         }
         let bias = transformer
             .attention_bias(&key_sessions, &key_allowed, keys, m)
