@@ -15,7 +15,7 @@ use crate::health::Health;
 use crate::history::HistorySnapshot;
 use crate::metrics::Metrics;
 use crate::model::input::moment_key;
-use crate::model::input::to_device_pinned;
+use crate::model::input::{to_device_pinned, to_host_f32};
 use crate::model::{
     encode, encode_window, fresh_window_start, mask_items, padded_index, Artifact, Batch, HistoryView, Precision,
     PrefixPool, SeqModel, Slot, SHORT_APPEND,
@@ -577,7 +577,7 @@ impl InferenceWorker {
                 .iter()
                 .map(|&i| encoded(i, requests[i].history.items.len().saturating_sub(max_len)))
                 .collect::<Vec<_>>();
-            let hidden = host_rows(&model.model.last_hidden(&Batch::trimmed(&rows_in, self.config.device)));
+            let hidden = to_host_f32(&model.model.last_hidden(&Batch::trimmed(&rows_in, self.config.device)));
             for (&i, row) in full.iter().zip(hidden.chunks(width)) {
                 self.keep(&requests[i], number, buckets[i], row, None);
                 rows[i * width..(i + 1) * width].copy_from_slice(row);
@@ -596,7 +596,7 @@ impl InferenceWorker {
                 .model
                 .extend_last_hidden(&batch, self.cache.pool_of(number), &slots)
                 .expect("an appendable model");
-            let hidden = host_rows(&hidden);
+            let hidden = to_host_f32(&hidden);
             for ((i, start, slot), row) in group.into_iter().zip(hidden.chunks(width)) {
                 let held = self.cache.pool_of(number).len(&slot);
                 let covered = CoveredEvents::new(&requests[i].history, start, start + held);
@@ -646,11 +646,6 @@ impl InferenceWorker {
         self.cache.retain(|state| state.last_used > cutoff);
         self.metrics.cache_evictions.inc_by((before - self.cache.len()) as u64);
     }
-}
-
-/// `[B, d]` hidden states as f32 on the host, row after row.
-fn host_rows(hidden: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(hidden.to_kind(Kind::Float).to_device(Device::Cpu).reshape([-1])).expect("hidden states")
 }
 
 fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> Vec<Answer> {

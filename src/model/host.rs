@@ -11,20 +11,10 @@
 
 use tch::{nn, Kind, Tensor};
 
+use super::input::to_host_f32;
+
 /// libtorch's default, with which every layer norm of the model is built.
 const LAYER_NORM_EPS: f32 = 1e-5;
-
-/// A tensor's values as host f32, row-major.
-fn host_values(tensor: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(
-        tensor
-            .detach()
-            .to_kind(Kind::Float)
-            .to_device(tch::Device::Cpu)
-            .reshape([-1]),
-    )
-    .expect("f32 values")
-}
 
 #[derive(Debug)]
 struct Linear {
@@ -41,11 +31,11 @@ impl Linear {
             panic!("a linear layer's weight is a matrix");
         };
         Self {
-            weight: host_values(&linear.ws),
+            weight: to_host_f32(&linear.ws),
             bias: linear
                 .bs
                 .as_ref()
-                .map_or_else(|| vec![0.0; outputs as usize], host_values),
+                .map_or_else(|| vec![0.0; outputs as usize], to_host_f32),
             inputs: inputs as usize,
             outputs: outputs as usize,
         }
@@ -94,8 +84,8 @@ impl LayerNorm {
     fn new(norm: &nn::LayerNorm) -> Self {
         let width = norm.normalized_shape.iter().product::<i64>() as usize;
         Self {
-            weight: norm.ws.as_ref().map_or_else(|| vec![1.0; width], host_values),
-            bias: norm.bs.as_ref().map_or_else(|| vec![0.0; width], host_values),
+            weight: norm.ws.as_ref().map_or_else(|| vec![1.0; width], to_host_f32),
+            bias: norm.bs.as_ref().map_or_else(|| vec![0.0; width], to_host_f32),
         }
     }
 
@@ -195,7 +185,7 @@ impl HostTransformer {
                 })
                 .collect(),
             final_norm: LayerNorm::new(final_norm),
-            session_bias: session_bias.map(host_values),
+            session_bias: session_bias.map(to_host_f32),
             session_cap,
             heads,
             head_dim: d / heads,

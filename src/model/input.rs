@@ -2,7 +2,7 @@
 //! evaluation and serving alike.
 use std::borrow::Borrow;
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::Features;
 use crate::data::session::{
@@ -296,6 +296,18 @@ pub fn stack_rows<'a>(rows: impl ExactSizeIterator<Item = &'a [i64]>, device: De
     let flat: Vec<i64> = rows.flatten().copied().collect();
     let width = if batch == 0 { 0 } else { flat.len() as i64 / batch };
     to_device_pinned(Tensor::from_slice(&flat).view([batch, width]), device)
+}
+
+/// A tensor's values as f32 on the host, row-major (weights, hidden states).
+pub fn to_host_f32(tensor: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(
+        tensor
+            .detach()
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu)
+            .reshape([-1]),
+    )
+    .expect("f32 values")
 }
 
 /// Moves a freshly built host tensor to `device`. On CUDA it goes through page-locked memory

@@ -4,7 +4,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::{Arch, Combine, ModelConfig, PositionOrigin};
 use super::host::{BlockWeights, HostTransformer};
-use super::input::{to_device_pinned, Batch};
+use super::input::{to_device_pinned, to_host_f32, Batch};
 use super::prefix::{PrefixPool, Slot};
 use crate::data::session::{DAYS_PER_WEEK, HOURS_PER_DAY, NUM_GAP_BUCKETS};
 
@@ -754,7 +754,7 @@ impl Network {
         let x = self.input.forward_last(batch, m as i64, false);
         if pool.on_host() && m <= SHORT_APPEND && x.kind() == Kind::Float {
             let d = x.size()[2] as usize;
-            let inputs = Vec::<f32>::try_from(x.reshape([-1])).expect("f32 inputs");
+            let inputs = to_host_f32(&x);
             let rows: Vec<&[f32]> = inputs
                 .chunks(m * d)
                 .zip(&fresh)

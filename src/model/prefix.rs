@@ -70,7 +70,7 @@ impl PrefixPool {
     }
 
     /// Runs `rows` (one per slot of `slots`) after their slots' positions on the host, keeps
-    /// each row's new positions but the newest (`keep[row]` of them) in its slot, and returns
+    /// each row's new positions but the newest in its slot, and returns
     /// the rows' newest hidden states (`[B, d]`); `None` where the pool has no host kernel.
     pub(super) fn extend_on_host(
         &mut self,
