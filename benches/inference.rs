@@ -40,7 +40,12 @@ fn batch(batch: usize, num_items: usize) -> Batch {
 
 /// `batch` users with `len`-event histories, encoded for a `max_len`-wide model.
 fn histories(batch: usize, len: usize, num_items: usize, max_len: usize) -> Batch {
-    let rows: Vec<_> = (0..batch)
+    users_histories(0..batch, len, num_items, max_len)
+}
+
+/// The `len`-event histories of `users` (each user's own items), for a `max_len`-wide model.
+fn users_histories(users: std::ops::Range<usize>, len: usize, num_items: usize, max_len: usize) -> Batch {
+    let rows: Vec<_> = users
         .map(|u| {
             let items: Vec<u32> = (0..len)
                 .map(|i| 1 + ((u * 31 + i * 7) % (num_items - 1)) as u32)
@@ -108,6 +113,50 @@ fn append_vs_full_by_length(c: &mut Criterion) {
     }
 }
 
+/// Appends as the server sees them: each pass takes `BATCH` users drawn from a pool of 10,000
+/// cached users (the load script's population), so their keys and values are cold in the CPU's
+/// caches, as they are between two requests of one user under load. A pool this size is
+/// ~0.5 GB at max_len 50; the hot loops of an append wait on memory here, not in the bench above.
+fn append_cold_pool(c: &mut Criterion) {
+    const USERS: usize = 10_000;
+    const BATCH: usize = 26;
+    let features = Features {
+        positions: PositionOrigin::WindowStart,
+        event_type: false,
+        session_successor: false,
+        clock_readout: false,
+        ..Features::default()
+    };
+    let model = model_with(1683, 50, features);
+    let mut pool = model.net.prefix_pool(1 << 31, Kind::Float).expect("appendable");
+    let groups: Vec<(Vec<Slot>, Batch)> = (0..USERS / BATCH)
+        .map(|group| {
+            let slots: Vec<Slot> = (0..BATCH).map(|_| pool.allocate().expect("room")).collect();
+            let refs: Vec<&Slot> = slots.iter().collect();
+            let users = group * BATCH..(group + 1) * BATCH;
+            let before = users_histories(users.clone(), 39, 1683, 50);
+            let _ = model.extend_last_hidden(&before, &mut pool, &refs).expect("appendable");
+            (slots, users_histories(users, 40, 1683, 50))
+        })
+        .collect();
+    let held = pool.len(&groups[0].0[0]);
+    let mut group = c.benchmark_group("append_cold_pool_10k_users");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    let mut next = 0;
+    group.bench_function(BenchmarkId::new("append", BATCH), |b| {
+        b.iter(|| {
+            // A stride through the groups, so that consecutive passes touch distant memory.
+            next = (next + 97) % groups.len();
+            let (slots, now) = &groups[next];
+            let refs: Vec<&Slot> = slots.iter().collect();
+            let hidden = model.extend_last_hidden(now, &mut pool, &refs);
+            refs.iter().for_each(|slot| pool.truncate(slot, held));
+            hidden
+        })
+    });
+    group.finish();
+}
+
 fn forward_by_batch_size(c: &mut Criterion) {
     let model = model(1683, 200);
     let mut group = c.benchmark_group("forward_ml100k_L50");
@@ -140,6 +189,6 @@ fn topk_by_catalogue(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(3));
-    targets = forward_by_batch_size, topk_by_catalogue, append_vs_full_by_length
+    targets = forward_by_batch_size, topk_by_catalogue, append_vs_full_by_length, append_cold_pool
 }
 criterion_main!(benches);
