@@ -62,20 +62,23 @@ fn users_histories(users: std::ops::Range<usize>, len: usize, num_items: usize, 
     Batch::trimmed(&rows, Device::Cpu)
 }
 
-/// The fresh workload's step: a user with `len` events, whose state was cached when they had
-/// `len − 1`, asks again. In full that is a forward pass over `len` positions; from the cached
-/// prefix (every position but the then newest) it is two, the previous newest and the new one.
-fn append_vs_full_by_length(c: &mut Criterion) {
-    // The default recipe's model (`--readouts off`, no event types in ml-100k), positions
-    // counted from the window start.
-    let features = Features {
+/// The default recipe's model (`--readouts off`, no event types in ml-100k), positions counted
+/// from the window start: the model the server appends to.
+fn served_features() -> Features {
+    Features {
         positions: PositionOrigin::WindowStart,
         event_type: false,
         session_successor: false,
         clock_readout: false,
         ..Features::default()
-    };
-    let model = model_with(1683, 200, features);
+    }
+}
+
+/// The fresh workload's step: a user with `len` events, whose state was cached when they had
+/// `len − 1`, asks again. In full that is a forward pass over `len` positions; from the cached
+/// prefix (every position but the then newest) it is two, the previous newest and the new one.
+fn append_vs_full_by_length(c: &mut Criterion) {
+    let model = model_with(1683, 200, served_features());
     for size in [1usize, 64] {
         let mut group = c.benchmark_group(format!("append_vs_full_batch{size}"));
         for len in [10usize, 50, 100, 200] {
@@ -120,14 +123,7 @@ fn append_vs_full_by_length(c: &mut Criterion) {
 fn append_cold_pool(c: &mut Criterion) {
     const USERS: usize = 10_000;
     const BATCH: usize = 26;
-    let features = Features {
-        positions: PositionOrigin::WindowStart,
-        event_type: false,
-        session_successor: false,
-        clock_readout: false,
-        ..Features::default()
-    };
-    let model = model_with(1683, 50, features);
+    let model = model_with(1683, 50, served_features());
     let mut pool = model.net.prefix_pool(1 << 31, Kind::Float).expect("appendable");
     let groups: Vec<(Vec<Slot>, Batch)> = (0..USERS / BATCH)
         .map(|group| {
