@@ -9,7 +9,7 @@
 //! libtorch path (`Network::extend`) stays the reference and the path for CUDA and bf16;
 //! `tests/incremental.rs` holds both to a full forward pass.
 
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 use super::input::to_host_f32;
 
@@ -71,6 +71,37 @@ impl Linear {
                 1,
             );
         }
+    }
+}
+
+/// An fp32 table in host memory (an embedding's weight), read in place: the item table may
+/// be hundreds of megabytes, which a copy would double.
+pub(super) struct HostTable<'a> {
+    values: &'a [f32],
+    width: usize,
+}
+
+impl<'a> HostTable<'a> {
+    /// `None` unless `table` is a contiguous fp32 matrix in host memory.
+    pub(super) fn of(table: &'a Tensor) -> Option<Self> {
+        let fits = table.device() == Device::Cpu && table.kind() == Kind::Float && table.is_contiguous();
+        let &[_, width] = &table.size()[..] else { return None };
+        fits.then(|| Self {
+            // SAFETY: a contiguous fp32 host tensor holds `numel` values from `data_ptr`; the
+            // borrow keeps the tensor alive, and nothing writes a model's weights while it
+            // serves (no_grad inference; a reload swaps whole models).
+            values: unsafe { std::slice::from_raw_parts(table.data_ptr() as *const f32, table.numel()) },
+            width: width as usize,
+        })
+    }
+
+    pub(super) fn row(&self, index: i64) -> &'a [f32] {
+        let at = index as usize * self.width;
+        &self.values[at..at + self.width]
+    }
+
+    pub(super) fn width(&self) -> usize {
+        self.width
     }
 }
 
@@ -384,7 +415,7 @@ fn prefetch_held(states: &[f32], row: &HostRow, per_position: usize, parts: [std
     }
 }
 
-fn add_into(x: &mut [f32], y: &[f32]) {
+pub(super) fn add_into(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
 }
 

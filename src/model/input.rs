@@ -213,9 +213,43 @@ pub struct Batch {
     /// Real events per row, on the host: what a batch's shape depends on is known without
     /// asking the device.
     pub lengths: Vec<i64>,
-    /// `sessions` on the host, row after row (`[B × L]`), for what is built there (the
-    /// attention index of a few new positions, the sessions a prefix pool keeps).
-    pub host_sessions: Vec<i64>,
+    /// Every field on the host as well, `[fields, B, L]` in [`Field`] order, for what is built
+    /// there (the attention index of a few new positions, the sessions a prefix pool keeps,
+    /// the host kernel's inputs).
+    host: Vec<i64>,
+}
+
+/// The fields of a [`Batch`], in the order its host copy keeps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Items,
+    Types,
+    Gaps,
+    PredictionGaps,
+    Sessions,
+    PredictionHours,
+}
+
+impl Field {
+    const ALL: [Field; 6] = [
+        Field::Items,
+        Field::Types,
+        Field::Gaps,
+        Field::PredictionGaps,
+        Field::Sessions,
+        Field::PredictionHours,
+    ];
+
+    fn of(self, row: &EncodedSeq) -> &[i64] {
+        match self {
+            Field::Items => &row.items,
+            Field::Types => &row.types,
+            Field::Gaps => &row.gaps,
+            Field::PredictionGaps => &row.prediction_gaps,
+            Field::Sessions => &row.sessions,
+            Field::PredictionHours => &row.prediction_hours,
+        }
+    }
 }
 
 impl Batch {
@@ -236,33 +270,24 @@ impl Batch {
     /// `[fields, B, width]` host tensor: one copy per batch, from pinned memory and asynchronous
     /// on CUDA, instead of one pageable copy per field.
     pub fn last_columns<R: Borrow<EncodedSeq>>(rows: &[R], width: usize, device: Device) -> Self {
-        let fields: [fn(&EncodedSeq) -> &[i64]; 6] = [
-            |r| &r.items,
-            |r| &r.types,
-            |r| &r.gaps,
-            |r| &r.prediction_gaps,
-            |r| &r.sessions,
-            |r| &r.prediction_hours,
-        ];
-        let mut flat = Vec::with_capacity(fields.len() * rows.len() * width);
-        for field in fields {
+        let mut flat = Vec::with_capacity(Field::ALL.len() * rows.len() * width);
+        for field in Field::ALL {
             for row in rows {
-                let values = field(row.borrow());
+                let values = field.of(row.borrow());
                 flat.extend_from_slice(&values[values.len() - width..]);
             }
         }
-        let host = Tensor::from_slice(&flat).view([fields.len() as i64, rows.len() as i64, width as i64]);
+        let host = Tensor::from_slice(&flat).view([Field::ALL.len() as i64, rows.len() as i64, width as i64]);
         let all = to_device_pinned(host, device);
-        let sessions_at = 4 * rows.len() * width;
         Self {
             lengths: rows.iter().map(|r| r.borrow().real_len().min(width) as i64).collect(),
-            host_sessions: flat[sessions_at..sessions_at + rows.len() * width].to_vec(),
-            items: all.get(0),
-            types: all.get(1),
-            gaps: all.get(2),
-            prediction_gaps: all.get(3),
-            sessions: all.get(4),
-            prediction_hours: all.get(5),
+            host: flat,
+            items: all.get(Field::Items as i64),
+            types: all.get(Field::Types as i64),
+            gaps: all.get(Field::Gaps as i64),
+            prediction_gaps: all.get(Field::PredictionGaps as i64),
+            sessions: all.get(Field::Sessions as i64),
+            prediction_hours: all.get(Field::PredictionHours as i64),
         }
     }
 
@@ -283,10 +308,22 @@ impl Batch {
         self.items.device()
     }
 
+    /// `field` of row `row`'s last `m` columns, from the host copy.
+    pub fn row_field(&self, field: Field, row: usize, m: usize) -> &[i64] {
+        let (rows, width) = (self.size() as usize, self.seq_len() as usize);
+        let at = (field as usize * rows + row) * width;
+        &self.host[at + width - m..at + width]
+    }
+
     /// Session indices of row `row`'s last `m` columns.
     pub fn row_sessions(&self, row: usize, m: usize) -> &[i64] {
-        let width = self.seq_len() as usize;
-        &self.host_sessions[row * width + width - m..(row + 1) * width]
+        self.row_field(Field::Sessions, row, m)
+    }
+
+    /// Session indices of every row, row after row (`[B × L]`).
+    pub fn host_sessions(&self) -> &[i64] {
+        let len = (self.size() * self.seq_len()) as usize;
+        &self.host[Field::Sessions as usize * len..][..len]
     }
 }
 

@@ -3,8 +3,8 @@ use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use super::config::{Arch, Combine, ModelConfig, PositionOrigin};
-use super::host::{BlockWeights, HostTransformer};
-use super::input::{to_device_pinned, to_host_f32, Batch};
+use super::host::{add_into, BlockWeights, HostTable, HostTransformer};
+use super::input::{to_device_pinned, to_host_f32, Batch, Field};
 use super::prefix::{PrefixPool, Slot};
 use crate::data::session::{DAYS_PER_WEEK, HOURS_PER_DAY, NUM_GAP_BUCKETS};
 
@@ -120,6 +120,49 @@ impl InputEmbedding {
         };
         let real = last(&batch.real_mask()).unsqueeze(-1).to_kind(merged.kind());
         merged.dropout(self.dropout, train) * real
+    }
+
+    /// The inputs of each row's last `fresh[row]` positions, packed row after row
+    /// (`[Σ fresh, d]`) and computed on the host: [`Self::forward_last`]'s values (the same
+    /// table rows, added in the same order) without its ~20 libtorch operations, which cost an
+    /// append more than its arithmetic did. `None` where a feature only the libtorch path
+    /// computes is on (calendar, session summary, concatenation, positions counted from the
+    /// newest event) or a table is not fp32 host memory.
+    fn host_last(&self, batch: &Batch, fresh: &[usize]) -> Option<Vec<f32>> {
+        let libtorch_only = self.calendar.is_some()
+            || self.session_summary.is_some()
+            || self.concat_projection.is_some()
+            || self.origin != PositionOrigin::WindowStart;
+        if libtorch_only {
+            return None;
+        }
+        let items = HostTable::of(&self.items.ws)?;
+        let positions = HostTable::of(&self.positions.ws)?;
+        let features = [
+            (&self.gaps, Field::Gaps),
+            (&self.types, Field::Types),
+            (&self.prediction_gaps, Field::PredictionGaps),
+        ]
+        .into_iter()
+        .filter_map(|(table, field)| table.as_ref().map(|table| Some((HostTable::of(&table.ws)?, field))))
+        .collect::<Option<Vec<_>>>()?;
+        let width = batch.seq_len() as usize;
+        let mut inputs = Vec::with_capacity(fresh.iter().sum::<usize>() * items.width());
+        for (row, &m) in fresh.iter().enumerate() {
+            let ids = batch.row_field(Field::Items, row, width);
+            // Counted from the window start as `positions` counts them: real events before.
+            let mut position = ids[..width - m].iter().filter(|&&id| id != 0).count() as i64;
+            for (j, &id) in ids[width - m..].iter().enumerate() {
+                let at = inputs.len();
+                inputs.extend_from_slice(items.row(id));
+                add_into(&mut inputs[at..], positions.row(position));
+                for (table, field) in &features {
+                    add_into(&mut inputs[at..], table.row(batch.row_field(*field, row, m)[j]));
+                }
+                position += i64::from(id != 0);
+            }
+        }
+        Some(inputs)
     }
 
     /// `[B, L]` position indices. Rows are left-padded, so counted from the newest event the
@@ -542,7 +585,7 @@ impl Transformer {
             .collect();
         // The fused kernel wants the bias in the activations' precision (bf16 inference).
         let bias = self
-            .attention_bias(&batch.host_sessions, &allowed, l as usize, l as usize)
+            .attention_bias(batch.host_sessions(), &allowed, l as usize, l as usize)
             .to_kind(x.kind());
         let mut x = x;
         for block in &self.blocks {
@@ -751,15 +794,25 @@ impl Network {
             })
             .collect();
         let m = fresh.iter().copied().max().unwrap_or(1);
-        let x = self.input.forward_last(batch, m as i64, false);
-        if pool.on_host() && m <= SHORT_APPEND && x.kind() == Kind::Float {
-            let d = x.size()[2] as usize;
-            let inputs = to_host_f32(&x);
-            let rows: Vec<&[f32]> = inputs
-                .chunks(m * d)
-                .zip(&fresh)
-                .map(|(row, &fresh)| &row[(m - fresh) * d..])
-                .collect();
+        if pool.on_host() && m <= SHORT_APPEND {
+            let inputs = self.input.host_last(batch, &fresh).unwrap_or_else(|| {
+                // Each row's own new positions out of the `[B, m, d]` libtorch computes.
+                let x = to_host_f32(&self.input.forward_last(batch, m as i64, false));
+                let d = x.len() / (slots.len() * m);
+                x.chunks(m * d)
+                    .zip(&fresh)
+                    .flat_map(|(row, &fresh)| &row[(m - fresh) * d..])
+                    .copied()
+                    .collect()
+            });
+            let d = inputs.len() / fresh.iter().sum::<usize>();
+            let mut rows = Vec::with_capacity(slots.len());
+            let mut rest = inputs.as_slice();
+            for &fresh in &fresh {
+                let (row, after) = rest.split_at(fresh * d);
+                rows.push(row);
+                rest = after;
+            }
             let sessions: Vec<&[i64]> = (0..slots.len())
                 .map(|row| batch.row_sessions(row, fresh[row]))
                 .collect();
@@ -767,6 +820,7 @@ impl Network {
             let newest = Tensor::from_slice(&newest).view([slots.len() as i64, 1, d as i64]);
             return Some(self.read_out(newest, batch).squeeze_dim(1));
         }
+        let x = self.input.forward_last(batch, m as i64, false);
         let prefix_len = slots.iter().map(|slot| pool.len(slot)).max().unwrap_or(0);
         // Each row's keys: its prefix, right-padded to the longest, then the batch's `m` new
         // positions, of which the row's own are the last `fresh[row]`.
@@ -875,6 +929,77 @@ mod tests {
         ];
         for (got, want) in read.iter().zip(expected) {
             assert!((got - want).abs() < 1e-6, "{read:?} vs {expected:?}");
+        }
+    }
+
+    /// The host's inputs are libtorch's, to the bit: rows of different lengths (left padding),
+    /// each row's own number of new positions, every per-event feature drawn on or off, random
+    /// tables and random feature buckets.
+    #[test]
+    fn host_inputs_equal_libtorchs_for_each_rows_new_positions() {
+        use crate::model::{encode, Features, HistoryView};
+        for seed in 0..24u64 {
+            let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut draw = |n: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % n
+            };
+            let cfg = ModelConfig {
+                arch: Arch::Transformer,
+                num_items: 40,
+                num_event_types: 3,
+                max_len: 12,
+                d_model: 8,
+                n_heads: 2,
+                n_layers: 1,
+                ffn_dim: 16,
+                dropout: 0.0,
+                tied_output: true,
+                features: Features {
+                    time_gap: draw(2) == 1,
+                    event_type: draw(2) == 1,
+                    prediction_gap: draw(2) == 1,
+                    calendar: false,
+                    session_summary: false,
+                    positions: PositionOrigin::WindowStart,
+                    ..Features::default()
+                },
+                session_gap_secs: 60,
+            };
+            tch::manual_seed(seed as i64);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let input = InputEmbedding::new(&vs.root(), &cfg);
+            let rows: Vec<_> = (0..4)
+                .map(|_| {
+                    let len = 1 + draw(12) as usize;
+                    let items: Vec<u32> = (0..len).map(|_| 1 + draw(39) as u32).collect();
+                    let mut t = 1_000_000i64;
+                    let times: Vec<i64> = (0..len)
+                        .map(|_| {
+                            t += draw(400) as i64;
+                            t
+                        })
+                        .collect();
+                    let types: Vec<u32> = (0..len).map(|_| draw(3) as u32).collect();
+                    encode(HistoryView::new(&items, &times, &types), t + draw(400) as i64, 12, 60)
+                })
+                .collect();
+            let batch = Batch::trimmed(&rows, Device::Cpu);
+            let fresh: Vec<usize> = batch
+                .lengths
+                .iter()
+                .map(|&len| 1 + draw(len.min(4) as u64) as usize)
+                .collect();
+            let m = *fresh.iter().max().unwrap();
+            let reference = to_host_f32(&tch::no_grad(|| input.forward_last(&batch, m as i64, false)));
+            let expected: Vec<f32> = reference
+                .chunks(m * 8)
+                .zip(&fresh)
+                .flat_map(|(row, &fresh)| row[(m - fresh) * 8..].to_vec())
+                .collect();
+            assert_eq!(input.host_last(&batch, &fresh), Some(expected), "seed {seed}");
         }
     }
 
