@@ -15,7 +15,7 @@ use crate::health::Health;
 use crate::history::HistorySnapshot;
 use crate::metrics::Metrics;
 use crate::model::input::moment_key;
-use crate::model::input::{to_device_pinned, to_host_f32};
+use crate::model::input::{host_f32_view, to_device_pinned, to_host_f32};
 use crate::model::{
     encode, encode_window, fresh_window_start, mask_items, padded_index, Artifact, Batch, HistoryView, Precision,
     PrefixPool, SeqModel, Slot, SHORT_APPEND,
@@ -788,9 +788,7 @@ fn top_k_on_host(values: &Tensor, ks: &[usize], columns: Option<&Tensor>) -> Vec
     let values = values.to_kind(Kind::Float).contiguous();
     let width = values.size()[1] as usize;
     let columns = columns.map(|c| Vec::<i64>::try_from(c.reshape([-1])).expect("columns"));
-    // SAFETY: `values` is a contiguous fp32 tensor in host memory of `numel` elements, alive
-    // and unchanged while the slice is read.
-    let all = unsafe { std::slice::from_raw_parts(values.data_ptr() as *const f32, values.numel()) };
+    let all = host_f32_view(&values).expect("contiguous fp32 scores on the host");
     let (mut maxima, mut ranked_maxima, mut candidates) = (Vec::new(), Vec::new(), Vec::new());
     all.chunks(width.max(1))
         .zip(ks)

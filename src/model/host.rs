@@ -9,9 +9,9 @@
 //! libtorch path (`Network::extend`) stays the reference and the path for CUDA and bf16;
 //! `tests/incremental.rs` holds both to a full forward pass.
 
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Tensor};
 
-use super::input::to_host_f32;
+use super::input::{host_f32_view, to_host_f32};
 
 /// libtorch's default, with which every layer norm of the model is built.
 const LAYER_NORM_EPS: f32 = 1e-5;
@@ -84,13 +84,9 @@ pub(super) struct HostTable<'a> {
 impl<'a> HostTable<'a> {
     /// `None` unless `table` is a contiguous fp32 matrix in host memory.
     pub(super) fn of(table: &'a Tensor) -> Option<Self> {
-        let fits = table.device() == Device::Cpu && table.kind() == Kind::Float && table.is_contiguous();
         let &[_, width] = &table.size()[..] else { return None };
-        fits.then(|| Self {
-            // SAFETY: a contiguous fp32 host tensor holds `numel` values from `data_ptr`; the
-            // borrow keeps the tensor alive, and nothing writes a model's weights while it
-            // serves (no_grad inference; a reload swaps whole models).
-            values: unsafe { std::slice::from_raw_parts(table.data_ptr() as *const f32, table.numel()) },
+        Some(Self {
+            values: host_f32_view(table)?,
             width: width as usize,
         })
     }

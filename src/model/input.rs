@@ -347,6 +347,16 @@ pub fn to_host_f32(tensor: &Tensor) -> Vec<f32> {
     .expect("f32 values")
 }
 
+/// A tensor's values read in place, without a copy: `None` unless it is contiguous fp32 in host
+/// memory. The borrow keeps the tensor alive; callers read tensors nothing writes meanwhile (a
+/// serving model's weights, a pass's own scores).
+pub fn host_f32_view(tensor: &Tensor) -> Option<&[f32]> {
+    let fits = tensor.device() == Device::Cpu && tensor.kind() == Kind::Float && tensor.is_contiguous();
+    // SAFETY: a contiguous fp32 host tensor holds `numel` values from `data_ptr`, alive for the
+    // borrow of `tensor`.
+    fits.then(|| unsafe { std::slice::from_raw_parts(tensor.data_ptr() as *const f32, tensor.numel()) })
+}
+
 /// Moves a freshly built host tensor to `device`. On CUDA it goes through page-locked memory
 /// (libtorch's caching host allocator recycles those blocks) so the copy is a single DMA that
 /// does not block the host; the allocator keeps the block alive until the copy has finished.
