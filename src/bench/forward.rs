@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::ceilings::Ceilings;
 use super::cost::batch_cost;
 use super::{median, rank_batch, synchronize, synthetic_history, Stage};
+use crate::infer::rank::Catalogue;
 use crate::model::{encode, item_indices, EncodedSeq, HistoryView, SeqModel};
 
 #[derive(Debug, Clone, Serialize)]
@@ -63,6 +64,7 @@ pub fn measure(
     let element_bytes = kind.elt_size_in_bytes() as f64;
     let progress = ProgressBar::new(batch_sizes.len() as u64)
         .with_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] batch size {msg}").expect("template"));
+    let catalogue = Catalogue::new(model.net.item_table());
     let mut out = Vec::new();
     for &size in batch_sizes {
         progress.set_message(size.to_string());
@@ -76,7 +78,7 @@ pub fn measure(
             let encoded = Instant::now();
             encodes.push(encoded.duration_since(started).as_secs_f64());
             let mut last = encoded;
-            rank_batch(model, &rows, &exclude[..size], 10, |stage| {
+            rank_batch(model, &catalogue, &rows, &exclude[..size], 10, |stage| {
                 synchronize(device);
                 let now = Instant::now();
                 stages[stage as usize].push(now.duration_since(last).as_secs_f64());

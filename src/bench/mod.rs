@@ -14,7 +14,7 @@ use std::time::Instant;
 use rand::Rng;
 use tch::Device;
 
-use crate::infer::worker::rank_excluding;
+use crate::infer::rank::Catalogue;
 use crate::model::{Batch, EncodedSeq, SeqModel};
 
 /// Waits for queued device work, so that host clocks measure the device.
@@ -61,6 +61,7 @@ pub enum Stage {
 /// cached, with `stage_done` called after each stage (benchmarks synchronise and time there).
 pub fn rank_batch<R: Borrow<EncodedSeq>, E: AsRef<[i64]>>(
     model: &SeqModel,
+    catalogue: &Catalogue,
     rows: &[R],
     exclude: &[E],
     k: usize,
@@ -71,7 +72,7 @@ pub fn rank_batch<R: Borrow<EncodedSeq>, E: AsRef<[i64]>>(
         stage_done(Stage::CopyIn);
         let hidden = model.last_hidden(&batch);
         stage_done(Stage::Forward);
-        let ranked = rank_excluding(model.net.score(&hidden), exclude, &vec![k; rows.len()]);
+        let ranked = catalogue.rank(&hidden, exclude, &vec![k; rows.len()]);
         stage_done(Stage::RankOut);
         ranked
     })

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::{rank_batch, synthetic_history};
 use crate::data::split::UserSequence;
+use crate::infer::rank::Catalogue;
 use crate::model::item_indices;
 use crate::model::{encode, EncodedSeq, HistoryView, SeqModel};
 
@@ -71,12 +72,13 @@ pub fn synthetic_cases(n: usize, seed: u64, model: &SeqModel) -> Vec<Case> {
 
 /// Top-`k` of every case, `batch_size` at a time, through the serving path.
 pub fn rank_cases(model: &SeqModel, cases: &[Case], k: usize, batch_size: usize) -> Vec<Vec<(u32, f32)>> {
+    let catalogue = Catalogue::new(model.net.item_table());
     cases
         .chunks(batch_size.max(1))
         .flat_map(|chunk| {
             let rows: Vec<&EncodedSeq> = chunk.iter().map(|c| &c.row).collect();
             let exclude: Vec<&[i64]> = chunk.iter().map(|c| c.exclude.as_slice()).collect();
-            rank_batch(model, &rows, &exclude, k, |_| {})
+            rank_batch(model, &catalogue, &rows, &exclude, k, |_| {})
         })
         .collect()
 }

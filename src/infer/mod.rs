@@ -8,6 +8,7 @@
 //! held up to `max_batch_delay` for more); while the worker runs one batch the next one grows.
 pub mod batcher;
 pub mod limit;
+pub mod rank;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -9,16 +9,17 @@ use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
 
 use super::batcher::Batcher;
+use super::rank::{top_k, Catalogue};
 use super::{Answer, Control, InferError, InferRequest, ModelSlot, Query};
 use crate::data::formats::category_names;
 use crate::health::Health;
 use crate::history::HistorySnapshot;
 use crate::metrics::Metrics;
 use crate::model::input::moment_key;
-use crate::model::input::{host_f32_view, to_device_pinned, to_host_f32};
+use crate::model::input::{to_device_pinned, to_host_f32};
 use crate::model::{
-    encode, encode_window, fresh_window_start, mask_items, padded_index, Artifact, Batch, HistoryView, Precision,
-    PrefixPool, SeqModel, Slot, SHORT_APPEND,
+    encode, encode_window, fresh_window_start, padded_index, Artifact, Batch, HistoryView, Precision, PrefixPool,
+    SeqModel, Slot, SHORT_APPEND,
 };
 
 #[derive(Debug, Clone)]
@@ -240,12 +241,14 @@ pub struct ServingModel {
     model: SeqModel,
     /// `[V, C]`: each item's probability mass split evenly over its categories.
     categories: Option<Tensor>,
+    catalogue: Catalogue,
 }
 
 impl ServingModel {
     pub fn new(artifact: Artifact, device: Device) -> Self {
         Self {
             categories: category_matrix(&artifact.item_categories, device),
+            catalogue: Catalogue::new(artifact.model.net.item_table()),
             model: artifact.model,
         }
     }
@@ -266,11 +269,7 @@ impl ServingModel {
         );
         for &size in batch_sizes {
             let hidden = self.model.last_hidden(&Batch::new(&vec![row.clone(); size], device));
-            let _ = self
-                .model
-                .net
-                .score(&hidden)
-                .topk(10.min(self.model.config.num_items as i64 - 1), 1, true, true);
+            let _ = self.catalogue.rank(&hidden, &vec![Vec::new(); size], &vec![10; size]);
         }
     }
 }
@@ -359,6 +358,7 @@ impl InferenceWorker {
             );
             self.cache.pools.insert(number, pool);
         }
+        tracing::info!("ranking {} items: {}", net.item_table().size()[0] - 1, model.catalogue);
         self.models.push(HeldModel {
             slot,
             number,
@@ -649,8 +649,8 @@ impl InferenceWorker {
 }
 
 fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> Vec<Answer> {
-    let scores = model.model.net.score(hidden);
-    let device = scores.device();
+    let table = model.model.net.item_table();
+    let device = hidden.device();
     let mut answers: Vec<Option<Answer>> = vec![None; requests.len()];
     let group = |keep: fn(&Query) -> bool| -> Vec<usize> {
         requests
@@ -662,10 +662,10 @@ fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> V
     };
     let rows_of = |indices: &[usize]| {
         if indices.len() == requests.len() {
-            return scores.shallow_clone(); // one kind of query in the batch: the usual case
+            return hidden.shallow_clone(); // one kind of query in the batch: the usual case
         }
         let index: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
-        scores.index_select(0, &to_device_pinned(Tensor::from_slice(&index), device))
+        hidden.index_select(0, &to_device_pinned(Tensor::from_slice(&index), device))
     };
 
     let ranking = group(|q| matches!(q, Query::TopK { .. }));
@@ -678,7 +678,10 @@ fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> V
             })
             .collect();
         let ks: Vec<usize> = ranking.iter().map(|&i| query_k(&requests[i].query)).collect();
-        for (slot, ranked) in ranking.iter().zip(rank_excluding(rows_of(&ranking), &excluded, &ks)) {
+        for (slot, ranked) in ranking
+            .iter()
+            .zip(model.catalogue.rank(&rows_of(&ranking), &excluded, &ks))
+        {
             answers[*slot] = Some(Answer::Items(ranked));
         }
     }
@@ -693,9 +696,15 @@ fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> V
             })
             .collect();
         let index = padded_index(&lists, device);
-        // Padding points at column 0 and must never be chosen.
+        // Only the candidates' rows of the table are read: [B, 1, d] × [B, d, W].
+        let rows = table
+            .index_select(0, &index.view(-1))
+            .view([index.size()[0], index.size()[1], -1]);
         let gathered = rows_of(&candidate_rows)
-            .gather(1, &index, false)
+            .unsqueeze(1)
+            .bmm(&rows.transpose(1, 2))
+            .squeeze_dim(1)
+            // Padding points at column 0 and must never be chosen.
             .masked_fill(&index.eq(0), f64::NEG_INFINITY);
         let ks: Vec<usize> = candidate_rows.iter().map(|&i| query_k(&requests[i].query)).collect();
         for (slot, ranked) in candidate_rows.iter().zip(top_k(&gathered, &ks, Some(&index))) {
@@ -705,7 +714,7 @@ fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> V
 
     let interest_rows = group(|q| matches!(q, Query::Interests { .. }));
     if let (false, Some(categories)) = (interest_rows.is_empty(), &model.categories) {
-        let logits = rows_of(&interest_rows).copy();
+        let logits = model.model.net.score(&rows_of(&interest_rows));
         let _ = logits.narrow(1, 0, 1).fill_(f64::NEG_INFINITY); // the padding item
         let mass = logits.softmax(-1, Kind::Float).matmul(categories);
         let ks: Vec<usize> = interest_rows.iter().map(|&i| query_k(&requests[i].query)).collect();
@@ -735,116 +744,6 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("unknown panic");
     crate::recommend::error::quote(text)
-}
-
-/// The ranking step of top-k requests: per row, the best `ks[row]` items that are neither
-/// padding nor in that row's `exclude` list. (Public so that benchmarks time this very step.)
-pub fn rank_excluding<E: AsRef<[i64]>>(scores: Tensor, exclude: &[E], ks: &[usize]) -> Vec<Vec<(u32, f32)>> {
-    top_k(&mask_items(scores, exclude), ks, None)
-}
-
-/// Per row, the best `ks[row]` finite entries as (column, value) — or (`columns[row, column]`,
-/// value) when the columns stand for items. On a GPU one `topk` for the whole group, and only
-/// the winners are copied back; on the host the values are read where they are.
-pub fn top_k(values: &Tensor, ks: &[usize], columns: Option<&Tensor>) -> Vec<Vec<(u32, f32)>> {
-    if values.device() == Device::Cpu {
-        return top_k_on_host(values, ks, columns);
-    }
-    let k_max = ks.iter().copied().max().unwrap_or(1).min(values.size()[1] as usize) as i64;
-    let (top_values, top_index) = values.topk(k_max, 1, true, true);
-    let top_index = columns.map_or(top_index.shallow_clone(), |c| c.gather(1, &top_index, false));
-    // Winners leave the device as one int32 tensor (indices, then the f32 bits of the values):
-    // one copy and one synchronisation instead of two.
-    let packed = Tensor::cat(
-        &[
-            top_index.to_kind(Kind::Int),
-            top_values.to_kind(Kind::Float).view_dtype(Kind::Int),
-        ],
-        0,
-    );
-    let packed = Vec::<i32>::try_from(packed.to_device(Device::Cpu).view(-1)).expect("winners");
-    let (top_index, top_values) = packed.split_at(packed.len() / 2);
-    let top_values: Vec<f32> = top_values.iter().map(|&bits| f32::from_bits(bits as u32)).collect();
-    ks.iter()
-        .enumerate()
-        .map(|(row, &k)| {
-            let start = row * k_max as usize;
-            (start..start + k.min(k_max as usize))
-                .filter(|&j| top_values[j].is_finite())
-                .map(|j| (top_index[j] as u32, top_values[j]))
-                .collect()
-        })
-        .collect()
-}
-
-/// [`top_k`] on the host. Per row, the maxima of ≥ 2k blocks of columns bound the k-th best
-/// value from below (the k largest maxima are k distinct entries), so one vectorisable pass for
-/// the maxima, then a look into only the blocks that reach that floor, find the few
-/// candidates, which are then sorted. libtorch's CPU `topk` keeps a heap of (value, index) pairs per row and cost ~6.5 µs per row
-/// of 1,683 items here, as much as the rest of the ranking step; a running sorted list inserts
-/// at nearly every entry when the scores rise along the columns. Equal values keep the lower
-/// column first.
-fn top_k_on_host(values: &Tensor, ks: &[usize], columns: Option<&Tensor>) -> Vec<Vec<(u32, f32)>> {
-    let values = values.to_kind(Kind::Float).contiguous();
-    let width = values.size()[1] as usize;
-    let columns = columns.map(|c| Vec::<i64>::try_from(c.reshape([-1])).expect("columns"));
-    let all = host_f32_view(&values).expect("contiguous fp32 scores on the host");
-    let (mut maxima, mut ranked_maxima, mut candidates) = (Vec::new(), Vec::new(), Vec::new());
-    all.chunks(width.max(1))
-        .zip(ks)
-        .enumerate()
-        .map(|(row, (scores, &k))| {
-            if k == 0 {
-                return Vec::new();
-            }
-            let block = (scores.len() / (2 * k)).clamp(1, 256);
-            maxima.clear();
-            maxima.extend(scores.chunks(block).map(block_max));
-            ranked_maxima.clone_from(&maxima);
-            let floor = match ranked_maxima.len() > k {
-                true => *ranked_maxima.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1,
-                false => f32::NEG_INFINITY,
-            };
-            candidates.clear();
-            // Only blocks whose maximum reaches the floor can hold a candidate.
-            for (index, _) in maxima.iter().enumerate().filter(|&(_, &max)| max >= floor) {
-                let first = index * block;
-                candidates.extend(
-                    scores[first..(first + block).min(scores.len())]
-                        .iter()
-                        .enumerate()
-                        .filter(|&(_, &value)| value >= floor && value.is_finite())
-                        .map(|(offset, &value)| (value, first + offset)),
-                );
-            }
-            candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            candidates
-                .iter()
-                .take(k)
-                .map(|&(value, column)| {
-                    let item = columns.as_ref().map_or(column as i64, |c| c[row * width + column]);
-                    (item as u32, value)
-                })
-                .collect()
-        })
-        .collect()
-}
-
-/// The largest of `values` (−inf for none or all NaN), with eight running maxima so that the
-/// compiler may keep them in vector registers.
-fn block_max(values: &[f32]) -> f32 {
-    let mut maxima = [f32::NEG_INFINITY; 8];
-    let chunks = values.chunks_exact(8);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-    for chunk in chunks {
-        for i in 0..8 {
-            maxima[i] = if chunk[i] > maxima[i] { chunk[i] } else { maxima[i] };
-        }
-    }
-    maxima.iter().fold(tail, |m, &v| if v > m { v } else { m })
 }
 
 /// `[V, C]` matrix spreading each item's mass evenly over its categories, or `None` when no item
@@ -906,48 +805,6 @@ mod tests {
     }
 
     proptest! {
-        /// The host's top-k against the oracle of sorting every row: values from a few levels
-        /// (ties), masked entries (−inf), NaN, rising and falling rows, any k and width, with
-        /// and without a column map.
-        #[test]
-        fn the_host_top_k_is_the_best_k_finite_entries_by_value_then_column(
-            rows in prop::collection::vec(
-                (prop::collection::vec(prop::sample::select(vec![
-                    -2.5f32, -1.0, 0.0, 0.25, 0.5, 3.0, f32::NEG_INFINITY, f32::NAN,
-                ]), 1..400), any::<bool>(), 0usize..40),
-                1..5,
-            ),
-            width in 1usize..400,
-            mapped in any::<bool>(),
-        ) {
-            let rows: Vec<(Vec<f32>, usize)> = rows
-                .into_iter()
-                .map(|(levels, rising, k)| {
-                    let row = (0..width)
-                        .map(|j| levels[j % levels.len()] + if rising { j as f32 * 1e-3 } else { 0.0 })
-                        .collect();
-                    (row, k)
-                })
-                .collect();
-            let flat: Vec<f32> = rows.iter().flat_map(|(row, _)| row.iter().copied()).collect();
-            let values = Tensor::from_slice(&flat).view([rows.len() as i64, width as i64]);
-            let ks: Vec<usize> = rows.iter().map(|(_, k)| *k).collect();
-            let map: Vec<i64> = (0..flat.len() as i64).map(|i| 7 * i + 3).collect();
-            let columns = Tensor::from_slice(&map).view([rows.len() as i64, width as i64]);
-            let got = top_k(&values, &ks, mapped.then_some(&columns));
-            for (r, ((row, k), got)) in rows.iter().zip(&got).enumerate() {
-                let mut oracle: Vec<(f32, usize)> =
-                    row.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(j, &v)| (v, j)).collect();
-                oracle.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
-                let oracle: Vec<(u32, f32)> = oracle
-                    .into_iter()
-                    .take(*k)
-                    .map(|(v, j)| (if mapped { map[r * width + j] } else { j as i64 } as u32, v))
-                    .collect();
-                prop_assert_eq!(got, &oracle);
-            }
-        }
-
         /// Cached positions are reused only where the model would give them the very same
         /// input (the oracle: the encoded rows), and always after events are only appended.
         #[test]
