@@ -295,6 +295,29 @@ impl Batch {
         self.items.size()[0]
     }
 
+    /// Rows `start..start + len` as a batch of their own, columns unchanged.
+    pub fn rows(&self, start: usize, len: usize) -> Batch {
+        let (rows, width) = (self.size() as usize, self.seq_len() as usize);
+        let host = Field::ALL
+            .iter()
+            .flat_map(|&field| {
+                let at = (field as usize * rows + start) * width;
+                self.host[at..at + len * width].iter().copied()
+            })
+            .collect();
+        let narrow = |tensor: &Tensor| tensor.narrow(0, start as i64, len as i64);
+        Batch {
+            items: narrow(&self.items),
+            types: narrow(&self.types),
+            gaps: narrow(&self.gaps),
+            prediction_gaps: narrow(&self.prediction_gaps),
+            sessions: narrow(&self.sessions),
+            prediction_hours: narrow(&self.prediction_hours),
+            lengths: self.lengths[start..start + len].to_vec(),
+            host,
+        }
+    }
+
     pub fn seq_len(&self) -> i64 {
         self.items.size()[1]
     }
