@@ -44,7 +44,6 @@ impl Catalogue {
             let scores = hidden.matmul(&self.table.tr());
             return top_k(&mask_items(scores, exclude), ks, None);
         };
-        let hidden = to_host_f32(hidden);
         let excluded: Vec<Vec<i64>> = exclude
             .iter()
             .map(|row| {
@@ -54,7 +53,7 @@ impl Catalogue {
             })
             .collect();
         let mut best: Vec<BestK> = ks.iter().map(|&k| BestK::new(k)).collect();
-        packed.search(&hidden, &excluded, &mut best);
+        packed.search(to_host_f32(hidden), &excluded, &mut best);
         best.into_iter()
             .map(|best| best.ranked(|column| column as u32))
             .collect()
@@ -112,7 +111,15 @@ impl PackedItems {
             return None;
         }
         let (items, dim) = (table.size()[0] as usize, table.size()[1] as usize);
-        let plain = to_host_f32(table);
+        // The model's table is read in place; a copy only where it is not contiguous.
+        let copy;
+        let plain = match host_f32_view(table) {
+            Some(view) => view,
+            None => {
+                copy = to_host_f32(table);
+                &copy
+            }
+        };
         let blocks = items.div_ceil(BLOCK_ITEMS);
         let mut values = vec![0f32; blocks * dim * BLOCK_ITEMS];
         for (item, row) in plain.chunks(dim.max(1)).enumerate() {
@@ -124,13 +131,12 @@ impl PackedItems {
         Some(Self { dim, items, values })
     }
 
-    /// Offers every item's score for each hidden state (`hidden`: rows × dim) to that row's
+    /// Offers every item's score for each hidden state (`states`: rows × dim) to that row's
     /// `best`, a tile of blocks at a time, skipping the `excluded` items (sorted) of each row.
-    fn search(&self, hidden: &[f32], excluded: &[Vec<i64>], best: &mut [BestK]) {
+    fn search(&self, mut states: Vec<f32>, excluded: &[Vec<i64>], best: &mut [BestK]) {
         let (dim, rows) = (self.dim, best.len());
         let groups = rows.div_ceil(ROWS);
         // Rows padded to whole groups with zero states, whose scores nobody reads.
-        let mut states = hidden.to_vec();
         states.resize(groups * ROWS * dim, 0.0);
         let tile = TILE_BLOCKS * BLOCK_ITEMS;
         let mut scores = vec![0f32; groups * ROWS * tile];
