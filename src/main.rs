@@ -36,7 +36,7 @@ enum Command {
     #[command(subcommand)]
     History(cli::history::HistoryCommand),
     /// Serve recommendations over HTTP.
-    Serve(xsrec::serve::ServeConfig),
+    Serve(Box<xsrec::serve::ServeConfig>),
     /// Print the REST API's OpenAPI document (what `/openapi.json` serves; `docs/openapi.json`).
     Openapi,
 }

@@ -290,6 +290,7 @@ fn every_parameter_gets_a_gradient() {
 #[test]
 fn bf16_inference_keeps_the_default_models_top10() {
     use xsrec::bench::parity::{agreement, cases_from_users, rank_cases};
+    use xsrec::infer::rank::Retrieval;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let data = root.join("data/ml-100k/ml-100k.inter");
     assert!(data.exists(), "{} is missing: run `make data`", data.display());
@@ -302,13 +303,13 @@ fn bf16_inference_keeps_the_default_models_top10() {
         .events;
     let set = xsrec::data::split::build_sequences(&events, fp32.items.clone(), fp32.event_types.clone(), false);
     let cases = cases_from_users(&set.users, 300, 3, &fp32.model);
-    let reference = rank_cases(&fp32.model, &cases, 10, 64);
+    let reference = rank_cases(&fp32.model, &cases, 10, 64, Retrieval::Exact);
     // Batching must not change fp32 answers; bf16 may swap near-ties but not the list.
     assert_eq!(
-        agreement(&reference, &rank_cases(&fp32.model, &cases, 10, 7)).identical_lists,
+        agreement(&reference, &rank_cases(&fp32.model, &cases, 10, 7, Retrieval::Exact)).identical_lists,
         300
     );
-    let found = agreement(&reference, &rank_cases(&bf16, &cases, 10, 64));
+    let found = agreement(&reference, &rank_cases(&bf16, &cases, 10, 64, Retrieval::Exact));
     assert!(found.mean_overlap >= 9.0, "{found:?}");
     assert!(found.max_abs_score_diff < 0.2, "{found:?}");
 }

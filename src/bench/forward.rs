@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::ceilings::Ceilings;
 use super::cost::batch_cost;
 use super::{median, rank_batch, synchronize, synthetic_history, Stage};
-use crate::infer::rank::Catalogue;
+use crate::infer::rank::{Catalogue, Retrieval};
 use crate::model::{encode, item_indices, EncodedSeq, HistoryView, SeqModel};
 
 #[derive(Debug, Clone, Serialize)]
@@ -40,6 +40,7 @@ pub fn measure(
     batch_sizes: &[usize],
     iters: usize,
     seed: u64,
+    retrieval: Retrieval,
 ) -> Vec<ForwardRow> {
     let config = &model.config;
     let device = model.device();
@@ -64,7 +65,7 @@ pub fn measure(
     let element_bytes = kind.elt_size_in_bytes() as f64;
     let progress = ProgressBar::new(batch_sizes.len() as u64)
         .with_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] batch size {msg}").expect("template"));
-    let catalogue = Catalogue::new(model.net.item_table());
+    let catalogue = Catalogue::new(model.net.item_table(), retrieval);
     let mut out = Vec::new();
     for &size in batch_sizes {
         progress.set_message(size.to_string());

@@ -7,6 +7,7 @@ pub mod forward;
 pub mod load;
 pub mod parity;
 pub mod plot;
+pub mod recall;
 
 use std::borrow::Borrow;
 use std::time::Instant;

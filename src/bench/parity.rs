@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::{rank_batch, synthetic_history};
 use crate::data::split::UserSequence;
-use crate::infer::rank::Catalogue;
+use crate::infer::rank::{Catalogue, Retrieval};
 use crate::model::item_indices;
 use crate::model::{encode, EncodedSeq, HistoryView, SeqModel};
 
@@ -17,7 +17,7 @@ pub struct Case {
 }
 
 impl Case {
-    fn new(items: &[u32], timestamps: &[i64], types: &[u32], at: i64, model: &SeqModel) -> Self {
+    pub fn new(items: &[u32], timestamps: &[i64], types: &[u32], at: i64, model: &SeqModel) -> Self {
         let config = &model.config;
         let row = encode(
             HistoryView::new(items, timestamps, types),
@@ -71,8 +71,14 @@ pub fn synthetic_cases(n: usize, seed: u64, model: &SeqModel) -> Vec<Case> {
 }
 
 /// Top-`k` of every case, `batch_size` at a time, through the serving path.
-pub fn rank_cases(model: &SeqModel, cases: &[Case], k: usize, batch_size: usize) -> Vec<Vec<(u32, f32)>> {
-    let catalogue = Catalogue::new(model.net.item_table());
+pub fn rank_cases(
+    model: &SeqModel,
+    cases: &[Case],
+    k: usize,
+    batch_size: usize,
+    retrieval: Retrieval,
+) -> Vec<Vec<(u32, f32)>> {
+    let catalogue = Catalogue::new(model.net.item_table(), retrieval);
     cases
         .chunks(batch_size.max(1))
         .flat_map(|chunk| {

@@ -13,9 +13,10 @@ use super::{parse_device, write_json, DataArgs};
 use crate::bench::ceilings::Ceilings;
 use crate::bench::load::{self, Mode, Target, Workload};
 use crate::bench::plot::draw_forward;
-use crate::bench::{forward, parity};
+use crate::bench::{forward, parity, recall};
 use crate::data::split::build_sequences;
 use crate::data::vocab::Vocab;
+use crate::infer::rank::{Retrieval, RetrievalArgs};
 use crate::model::artifact::{read_items, ITEMS_FILE};
 use crate::model::{Arch, Artifact, Features, ModelConfig, PositionOrigin, Precision, SeqModel};
 
@@ -29,6 +30,8 @@ pub enum BenchCommand {
     Forward(ForwardArgs),
     /// Top-k agreement of a device (fp32 and bf16) with the CPU in fp32.
     Parity(ParityArgs),
+    /// Recall@k of approximate retrieval against exact scoring, and ranking time of both.
+    Recall(RecallArgs),
     /// Write an untrained artifact of a given shape (for load tests of large catalogues).
     InitModel(InitModelArgs),
     /// HTTP load against a running `xsrec serve`.
@@ -110,13 +113,13 @@ pub struct ForwardArgs {
     pub plot: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    #[command(flatten)]
+    pub retrieval: RetrievalArgs,
 }
 
+/// Which model, and the histories to rank with it.
 #[derive(Debug, Args)]
-pub struct ParityArgs {
-    /// The device compared with the CPU.
-    #[command(flatten)]
-    pub device: DeviceArgs,
+pub struct CasesArgs {
     #[arg(long, default_value = "models/default")]
     pub model: PathBuf,
     /// Histories to cut from (random synthetic ones without).
@@ -130,6 +133,29 @@ pub struct ParityArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct RecallArgs {
+    /// Where the hidden states are computed (ranking follows the catalogue's device).
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
+    pub cases: CasesArgs,
+    /// Shortlists of approximate retrieval to measure.
+    #[arg(long, value_delimiter = ',', default_value = "100,300,1000,3000")]
+    pub shortlists: Vec<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct ParityArgs {
+    /// The device compared with the CPU.
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
+    pub cases: CasesArgs,
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +227,7 @@ pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Forward(args) => forward_bench(args),
         BenchCommand::Parity(args) => parity_bench(args),
+        BenchCommand::Recall(args) => recall_bench(args),
         BenchCommand::InitModel(args) => init_model(args),
         BenchCommand::Load(args) => load_bench(args),
     }
@@ -247,7 +274,14 @@ fn forward_bench(args: &ForwardArgs) -> anyhow::Result<()> {
     model.set_precision(args.precision);
     let ceilings = Ceilings::measure(device);
     print_ceilings(device, &ceilings);
-    let rows = forward::measure(&model, &ceilings, &args.batch_sizes, args.iters, 7);
+    let rows = forward::measure(
+        &model,
+        &ceilings,
+        &args.batch_sizes,
+        args.iters,
+        7,
+        args.retrieval.retrieval(),
+    );
     let c = &model.config;
     println!(
         "{:?} {:?}: {} items, d {}, {} layers, {} heads, max_len {} (full-length histories, top-10)",
@@ -303,28 +337,77 @@ fn forward_bench(args: &ForwardArgs) -> anyhow::Result<()> {
     )
 }
 
-fn parity_bench(args: &ParityArgs) -> anyhow::Result<()> {
-    let device = parse_device(&args.device.device)?;
-    let reference = Artifact::load(&args.model, Device::Cpu)?;
-    let cases = match &args.data {
+/// `args.users` histories cut from the users of `args.data` at random points, or synthetic ones.
+fn bench_cases(artifact: &Artifact, args: &CasesArgs) -> anyhow::Result<Vec<parity::Case>> {
+    let (users, seed) = (args.users, args.seed);
+    Ok(match &args.data {
         Some(path) => {
             let data = DataArgs {
-                data: path.clone(),
+                data: path.to_path_buf(),
                 skip_bad_rows: false,
                 item_meta: None,
             };
             let set = build_sequences(
                 &data.load()?,
-                reference.items.clone(),
-                reference.event_types.clone(),
+                artifact.items.clone(),
+                artifact.event_types.clone(),
                 false,
             );
             anyhow::ensure!(!set.users.is_empty(), "{}: no user has a known item", path.display());
-            parity::cases_from_users(&set.users, args.users, args.seed, &reference.model)
+            parity::cases_from_users(&set.users, users, seed, &artifact.model)
         }
-        None => parity::synthetic_cases(args.users, args.seed, &reference.model),
-    };
-    let cpu = parity::rank_cases(&reference.model, &cases, args.k, args.batch_size);
+        None => parity::synthetic_cases(users, seed, &artifact.model),
+    })
+}
+
+fn recall_bench(recall_args: &RecallArgs) -> anyhow::Result<()> {
+    tch::set_num_threads(recall_args.threads.max(1) as i32);
+    let device = parse_device(&recall_args.device.device)?;
+    let args = &recall_args.cases;
+    let artifact = Artifact::load(&args.model, device)?;
+    let cases = bench_cases(&artifact, args)?;
+    let rows = recall::measure(
+        &artifact.model,
+        &cases,
+        args.k,
+        args.batch_size,
+        &recall_args.shortlists,
+    );
+    println!(
+        "{} users, top-{}, batches of {}, {} items, d = {}:",
+        cases.len(),
+        args.k,
+        args.batch_size,
+        artifact.model.config.num_items - 1,
+        artifact.model.config.d_model
+    );
+    println!("  retrieval            recall@k  min  identical  ms/batch  speed-up  extra MiB  build s");
+    let exact_ms = rows.first().map_or(0.0, |r| r.ms_per_batch);
+    for row in &rows {
+        let name = row.shortlist.map_or("exact".to_owned(), |s| format!("approximate {s}"));
+        println!(
+            "  {name:<20} {:>8.4}  {:>3}  {:>9}  {:>8.1}  {:>7.2}×  {:>9.0}  {:>7.1}",
+            row.recall,
+            row.min_overlap,
+            row.identical_lists,
+            row.ms_per_batch,
+            exact_ms / row.ms_per_batch.max(1e-9),
+            row.extra_mib,
+            row.build_seconds
+        );
+    }
+    emit(
+        recall_args.device.out.as_deref(),
+        &json!({ "device": format!("{device:?}"), "k": args.k, "users": cases.len(), "rows": rows }),
+    )
+}
+
+fn parity_bench(parity_args: &ParityArgs) -> anyhow::Result<()> {
+    let device = parse_device(&parity_args.device.device)?;
+    let args = &parity_args.cases;
+    let reference = Artifact::load(&args.model, Device::Cpu)?;
+    let cases = bench_cases(&reference, args)?;
+    let cpu = parity::rank_cases(&reference.model, &cases, args.k, args.batch_size, Retrieval::Exact);
     let mut results = serde_json::Map::new();
     println!(
         "{} users, top-{}: {device:?} against the CPU in fp32",
@@ -335,7 +418,10 @@ fn parity_bench(args: &ParityArgs) -> anyhow::Result<()> {
     // fp32 first: casting to bf16 is one-way.
     for precision in [Precision::Fp32, Precision::Bf16] {
         model.set_precision(precision);
-        let found = parity::agreement(&cpu, &parity::rank_cases(&model, &cases, args.k, args.batch_size));
+        let found = parity::agreement(
+            &cpu,
+            &parity::rank_cases(&model, &cases, args.k, args.batch_size, Retrieval::Exact),
+        );
         println!(
             "{precision:?}: identical lists {}/{}, mean overlap {:.2}/{} (min {}), max |score diff| {:.2e}",
             found.identical_lists, found.users, found.mean_overlap, args.k, found.min_overlap, found.max_abs_score_diff
@@ -343,7 +429,7 @@ fn parity_bench(args: &ParityArgs) -> anyhow::Result<()> {
         results.insert(format!("{precision:?}").to_lowercase(), serde_json::to_value(found)?);
     }
     emit(
-        args.device.out.as_deref(),
+        parity_args.device.out.as_deref(),
         &json!({ "device": format!("{device:?}"), "k": args.k, "agreement": results }),
     )
 }

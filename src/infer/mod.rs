@@ -168,7 +168,7 @@ impl Engine {
     pub async fn install(&self, artifact: Artifact) -> Result<Arc<ModelSlot>, InferError> {
         let config = self.worker.clone();
         let warm = tokio::task::spawn_blocking(move || {
-            let model = ServingModel::new(artifact, config.device);
+            let model = ServingModel::new(artifact, config.device, config.retrieval);
             tch::no_grad(|| model.warm_up(&config.warmup_batch_sizes, config.device));
             model
         });

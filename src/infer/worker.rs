@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
 
 use super::batcher::Batcher;
-use super::rank::{top_k, Catalogue};
+use super::rank::{top_k, Catalogue, Retrieval};
 use super::{Answer, Control, InferError, InferRequest, ModelSlot, Query};
 use crate::data::formats::category_names;
 use crate::health::Health;
@@ -31,6 +31,8 @@ pub struct WorkerConfig {
     /// their storage precision (the model's when `None`).
     pub prefix_bytes: usize,
     pub prefix_precision: Option<Precision>,
+    /// How the host ranks the catalogue.
+    pub retrieval: Retrieval,
     /// Batch sizes run once at start so that no request pays for first-use set-up.
     pub warmup_batch_sizes: Vec<usize>,
     /// The longest a request can wait for its batch: how long an erasure must be remembered.
@@ -245,10 +247,10 @@ pub struct ServingModel {
 }
 
 impl ServingModel {
-    pub fn new(artifact: Artifact, device: Device) -> Self {
+    pub fn new(artifact: Artifact, device: Device, retrieval: Retrieval) -> Self {
         Self {
             categories: category_matrix(&artifact.item_categories, device),
-            catalogue: Catalogue::new(artifact.model.net.item_table()),
+            catalogue: Catalogue::new(artifact.model.net.item_table(), retrieval),
             model: artifact.model,
         }
     }
@@ -309,7 +311,7 @@ impl InferenceWorker {
             .spawn(move || {
                 let worker_health = health.clone();
                 let outcome = catch_unwind(AssertUnwindSafe(move || {
-                    let model = ServingModel::new(artifact, config.device);
+                    let model = ServingModel::new(artifact, config.device, config.retrieval);
                     tch::no_grad(|| model.warm_up(&config.warmup_batch_sizes, config.device));
                     let mut worker = Self::new(config, metrics, worker_health);
                     worker.install(slot, model);

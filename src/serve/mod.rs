@@ -16,6 +16,7 @@ use crate::api;
 use crate::data::formats::load_item_meta;
 use crate::health::Health;
 use crate::history::{FsyncPolicy, Histories, HistoryStore, Journal, JournalConfig, MemoryBudget};
+use crate::infer::rank::RetrievalArgs;
 use crate::infer::{Engine, EngineConfig, LimitConfig, WorkerConfig};
 use crate::metrics::Metrics;
 use crate::model::{events_to_keep, Precision};
@@ -134,6 +135,8 @@ pub struct ServeConfig {
     pub max_candidates: usize,
     #[arg(long, env = "XSREC_MAX_BATCH_REQUESTS", default_value_t = 256)]
     pub max_batch_requests: usize,
+    #[command(flatten)]
+    pub retrieval: RetrievalArgs,
     /// Users whose final hidden state the inference worker keeps.
     #[arg(long, env = "XSREC_CACHE_CAPACITY", default_value_t = 100_000)]
     pub cache_capacity: usize,
@@ -325,6 +328,7 @@ pub async fn start(
             cache_capacity: config.cache_capacity,
             prefix_bytes: config.cache_bytes,
             prefix_precision: config.cache_precision,
+            retrieval: config.retrieval.retrieval(),
             warmup_batch_sizes,
             max_request_age: request_timeout + Duration::from_secs(1),
         },
