@@ -386,7 +386,7 @@ fn recall_bench(recall_args: &RecallArgs) -> anyhow::Result<()> {
     for row in &rows {
         let name = row.shortlist.map_or("exact".to_owned(), |s| format!("approximate {s}"));
         println!(
-            "  {name:<20} {:>8.4}  {:>3}  {:>9}  {:>8.1}  {:>7.2}×  {:>9.0}  {:>7.1}",
+            "  {name:<20} {:>8.4}  {:>3}  {:>9}  {:>8.1}  {:>7.2}×  {:>9.1}  {:>7.1}",
             row.recall,
             row.min_overlap,
             row.identical_lists,
