@@ -134,7 +134,7 @@ impl Catalogue {
                 best.into_iter()
                     .zip(states.chunks_exact(dim.max(1)))
                     .zip(ks)
-                    .map(|((best, state), &k)| rerank(&table, state, best.ranked(|column| column as u32), k))
+                    .map(|((best, state), &k)| rerank(&table, state, best.into_columns(), k))
                     .collect()
             }
             Search::Libtorch => unreachable!("answered above"),
@@ -159,17 +159,16 @@ fn host_table(table: &Tensor) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
-/// The best `k` of a shortlist by exact score (best first, equal scores in item order).
-fn rerank(table: &[f32], state: &[f32], shortlist: Vec<(u32, f32)>, k: usize) -> Vec<(u32, f32)> {
+/// The best `k` of a shortlist of items by exact score (best first, equal scores in item order).
+fn rerank(table: &[f32], state: &[f32], shortlist: Vec<usize>, k: usize) -> Vec<(u32, f32)> {
     let dim = state.len();
-    let mut scored: Vec<(u32, f32)> = shortlist
+    let mut best = BestK::new(k);
+    best.kept = shortlist
         .into_iter()
-        .map(|(item, _)| (item, exact_dot(state, &table[item as usize * dim..][..dim])))
-        .filter(|(_, score)| score.is_finite())
+        .map(|item| (exact_dot(state, &table[item * dim..][..dim]), item))
+        .filter(|(score, _)| score.is_finite())
         .collect();
-    scored.sort_unstable_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(Ordering::Equal).then(a.0.cmp(&b.0)));
-    scored.truncate(k);
-    scored
+    best.ranked(|item| item as u32)
 }
 
 /// A dot product summed in the exact kernels' order (one fused multiply-add per dimension, from
@@ -333,12 +332,21 @@ impl BestK {
     /// Keeps the best k, unordered: a selection, linear in what is kept, where a sort was
     /// n log n (a shortlist of 3,000 spent more time sorting than scanning the catalogue).
     fn shrink(&mut self) {
+        if self.k == 0 {
+            self.kept.clear();
+        }
         if self.k == 0 || self.kept.len() < self.k {
             return;
         }
         let (_, kth, _) = self.kept.select_nth_unstable_by(self.k - 1, best_first);
         self.floor = kth.0;
         self.kept.truncate(self.k);
+    }
+
+    /// The columns kept, in no order.
+    fn into_columns(mut self) -> Vec<usize> {
+        self.shrink();
+        self.kept.into_iter().map(|(_, column)| column).collect()
     }
 
     /// Best first, as (`name(column)`, value).
