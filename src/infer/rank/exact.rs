@@ -1,8 +1,7 @@
 //! The exact scoring kernels: the item table packed for the widest vector unit the CPU has.
 use tch::Tensor;
 
-use super::{search_tiles, BestK, TILE_ITEMS};
-use crate::model::input::{host_f32_view, to_host_f32};
+use super::{host_table, search_tiles, BestK, TILE_ITEMS};
 
 /// How far ahead of the block being scored its lines are fetched, in items.
 const PREFETCH_ITEMS: usize = 96;
@@ -72,14 +71,7 @@ impl PackedItems {
         let block_items = kernel.block_items;
         let (items, dim) = (table.size()[0] as usize, table.size()[1] as usize);
         // The model's table is read in place; a copy only where it is not contiguous.
-        let copy;
-        let plain = match host_f32_view(table) {
-            Some(view) => view,
-            None => {
-                copy = to_host_f32(table);
-                &copy
-            }
-        };
+        let plain = host_table(table);
         let blocks = items.div_ceil(block_items);
         let mut values = vec![0f32; blocks * dim * block_items];
         for (item, row) in plain.chunks(dim.max(1)).enumerate() {

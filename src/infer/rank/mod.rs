@@ -40,7 +40,7 @@ pub enum Retrieval {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RetrievalArgs {
     /// How the host ranks the catalogue: `exact` scores every item; `approximate` scores every
-    /// item from 4-bit product-quantization codes (32 bytes per item at d = 128, built at
+    /// item from 4-bit product-quantization codes (64 bytes per item at d = 128, built at
     /// model load) and scores the best `--shortlist` exactly, for catalogues of a few hundred
     /// thousand items and more (recall and speed in docs/BENCHMARKS.md). A GPU ranks exactly.
     #[arg(long, env = "XSREC_RETRIEVAL", value_enum, default_value = "exact")]
