@@ -15,7 +15,7 @@ DEFAULT_MODEL := models/default
 # The documented recipe of the default model (see README "The default model").
 DEFAULT_TRAIN_FLAGS := --max-len 50 --seed 42 --threads 1 --readouts off --positions window-start
 
-.PHONY: venv build data run test fmt lint bench load quality cross-session fuzz api-fuzz image clean
+.PHONY: venv build data data-1m run test fmt lint bench load quality cross-session fuzz api-fuzz image clean
 
 venv: $(TORCH_STAMP)
 
@@ -29,6 +29,9 @@ build: venv
 
 data: build
 	$(BIN) data fetch movielens-100k --out data
+
+data-1m: build
+	$(BIN) data fetch movielens-1m --out data
 
 # The main job: serve the committed default model (trained first if it is missing), keeping
 # histories durably in state/ (git-ignored) so a restart forgets nobody.

