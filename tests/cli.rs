@@ -302,3 +302,84 @@ fn bench_commands_write_a_servable_model_and_complete_reports() {
     assert_eq!(report["agreement"]["fp32"]["identical_lists"], 20);
     assert!(report["agreement"]["bf16"]["mean_overlap"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn a_killed_training_resumes_to_the_artifact_the_whole_run_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("events.csv");
+    ok(&[
+        "data",
+        "synth",
+        "--users",
+        "300",
+        "--items",
+        "120",
+        "--seed",
+        "3",
+        "--out",
+        path(&data),
+    ]);
+    let run = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--data",
+            path(&data),
+            "--out",
+            path(out),
+            "--epochs",
+            "8",
+            "--readouts",
+            "off",
+            "--max-len",
+            "20",
+            "--seed",
+            "1",
+            "--threads",
+            "1",
+            "--quiet",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let (whole, killed) = (dir.path().join("whole"), dir.path().join("killed"));
+    ok(&run(&whole).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!whole.join("checkpoint").exists(), "a finished run keeps no checkpoint");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xsrec"))
+        .args(run(&killed))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let second = killed.join("checkpoint/without-readouts/epoch-0002.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !second.exists() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint of epoch 2");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to tidy up
+    child.wait().unwrap();
+    assert!(!killed.join("model.safetensors").exists());
+    let mut resume = run(&killed);
+    resume.push("--resume".into());
+    let out = xsrec(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming after epoch"), "{stderr}");
+    assert_eq!(
+        std::fs::read(killed.join("model.safetensors")).unwrap(),
+        std::fs::read(whole.join("model.safetensors")).unwrap()
+    );
+    let curve = |dir: &Path| -> Vec<(serde_json::Value, serde_json::Value)> {
+        read_json(&dir.join("epochs.json"))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["train_loss"].clone(), e["validation_ndcg10"].clone()))
+            .collect()
+    };
+    assert_eq!(curve(&killed), curve(&whole));
+    assert!(!killed.join("checkpoint").exists());
+}

@@ -67,8 +67,9 @@ fn fit(set: &SequenceSet, features: Features, gap: i64, epochs: usize) -> SeqMod
         session_start_weight: 1.0,
         device: Device::Cpu,
         progress: false,
+        checkpoint: None,
     };
-    train(set, config, &cfg).model
+    train(set, config, &cfg).expect("trains").model
 }
 
 /// Test-event results labelled by the real log's sessions.

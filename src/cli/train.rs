@@ -16,7 +16,7 @@ use crate::eval::report::markdown_table;
 use crate::model::artifact::Artifact;
 use crate::model::{Arch, Combine, Features, ModelConfig, PositionOrigin, WindowPolicy};
 use crate::train::plot::draw_curves;
-use crate::train::{choose_on_validation, train, EpochLog, Loss, TrainConfig, TrainOutcome};
+use crate::train::{choose_on_validation, train, CheckpointPlan, EpochLog, Loss, TrainConfig, TrainOutcome};
 
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
@@ -119,6 +119,11 @@ pub struct TrainArgs {
     /// libtorch intra-op threads (default: all cores); 1 lets runs go side by side.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Continue an interrupted run from its newest checkpoint in OUT/checkpoint (written after
+    /// every epoch, removed once the artifact is written); the command line must be the one
+    /// that started it. The result is what the uninterrupted run would have written.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -205,6 +210,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         session_start_weight: args.session_start_weight,
         device,
         progress: !args.quiet,
+        checkpoint: None,
     };
     eprintln!(
         "training {:?} on {} users, {} items, {} events ({device:?})",
@@ -213,12 +219,29 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         set.items.len() - 1,
         set.num_events()
     );
+    let checkpoints = args.out.join("checkpoint");
+    if args.resume && !checkpoints.is_dir() {
+        eprintln!(
+            "no checkpoint in {}: starting from the beginning",
+            checkpoints.display()
+        );
+    }
     let outcomes: Vec<TrainOutcome> = args
         .readouts
         .candidates(model_config)
         .into_iter()
-        .map(|config| train(&set, config, &train_config))
-        .collect();
+        .map(|config| {
+            let plan = CheckpointPlan {
+                dir: checkpoints.join(candidate_folder(&config.features)),
+                resume: args.resume,
+            };
+            let train_config = TrainConfig {
+                checkpoint: Some(plan),
+                ..train_config.clone()
+            };
+            train(&set, config, &train_config)
+        })
+        .collect::<Result<_, _>>()?;
     let choice = choose_on_validation(&set, &outcomes, device);
     let kept = choice.kept;
     let candidates: Vec<serde_json::Value> = outcomes
@@ -279,7 +302,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             "train_seconds": train_seconds,
             "metrics": { "validation": validation, "test": test, "popularity_test": popularity },
         });
-        let name = readouts_name(&outcome.model.config.features).replace(' ', "-");
+        let name = candidate_folder(&outcome.model.config.features);
         let artifact = Artifact::new(
             outcome.model,
             set.items.clone(),
@@ -300,6 +323,13 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             continue;
         }
         save(&artifact, &outcome.epochs, outcome.best_epoch, &args.out)?;
+        // The run is complete: nothing is left to resume.
+        match std::fs::remove_dir_all(&checkpoints) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", checkpoints.display()))
+            }
+            _ => {}
+        }
         println!(
             "{}",
             markdown_table(&[("model (test)".into(), test), ("popularity (test)".into(), popularity)])
@@ -328,6 +358,11 @@ fn save(artifact: &Artifact, epochs: &[EpochLog], best_epoch: usize, dir: &Path)
         eprintln!("warning: could not draw curves.png: {e:#}");
     }
     Ok(())
+}
+
+/// A candidate's folder under OUT/candidates and OUT/checkpoint.
+fn candidate_folder(features: &Features) -> String {
+    readouts_name(features).replace(' ', "-")
 }
 
 fn readouts_name(features: &Features) -> &'static str {

@@ -1,5 +1,7 @@
 //! The training loop: AdamW on next-item cross-entropy at every position, early stopping on
 //! validation NDCG@10, best weights restored at the end.
+pub mod checkpoint;
+pub mod optimizer;
 pub mod plot;
 pub mod windows;
 
@@ -11,7 +13,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 use crate::data::session::GAP_BUCKET_NONE;
 use crate::data::split::{SequenceSet, Target};
@@ -19,6 +21,8 @@ use crate::eval::bootstrap::{paired_bootstrap, PairedInterval};
 use crate::eval::{evaluate, ndcg10, EvalOptions, SplitMetrics};
 use crate::model::input::stack_rows;
 use crate::model::{Batch, EncodedSeq, ModelConfig, SeqModel};
+use checkpoint::{CheckpointError, Progress, RngState};
+use optimizer::AdamW;
 use windows::{training_windows, Window};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -55,6 +59,16 @@ pub struct TrainConfig {
     /// Show a progress bar.
     #[serde(skip)]
     pub progress: bool,
+    /// Where to write a checkpoint after every epoch, and whether to continue from it.
+    #[serde(skip)]
+    pub checkpoint: Option<CheckpointPlan>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckpointPlan {
+    pub dir: std::path::PathBuf,
+    /// Continue from the newest checkpoint in `dir` (a fresh start when there is none).
+    pub resume: bool,
 }
 
 fn cpu() -> Device {
@@ -195,20 +209,63 @@ fn validation_options(config: &ModelConfig, device: Device) -> EvalOptions {
     }
 }
 
-/// Trains a fresh model of `model_config` on the training part of `set`.
-pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) -> TrainOutcome {
+/// Trains a fresh model of `model_config` on the training part of `set`, or continues the run
+/// checkpointed in `cfg.checkpoint` when it says to resume.
+pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) -> Result<TrainOutcome, CheckpointError> {
     tch::manual_seed(cfg.seed as i64);
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let model = SeqModel::new(model_config, cfg.device);
     let mc = &model.config;
     let windows = training_windows(set, mc.max_len, mc.session_gap_secs);
-    let mut opt = nn::AdamW {
-        beta2: 0.98,
-        wd: cfg.weight_decay,
-        ..Default::default()
+    let mut opt = AdamW::new(&model.vs, cfg.learning_rate, cfg.weight_decay);
+    // The epoch cap and the patience may change on resume (to train on where the curve still
+    // rises); anything else would make the continuation another run.
+    let mut settings = serde_json::to_value(cfg).expect("settings serialize");
+    for may_change in ["max_epochs", "patience"] {
+        settings.as_object_mut().expect("a struct").remove(may_change);
     }
-    .build(&model.vs, cfg.learning_rate)
-    .expect("optimizer");
+    let fingerprint = serde_json::json!({
+        "model": mc,
+        "training": settings,
+        "data": { "users": set.users.len(), "events": set.num_events(), "windows": windows.len() },
+    });
+    let mut progress = Progress {
+        epoch: 0,
+        optimizer_steps: 0,
+        best_epoch: 0,
+        best_score: f64::NEG_INFINITY,
+        epochs: Vec::new(),
+        seconds: 0.0,
+        rng: RngState::of(&ChaCha8Rng::seed_from_u64(cfg.seed)),
+        fingerprint,
+    };
+    let mut best_weights = snapshot(&model.vs);
+    if let Some(plan) = cfg.checkpoint.as_ref().filter(|plan| plan.resume) {
+        if let Some(mut saved) = checkpoint::load_latest(&plan.dir)? {
+            saved.check_same_run(&plan.dir, &progress.fingerprint)?;
+            let corrupt = |message: String| CheckpointError::Corrupt {
+                path: plan.dir.clone(),
+                message,
+            };
+            let current = saved.take("model.");
+            best_weights = saved.take("best.");
+            // The best weights go in first only to be checked; the current ones are trained on.
+            restore_checked(&model.vs, &best_weights)
+                .and_then(|()| restore_checked(&model.vs, &current))
+                .map_err(corrupt)?;
+            opt.restore(saved.progress.optimizer_steps, &saved.tensors)
+                .map_err(corrupt)?;
+            saved.progress.rng.generator().map_err(corrupt)?;
+            progress = saved.progress;
+            eprintln!(
+                "resuming after epoch {} (best {:.4} at epoch {}) from {}",
+                progress.epoch,
+                progress.best_score,
+                progress.best_epoch,
+                plan.dir.display()
+            );
+        }
+    }
+    let mut rng = progress.rng.generator().expect("checked above");
     let eval_opts = validation_options(mc, cfg.device);
     // A bar on a terminal; one line per epoch in logs (indicatif hides itself off a terminal).
     let log_lines = cfg.progress && !std::io::stderr().is_terminal();
@@ -218,46 +275,67 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {pos}/{len} {msg}").expect("template"),
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {pos}/{len} (at most {eta} left) {msg}")
+            .expect("template"),
     );
+    bar.set_position(progress.epoch as u64);
     let started = Instant::now();
-    let (mut epochs, mut best_epoch, mut best_score, mut best_weights) =
-        (Vec::new(), 0, f64::NEG_INFINITY, snapshot(&model.vs));
-    for epoch in 1..=cfg.max_epochs {
+    let finished =
+        |progress: &Progress| progress.epoch >= cfg.max_epochs || progress.epoch - progress.best_epoch >= cfg.patience;
+    while !finished(&progress) {
+        let epoch = progress.epoch + 1;
         let epoch_start = Instant::now();
+        // Dropout draws from libtorch's generator, whose state tch cannot save: seeding it per
+        // epoch makes an epoch's draws the same whether or not the run was resumed before it.
+        tch::manual_seed((cfg.seed as i64).wrapping_add(epoch as i64 * 1_000_003));
         let train_loss = run_epoch(&model, &mut opt, &windows, cfg, &mut rng);
         let validation = SplitMetrics::from_results(&evaluate(&model, set, &eval_opts));
         let validation_ndcg10 = validation.all.get("NDCG@10");
         let sequences_per_sec = windows.len() as f64 / epoch_start.elapsed().as_secs_f64();
-        epochs.push(EpochLog {
+        progress.epochs.push(EpochLog {
             epoch,
             train_loss,
             validation_ndcg10,
             sequences_per_sec,
         });
-        if validation_ndcg10 > best_score {
-            (best_epoch, best_score, best_weights) = (epoch, validation_ndcg10, snapshot(&model.vs));
+        if validation_ndcg10 > progress.best_score {
+            (progress.best_epoch, progress.best_score, best_weights) = (epoch, validation_ndcg10, snapshot(&model.vs));
+        }
+        progress.epoch = epoch;
+        progress.optimizer_steps = opt.steps();
+        progress.rng = RngState::of(&rng);
+        progress.seconds += epoch_start.elapsed().as_secs_f64();
+        if let Some(plan) = &cfg.checkpoint {
+            let tensors: Vec<(String, Tensor)> = snapshot(&model.vs)
+                .into_iter()
+                .map(|(name, t)| (format!("model.{name}"), t))
+                .chain(
+                    best_weights
+                        .iter()
+                        .map(|(name, t)| (format!("best.{name}"), t.shallow_clone())),
+                )
+                .chain(opt.state())
+                .collect();
+            checkpoint::save(&plan.dir, &progress, &tensors)?;
         }
         let status = format!(
-            "loss {train_loss:.4} val NDCG@10 {validation_ndcg10:.4} (best {best_score:.4} @ {best_epoch}) {sequences_per_sec:.0} seq/s"
+            "loss {train_loss:.4} val NDCG@10 {validation_ndcg10:.4} (best {:.4} @ {}) {sequences_per_sec:.0} seq/s",
+            progress.best_score, progress.best_epoch
         );
         if log_lines {
-            eprintln!("epoch {epoch}: {status}");
+            eprintln!("epoch {epoch}: {status} ({:.0} s)", started.elapsed().as_secs_f64());
         }
         bar.set_message(status);
         bar.inc(1);
-        if epoch - best_epoch >= cfg.patience {
-            break;
-        }
     }
     bar.finish();
     restore(&model.vs, &best_weights);
-    TrainOutcome {
+    Ok(TrainOutcome {
         model,
-        epochs,
-        best_epoch,
-        seconds: started.elapsed().as_secs_f64(),
-    }
+        epochs: progress.epochs,
+        best_epoch: progress.best_epoch,
+        seconds: progress.seconds,
+    })
 }
 
 fn snapshot(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
@@ -265,6 +343,26 @@ fn snapshot(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
         .into_iter()
         .map(|(name, t)| (name, t.detach().copy()))
         .collect()
+}
+
+/// Like [`restore`] for weights read from a file: every variable once, with its shape.
+fn restore_checked(vs: &nn::VarStore, weights: &[(String, Tensor)]) -> Result<(), String> {
+    let vars = vs.variables();
+    if weights.len() != vars.len() {
+        return Err(format!("{} tensors for a model of {}", weights.len(), vars.len()));
+    }
+    for (name, value) in weights {
+        let var = vars.get(name).ok_or_else(|| format!("{name} is not in the model"))?;
+        if var.size() != value.size() {
+            return Err(format!(
+                "{name} has shape {:?}, the model {:?}",
+                value.size(),
+                var.size()
+            ));
+        }
+    }
+    restore(vs, weights);
+    Ok(())
 }
 
 fn restore(vs: &nn::VarStore, weights: &[(String, Tensor)]) {
@@ -291,13 +389,7 @@ fn batch_plan(windows: &[Window], batch_size: usize, rng: &mut ChaCha8Rng) -> Ve
     batches
 }
 
-fn run_epoch(
-    model: &SeqModel,
-    opt: &mut nn::Optimizer,
-    windows: &[Window],
-    cfg: &TrainConfig,
-    rng: &mut ChaCha8Rng,
-) -> f64 {
+fn run_epoch(model: &SeqModel, opt: &mut AdamW, windows: &[Window], cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> f64 {
     let (mut loss_sum, mut batches) = (0.0, 0);
     for batch_indices in batch_plan(windows, cfg.batch_size, rng) {
         let rows: Vec<&Window> = batch_indices.iter().map(|&i| &windows[i]).collect();

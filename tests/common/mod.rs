@@ -58,8 +58,9 @@ pub fn fixture() -> &'static Fixture {
             session_start_weight: 1.0,
             device: Device::Cpu,
             progress: false,
+            checkpoint: None,
         };
-        let model = train(&set, config, &cfg).model;
+        let model = train(&set, config, &cfg).expect("trains").model;
         let dir = tempfile::tempdir().unwrap();
         let item_categories = (0..set.items.len())
             .map(|i| match i {
