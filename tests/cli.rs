@@ -33,11 +33,8 @@ fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-#[test]
-fn synth_train_eval_explain_round_trip() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("events.csv");
-    let model = dir.path().join("model");
+/// The small cluster-chain log the training tests share: 300 users, 120 items.
+fn synthesize_log(data: &Path) {
     ok(&[
         "data",
         "synth",
@@ -48,8 +45,16 @@ fn synth_train_eval_explain_round_trip() {
         "--seed",
         "3",
         "--out",
-        path(&data),
+        path(data),
     ]);
+}
+
+#[test]
+fn synth_train_eval_explain_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("events.csv");
+    let model = dir.path().join("model");
+    synthesize_log(&data);
     let train_out = ok(&[
         "train",
         "--data",
@@ -307,18 +312,7 @@ fn bench_commands_write_a_servable_model_and_complete_reports() {
 fn a_killed_training_resumes_to_the_artifact_the_whole_run_writes() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("events.csv");
-    ok(&[
-        "data",
-        "synth",
-        "--users",
-        "300",
-        "--items",
-        "120",
-        "--seed",
-        "3",
-        "--out",
-        path(&data),
-    ]);
+    synthesize_log(&data);
     let run = |out: &Path| -> Vec<String> {
         [
             "train",
