@@ -16,7 +16,9 @@ use crate::eval::report::markdown_table;
 use crate::model::artifact::Artifact;
 use crate::model::{Arch, Combine, Features, ModelConfig, PositionOrigin, WindowPolicy};
 use crate::train::plot::draw_curves;
-use crate::train::{choose_on_validation, train, CheckpointPlan, EpochLog, Loss, TrainConfig, TrainOutcome};
+use crate::train::{
+    choose_on_validation, peak_rss_bytes, train, CheckpointPlan, EpochLog, Loss, TrainConfig, TrainOutcome,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
@@ -278,6 +280,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         );
     }
     let train_seconds: f64 = outcomes.iter().map(|o| o.seconds).sum();
+    let peak_rss_bytes = peak_rss_bytes();
     let item_counts = set.train_item_counts();
     let meta = args.data.load_item_meta()?;
     let item_categories = item_categories(&set.items, meta.as_ref());
@@ -300,6 +303,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             "best_epoch": outcome.best_epoch,
             "epochs_run": outcome.epochs.len(),
             "train_seconds": train_seconds,
+            "peak_rss_bytes": peak_rss_bytes,
             "metrics": { "validation": validation, "test": test, "popularity_test": popularity },
         });
         let name = candidate_folder(&outcome.model.config.features);
@@ -335,10 +339,14 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             markdown_table(&[("model (test)".into(), test), ("popularity (test)".into(), popularity)])
         );
         eprintln!(
-            "best epoch {} of {} in {:.0}s; test NDCG@10 {:.4} HR@10 {:.4}; wrote {}",
+            "best epoch {} of {} in {:.0}s (peak memory {}); test NDCG@10 {:.4} HR@10 {:.4}; wrote {}",
             outcome.best_epoch,
             outcome.epochs.len(),
             train_seconds,
+            peak_rss_bytes.map_or_else(
+                || "unknown".to_owned(),
+                |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
+            ),
             test.all.get("NDCG@10"),
             test.all.get("HR@10"),
             args.out.display()

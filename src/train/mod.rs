@@ -338,6 +338,16 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
     })
 }
 
+/// The process's peak resident memory so far, in bytes: what a machine that trains this model
+/// on this data needs (the logits of a batch over the catalogue dominate on large catalogues).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; it is read only when the call succeeds.
+    let usage = unsafe { (libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) == 0).then(|| usage.assume_init()) }?;
+    // Linux reports kibibytes.
+    u64::try_from(usage.ru_maxrss).ok().map(|kib| kib * 1024)
+}
+
 fn snapshot(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
     vs.variables()
         .into_iter()
