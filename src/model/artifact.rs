@@ -240,41 +240,44 @@ pub fn read_items(path: &Path) -> Result<ItemTable, ArtifactError> {
 /// Copies the file's tensors into the model, requiring exactly the names and shapes the config
 /// implies, so a config/weights mismatch names the offending tensor instead of failing later.
 fn load_weights(model: &SeqModel, path: &Path) -> Result<(), ArtifactError> {
-    let torch = |source| ArtifactError::Torch {
+    let stored: HashMap<String, Tensor> = Tensor::read_safetensors(path)
+        .map_err(|source| ArtifactError::Torch {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .into_iter()
+        .collect();
+    copy_weights(&model.vs, stored).map_err(|(name, message)| ArtifactError::Tensor {
         path: path.to_path_buf(),
-        source,
-    };
-    let mismatch = |name: &str, message: String| ArtifactError::Tensor {
-        path: path.to_path_buf(),
-        name: name.to_owned(),
+        name,
         message,
-    };
-    let mut stored: HashMap<String, Tensor> = Tensor::read_safetensors(path).map_err(torch)?.into_iter().collect();
-    let mut variables = model.vs.variables();
+    })
+}
+
+/// Copies `stored` into the variables of `vs`, requiring exactly their names, shapes and dtypes;
+/// a mismatch is `(tensor name, what is wrong)`, and what was copied before it stays copied.
+pub fn copy_weights(vs: &tch::nn::VarStore, mut stored: HashMap<String, Tensor>) -> Result<(), (String, String)> {
+    let mut variables = vs.variables();
     let mut names: Vec<String> = variables.keys().cloned().collect();
     names.sort();
     for name in names {
         let Some(value) = stored.remove(&name) else {
-            return Err(mismatch(&name, "missing from the weights file".into()));
+            return Err((name, "missing from the weights file".into()));
         };
         let var = variables.get_mut(&name).expect("listed above");
         if value.size() != var.size() {
-            return Err(mismatch(
-                &name,
-                format!("shape {:?} in file, config implies {:?}", value.size(), var.size()),
-            ));
+            let message = format!("shape {:?} in file, config implies {:?}", value.size(), var.size());
+            return Err((name, message));
         }
         if value.kind() != var.kind() {
-            return Err(mismatch(
-                &name,
-                format!("dtype {:?} in file, expected {:?}", value.kind(), var.kind()),
-            ));
+            let message = format!("dtype {:?} in file, expected {:?}", value.kind(), var.kind());
+            return Err((name, message));
         }
         tch::no_grad(|| var.copy_(&value));
     }
     if let Some(extra) = stored.keys().min() {
-        return Err(mismatch(
-            extra,
+        return Err((
+            extra.clone(),
             "in the weights file but not part of the configured model".into(),
         ));
     }

@@ -165,7 +165,7 @@ impl Checkpoint {
     }
 
     /// The tensors saved under `prefix`, with the prefix taken off their names.
-    pub fn take(&mut self, prefix: &str) -> Vec<(String, Tensor)> {
+    pub fn take(&mut self, prefix: &str) -> HashMap<String, Tensor> {
         let names: Vec<String> = self.tensors.keys().filter(|n| n.starts_with(prefix)).cloned().collect();
         names
             .into_iter()

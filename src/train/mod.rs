@@ -19,6 +19,7 @@ use crate::data::session::GAP_BUCKET_NONE;
 use crate::data::split::{SequenceSet, Target};
 use crate::eval::bootstrap::{paired_bootstrap, PairedInterval};
 use crate::eval::{evaluate, ndcg10, EvalOptions, SplitMetrics};
+use crate::model::artifact::copy_weights;
 use crate::model::input::stack_rows;
 use crate::model::{Batch, EncodedSeq, ModelConfig, SeqModel};
 use checkpoint::{CheckpointError, Progress, RngState};
@@ -228,6 +229,7 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
         "training": settings,
         "data": { "users": set.users.len(), "events": set.num_events(), "windows": windows.len() },
     });
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut progress = Progress {
         epoch: 0,
         optimizer_steps: 0,
@@ -235,7 +237,7 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
         best_score: f64::NEG_INFINITY,
         epochs: Vec::new(),
         seconds: 0.0,
-        rng: RngState::of(&ChaCha8Rng::seed_from_u64(cfg.seed)),
+        rng: RngState::of(&rng),
         fingerprint,
     };
     let mut best_weights = snapshot(&model.vs);
@@ -246,15 +248,16 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
                 path: plan.dir.clone(),
                 message,
             };
+            let weights_error = |(name, message): (String, String)| corrupt(format!("{name}: {message}"));
             let current = saved.take("model.");
-            best_weights = saved.take("best.");
+            let best = saved.take("best.");
             // The best weights go in first only to be checked; the current ones are trained on.
-            restore_checked(&model.vs, &best_weights)
-                .and_then(|()| restore_checked(&model.vs, &current))
-                .map_err(corrupt)?;
+            best_weights = best.iter().map(|(name, t)| (name.clone(), t.shallow_clone())).collect();
+            copy_weights(&model.vs, best).map_err(weights_error)?;
+            copy_weights(&model.vs, current).map_err(weights_error)?;
             opt.restore(saved.progress.optimizer_steps, &saved.tensors)
                 .map_err(corrupt)?;
-            saved.progress.rng.generator().map_err(corrupt)?;
+            rng = saved.progress.rng.generator().map_err(corrupt)?;
             progress = saved.progress;
             eprintln!(
                 "resuming after epoch {} (best {:.4} at epoch {}) from {}",
@@ -265,7 +268,6 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
             );
         }
     }
-    let mut rng = progress.rng.generator().expect("checked above");
     let eval_opts = validation_options(mc, cfg.device);
     // A bar on a terminal; one line per epoch in logs (indicatif hides itself off a terminal).
     let log_lines = cfg.progress && !std::io::stderr().is_terminal();
@@ -353,26 +355,6 @@ fn snapshot(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
         .into_iter()
         .map(|(name, t)| (name, t.detach().copy()))
         .collect()
-}
-
-/// Like [`restore`] for weights read from a file: every variable once, with its shape.
-fn restore_checked(vs: &nn::VarStore, weights: &[(String, Tensor)]) -> Result<(), String> {
-    let vars = vs.variables();
-    if weights.len() != vars.len() {
-        return Err(format!("{} tensors for a model of {}", weights.len(), vars.len()));
-    }
-    for (name, value) in weights {
-        let var = vars.get(name).ok_or_else(|| format!("{name} is not in the model"))?;
-        if var.size() != value.size() {
-            return Err(format!(
-                "{name} has shape {:?}, the model {:?}",
-                value.size(),
-                var.size()
-            ));
-        }
-    }
-    restore(vs, weights);
-    Ok(())
 }
 
 fn restore(vs: &nn::VarStore, weights: &[(String, Tensor)]) {
