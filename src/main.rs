@@ -86,8 +86,8 @@ fn main() -> anyhow::Result<()> {
 /// Training frees and reallocates the same few hundred MB of tensors every batch (logits over the
 /// catalogue and their gradients). jemalloc's defaults hand freed pages back to the kernel within
 /// seconds, and at once for allocations past 8 MiB, so each batch faulted them in again and the
-/// kernel zeroed them: 6.7 M page faults in 30 s, and an ML-1M epoch took 185 s instead of 128 s
-/// (docs/BENCHMARKS.md). A process that trains keeps its freed pages; serving keeps the defaults,
+/// kernel zeroed them: 6.7 M page faults in 30 s, and an ML-1M epoch spent 80 s of its 185 s in
+/// the kernel (1.9 s of 162 s with this; docs/BENCHMARKS.md). A process that trains keeps its freed pages; serving keeps the defaults,
 /// which give memory back after users are erased.
 fn keep_freed_pages() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -124,8 +124,9 @@ fn keep_freed_pages() {
                 0,
             )
         };
+        let existing = if read == 0 { narenas } else { 0 };
         // Arenas not made yet refuse (EFAULT) and will take the default set above.
-        for arena in 0..if read == 0 { narenas } else { 0 } {
+        for arena in 0..existing {
             let name = CString::new(format!("arena.{arena}.dirty_decay_ms")).expect("no NUL");
             never_decay(&name);
         }
