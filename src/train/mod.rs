@@ -86,6 +86,10 @@ pub struct EpochLog {
     pub train_loss: f64,
     pub validation_ndcg10: f64,
     pub sequences_per_sec: f64,
+    /// Training seconds from the start of the run to the end of this epoch's validation, not
+    /// counting time a resumed run spent stopped (absent from older records).
+    #[serde(default)]
+    pub elapsed_secs: f64,
 }
 
 pub struct TrainOutcome {
@@ -293,12 +297,15 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
         let train_loss = run_epoch(&model, &mut opt, &windows, cfg, &mut rng);
         let validation = SplitMetrics::from_results(&evaluate(&model, set, &eval_opts));
         let validation_ndcg10 = validation.all.get("NDCG@10");
-        let sequences_per_sec = windows.len() as f64 / epoch_start.elapsed().as_secs_f64();
+        let epoch_secs = epoch_start.elapsed().as_secs_f64();
+        let sequences_per_sec = windows.len() as f64 / epoch_secs;
+        progress.seconds += epoch_secs;
         progress.epochs.push(EpochLog {
             epoch,
             train_loss,
             validation_ndcg10,
             sequences_per_sec,
+            elapsed_secs: progress.seconds,
         });
         if validation_ndcg10 > progress.best_score {
             (progress.best_epoch, progress.best_score, best_weights) = (epoch, validation_ndcg10, snapshot(&model.vs));
@@ -306,7 +313,6 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
         progress.epoch = epoch;
         progress.optimizer_steps = opt.steps();
         progress.rng = RngState::of(&rng);
-        progress.seconds += epoch_start.elapsed().as_secs_f64();
         if let Some(plan) = &cfg.checkpoint {
             let tensors: Vec<(String, Tensor)> = snapshot(&model.vs)
                 .into_iter()
