@@ -58,6 +58,7 @@ fn fit(set: &SequenceSet, features: Features, gap: i64, epochs: usize) -> SeqMod
         max_epochs: epochs,
         batch_size: 64,
         learning_rate: 3e-3,
+        lr_decay_epochs: None,
         weight_decay: 0.0,
         grad_clip: 1.0,
         patience: epochs,

@@ -36,6 +36,7 @@ fn fit(set: &SequenceSet, arch: Arch, features: Features) -> SeqModel {
         max_epochs: 30,
         batch_size: 64,
         learning_rate: 3e-3,
+        lr_decay_epochs: None,
         weight_decay: 0.0,
         grad_clip: 1.0,
         patience: 30,

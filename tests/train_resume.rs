@@ -41,14 +41,16 @@ fn a_resumed_run_ends_exactly_where_the_uninterrupted_one_does() {
         features: Features::default(),
         session_gap_secs: GAP,
     };
-    // The sampled loss also draws negatives from the run's own generator.
-    for loss in [Loss::Full, Loss::Sampled] {
+    // The sampled loss also draws negatives from the run's own generator; a decaying learning
+    // rate must pick up at the step it had reached.
+    for (loss, lr_decay_epochs) in [(Loss::Full, None), (Loss::Sampled, None), (Loss::Full, Some(5))] {
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
         let cfg = |max_epochs: usize, dir: &std::path::Path, resume: bool| TrainConfig {
             seed: 9,
             max_epochs,
             batch_size: 16,
             learning_rate: 3e-3,
+            lr_decay_epochs,
             weight_decay: 0.01,
             grad_clip: 1.0,
             patience: 100,
@@ -63,7 +65,10 @@ fn a_resumed_run_ends_exactly_where_the_uninterrupted_one_does() {
                 resume,
             }),
         };
-        let whole = train(&set, config.clone(), &cfg(5, dirs[0].path(), false)).unwrap();
+        // A decaying run ends where its learning rate reaches zero, whatever the epoch cap.
+        let whole_cap = if lr_decay_epochs.is_some() { 50 } else { 5 };
+        let whole = train(&set, config.clone(), &cfg(whole_cap, dirs[0].path(), false)).unwrap();
+        assert_eq!(whole.epochs.len(), 5);
         // A run stopped after its second epoch leaves that epoch's checkpoint, as a kill would.
         let stopped = train(&set, config.clone(), &cfg(2, dirs[1].path(), false)).unwrap();
         assert_eq!(stopped.epochs.len(), 2);

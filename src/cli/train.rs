@@ -95,6 +95,10 @@ pub struct TrainArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
+    /// Decay the learning rate along a half cosine to zero over this many epochs, and stop
+    /// there (a fixed budget); constant by default.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub lr_decay_epochs: Option<u64>,
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
     #[arg(long, default_value_t = 1.0)]
@@ -203,6 +207,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         max_epochs: args.epochs,
         batch_size: args.batch_size,
         learning_rate: args.lr,
+        lr_decay_epochs: args.lr_decay_epochs.map(|epochs| epochs as usize),
         weight_decay: args.weight_decay,
         grad_clip: args.grad_clip,
         patience: args.patience,

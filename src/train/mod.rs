@@ -41,6 +41,11 @@ pub struct TrainConfig {
     pub max_epochs: usize,
     pub batch_size: usize,
     pub learning_rate: f64,
+    /// Decay the learning rate along a half cosine to zero over this many epochs (step by
+    /// step), which also ends training there; constant when absent. A run with a known budget
+    /// spends its last epochs settling instead of waiting out the patience.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_decay_epochs: Option<usize>,
     pub weight_decay: f64,
     pub grad_clip: f64,
     /// Stop after this many epochs without a better validation NDCG@10.
@@ -286,15 +291,16 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
     );
     bar.set_position(progress.epoch as u64);
     let started = Instant::now();
+    let last_epoch = cfg.max_epochs.min(cfg.lr_decay_epochs.unwrap_or(usize::MAX));
     let finished =
-        |progress: &Progress| progress.epoch >= cfg.max_epochs || progress.epoch - progress.best_epoch >= cfg.patience;
+        |progress: &Progress| progress.epoch >= last_epoch || progress.epoch - progress.best_epoch >= cfg.patience;
     while !finished(&progress) {
         let epoch = progress.epoch + 1;
         let epoch_start = Instant::now();
         // Dropout draws from libtorch's generator, whose state tch cannot save: seeding it per
         // epoch makes an epoch's draws the same whether or not the run was resumed before it.
         tch::manual_seed((cfg.seed as i64).wrapping_add(epoch as i64 * 1_000_003));
-        let train_loss = run_epoch(&model, &mut opt, &windows, cfg, &mut rng);
+        let train_loss = run_epoch(&model, &mut opt, &windows, cfg, epoch, &mut rng);
         let validation = SplitMetrics::from_results(&evaluate(&model, set, &eval_opts));
         let validation_ndcg10 = validation.all.get("NDCG@10");
         let epoch_secs = epoch_start.elapsed().as_secs_f64();
@@ -387,9 +393,34 @@ fn batch_plan(windows: &[Window], batch_size: usize, rng: &mut ChaCha8Rng) -> Ve
     batches
 }
 
-fn run_epoch(model: &SeqModel, opt: &mut AdamW, windows: &[Window], cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> f64 {
+/// The learning rate `epochs_done` (fractional) epochs into a run.
+pub fn scheduled_learning_rate(cfg: &TrainConfig, epochs_done: f64) -> f64 {
+    match cfg.lr_decay_epochs {
+        None => cfg.learning_rate,
+        Some(horizon) => {
+            let progress = (epochs_done / horizon.max(1) as f64).min(1.0);
+            cfg.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+    }
+}
+
+/// Trains one pass over `windows` as the run's epoch `epoch` (counted from 1).
+fn run_epoch(
+    model: &SeqModel,
+    opt: &mut AdamW,
+    windows: &[Window],
+    cfg: &TrainConfig,
+    epoch: usize,
+    rng: &mut ChaCha8Rng,
+) -> f64 {
     let (mut loss_sum, mut batches) = (0.0, 0);
-    for batch_indices in batch_plan(windows, cfg.batch_size, rng) {
+    let plan = batch_plan(windows, cfg.batch_size, rng);
+    let plan_len = plan.len() as f64;
+    for (index, batch_indices) in plan.into_iter().enumerate() {
+        opt.set_learning_rate(scheduled_learning_rate(
+            cfg,
+            (epoch - 1) as f64 + index as f64 / plan_len,
+        ));
         let rows: Vec<&Window> = batch_indices.iter().map(|&i| &windows[i]).collect();
         let width = rows.iter().map(|w| w.input.real_len()).max().unwrap_or(1);
         let (batch, targets) = trimmed_batch(&rows, width, cfg.device);
@@ -486,6 +517,31 @@ fn seen_before(items: &Tensor, num_items: i64) -> Tensor {
 mod tests {
     use super::*;
     use crate::data::session::{gap_bucket, GAP_BUCKET_PAD};
+
+    #[test]
+    fn the_learning_rate_decays_along_a_half_cosine_to_zero_at_the_horizon() {
+        let mut cfg: TrainConfig = serde_json::from_value(serde_json::json!({
+            "seed": 1, "max_epochs": 10, "batch_size": 8, "learning_rate": 0.002,
+            "weight_decay": 0.0, "grad_clip": 1.0, "patience": 5, "loss": "full",
+            "negatives": 0, "mask_seen": true
+        }))
+        .unwrap();
+        assert_eq!(scheduled_learning_rate(&cfg, 7.5), 0.002, "constant without a horizon");
+        cfg.lr_decay_epochs = Some(4);
+        let at = |epochs_done: f64| scheduled_learning_rate(&cfg, epochs_done);
+        assert_eq!(at(0.0), 0.002);
+        assert!(
+            (at(1.0) - 0.002 * (2.0 + 2f64.sqrt()) / 4.0).abs() < 1e-15,
+            "{}",
+            at(1.0)
+        );
+        assert!((at(2.0) - 0.001).abs() < 1e-15);
+        assert!(at(4.0).abs() < 1e-15 && at(9.0).abs() < 1e-15);
+        assert!(
+            (1..16).all(|q| at(q as f64 / 4.0) < at((q - 1) as f64 / 4.0)),
+            "falls at every step"
+        );
+    }
 
     #[test]
     fn session_start_targets_are_the_gaps_past_the_session_threshold() {

@@ -111,6 +111,11 @@ impl AdamW {
         });
     }
 
+    /// The learning rate of the next steps (a schedule sets it before each).
+    pub fn set_learning_rate(&mut self, learning_rate: f64) {
+        self.learning_rate = learning_rate;
+    }
+
     pub fn steps(&self) -> i64 {
         self.steps
     }

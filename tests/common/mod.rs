@@ -49,6 +49,7 @@ pub fn fixture() -> &'static Fixture {
             max_epochs: 2,
             batch_size: 64,
             learning_rate: 3e-3,
+            lr_decay_epochs: None,
             weight_decay: 0.0,
             grad_clip: 1.0,
             patience: 2,

@@ -1,6 +1,7 @@
 """A model trained by either implementation evaluates to the same metrics in both, and a
 torchrun (DDP, 2 CPU processes) training produces an artifact `xsrec eval` serves unchanged."""
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -65,3 +66,19 @@ def test_torchrun_ddp_training_is_served_by_xsrec(log, tmp_path):
     assert config["info"]["world_size"] == 2
     assert config["model"]["features"]["event_type"] is True
     assert_same_metrics(config["info"]["metrics"], rust_eval(out, log, tmp_path))
+
+
+def test_the_learning_rate_decay_matches_the_rust_trainers_and_ends_the_run(log, tmp_path):
+    from xsrec_torch.train import main, scheduled_lr
+
+    # The values src/train/mod.rs's schedule test asserts for `xsrec train`.
+    assert scheduled_lr(0.002, None, 7.5) == 0.002
+    assert scheduled_lr(0.002, 4, 0.0) == 0.002
+    assert abs(scheduled_lr(0.002, 4, 1.0) - 0.002 * (2 + math.sqrt(2)) / 4) < 1e-15
+    assert abs(scheduled_lr(0.002, 4, 2.0) - 0.001) < 1e-15
+    assert abs(scheduled_lr(0.002, 4, 9.0)) < 1e-15
+    out = tmp_path / "decayed"
+    main(["--data", str(log), "--out", str(out), *SMALL, "--epochs", "9", "--lr-decay-epochs", "3"])
+    epochs = json.loads((out / "epochs.json").read_text())
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert all(a["elapsed_secs"] < b["elapsed_secs"] for a, b in zip(epochs, epochs[1:]))

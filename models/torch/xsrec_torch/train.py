@@ -9,6 +9,7 @@ and early stopping as `xsrec train`; gloo on CPU, nccl on GPU. Rank 0 evaluates 
 """
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -91,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr-decay-epochs", type=int, help="decay the learning rate along a half cosine to zero over this many epochs, and stop there")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--patience", type=int, default=20)
@@ -99,6 +101,13 @@ def parse_args(argv=None):
     p.add_argument("--calendar", action="store_true", help="hour-of-day and day-of-week embeddings shared by all users")
     p.add_argument("--session-summary", action="store_true", help="each event reads the previous session's mean item vector")
     return p.parse_args(argv)
+
+
+def scheduled_lr(lr, decay_epochs, epochs_done):
+    """The learning rate `epochs_done` (fractional) epochs into a run, as `xsrec train` sets it."""
+    if not decay_epochs:
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(epochs_done / decay_epochs, 1.0)))
 
 
 def main(argv=None):
@@ -135,7 +144,7 @@ def main(argv=None):
     best = (float("-inf"), 0, None)
     log = []
     started = time.time()
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(1, min(args.epochs, args.lr_decay_epochs or args.epochs) + 1):
         model.train()
         order = list(range(len(examples)))
         rng.shuffle(order)  # same seed on every rank: one shared order, split by rank
@@ -149,6 +158,8 @@ def main(argv=None):
             width = len(rows[0]["items"])
             targets = torch.tensor([t[-width:] for _, t in chunk], device=device)
             loss = loss_of(trainer, model, rows, targets, cfg["num_items"])
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(args.lr, args.lr_decay_epochs, epoch - 1 + step / steps)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -158,7 +169,8 @@ def main(argv=None):
         stop = torch.zeros(1)
         if rank == 0:
             ndcg = split_metrics(rank_cases(model, sequences, "validation", device=device))["all"]["means"].get("NDCG@10", 0.0)
-            log.append({"epoch": epoch, "train_loss": total / max(steps, 1), "validation_ndcg10": ndcg})
+            log.append({"epoch": epoch, "train_loss": total / max(steps, 1), "validation_ndcg10": ndcg,
+                        "elapsed_secs": time.time() - started})
             print(f"epoch {epoch}: loss {total / max(steps, 1):.4f} val NDCG@10 {ndcg:.4f}", flush=True)
             if ndcg > best[0]:
                 best = (ndcg, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
