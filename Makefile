@@ -15,7 +15,7 @@ DEFAULT_MODEL := models/default
 # The documented recipe of the default model (see README "The default model").
 DEFAULT_TRAIN_FLAGS := --max-len 50 --seed 42 --threads 1 --readouts off --positions window-start
 
-.PHONY: venv build data data-1m run test fmt lint bench load quality cross-session fuzz api-fuzz image clean
+.PHONY: venv build data data-1m run test fmt lint bench load quality quality-1m cross-session fuzz api-fuzz image clean
 
 venv: $(TORCH_STAMP)
 
@@ -66,6 +66,12 @@ load: build
 quality: data
 	scripts/quality.sh
 	.venv/bin/python scripts/quality_table.py runs/quality
+
+# MovieLens-1M (hours on 2 cores; interrupt and rerun to continue, see the script).
+quality-1m: data-1m
+	scripts/quality_1m.sh
+	MAIN=full .venv/bin/python scripts/quality_table.py runs/quality-1m
+	MAIN=full EVAL=eval-unmasked.json .venv/bin/python scripts/quality_table.py runs/quality-1m
 
 # The synthetic cross-session family of docs/QUALITY.md (about an hour on 2 cores).
 cross-session: build

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Summarises runs/quality/*/eval.json (from scripts/quality.sh) as the markdown in docs/QUALITY.md;
-MAIN=VARIANT picks the variant every other one is compared with (default transformer-L200).
+MAIN=VARIANT picks the variant every other one is compared with (default transformer-L200);
+EVAL=NAME reads runs/*/NAME instead of eval.json (scripts/quality_1m.sh also writes
+eval-unmasked.json, the same models ranked without masking the user's history).
 
 Per variant: mean ± std over seeds of the test metrics, the new-session / same-session split, and
 training time; then paired bootstrap 95% intervals over users of the difference in test NDCG@10
@@ -16,12 +18,13 @@ import sys
 
 ROOT = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "runs/quality")
 MAIN = os.environ.get("MAIN", "transformer-L200")
+EVAL = os.environ.get("EVAL", "eval.json")
 METRICS = ["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR", "AUC"]
 
 
 def load():
     runs = {}
-    for path in sorted(ROOT.glob("*-seed*/eval.json")):
+    for path in sorted(ROOT.glob(f"*-seed*/{EVAL}")):
         variant, seed = re.match(r"(.+)-seed(\d+)$", path.parent.name).groups()
         report = json.loads(path.read_text())
         config = json.loads((path.parent / "config.json").read_text())
