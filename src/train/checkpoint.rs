@@ -3,8 +3,8 @@
 //! optimizer's moments and step count, the batch-order RNG, the epoch log and the best score.
 //!
 //! Epoch `n` is two files: `epoch-000n.safetensors` (tensors), then `epoch-000n.json` (the rest),
-//! each written under a temporary name and renamed. The JSON is written last, so a checkpoint
-//! whose JSON exists is whole; older epochs are deleted only after it.
+//! each written under a temporary name, flushed to disk and renamed. The JSON is written last, so
+//! a checkpoint whose JSON exists is whole; older epochs are deleted only after it.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -95,18 +95,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 pub fn save(dir: &Path, progress: &Progress, tensors: &[(String, Tensor)]) -> Result<(), CheckpointError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let stem = stem(progress.epoch);
-    let weights = dir.join(format!("{stem}.safetensors"));
-    let partial = dir.join(format!("{stem}.safetensors.part"));
-    Tensor::write_safetensors(tensors, &partial).map_err(|source| CheckpointError::Torch {
-        path: partial.clone(),
-        source,
+    write_durably(&dir.join(format!("{stem}.safetensors")), |partial| {
+        Tensor::write_safetensors(tensors, partial).map_err(|source| CheckpointError::Torch {
+            path: partial.to_path_buf(),
+            source,
+        })
     })?;
-    std::fs::rename(&partial, &weights).map_err(io(&weights))?;
-    let meta = dir.join(format!("{stem}.json"));
-    let partial = dir.join(format!("{stem}.json.part"));
-    let text = serde_json::to_vec_pretty(progress).expect("progress serializes");
-    std::fs::write(&partial, text).map_err(io(&partial))?;
-    std::fs::rename(&partial, &meta).map_err(io(&meta))?;
+    write_durably(&dir.join(format!("{stem}.json")), |partial| {
+        let text = serde_json::to_vec_pretty(progress).expect("progress serializes");
+        std::fs::write(partial, text).map_err(io(partial))
+    })?;
+    // The new checkpoint's names must be on disk before the old files go.
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let path = entry.map_err(io(dir))?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -115,6 +115,19 @@ pub fn save(dir: &Path, progress: &Progress, tensors: &[(String, Tensor)]) -> Re
         }
     }
     Ok(())
+}
+
+/// Writes `path` through `write` under a temporary name, flushed to disk, then renamed: a kill or
+/// power cut leaves the whole file or none under `path`.
+fn write_durably(path: &Path, write: impl FnOnce(&Path) -> Result<(), CheckpointError>) -> Result<(), CheckpointError> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".part");
+    let partial = PathBuf::from(partial);
+    write(&partial)?;
+    std::fs::File::open(&partial)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&partial))?;
+    std::fs::rename(&partial, path).map_err(io(path))
 }
 
 /// The newest whole checkpoint in `dir`, if any.
