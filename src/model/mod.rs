@@ -2,6 +2,7 @@
 pub mod artifact;
 pub mod builtin;
 pub mod config;
+pub mod dropout;
 mod host;
 pub mod input;
 pub mod net;

@@ -1,8 +1,11 @@
 //! The networks: a shared input embedding, the causal Transformer and the LSTM baseline.
+use std::sync::Arc;
+
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use super::config::{Arch, Combine, ModelConfig, PositionOrigin};
+use super::dropout::{Dropout, MaskSource};
 use super::host::{add_into, BlockWeights, HostTable, HostTransformer};
 use super::input::{to_device_pinned, to_host_f32, Batch, Field};
 use super::prefix::{PrefixPool, Slot};
@@ -41,11 +44,11 @@ struct InputEmbedding {
     session_summary: Option<nn::Linear>,
     concat_projection: Option<nn::Linear>,
     origin: PositionOrigin,
-    dropout: f64,
+    dropout: Dropout,
 }
 
 impl InputEmbedding {
-    fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+    fn new(p: &nn::Path, cfg: &ModelConfig, masks: &Arc<MaskSource>) -> Self {
         let d = cfg.d_model as i64;
         let f = &cfg.features;
         let optional = |on: bool, name: &str, rows: i64| on.then(|| embedding(p / name, rows, d));
@@ -78,7 +81,7 @@ impl InputEmbedding {
             session_summary,
             concat_projection,
             origin: f.positions,
-            dropout: cfg.dropout,
+            dropout: Dropout::new(cfg.dropout, masks),
         }
     }
 
@@ -119,7 +122,7 @@ impl InputEmbedding {
                 .expect("at least two parts"),
         };
         let real = last(&batch.real_mask()).unsqueeze(-1).to_kind(merged.kind());
-        merged.dropout(self.dropout, train) * real
+        self.dropout.apply(&merged, train) * real
     }
 
     /// The inputs of each row's last `fresh[row]` positions, packed row after row
@@ -382,11 +385,11 @@ struct TransformerBlock {
     ffn_in: nn::Linear,
     ffn_out: nn::Linear,
     n_heads: i64,
-    dropout: f64,
+    dropout: Dropout,
 }
 
 impl TransformerBlock {
-    fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+    fn new(p: &nn::Path, cfg: &ModelConfig, masks: &Arc<MaskSource>) -> Self {
         let (d, ffn) = (cfg.d_model as i64, cfg.ffn_dim as i64);
         Self {
             attn_norm: nn::layer_norm(p / "attn_norm", vec![d], Default::default()),
@@ -396,7 +399,7 @@ impl TransformerBlock {
             ffn_in: nn::linear(p / "ffn_in", d, ffn, Default::default()),
             ffn_out: nn::linear(p / "ffn_out", ffn, d, Default::default()),
             n_heads: cfg.n_heads as i64,
-            dropout: cfg.dropout,
+            dropout: Dropout::new(cfg.dropout, masks),
         }
     }
 
@@ -448,26 +451,24 @@ impl TransformerBlock {
                 )
             }
         };
-        let dropout = if train { self.dropout } else { 0.0 };
-        let attended = match capture {
-            None => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&attn_bias), dropout, false, None, false),
-            Some(weights_out) => {
-                let logits = q.matmul(&k.transpose(-2, -1)) / (head_dim as f64).sqrt() + &attn_bias;
-                let weights = logits.softmax(-1, logits.kind());
-                let out = weights.dropout(dropout, train).matmul(&v);
+        // Dropout on the attention weights needs them in hand, as capturing does; the fused
+        // kernel serves every other pass.
+        let attended = if capture.is_none() && !(train && self.dropout.is_active()) {
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&attn_bias), 0.0, false, None, false)
+        } else {
+            let logits = q.matmul(&k.transpose(-2, -1)) / (head_dim as f64).sqrt() + &attn_bias;
+            let weights = logits.softmax(-1, logits.kind());
+            let out = self.dropout.apply(&weights, train).matmul(&v);
+            if let Some(weights_out) = capture {
                 weights_out.push(weights);
-                out
             }
+            out
         };
         let attended = attended.transpose(1, 2).reshape([b, m, d]).apply(&self.attn_out);
-        let x = x + attended.dropout(self.dropout, train);
-        let ffn = x
-            .apply(&self.ffn_norm)
-            .apply(&self.ffn_in)
-            .gelu("none")
-            .dropout(self.dropout, train)
-            .apply(&self.ffn_out);
-        &x + ffn.dropout(self.dropout, train)
+        let x = x + self.dropout.apply(&attended, train);
+        let ffn = x.apply(&self.ffn_norm).apply(&self.ffn_in).gelu("none");
+        let ffn = self.dropout.apply(&ffn, train).apply(&self.ffn_out);
+        &x + self.dropout.apply(&ffn, train)
     }
 }
 
@@ -489,10 +490,10 @@ struct Transformer {
 }
 
 impl Transformer {
-    fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+    fn new(p: &nn::Path, cfg: &ModelConfig, masks: &Arc<MaskSource>) -> Self {
         let cap = cfg.features.session_cap as i64;
         let blocks = (0..cfg.n_layers)
-            .map(|i| TransformerBlock::new(&(p / format!("block{i}")), cfg))
+            .map(|i| TransformerBlock::new(&(p / format!("block{i}")), cfg, masks))
             .collect();
         let session_bias = cfg.features.session_recency.then(|| {
             nn::embedding(
@@ -694,18 +695,20 @@ pub struct Network {
     successor: Option<SessionSuccessor>,
     clock: Option<ClockReadout>,
     output_items: Option<nn::Embedding>,
+    masks: Arc<MaskSource>,
 }
 
 impl Network {
     pub fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
         let d = cfg.d_model as i64;
+        let masks = Arc::new(MaskSource::default());
         let encoder = match cfg.arch {
-            Arch::Transformer => Encoder::Transformer(Transformer::new(&(p / "transformer"), cfg)),
+            Arch::Transformer => Encoder::Transformer(Transformer::new(&(p / "transformer"), cfg, &masks)),
             Arch::Lstm => Encoder::Lstm(Lstm::new(&(p / "lstm"), cfg)),
         };
         let output_items = (!cfg.tied_output).then(|| embedding(p / "output_embedding", cfg.num_items as i64, d));
         Self {
-            input: InputEmbedding::new(p, cfg),
+            input: InputEmbedding::new(p, cfg, &masks),
             encoder,
             successor: (cfg.features.session_successor).then(|| SessionSuccessor::new(&(p / "session_successor"), d)),
             clock: cfg
@@ -713,7 +716,14 @@ impl Network {
                 .clock_readout
                 .then(|| ClockReadout::new(&(p / "clock_readout"), d)),
             output_items,
+            masks,
         }
+    }
+
+    /// Restarts the dropout masks of training passes from `seed` (the LSTM's inter-layer
+    /// dropout draws from libtorch's generator, see `tch::manual_seed`).
+    pub fn reseed_dropout(&self, seed: u64) {
+        self.masks.reseed(seed);
     }
 
     /// `[B, L, d]` hidden states; position `j` summarises events up to `j`.
@@ -990,7 +1000,7 @@ mod tests {
             };
             tch::manual_seed(seed as i64);
             let vs = nn::VarStore::new(Device::Cpu);
-            let input = InputEmbedding::new(&vs.root(), &cfg);
+            let input = InputEmbedding::new(&vs.root(), &cfg, &Arc::new(MaskSource::default()));
             let rows: Vec<_> = (0..4)
                 .map(|_| {
                     let len = 1 + draw(12) as usize;

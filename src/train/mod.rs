@@ -297,9 +297,12 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
     while !finished(&progress) {
         let epoch = progress.epoch + 1;
         let epoch_start = Instant::now();
-        // Dropout draws from libtorch's generator, whose state tch cannot save: seeding it per
-        // epoch makes an epoch's draws the same whether or not the run was resumed before it.
-        tch::manual_seed((cfg.seed as i64).wrapping_add(epoch as i64 * 1_000_003));
+        // Seeding the dropout masks per epoch makes an epoch's draws the same whether or not the
+        // run was resumed before it (libtorch's generator, which the LSTM's dropout draws from,
+        // cannot be saved either).
+        let epoch_seed = cfg.seed.wrapping_add(epoch as u64 * 1_000_003);
+        model.net.reseed_dropout(epoch_seed);
+        tch::manual_seed(epoch_seed as i64);
         let train_loss = run_epoch(&model, &mut opt, &windows, cfg, epoch, &mut rng);
         let validation = SplitMetrics::from_results(&evaluate(&model, set, &eval_opts));
         let validation_ndcg10 = validation.all.get("NDCG@10");
