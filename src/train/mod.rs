@@ -448,15 +448,19 @@ fn trimmed_batch(rows: &[&Window], width: usize, device: Device) -> (Batch, Tens
 fn batch_loss(model: &SeqModel, batch: &Batch, targets: &Tensor, cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> Tensor {
     let hidden = model.net.hidden(batch, true);
     let d = hidden.size()[2];
+    let all_targets = targets;
     let keep = targets.ne(0).view(-1).nonzero().squeeze_dim(1);
     let hidden = hidden.view([-1, d]).index_select(0, &keep);
     let targets = targets.view(-1).index_select(0, &keep);
     let (logits, target_column) = match cfg.loss {
         Loss::Full if cfg.mask_seen => {
-            let seen =
-                seen_before(&batch.items, model.config.num_items as i64).view([-1, model.config.num_items as i64]);
-            let seen = seen.index_select(0, &keep).scatter_value(1, &targets.unsqueeze(1), 0);
-            let logits = model.net.score(&hidden).masked_fill(&seen, f64::NEG_INFINITY);
+            let (rows, columns) = seen_cells(&batch.items, all_targets, model.config.num_items);
+            let mut logits = model.net.score(&hidden);
+            // In place and sparse: a dense [N, V] mask cost two passes over the logits (forward
+            // and backward) plus building it, 10 % of an ML-1M step; the cells are O(L²) per row.
+            let indices = [rows, columns].map(|cells| Some(Tensor::from_slice(&cells).to_device(cfg.device)));
+            let excluded = Tensor::full([], f64::NEG_INFINITY, (logits.kind(), cfg.device));
+            let _ = logits.index_put_(&indices, &excluded, false);
             (logits, targets.shallow_clone())
         }
         Loss::Full => (model.net.score(&hidden), targets.shallow_clone()),
@@ -497,29 +501,81 @@ fn session_start_targets(prediction_gaps: &Tensor) -> Tensor {
         .logical_and(&prediction_gaps.remainder(2).eq(1))
 }
 
-/// `[B, L, V]` bool: whether item `v` occurs at or before position `t` of row `b` (padding, item
-/// 0, always counts as seen). Built from each item's first position in the row, which keeps the
-/// work at `B·L` plus one comparison per cell.
-fn seen_before(items: &Tensor, num_items: i64) -> Tensor {
-    let (b, l) = items.size2().expect("[B, L]");
-    let flat = Vec::<i64>::try_from(items.to_device(Device::Cpu).view(-1)).expect("items");
-    let mut first = vec![l; (b * num_items) as usize];
-    for (row, row_items) in flat.chunks(l as usize).enumerate() {
-        for (position, &item) in row_items.iter().enumerate() {
-            let cell = &mut first[row * num_items as usize + item as usize];
-            *cell = (*cell).min(position as i64);
+/// The logits to leave out of the training softmax, as `(rows, columns)`: for every position
+/// with a target (rows numbered as `targets.ne(0)` keeps them, row-major), the items its row had
+/// at or before it, and item 0 (padding), but never the position's own target (a repeat is a
+/// right answer).
+fn seen_cells(items: &Tensor, targets: &Tensor, num_items: usize) -> (Vec<i64>, Vec<i64>) {
+    let host = |t: &Tensor| Vec::<i64>::try_from(t.to_device(Device::Cpu).view(-1)).expect("int64 ids");
+    let width = items.size()[1] as usize;
+    let (items, targets) = (host(items), host(targets));
+    let (mut rows, mut columns) = (Vec::new(), Vec::new());
+    let mut kept_row = 0;
+    let mut had = vec![false; num_items];
+    for (row_items, row_targets) in items.chunks(width).zip(targets.chunks(width)) {
+        let mut distinct = vec![0];
+        had[0] = true;
+        for (&item, &target) in row_items.iter().zip(row_targets) {
+            if !std::mem::replace(&mut had[item as usize], true) {
+                distinct.push(item);
+            }
+            if target == 0 {
+                continue;
+            }
+            for &seen in distinct.iter().filter(|&&seen| seen != target) {
+                rows.push(kept_row);
+                columns.push(seen);
+            }
+            kept_row += 1;
+        }
+        for &seen in &distinct {
+            had[seen as usize] = false;
         }
     }
-    let device = items.device();
-    let first = Tensor::from_slice(&first).view([b, 1, num_items]).to_device(device);
-    let positions = Tensor::arange(l, (Kind::Int64, device)).view([1, l, 1]);
-    first.le_tensor(&positions)
+    (rows, columns)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::data::session::{gap_bucket, GAP_BUCKET_PAD};
+    use rand::Rng;
+
+    #[test]
+    fn seen_cells_are_each_positions_earlier_items_and_padding_but_not_its_target() {
+        let items = Tensor::from_slice(&[0i64, 0, 3, 5, 4, 1, 4, 2]).view([2, 4]);
+        let targets = Tensor::from_slice(&[0i64, 0, 5, 2, 1, 4, 2, 4]).view([2, 4]);
+        let (rows, columns) = seen_cells(&items, &targets, 6);
+        assert_eq!(rows, [0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 4, 5, 5, 5]);
+        assert_eq!(columns, [0, 3, 0, 3, 5, 0, 4, 0, 1, 0, 4, 1, 0, 1, 2]);
+    }
+
+    #[test]
+    fn seen_cells_match_the_definition_on_random_batches() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..20 {
+            let (b, l, v) = (rng.gen_range(1..6), rng.gen_range(1..30), rng.gen_range(2..40));
+            let items: Vec<i64> = (0..b * l).map(|_| rng.gen_range(0..v)).collect();
+            let targets: Vec<i64> = (0..b * l).map(|_| rng.gen_range(0..v)).collect();
+            let (rows, columns) = seen_cells(
+                &Tensor::from_slice(&items).view([b, l]),
+                &Tensor::from_slice(&targets).view([b, l]),
+                v as usize,
+            );
+            let mut expected = Vec::new();
+            let kept = (0..b * l).filter(|&cell| targets[cell as usize] != 0);
+            for (row, cell) in kept.enumerate() {
+                let (start, target) = (cell / l * l, targets[cell as usize]);
+                let earlier = &items[start as usize..=cell as usize];
+                for item in (0..v).filter(|&item| item != target && (item == 0 || earlier.contains(&item))) {
+                    expected.push((row as i64, item));
+                }
+            }
+            let mut got: Vec<(i64, i64)> = rows.into_iter().zip(columns).collect();
+            got.sort_unstable();
+            assert_eq!(got, expected);
+        }
+    }
 
     #[test]
     fn the_learning_rate_decays_along_a_half_cosine_to_zero_at_the_horizon() {
