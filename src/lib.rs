@@ -6,6 +6,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod durable;
 pub mod eval;
 pub mod grpc;
 pub mod health;

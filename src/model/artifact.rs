@@ -10,6 +10,7 @@ use tch::{Device, Tensor};
 
 use super::{ModelConfig, SeqModel};
 use crate::data::vocab::Vocab;
+use crate::durable;
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const CONFIG_FILE: &str = "config.json";
@@ -97,32 +98,37 @@ impl Artifact {
         }
     }
 
+    /// Writes the artifact's files, each replaced whole (a kill or power cut never leaves half a
+    /// file), the weights last: a directory with `model.safetensors` holds a complete artifact,
+    /// which is what resumable scripts test before skipping a finished training.
     pub fn save(&self, dir: &Path) -> Result<(), ArtifactError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ArtifactError::Io { path, source }
+        let io = |path: &Path, source| ArtifactError::Io {
+            path: path.to_path_buf(),
+            source,
         };
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        let config_path = dir.join(CONFIG_FILE);
-        let json = serde_json::to_string_pretty(&self.config).expect("config serialises");
-        fs::write(&config_path, json + "\n").map_err(io(&config_path))?;
-        let weights_path = dir.join(WEIGHTS_FILE);
-        self.model
-            .vs
-            .save(&weights_path)
-            .map_err(|source| ArtifactError::Torch {
-                path: weights_path.clone(),
+        fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        durable::replace(&dir.join(CONFIG_FILE), io, |partial| {
+            let json = serde_json::to_string_pretty(&self.config).expect("config serialises");
+            fs::write(partial, json + "\n").map_err(|e| io(partial, e))
+        })?;
+        durable::replace(&dir.join(ITEMS_FILE), io, |partial| {
+            let mut out = std::io::BufWriter::new(fs::File::create(partial).map_err(|e| io(partial, e))?);
+            writeln!(out, "index\titem_id\tcount\tcategories").map_err(|e| io(partial, e))?;
+            for (i, id) in self.items.ids().iter().enumerate() {
+                let idx = i + 1;
+                let categories = self.item_categories.get(idx).map(|c| c.join("|")).unwrap_or_default();
+                writeln!(out, "{idx}\t{id}\t{}\t{categories}", self.item_counts[idx]).map_err(|e| io(partial, e))?;
+            }
+            out.flush().map_err(|e| io(partial, e))
+        })?;
+        durable::replace(&dir.join(WEIGHTS_FILE), io, |partial| {
+            let variables: Vec<(String, Tensor)> = self.model.vs.variables().into_iter().collect();
+            Tensor::write_safetensors(&variables, partial).map_err(|source| ArtifactError::Torch {
+                path: partial.to_path_buf(),
                 source,
-            })?;
-        let items_path = dir.join(ITEMS_FILE);
-        let mut out = std::io::BufWriter::new(fs::File::create(&items_path).map_err(io(&items_path))?);
-        writeln!(out, "index\titem_id\tcount\tcategories").map_err(io(&items_path))?;
-        for (i, id) in self.items.ids().iter().enumerate() {
-            let idx = i + 1;
-            let categories = self.item_categories.get(idx).map(|c| c.join("|")).unwrap_or_default();
-            writeln!(out, "{idx}\t{id}\t{}\t{categories}", self.item_counts[idx]).map_err(io(&items_path))?;
-        }
-        out.flush().map_err(io(&items_path))
+            })
+        })?;
+        durable::sync_dir(dir).map_err(|e| io(dir, e))
     }
 
     pub fn load(dir: &Path, device: Device) -> Result<Self, ArtifactError> {

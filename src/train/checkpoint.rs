@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::EpochLog;
+use crate::durable;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -95,18 +96,22 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 pub fn save(dir: &Path, progress: &Progress, tensors: &[(String, Tensor)]) -> Result<(), CheckpointError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let stem = stem(progress.epoch);
-    write_durably(&dir.join(format!("{stem}.safetensors")), |partial| {
+    let io_error = |path: &Path, source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    durable::replace(&dir.join(format!("{stem}.safetensors")), io_error, |partial| {
         Tensor::write_safetensors(tensors, partial).map_err(|source| CheckpointError::Torch {
             path: partial.to_path_buf(),
             source,
         })
     })?;
-    write_durably(&dir.join(format!("{stem}.json")), |partial| {
+    durable::replace(&dir.join(format!("{stem}.json")), io_error, |partial| {
         let text = serde_json::to_vec_pretty(progress).expect("progress serializes");
         std::fs::write(partial, text).map_err(io(partial))
     })?;
     // The new checkpoint's names must be on disk before the old files go.
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    durable::sync_dir(dir).map_err(io(dir))?;
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let path = entry.map_err(io(dir))?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -115,19 +120,6 @@ pub fn save(dir: &Path, progress: &Progress, tensors: &[(String, Tensor)]) -> Re
         }
     }
     Ok(())
-}
-
-/// Writes `path` through `write` under a temporary name, flushed to disk, then renamed: a kill or
-/// power cut leaves the whole file or none under `path`.
-fn write_durably(path: &Path, write: impl FnOnce(&Path) -> Result<(), CheckpointError>) -> Result<(), CheckpointError> {
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".part");
-    let partial = PathBuf::from(partial);
-    write(&partial)?;
-    std::fs::File::open(&partial)
-        .and_then(|f| f.sync_all())
-        .map_err(io(&partial))?;
-    std::fs::rename(&partial, path).map_err(io(path))
 }
 
 /// The newest whole checkpoint in `dir`, if any.
