@@ -69,7 +69,7 @@ def test_torchrun_ddp_training_is_served_by_xsrec(log, tmp_path):
 
 
 def test_the_learning_rate_decay_matches_the_rust_trainers_and_ends_the_run(log, tmp_path):
-    from xsrec_torch.train import main, scheduled_lr
+    from xsrec_torch.train import main, scheduled_lr, windows
 
     # The values src/train/mod.rs's schedule test asserts for `xsrec train`.
     assert scheduled_lr(0.002, None, 7.5) == 0.002
@@ -82,3 +82,8 @@ def test_the_learning_rate_decay_matches_the_rust_trainers_and_ends_the_run(log,
     epochs = json.loads((out / "epochs.json").read_text())
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert all(a["elapsed_secs"] < b["elapsed_secs"] for a, b in zip(epochs, epochs[1:]))
+    # An epoch's rate is its windows over its own time (not the run's so far), which lies inside
+    # the time between two log entries.
+    count = len(windows(build_sequences(load_events(str(log))), 20, 1800))
+    since_previous = [b["elapsed_secs"] - a for a, b in zip([0.0] + [e["elapsed_secs"] for e in epochs], epochs)]
+    assert all(e["sequences_per_sec"] * d >= count for e, d in zip(epochs, since_previous))

@@ -152,6 +152,7 @@ def main(argv=None):
         # Equal step counts on every rank, or DDP's all-reduce would wait forever.
         steps = len(order) // world // args.batch_size + (1 if len(order) // world % args.batch_size else 0)
         total = 0.0
+        epoch_started = time.time()
         for step in range(steps):
             chunk = [examples[i] for i in mine[step * args.batch_size : (step + 1) * args.batch_size]] or [examples[mine[0]]]
             rows = trim([r for r, _ in chunk])
@@ -169,9 +170,12 @@ def main(argv=None):
         stop = torch.zeros(1)
         if rank == 0:
             ndcg = split_metrics(rank_cases(model, sequences, "validation", device=device))["all"]["means"].get("NDCG@10", 0.0)
+            # All ranks' sequences over the epoch's time with validation, as `xsrec train` counts.
+            sequences_per_sec = len(order) / (time.time() - epoch_started)
             log.append({"epoch": epoch, "train_loss": total / max(steps, 1), "validation_ndcg10": ndcg,
-                        "elapsed_secs": time.time() - started})
-            print(f"epoch {epoch}: loss {total / max(steps, 1):.4f} val NDCG@10 {ndcg:.4f}", flush=True)
+                        "sequences_per_sec": sequences_per_sec, "elapsed_secs": time.time() - started})
+            print(f"epoch {epoch}: loss {total / max(steps, 1):.4f} val NDCG@10 {ndcg:.4f} "
+                  f"{sequences_per_sec:.0f} seq/s ({time.time() - started:.0f} s)", flush=True)
             if ndcg > best[0]:
                 best = (ndcg, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
             stop[0] = float(epoch - best[1] >= args.patience)
