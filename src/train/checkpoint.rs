@@ -96,10 +96,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 pub fn save(dir: &Path, progress: &Progress, tensors: &[(String, Tensor)]) -> Result<(), CheckpointError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let stem = stem(progress.epoch);
-    let io_error = |path: &Path, source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io_error = |path: &Path, e| io(path)(e);
     durable::replace(&dir.join(format!("{stem}.safetensors")), io_error, |partial| {
         Tensor::write_safetensors(tensors, partial).map_err(|source| CheckpointError::Torch {
             path: partial.to_path_buf(),
