@@ -87,3 +87,52 @@ def test_the_learning_rate_decay_matches_the_rust_trainers_and_ends_the_run(log,
     count = len(windows(build_sequences(load_events(str(log))), 20, 1800))
     since_previous = [b["elapsed_secs"] - a for a, b in zip([0.0] + [e["elapsed_secs"] for e in epochs], epochs)]
     assert all(e["sequences_per_sec"] * d >= count for e, d in zip(epochs, since_previous))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_both_losses_match_a_per_target_softmax_written_out(log, seed):
+    """The training loss, with the user's earlier items left out of the softmax (default) or kept
+    in it (--loss-keep-seen), against each target's log-softmax computed one by one."""
+    import random
+
+    import torch
+
+    from xsrec_torch.features import batch, trim
+    from xsrec_torch.train import loss_of, parse_args, windows
+
+    torch.manual_seed(seed)
+    sequences = build_sequences(load_events(str(log)))
+    examples = windows(sequences, 20, 1800)
+    chunk = random.Random(seed).sample(examples, 8)
+    rows = trim([r for r, _ in chunk])
+    width = len(rows[0]["items"])
+    targets = torch.tensor([t[-width:] for _, t in chunk])
+    cfg = {
+        "arch": "transformer", "num_items": len(sequences.item_ids) + 1,
+        "num_event_types": len(sequences.event_types) + 1, "max_len": 20, "d_model": 16, "n_heads": 2, "n_layers": 1,
+        "ffn_dim": 32, "dropout": 0.0, "tied_output": True,
+        "features": {"session_recency": True, "time_gap": True, "event_type": True, "prediction_gap": True,
+                     "calendar": False, "session_successor": False, "clock_readout": False,
+                     "session_summary": False, "combine": "sum", "session_cap": 8},
+        "session_gap_secs": 1800,
+    }
+    model = XsrecModel(cfg).eval()
+    assert parse_args(["--data", "x", "--out", "y", "--loss-keep-seen"]).loss_keep_seen
+    with torch.no_grad():
+        logits = model.score(model.hidden(batch(rows, torch.device("cpu"))))
+        kept, left_out = [], []
+        for b, row in enumerate(rows):
+            for t in range(width):
+                goal = int(targets[b, t])
+                if goal == 0:
+                    continue
+                scores = logits[b, t].double()
+                kept.append(-(scores[goal] - torch.logsumexp(scores, 0)))
+                # Padding (0) and every item at or before t are out, except the target itself.
+                out = {0} | {int(i) for i in row["items"][: t + 1]}
+                allowed = [v for v in range(cfg["num_items"]) if v not in out or v == goal]
+                left_out.append(-(scores[goal] - torch.logsumexp(scores[allowed], 0)))
+        for keep_seen, oracle in ((True, kept), (False, left_out)):
+            loss = loss_of(model, model, rows, targets, cfg["num_items"], keep_seen)
+            assert abs(float(loss) - float(torch.stack(oracle).mean())) < 1e-5, keep_seen
+        assert float(torch.stack(left_out).mean()) < float(torch.stack(kept).mean())

@@ -49,16 +49,21 @@ def seen_before(items, num_items):
     positions = torch.arange(l, device=items.device).expand(b, l)
     first = torch.full((b, num_items), l, dtype=torch.int64, device=items.device)
     first.scatter_reduce_(1, items, positions, reduce="amin")
+    # A row as long as the batch has no padding to scatter; its column is out all the same (as
+    # `xsrec train` leaves it out), not only in rows that are padded.
+    first[:, 0] = 0
     return first.unsqueeze(1) <= positions.unsqueeze(2)
 
 
-def loss_of(model, module, rows, targets, num_items):
+def loss_of(model, module, rows, targets, num_items, keep_seen=False):
     x = batch(rows, targets.device)
     hidden = model(x) if model is not module else module.hidden(x)
     keep = targets.view(-1) != 0
     hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
     goal = targets.view(-1)[keep]
     logits = module.score(hidden)
+    if keep_seen:
+        return F.cross_entropy(logits, goal)
     seen = seen_before(x["items"], num_items).view(-1, num_items)[keep]
     seen[torch.arange(len(goal), device=goal.device), goal] = False
     return F.cross_entropy(logits.masked_fill(seen, float("-inf")), goal)
@@ -96,6 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--patience", type=int, default=20)
+    p.add_argument("--loss-keep-seen", action="store_true", help="keep already-seen items in the training softmax (by default they are left out, as in evaluation)")
     for feature in ("session-recency", "time-gap", "event-type", "prediction-gap", "session-successor", "clock-readout"):
         p.add_argument(f"--no-{feature}", action="store_true")
     p.add_argument("--calendar", action="store_true", help="hour-of-day and day-of-week embeddings shared by all users")
@@ -158,7 +164,7 @@ def main(argv=None):
             rows = trim([r for r, _ in chunk])
             width = len(rows[0]["items"])
             targets = torch.tensor([t[-width:] for _, t in chunk], device=device)
-            loss = loss_of(trainer, model, rows, targets, cfg["num_items"])
+            loss = loss_of(trainer, model, rows, targets, cfg["num_items"], args.loss_keep_seen)
             for group in optimizer.param_groups:
                 group["lr"] = scheduled_lr(args.lr, args.lr_decay_epochs, epoch - 1 + step / steps)
             optimizer.zero_grad()
