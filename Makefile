@@ -70,8 +70,8 @@ quality: data
 # MovieLens-1M (hours on 2 cores; interrupt and rerun to continue, see the script).
 quality-1m: data-1m
 	scripts/quality_1m.sh
-	MAIN=full-keep-seen .venv/bin/python scripts/quality_table.py runs/quality-1m
-	MAIN=full-keep-seen EVAL=eval-unmasked.json .venv/bin/python scripts/quality_table.py runs/quality-1m
+	MAIN=full .venv/bin/python scripts/quality_table.py runs/quality-1m
+	MAIN=full EVAL=eval-unmasked.json .venv/bin/python scripts/quality_table.py runs/quality-1m
 
 # The synthetic cross-session family of docs/QUALITY.md (about an hour on 2 cores).
 cross-session: build
