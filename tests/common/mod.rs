@@ -267,7 +267,7 @@ impl ServerProcess {
         let base = loop {
             let line = lines
                 .recv_timeout(Duration::from_secs(60))
-                .expect("server start-up line");
+                .unwrap_or_else(|e| panic!("no start-up line ({e}); the server said:\n{}", startup.join("\n")));
             // A log line (text or JSON) whose message starts so.
             if let Some((_, rest)) = line.split_once("listening on http://") {
                 let address = rest.split(|c: char| c.is_whitespace() || c == '"').next().unwrap();
