@@ -5,7 +5,7 @@
 //! Run with `cargo bench`; results are recorded in docs/BENCHMARKS.md.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tch::{Device, Kind, Tensor};
-use xsrec::infer::rank::{Catalogue, Retrieval};
+use xsrec::infer::rank::{Catalogue, Retrieval, Scan};
 use xsrec::model::{encode, Arch, Batch, Features, HistoryView, ModelConfig, PositionOrigin, SeqModel, Slot};
 
 fn model(num_items: usize, max_len: usize) -> SeqModel {
@@ -175,11 +175,9 @@ fn topk_by_catalogue(c: &mut Criterion) {
             .map(|u| (0..50).map(|i| 1 + ((u * 31 + i * 7) % (items as i64 - 1))).collect())
             .collect();
         group.throughput(Throughput::Elements(64));
-        let retrievals = [
-            ("exact", Retrieval::Exact),
-            ("approximate", Retrieval::Approximate { shortlist: 1000 }),
-        ];
-        for (name, retrieval) in retrievals {
+        let shortlisted = [Scan::ProductQuantized, Scan::Int8, Scan::Bf16]
+            .map(|scan| (scan.to_string(), Retrieval::Shortlist { scan, shortlist: 1000 }));
+        for (name, retrieval) in std::iter::once(("exact".to_owned(), Retrieval::Exact)).chain(shortlisted) {
             let catalogue = Catalogue::new(model.net.item_table(), retrieval);
             group.bench_with_input(BenchmarkId::new(name, items), &items, |b, _| {
                 b.iter(|| catalogue.rank(&hidden, &seen, &[10; 64]))

@@ -89,14 +89,13 @@ async fn online_recommendations_equal_offline_scoring() {
     }
 }
 
-/// With approximate retrieval (a shortlist barely above k, so that the index decides), the
-/// server answers exactly what the offline path with the same index answers.
+/// With each first stage (a shortlist barely above k, so that the first stage decides), the
+/// server answers exactly what the offline path with the same first stage answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn approximate_recommendations_equal_the_offline_path_with_the_index() {
+async fn shortlisted_recommendations_equal_the_offline_path_with_the_same_first_stage() {
     use xsrec::bench::parity::{rank_cases, Case};
-    use xsrec::infer::rank::Retrieval;
+    use xsrec::infer::rank::{Retrieval, Scan};
     let fx = fixture();
-    let server = server(&["--retrieval", "approximate", "--shortlist", "12"]).await;
     let artifact = Artifact::load(&fx.model, Device::Cpu).unwrap();
     let model = &artifact.model;
     let set = build_sequences(&fx.events, artifact.items.clone(), artifact.event_types.clone(), false);
@@ -114,19 +113,22 @@ async fn approximate_recommendations_equal_the_offline_path_with_the_index() {
             Case::new(&u.items, &u.timestamps, &u.types, at, model)
         })
         .collect();
-    let offline = rank_cases(model, &cases, 10, 7, Retrieval::Approximate { shortlist: 12 });
-    for (seq, offline) in chosen.iter().zip(offline) {
-        server.ingest(&by_user[seq.user_id.as_str()]).await;
-        let at = seq.timestamps[seq.len() - 1] + 60;
-        let (status, reply) = server
-            .post("/v1/recommend", &json!({"user_id": seq.user_id, "k": 10, "at": at}))
-            .await;
-        assert_eq!(status, StatusCode::OK, "{reply}");
-        let expected: Vec<(String, f64)> = offline
-            .iter()
-            .map(|&(item, score)| (set.items.id(item).to_owned(), f64::from(score)))
-            .collect();
-        assert_same_ranking(&ranked(&reply), &expected);
+    for scan in [Scan::ProductQuantized, Scan::Int8, Scan::Bf16] {
+        let server = server(&["--retrieval", &scan.to_string(), "--shortlist", "12"]).await;
+        let offline = rank_cases(model, &cases, 10, 7, Retrieval::Shortlist { scan, shortlist: 12 });
+        for (seq, offline) in chosen.iter().zip(offline) {
+            server.ingest(&by_user[seq.user_id.as_str()]).await;
+            let at = seq.timestamps[seq.len() - 1] + 60;
+            let (status, reply) = server
+                .post("/v1/recommend", &json!({"user_id": seq.user_id, "k": 10, "at": at}))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{scan}: {reply}");
+            let expected: Vec<(String, f64)> = offline
+                .iter()
+                .map(|&(item, score)| (set.items.id(item).to_owned(), f64::from(score)))
+                .collect();
+            assert_same_ranking(&ranked(&reply), &expected);
+        }
     }
 }
 

@@ -1,18 +1,19 @@
-//! Approximate retrieval against exact scoring on the same hidden states: recall@k of the
-//! approximate lists, ranking time per batch of both, and the index's size and build time.
+//! Retrieval with a first stage against exact scoring on the same hidden states: recall@k of
+//! the shortlisted lists, ranking time per batch of each, and the first stage's size and build
+//! time.
 use std::time::Instant;
 
 use serde::Serialize;
 use tch::Tensor;
 
 use super::parity::{agreement, Case};
-use crate::infer::rank::{Catalogue, Retrieval};
+use crate::infer::rank::{Catalogue, Retrieval, Scan};
 use crate::model::{Batch, EncodedSeq, SeqModel};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RecallRow {
-    /// `None`: exact scoring, the reference.
-    pub shortlist: Option<usize>,
+    /// `exact` (the reference), or the first stage and its shortlist.
+    pub retrieval: String,
     /// Mean share of the exact top-k that the list holds.
     pub recall: f64,
     pub min_overlap: usize,
@@ -24,8 +25,16 @@ pub struct RecallRow {
     pub build_seconds: f64,
 }
 
-/// Hidden states of `cases` in batches of `batch_size`, then every retrieval in turn over them.
-pub fn measure(model: &SeqModel, cases: &[Case], k: usize, batch_size: usize, shortlists: &[usize]) -> Vec<RecallRow> {
+/// Hidden states of `cases` in batches of `batch_size`, then exact retrieval and every first
+/// stage with every shortlist in turn over them.
+pub fn measure(
+    model: &SeqModel,
+    cases: &[Case],
+    k: usize,
+    batch_size: usize,
+    scans: &[Scan],
+    shortlists: &[usize],
+) -> Vec<RecallRow> {
     let batches: Vec<(Tensor, Vec<&[i64]>)> = cases
         .chunks(batch_size.max(1))
         .map(|chunk| {
@@ -34,8 +43,11 @@ pub fn measure(model: &SeqModel, cases: &[Case], k: usize, batch_size: usize, sh
             (hidden, chunk.iter().map(|c| c.exclude.as_slice()).collect())
         })
         .collect();
-    let retrievals = std::iter::once(Retrieval::Exact)
-        .chain(shortlists.iter().map(|&shortlist| Retrieval::Approximate { shortlist }));
+    let retrievals = std::iter::once(Retrieval::Exact).chain(scans.iter().flat_map(|&scan| {
+        shortlists
+            .iter()
+            .map(move |&shortlist| Retrieval::Shortlist { scan, shortlist })
+    }));
     let mut exact = Vec::new();
     let mut rows = Vec::new();
     for retrieval in retrievals {
@@ -55,9 +67,9 @@ pub fn measure(model: &SeqModel, cases: &[Case], k: usize, batch_size: usize, sh
         }
         let found = agreement(&exact, &lists);
         rows.push(RecallRow {
-            shortlist: match retrieval {
-                Retrieval::Exact => None,
-                Retrieval::Approximate { shortlist } => Some(shortlist),
+            retrieval: match retrieval {
+                Retrieval::Exact => "exact".to_owned(),
+                Retrieval::Shortlist { scan, shortlist } => format!("{scan} {shortlist}"),
             },
             recall: found.mean_overlap / k.max(1) as f64,
             min_overlap: found.min_overlap,

@@ -16,7 +16,7 @@ use crate::bench::plot::draw_forward;
 use crate::bench::{forward, parity, recall};
 use crate::data::split::build_sequences;
 use crate::data::vocab::Vocab;
-use crate::infer::rank::{Retrieval, RetrievalArgs};
+use crate::infer::rank::{Retrieval, RetrievalArgs, RetrievalMode};
 use crate::model::artifact::{read_items, ITEMS_FILE};
 use crate::model::{Arch, Artifact, Features, ModelConfig, PositionOrigin, Precision, SeqModel};
 
@@ -30,7 +30,8 @@ pub enum BenchCommand {
     Forward(ForwardArgs),
     /// Top-k agreement of a device (fp32 and bf16) with the CPU in fp32.
     Parity(ParityArgs),
-    /// Recall@k of approximate retrieval against exact scoring, and ranking time of both.
+    /// Recall@k of retrieval with a first stage (approximate, int8, bf16) against exact scoring, and
+    /// ranking time and bytes of each.
     Recall(RecallArgs),
     /// Write an untrained artifact of a given shape (for load tests of large catalogues).
     InitModel(InitModelArgs),
@@ -142,7 +143,10 @@ pub struct RecallArgs {
     pub device: DeviceArgs,
     #[command(flatten)]
     pub cases: CasesArgs,
-    /// Shortlists of approximate retrieval to measure.
+    /// First stages to measure (`approximate`, `int8`, `bf16`), each with every shortlist.
+    #[arg(long, value_delimiter = ',', default_value = "approximate,int8,bf16")]
+    pub scans: Vec<RetrievalMode>,
+    /// Shortlists to measure.
     #[arg(long, value_delimiter = ',', default_value = "100,300,1000,3000")]
     pub shortlists: Vec<usize>,
     #[arg(long, default_value_t = 1)]
@@ -366,11 +370,20 @@ fn recall_bench(recall_args: &RecallArgs) -> anyhow::Result<()> {
     let args = &recall_args.cases;
     let artifact = Artifact::load(&args.model, device)?;
     let cases = bench_cases(&artifact, args)?;
+    let scans = recall_args
+        .scans
+        .iter()
+        .map(|mode| {
+            mode.scan()
+                .context("--scans lists first stages; exact is always measured")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let rows = recall::measure(
         &artifact.model,
         &cases,
         args.k,
         args.batch_size,
+        &scans,
         &recall_args.shortlists,
     );
     println!(
@@ -384,7 +397,7 @@ fn recall_bench(recall_args: &RecallArgs) -> anyhow::Result<()> {
     println!("  retrieval            recall@k  min  identical  ms/batch  speed-up  extra MiB  build s");
     let exact_ms = rows.first().map_or(0.0, |r| r.ms_per_batch);
     for row in &rows {
-        let name = row.shortlist.map_or("exact".to_owned(), |s| format!("approximate {s}"));
+        let name = &row.retrieval;
         println!(
             "  {name:<20} {:>8.4}  {:>3}  {:>9}  {:>8.1}  {:>7.2}×  {:>9.1}  {:>7.1}",
             row.recall,

@@ -17,7 +17,7 @@ use crate::model::mask_items;
 mod exact;
 mod quantized;
 
-use exact::PackedItems;
+use exact::{PackedItems, Storage};
 use quantized::QuantizedItems;
 
 /// Items scored before the scores are searched: a search call per 768 items, not per block. A
@@ -31,21 +31,46 @@ const TILE_ITEMS: usize = 768;
 pub enum Retrieval {
     /// Every item scored exactly.
     Exact,
-    /// Every item scored approximately from its compressed codes; the best `shortlist` of each
-    /// row (at least k) are then scored exactly and ranked.
-    Approximate { shortlist: usize },
+    /// Every item scored by a cheaper first stage; the best `shortlist` of each row (at least
+    /// k) are then scored exactly and ranked.
+    Shortlist { scan: Scan, shortlist: usize },
+}
+
+/// The first stage of [`Retrieval::Shortlist`]: what every item is scored from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scan {
+    /// 4-bit product-quantization codes (an eighth of the fp32 copy's bytes at d = 128).
+    ProductQuantized,
+    /// A bf16 copy of the table (half the fp32 copy's bytes).
+    Bf16,
+    /// An int8 copy with a scale per item (a quarter).
+    Int8,
+}
+
+impl std::fmt::Display for Scan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ProductQuantized => "approximate",
+            Self::Bf16 => "bf16",
+            Self::Int8 => "int8",
+        })
+    }
 }
 
 /// The flags that choose a [`Retrieval`], shared by `xsrec serve` and the benches.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RetrievalArgs {
-    /// How the host ranks the catalogue: `exact` scores every item; `approximate` scores every
-    /// item from 4-bit product-quantization codes (64 bytes per item at d = 128, built at
-    /// model load) and scores the best `--shortlist` exactly, for catalogues of a few hundred
-    /// thousand items and more (recall and speed in docs/BENCHMARKS.md). A GPU ranks exactly.
+    /// How the host ranks the catalogue: `exact` scores every item from a packed fp32 copy of
+    /// the table. The others score every item from a smaller copy and score the best
+    /// `--shortlist` exactly, for catalogues of a few hundred thousand items and more:
+    /// `approximate` from 4-bit product-quantization codes (64 bytes per item at d = 128, built
+    /// at model load), `int8` from an int8 copy with a scale per item (a quarter of the fp32
+    /// copy), `bf16` from a bf16 copy (half). Recall, speed and bytes in docs/BENCHMARKS.md. A
+    /// GPU ranks exactly.
     #[arg(long, env = "XSREC_RETRIEVAL", value_enum, default_value = "exact")]
     pub retrieval: RetrievalMode,
-    /// Items per request that approximate retrieval scores exactly (at least k).
+    /// Items per request that a first stage (`approximate`, `int8`, `bf16`) passes on to exact
+    /// scoring (at least k).
     #[arg(long, env = "XSREC_SHORTLIST", default_value_t = 1000)]
     pub shortlist: usize,
 }
@@ -54,13 +79,28 @@ pub struct RetrievalArgs {
 pub enum RetrievalMode {
     Exact,
     Approximate,
+    Int8,
+    Bf16,
+}
+
+impl RetrievalMode {
+    /// The first stage this mode scans with; `None` for exact.
+    pub fn scan(self) -> Option<Scan> {
+        match self {
+            Self::Exact => None,
+            Self::Approximate => Some(Scan::ProductQuantized),
+            Self::Int8 => Some(Scan::Int8),
+            Self::Bf16 => Some(Scan::Bf16),
+        }
+    }
 }
 
 impl RetrievalArgs {
     pub fn retrieval(&self) -> Retrieval {
-        match self.retrieval {
-            RetrievalMode::Exact => Retrieval::Exact,
-            RetrievalMode::Approximate => Retrieval::Approximate {
+        match self.retrieval.scan() {
+            None => Retrieval::Exact,
+            Some(scan) => Retrieval::Shortlist {
+                scan,
                 shortlist: self.shortlist,
             },
         }
@@ -68,7 +108,7 @@ impl RetrievalArgs {
 }
 
 /// The catalogue as ranking reads it: the model's item table (`[V, d]`, row `i` = item `i`), and
-/// on the host a copy laid out for the scoring kernel, or the approximate index.
+/// on the host a copy laid out for the scoring kernel, or a first stage's smaller copy.
 pub struct Catalogue {
     table: Tensor,
     search: Search,
@@ -78,10 +118,43 @@ enum Search {
     /// libtorch's matmul and top-k (a GPU, or a CPU without a kernel here).
     Libtorch,
     Exact(PackedItems),
-    Approximate {
-        index: QuantizedItems,
+    Shortlist {
+        first: FirstStage,
         shortlist: usize,
     },
+}
+
+/// What picks a shortlist: both offer every item's approximate score to each row's [`BestK`].
+enum FirstStage {
+    Quantized(QuantizedItems),
+    Packed(PackedItems),
+}
+
+impl FirstStage {
+    fn new(table: &Tensor, scan: Scan) -> Option<Self> {
+        match scan {
+            Scan::ProductQuantized => {
+                let dim = table.size()[1] as usize;
+                QuantizedItems::new(&host_table(table), dim).map(Self::Quantized)
+            }
+            Scan::Bf16 => PackedItems::new(table, Storage::Bf16).map(Self::Packed),
+            Scan::Int8 => PackedItems::new(table, Storage::Int8).map(Self::Packed),
+        }
+    }
+
+    fn search(&self, states: &[f32], excluded: &[Vec<i64>], best: &mut [BestK]) {
+        match self {
+            Self::Quantized(index) => index.search(states, excluded, best),
+            Self::Packed(packed) => packed.search(states, excluded, best),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Quantized(index) => index.bytes(),
+            Self::Packed(packed) => packed.bytes(),
+        }
+    }
 }
 
 impl Catalogue {
@@ -89,10 +162,9 @@ impl Catalogue {
         let on_host = table.device() == Device::Cpu && table.kind() == Kind::Float;
         let search = match retrieval {
             _ if !on_host => None,
-            Retrieval::Exact => PackedItems::new(table).map(Search::Exact),
-            Retrieval::Approximate { shortlist } => {
-                let dim = table.size()[1] as usize;
-                QuantizedItems::new(&host_table(table), dim).map(|index| Search::Approximate { index, shortlist })
+            Retrieval::Exact => PackedItems::new(table, Storage::Fp32).map(Search::Exact),
+            Retrieval::Shortlist { scan, shortlist } => {
+                FirstStage::new(table, scan).map(|first| Search::Shortlist { first, shortlist })
             }
         };
         Self {
@@ -102,8 +174,8 @@ impl Catalogue {
     }
 
     /// Per row, the best `ks[row]` items for `hidden` (`[B, d]`) by dot product: the padding
-    /// item 0 and the row's `exclude` list left out, equal scores in item order. Approximate
-    /// retrieval returns the best of its shortlist, with exact scores.
+    /// item 0 and the row's `exclude` list left out, equal scores in item order. With a first
+    /// stage, the best of its shortlist, with exact scores.
     pub fn rank<E: AsRef<[i64]>>(&self, hidden: &Tensor, exclude: &[E], ks: &[usize]) -> Vec<Vec<(u32, f32)>> {
         if let Search::Libtorch = self.search {
             let scores = hidden.matmul(&self.table.tr());
@@ -121,14 +193,14 @@ impl Catalogue {
         match &self.search {
             Search::Exact(packed) => {
                 let mut best: Vec<BestK> = ks.iter().map(|&k| BestK::new(k)).collect();
-                packed.search(states, &excluded, &mut best);
+                packed.search(&states, &excluded, &mut best);
                 best.into_iter()
                     .map(|best| best.ranked(|column| column as u32))
                     .collect()
             }
-            Search::Approximate { index, shortlist } => {
+            Search::Shortlist { first, shortlist } => {
                 let mut best: Vec<BestK> = ks.iter().map(|&k| BestK::new(k.max(*shortlist))).collect();
-                index.search(&states, &excluded, &mut best);
+                first.search(&states, &excluded, &mut best);
                 let table = host_table(&self.table);
                 let dim = self.table.size()[1] as usize;
                 best.into_iter()
@@ -146,7 +218,7 @@ impl Catalogue {
         match &self.search {
             Search::Libtorch => 0,
             Search::Exact(packed) => packed.bytes(),
-            Search::Approximate { index, .. } => index.bytes(),
+            Search::Shortlist { first, .. } => first.bytes(),
         }
     }
 }
@@ -199,11 +271,22 @@ impl std::fmt::Display for Catalogue {
                 "exact, on the host's {} kernel (a packed copy of the table, {extra} MiB)",
                 packed.kernel_name()
             ),
-            Search::Approximate { shortlist, .. } => write!(
-                f,
-                "approximate, 4-bit product-quantization codes ({extra} MiB) pick {shortlist} items per \
-                 request for exact scoring"
-            ),
+            Search::Shortlist { first, shortlist } => {
+                let scan = match first {
+                    FirstStage::Quantized(_) => "4-bit product-quantization codes".to_owned(),
+                    FirstStage::Packed(packed) => {
+                        format!(
+                            "a {} copy of the table on the {} kernel",
+                            packed.storage_name(),
+                            packed.kernel_name()
+                        )
+                    }
+                };
+                write!(
+                    f,
+                    "{scan} ({extra} MiB) pick {shortlist} items per request for exact scoring"
+                )
+            }
         }
     }
 }
@@ -434,7 +517,7 @@ mod tests {
         /// Ranking a catalogue tile by tile gives what scoring it whole, masking and sorting
         /// give (the oracle): catalogues smaller and larger than a tile, whole and partial groups
         /// of states, rounded embeddings so that equal scores occur, random exclusions
-        /// (duplicates and the padding item among them) and any k. Approximate retrieval whose
+        /// (duplicates and the padding item among them) and any k. Every first stage whose
         /// shortlist holds the whole catalogue must give the same.
         #[test]
         fn the_catalogue_ranked_tile_by_tile_is_the_whole_catalogue_sorted(
@@ -444,11 +527,11 @@ mod tests {
             seed in any::<i64>(),
             k in 0usize..30,
             excluded in prop::collection::vec(prop::collection::vec(0i64..20_000, 0..40), 20),
-            approximate in any::<bool>(),
+            scan in prop::option::of(prop::sample::select(vec![Scan::ProductQuantized, Scan::Bf16, Scan::Int8])),
         ) {
-            let retrieval = match approximate {
-                true => Retrieval::Approximate { shortlist: items as usize },
-                false => Retrieval::Exact,
+            let retrieval = match scan {
+                Some(scan) => Retrieval::Shortlist { scan, shortlist: items as usize },
+                None => Retrieval::Exact,
             };
             tch::manual_seed(seed);
             // Quarter steps: products and sums of a few of them are exact in f32, so ties are real.
@@ -471,12 +554,12 @@ mod tests {
         }
     }
 
-    /// Approximate retrieval against exact scoring (the oracle) on random Gaussian catalogues
-    /// (the hardest case for an index: no clusters), randomised in size, width, seed and k:
-    /// recall@k of the shortlist's re-ranked best stays above 0.95 with a shortlist of 2% of
-    /// the items, and every returned score is the item's exact score.
+    /// Every first stage against exact scoring (the oracle) on random Gaussian catalogues (the
+    /// hardest case for an index: no clusters), randomised in size, width, seed and k: recall@k
+    /// of the shortlist's re-ranked best stays above 0.95 with a shortlist of 2% of the items,
+    /// and every returned score is the item's exact score.
     #[test]
-    fn approximate_retrieval_recalls_the_exact_best_items() {
+    fn every_first_stage_recalls_the_exact_best_items() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
         for case in 0..6 {
@@ -491,27 +574,29 @@ mod tests {
                 .collect();
             let shortlist = items as usize / 50;
             let exact = Catalogue::new(&table, Retrieval::Exact).rank(&hidden, &exclude, &[k; 40]);
-            let approximate =
-                Catalogue::new(&table, Retrieval::Approximate { shortlist }).rank(&hidden, &exclude, &[k; 40]);
             let scores = Vec::<f32>::try_from(hidden.matmul(&table.tr()).reshape([-1])).unwrap();
-            let mut found = 0;
-            for (row, (exact, approximate)) in exact.iter().zip(&approximate).enumerate() {
-                assert_eq!(approximate.len(), k);
-                for &(item, score) in approximate {
-                    let oracle = scores[row * items as usize + item as usize];
-                    assert!(
-                        (score - oracle).abs() <= 1e-4 * oracle.abs().max(1.0),
-                        "{score} vs {oracle}"
-                    );
-                    assert!(!exclude[row].contains(&i64::from(item)) && item != 0);
+            for scan in [Scan::ProductQuantized, Scan::Bf16, Scan::Int8] {
+                let retrieval = Retrieval::Shortlist { scan, shortlist };
+                let shortlisted = Catalogue::new(&table, retrieval).rank(&hidden, &exclude, &[k; 40]);
+                let mut found = 0;
+                for (row, (exact, shortlisted)) in exact.iter().zip(&shortlisted).enumerate() {
+                    assert_eq!(shortlisted.len(), k);
+                    for &(item, score) in shortlisted {
+                        let oracle = scores[row * items as usize + item as usize];
+                        assert!(
+                            (score - oracle).abs() <= 1e-4 * oracle.abs().max(1.0),
+                            "{scan}: {score} vs {oracle}"
+                        );
+                        assert!(!exclude[row].contains(&i64::from(item)) && item != 0);
+                    }
+                    found += shortlisted
+                        .iter()
+                        .filter(|(item, _)| exact.iter().any(|(e, _)| e == item))
+                        .count();
                 }
-                found += approximate
-                    .iter()
-                    .filter(|(item, _)| exact.iter().any(|(e, _)| e == item))
-                    .count();
+                let recall = found as f64 / (40 * k) as f64;
+                assert!(recall >= 0.95, "{scan}, {items} items × {dim}, k {k}: recall {recall}");
             }
-            let recall = found as f64 / (40 * k) as f64;
-            assert!(recall >= 0.95, "{items} items × {dim}, k {k}: recall {recall}");
         }
     }
 }
