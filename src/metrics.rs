@@ -39,6 +39,7 @@ pub struct Metrics {
     pub cache_appends: IntCounter,
     pub cache_evictions: IntCounter,
     pub cached_bytes: IntGauge,
+    pub ranking_bytes: IntGauge,
     pub worker_failures: IntCounter,
     pub journal_batches: IntCounter,
     pub journal_events: IntCounter,
@@ -183,6 +184,10 @@ impl Metrics {
             cached_bytes: gauge(
                 "xsrec_cached_state_bytes",
                 "Bytes of hidden states, keys and values the inference worker holds",
+            ),
+            ranking_bytes: gauge(
+                "xsrec_ranking_bytes",
+                "Bytes the ranking holds besides the models' item tables (the packed fp32 copy, or the first stage's smaller copy), over the models held",
             ),
             worker_failures: counter(
                 "xsrec_inference_failures_total",

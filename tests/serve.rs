@@ -113,8 +113,10 @@ async fn shortlisted_recommendations_equal_the_offline_path_with_the_same_first_
             Case::new(&u.items, &u.timestamps, &u.types, at, model)
         })
         .collect();
+    let mut ranking_bytes = Vec::new();
     for scan in [Scan::ProductQuantized, Scan::Int8, Scan::Bf16] {
         let server = server(&["--retrieval", &scan.to_string(), "--shortlist", "12"]).await;
+        ranking_bytes.push(server.metric("xsrec_ranking_bytes").await);
         let offline = rank_cases(model, &cases, 10, 7, Retrieval::Shortlist { scan, shortlist: 12 });
         for (seq, offline) in chosen.iter().zip(offline) {
             server.ingest(&by_user[seq.user_id.as_str()]).await;
@@ -129,6 +131,23 @@ async fn shortlisted_recommendations_equal_the_offline_path_with_the_same_first_
                 .collect();
             assert_same_ranking(&ranked(&reply), &expected);
         }
+    }
+    // Where the host kernels run, the copies are reported: int8 a quarter of fp32's bytes per
+    // value (plus a scale per item), bf16 half.
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        let (items, dim) = (model.config.num_items as f64, model.config.d_model as f64);
+        let [_, int8, bf16] = ranking_bytes[..] else {
+            unreachable!()
+        };
+        assert!(
+            int8 >= items * (dim + 4.0) && int8 < 1.1 * items * (dim + 4.0) + 4096.0,
+            "{int8}"
+        );
+        assert!(
+            bf16 >= items * dim * 2.0 && bf16 < 1.1 * items * dim * 2.0 + 4096.0,
+            "{bf16}"
+        );
     }
 }
 

@@ -366,6 +366,12 @@ impl InferenceWorker {
             number,
             model: Rc::new(model),
         });
+        self.report_ranking_bytes();
+    }
+
+    fn report_ranking_bytes(&self) {
+        let bytes: usize = self.models.iter().map(|held| held.model.catalogue.extra_bytes()).sum();
+        self.metrics.ranking_bytes.set(bytes as i64);
     }
 
     fn control(&mut self, command: Control) {
@@ -387,6 +393,7 @@ impl InferenceWorker {
             let live: Vec<u64> = self.models.iter().map(|held| held.number).collect();
             self.cache.retain(|state| live.contains(&state.model));
             self.cache.pools.retain(|model, _| live.contains(model));
+            self.report_ranking_bytes();
         }
     }
 
