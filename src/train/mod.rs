@@ -2,6 +2,7 @@
 //! validation NDCG@10, best weights restored at the end.
 pub mod checkpoint;
 pub mod optimizer;
+pub mod pages;
 pub mod plot;
 pub mod windows;
 
@@ -344,6 +345,7 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
         }
         bar.set_message(status);
         bar.inc(1);
+        pages::return_freed_pages();
     }
     bar.finish();
     restore(&model.vs, &best_weights);
