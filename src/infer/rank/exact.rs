@@ -118,7 +118,12 @@ impl PackedItems {
         let plain = host_table(table);
         let blocks = items.div_ceil(block_items);
         let value_bytes = storage.value_bytes();
-        let mut bytes = vec![0u8; blocks * dim * block_items * value_bytes];
+        let length = blocks * dim * block_items * value_bytes;
+        let mut values = vec![0u64; length.div_ceil(8)];
+        // SAFETY: the u64 words are initialised and any byte pattern is a u64; bytes have no
+        // alignment; the view ends before `values` is used again. Written in place: a separate
+        // byte buffer would double the copy's memory while the model loads.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), length) };
         let mut scales = match storage {
             Storage::Int8 => vec![0f32; blocks * block_items],
             Storage::Fp32 | Storage::Bf16 => Vec::new(),
@@ -143,14 +148,6 @@ impl PackedItems {
                 }
             }
         }
-        let values = bytes
-            .chunks(8)
-            .map(|word| {
-                let mut full = [0u8; 8];
-                full[..word.len()].copy_from_slice(word);
-                u64::from_ne_bytes(full)
-            })
-            .collect();
         Some(Self {
             kernel,
             storage,
