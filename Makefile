@@ -15,7 +15,7 @@ DEFAULT_MODEL := models/default
 # The documented recipe of the default model (see README "The default model").
 DEFAULT_TRAIN_FLAGS := --max-len 50 --seed 42 --threads 1 --readouts off --positions window-start
 
-.PHONY: venv build data data-1m run test fmt lint bench load quality quality-1m cross-session fuzz api-fuzz image clean
+.PHONY: venv build data data-1m run test fmt lint bench load quality quality-1m cross-session fuzz api-fuzz monitoring image clean
 
 venv: $(TORCH_STAMP)
 
@@ -72,6 +72,11 @@ quality-1m: data-1m
 	scripts/quality_1m.sh
 	MAIN=full .venv/bin/python scripts/quality_table.py runs/quality-1m
 	MAIN=full EVAL=eval-unmasked.json .venv/bin/python scripts/quality_table.py runs/quality-1m
+
+# docker/'s alert rules (promtool unit tests) and Grafana queries against a real Prometheus
+# scraping a live server (installs Debian's prometheus package when missing).
+monitoring: build
+	scripts/monitoring.sh
 
 # The synthetic cross-session family of docs/QUALITY.md (about an hour on 2 cores).
 cross-session: build
