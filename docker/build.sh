@@ -9,12 +9,14 @@
 #   docker/build.sh                  (FLAVOR=cpu TAG=localhost/xsrec:cpu)
 #
 # Needs: podman, mmdebstrap (apt-get install podman mmdebstrap), root, and rustup's stable
-# toolchain. Output: the image (docker format, which keeps the HEALTHCHECK), and docker/SMOKE.md
-# with what the smoke test saw.
+# toolchain. Output: the image (docker format, which keeps the HEALTHCHECK), and what the smoke
+# test saw in docker/SMOKE.md (FLAVOR=cpu) or docker/SMOKE-$FLAVOR.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FLAVOR=${FLAVOR:-cpu}
 TAG=${TAG:-localhost/xsrec:$FLAVOR}
+SMOKE=docker/SMOKE.md
+[ "$FLAVOR" = cpu ] || SMOKE=docker/SMOKE-$FLAVOR.md
 BASE=localhost/debian:bookworm-slim
 RUST=localhost/xsrec-rust:bookworm
 work=$(mktemp -d)
@@ -95,6 +97,6 @@ print("volumes:", list(config.get("Volumes") or {}), "; ports:", list(config.get
   echo "\$ the server's first log lines"
   head -3 "$work/serve.log" | cut -c1-300
   echo '```'
-} > docker/SMOKE.md
+} > "$SMOKE"
 kill "$server"; wait "$server" || true
-cat docker/SMOKE.md
+cat "$SMOKE"
