@@ -1,6 +1,7 @@
 # Sourced by the measurement scripts that start their own server: the binary (built if missing),
-# the output folder $OUT (set before sourcing), and a server that is stopped on exit.
-BIN=target/release/xsrec
+# the output folder $OUT (set before sourcing), and a server that is stopped on exit. BIN picks
+# another build (to compare two).
+BIN=${BIN:-target/release/xsrec}
 mkdir -p "$OUT"
 [ -x "$BIN" ] || make build
 

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Durable histories, measured: ingest throughput with the store off, `--fsync interval` and
 # `--fsync always` (calls of 100 events, as issue 9 asks), then recovery of a store holding many
-# events. The server runs on core 0, the load generator on core 1 (`taskset`).
+# events. The server runs on SERVER_CPUS (core 0), the load generator on LOAD_CPUS (core 1).
 #
 #   scripts/durable.sh                 (RECOVER_EVENTS=10000000 DURATION=10 CONCURRENCY=16,64)
+#   RATE=2000 CONCURRENCY=512 scripts/durable.sh   (open loop: 2,000 calls/s offered, at most
+#                                                   512 outstanding; shows stalls a closed loop hides)
+#   BIN=/tmp/xsrec-old scripts/durable.sh          (another build, to compare)
 #
 # Results: runs/durable/results.md (a markdown table) and the raw JSON and logs beside it.
 set -euo pipefail
@@ -13,13 +16,16 @@ DURATION=${DURATION:-10}
 CONCURRENCY=${CONCURRENCY:-16,64}
 RECOVER_EVENTS=${RECOVER_EVENTS:-10000000}
 PORT=${PORT:-18282}
-OUT=runs/durable
+SERVER_CPUS=${SERVER_CPUS:-0}
+LOAD_CPUS=${LOAD_CPUS:-1}
+RATE=${RATE:-}
+OUT=${OUT:-runs/durable}
 . scripts/bench-common.sh
 
 results="$OUT/results.md"
 {
-  echo "| store | concurrency | events/s | calls/s | p50 ms | p99 ms | fsyncs/s | errors |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| store | concurrency | offered calls/s | events/s | calls/s | p50 ms | p99 ms | max ms | not sent | fsyncs/s | errors |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 } > "$results"
 
 for store in memory interval always; do
@@ -28,11 +34,11 @@ for store in memory interval always; do
     memory) flags=() ;;
     *) flags=(--data-dir "$OUT/data-$store" --fsync "$store") ;;
   esac
-  taskset -c 0 "$BIN" serve --model "$MODEL" --addr "127.0.0.1:$PORT" --device cpu \
+  taskset -c "$SERVER_CPUS" "$BIN" serve --model "$MODEL" --addr "127.0.0.1:$PORT" --device cpu \
     --max-concurrent-requests 4096 "${flags[@]}" > "$OUT/server-$store.log" 2>&1 &
   server_pid=$!
-  taskset -c 1 "$BIN" bench load --url "http://127.0.0.1:$PORT" --model "$MODEL" --mode ingest \
-    --events-per-user 0 --users 100000 --ingest-batch 100 --concurrency "$CONCURRENCY" \
+  taskset -c "$LOAD_CPUS" "$BIN" bench load --url "http://127.0.0.1:$PORT" --model "$MODEL" --mode ingest \
+    --events-per-user 0 --users 100000 --ingest-batch 100 --concurrency "$CONCURRENCY" ${RATE:+--rate "$RATE"} \
     --duration-secs "$DURATION" --out "$OUT/ingest-$store.json" > "$OUT/ingest-$store.txt"
   fsyncs=$(curl -s "http://127.0.0.1:$PORT/metrics" | awk '/^xsrec_journal_fsyncs_total /{print $2}')
   stop_server
@@ -43,8 +49,10 @@ levels = report["levels"]
 for level in levels:
     # fsyncs are counted over the whole run; shown per second of load.
     per_sec = fsyncs / (duration * len(levels))
-    print(f"| {store} | {level['concurrency']} | {level['events_per_sec']:,.0f} | {level['requests_per_sec']:,.0f} | "
-          f"{level['p50_ms']:.2f} | {level['p99_ms']:.2f} | {per_sec:,.0f} | {level['errors']} |")
+    offered = level["offered_per_sec"]
+    print(f"| {store} | {level['concurrency']} | {'closed loop' if offered is None else f'{offered:,.0f}'} | "
+          f"{level['events_per_sec']:,.0f} | {level['requests_per_sec']:,.0f} | {level['p50_ms']:.2f} | "
+          f"{level['p99_ms']:.2f} | {level['max_ms']:.0f} | {level['not_sent']} | {per_sec:,.0f} | {level['errors']} |")
 PY
 done
 

@@ -527,13 +527,16 @@ async fn crash_rounds(fsync: &str, kills: usize, seed: u64, extra: &[&str], cras
 
 /// `XSREC_CRASH_KILLS` sets the kills per mode (3 in `make test`; the long run in
 /// docs/RELIABILITY.md uses 25). The third mode keeps only a few users in memory, so that users
-/// keep leaving memory and coming back from the store while the kills land.
+/// keep leaving memory and coming back from the store while the kills land; the fourth runs an
+/// index step on the indexer thread after nearly every call, so that kills land in the middle of
+/// steps that race the writer's own commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_no_acknowledged_event_with_fsync_always_or_interval() {
     let kills = std::env::var("XSREC_CRASH_KILLS").map_or(3, |k| k.parse().unwrap());
     crash_rounds("always", kills, 1, &[], Crash::Kill).await;
     crash_rounds("interval", kills, 2, &[], Crash::Kill).await;
     crash_rounds("interval", kills, 3, &["--max-memory-bytes", "8K"], Crash::Kill).await;
+    crash_rounds("interval", kills, 6, &["--journal-index-bytes", "256"], Crash::Kill).await;
 }
 
 /// A power cut (SIGKILL, then every write not fsynced dropped): with `always` no acknowledged

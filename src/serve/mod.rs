@@ -63,6 +63,11 @@ pub struct ServeConfig {
     /// compacted, after which the erased user's id is in no file of the data directory.
     #[arg(long, env = "XSREC_ERASURE_COMPACTION_SECS", default_value_t = 60)]
     pub erasure_compaction_secs: u64,
+    /// With --data-dir: calls are logged as they come and sorted into per-user entries by an
+    /// index step (on its own thread) once this many bytes of log are pending, or after 5 s.
+    /// Larger steps cost less per event; the pending bytes are also held in memory.
+    #[arg(long, env = "XSREC_JOURNAL_INDEX_BYTES", default_value_t = crate::history::journal::INDEX_BYTES)]
+    pub journal_index_bytes: usize,
     /// Forget events older than this (by their timestamp), in memory at once and on disk at the
     /// store's next compaction: e.g. `90d`, `12h`, `30m`, `3600s` (bare numbers are seconds).
     /// Without it, events are kept until erased.
@@ -359,6 +364,7 @@ pub async fn start(
                 fsync_interval: Duration::from_millis(config.fsync_interval_ms),
                 erasure_compaction_delay: Duration::from_secs(config.erasure_compaction_secs),
                 retention: config.retention,
+                index_bytes: config.journal_index_bytes,
             })
             .with_context(|| format!("opening the history store in {}", dir.display()))?;
             tracing::info!(
