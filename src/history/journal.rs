@@ -675,9 +675,10 @@ impl Indexer {
             .name("journal-indexer".into())
             .spawn(move || {
                 for (store, records) in queued {
-                    let _ = finished.send(
-                        index_records(&shared, &store, store.db.batch(), &records, RecordBuilder::default()).map(drop),
-                    );
+                    let outcome = index_in_background(&shared, &store, &records);
+                    // Let go of the store before reporting: a compaction that follows closes it.
+                    drop((store, records));
+                    let _ = finished.send(outcome.map(drop));
                 }
             })
             .map_err(|e| StoreError::Journal(format!("spawning the journal indexer: {e}")))?;
@@ -746,8 +747,13 @@ impl JournalWriter {
                 Received::Closed => break,
             }
         }
-        // Indexed now, so that the next start has nothing to index.
-        if let Err(error) = self.index_pending().and_then(|()| self.sync()) {
+        // Indexed now, so that the next start has nothing to index (after a failure, the next
+        // start indexes what is left in the log).
+        if let Err(error) = self
+            .health()
+            .and_then(|()| self.index_pending())
+            .and_then(|()| self.sync())
+        {
             self.fail(&error);
         }
     }
@@ -755,18 +761,28 @@ impl JournalWriter {
     /// The earliest of a pending fsync (`interval`), an index step, a pending erasure compaction
     /// and the next retention compaction.
     fn next_deadline(&self) -> Option<Instant> {
+        // A failed journal has no due work (run_due_work), so it waits only for commands.
+        self.health().ok()?;
         let config = &self.shared.config;
         let sync =
             (self.dirty && config.fsync == FsyncPolicy::Interval).then(|| self.last_sync + config.fsync_interval);
-        let index = self.pending_since.map(|since| since + INDEX_DELAY);
-        let indexer = self.indexer.in_flight.map(|_| Instant::now() + INDEXER_POLL);
-        [sync, index, indexer, self.compaction_due, self.retention_due]
+        // With a step in flight, a due step waits for it: polling, not the (past) due time.
+        let index = match self.indexer.in_flight {
+            Some(_) => Some(Instant::now() + INDEXER_POLL),
+            None => self.pending_since.map(|since| since + INDEX_DELAY),
+        };
+        [sync, index, self.compaction_due, self.retention_due]
             .into_iter()
             .flatten()
             .min()
     }
 
     fn run_due_work(&mut self) {
+        // A failed journal changes nothing more: what it had not indexed is still in the log on
+        // disk, and a compaction now would copy the entries without it.
+        if self.health().is_err() {
+            return;
+        }
         let now = Instant::now();
         let mut result = Ok(());
         let due = |at: Option<Instant>| at.is_some_and(|due| due <= now);
@@ -1087,6 +1103,17 @@ fn commit_batch(shared: &Shared, store: &Store, mut batch: fjall::OwnedWriteBatc
         .map_err(|e| fjall_error(&shared.config.dir, e))?;
     shared.stats.batches.fetch_add(1, Ordering::Relaxed);
     Ok(true)
+}
+
+/// An index step on the indexer thread. Tests make it fail in one journal (the fail point's
+/// argument is the end of its directory's path), the others going on.
+fn index_in_background(shared: &Shared, store: &Store, records: &[(u64, fjall::Slice)]) -> Result<bool, StoreError> {
+    let step = || index_records(shared, store, store.db.batch(), records, RecordBuilder::default());
+    fail::fail_point!("journal-indexer", |only_in: Option<String>| match only_in {
+        Some(dir) if shared.config.dir.ends_with(&dir) => Err(StoreError::Journal("an index step failed".into())),
+        _ => step(),
+    });
+    step()
 }
 
 /// The index step: commits `batch` with the appends of `records` (log records, in arrival order)
@@ -1630,6 +1657,53 @@ mod tests {
         let replayed: std::collections::BTreeMap<String, Vec<LoggedEvent>> = logged(&reopened).into_iter().collect();
         assert_eq!(replayed, expected);
         reopened.close();
+    }
+
+    /// A failed background step leaves its records in the log on disk; the failed journal must
+    /// then change nothing more: a compaction falling due would copy the entries without them.
+    /// The next start indexes them.
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn after_a_failed_index_step_nothing_acknowledged_is_lost_and_a_start_indexes_it() {
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let name = dir.path().file_name().unwrap().to_str().unwrap().to_string();
+        fail::cfg("journal-indexer", &format!("return({name})")).unwrap();
+        let config = JournalConfig {
+            index_bytes: 1,
+            erasure_compaction_delay: Duration::from_millis(200),
+            ..JournalConfig::offline(dir.path().to_path_buf())
+        };
+        let journal = Journal::open(config.clone()).unwrap();
+        // An erasure makes a compaction due soon.
+        journal.erase(Arc::from("someone")).wait_blocking().unwrap();
+        let kept = vec![event("a", 1, None), event("b", 2, Some("click"))];
+        // Acknowledged, then handed to the indexer, which fails.
+        journal
+            .append(Arc::from("u"), kept.clone(), true)
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
+        let failed = Instant::now();
+        while journal.health().is_ok() {
+            assert!(
+                failed.elapsed() < Duration::from_secs(10),
+                "the failed step was not noticed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Past the compaction's due time.
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(
+            journal.indexed() < journal.queued(),
+            "a failed step's appends counted as indexed"
+        );
+        journal.close();
+        fail::remove("journal-indexer");
+        let reopened = Journal::open(config).unwrap();
+        assert_eq!(logged(&reopened), vec![("u".to_string(), kept)]);
+        reopened.close();
+        scenario.teardown();
     }
 
     #[test]
