@@ -901,13 +901,18 @@ impl JournalWriter {
             return Ok(());
         }
         let store = self.shared.store()?;
-        let records = std::mem::take(&mut self.pending_records);
-        self.pending_bytes = 0;
-        self.pending_since = None;
+        let records = self.take_pending();
         let jobs = self.indexer.jobs.as_ref().ok_or_else(stopped_indexer)?;
         jobs.send((store, records)).map_err(|_| stopped_indexer())?;
         self.indexer.in_flight = Some(self.processed);
         Ok(())
+    }
+
+    /// The pending log records, handed to an index step (the writer then holds none).
+    fn take_pending(&mut self) -> LogRecords {
+        self.pending_bytes = 0;
+        self.pending_since = None;
+        std::mem::take(&mut self.pending_records)
     }
 
     /// Waits for the step in flight, if any (before a step on the writer, so that each user's
@@ -974,9 +979,7 @@ impl JournalWriter {
     /// An index step on the writer ([`index_records`]): `batch` with the pending appends and
     /// `fresh` (this group's, not in the log).
     fn index(&mut self, store: &Store, batch: fjall::OwnedWriteBatch, fresh: RecordBuilder) -> Result<(), StoreError> {
-        let records = std::mem::take(&mut self.pending_records);
-        self.pending_bytes = 0;
-        self.pending_since = None;
+        let records = self.take_pending();
         if index_records(&self.shared, store, batch, &records, fresh)? {
             self.dirty = true;
         }
