@@ -24,8 +24,8 @@ OUT=${OUT:-runs/durable}
 
 results="$OUT/results.md"
 {
-  echo "| store | concurrency | offered calls/s | events/s | calls/s | p50 ms | p99 ms | max ms | not sent | fsyncs/s | errors |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| store | concurrency | offered calls/s | events/s | calls/s | p50 ms | p99 ms | max ms | not sent | fsyncs/s | errors | server CPU µs per call |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
 } > "$results"
 
 for store in memory interval always; do
@@ -41,18 +41,31 @@ for store in memory interval always; do
     --events-per-user 0 --users 100000 --ingest-batch 100 --concurrency "$CONCURRENCY" ${RATE:+--rate "$RATE"} \
     --duration-secs "$DURATION" --out "$OUT/ingest-$store.json" > "$OUT/ingest-$store.txt"
   fsyncs=$(curl -s "http://127.0.0.1:$PORT/metrics" | awk '/^xsrec_journal_fsyncs_total /{print $2}')
+  # Where the server's CPU went, by thread (handlers, journal writer, indexer, fjall's workers):
+  # clock ticks of user + system time, summed by thread name, over the whole run.
+  for task in /proc/"$server_pid"/task/*; do
+    sed 's/^[0-9]* (\(.*\)) [A-Z] /\1 /' "$task/stat" | awk '{print $1, $12 + $13}'
+  done | awk '{ticks[$1] += $2} END {for (t in ticks) if (ticks[t] > 0) print t, ticks[t]}' > "$OUT/cpu-$store.txt"
   stop_server
-  python3 - "$OUT/ingest-$store.json" "$store" "${fsyncs:-0}" "$DURATION" >> "$results" <<'PY'
+  python3 - "$OUT/ingest-$store.json" "$store" "${fsyncs:-0}" "$DURATION" "$OUT/cpu-$store.txt" "$(getconf CLK_TCK)" >> "$results" <<'PY'
 import json, sys
 report, store, fsyncs, duration = json.load(open(sys.argv[1])), sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+ticks = {name: int(n) for name, n in (line.split() for line in open(sys.argv[5]))}
+tick_micros = 1e6 / int(sys.argv[6])
 levels = report["levels"]
+calls = sum(level["requests"] for level in levels)
+# The journal's threads by name, the rest (start-up, the tracing appender) together.
+split = {"handlers": ticks.pop("tokio-rt-worker", 0), "writer": ticks.pop("journal-writer", 0),
+         "indexer": ticks.pop("journal-indexer", 0), "fjall": ticks.pop("fjall:worker", 0)}
+split["other"] = sum(ticks.values())
+cpu = " / ".join(f"{name} {n * tick_micros / max(calls, 1):.0f}" for name, n in split.items() if n)
 for level in levels:
     # fsyncs are counted over the whole run; shown per second of load.
     per_sec = fsyncs / (duration * len(levels))
     offered = level["offered_per_sec"]
     print(f"| {store} | {level['concurrency']} | {'closed loop' if offered is None else f'{offered:,.0f}'} | "
           f"{level['events_per_sec']:,.0f} | {level['requests_per_sec']:,.0f} | {level['p50_ms']:.2f} | "
-          f"{level['p99_ms']:.2f} | {level['max_ms']:.0f} | {level['not_sent']} | {per_sec:,.0f} | {level['errors']} |")
+          f"{level['p99_ms']:.2f} | {level['max_ms']:.0f} | {level['not_sent']} | {per_sec:,.0f} | {level['errors']} | {cpu} |")
 PY
 done
 
