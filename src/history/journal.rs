@@ -10,14 +10,16 @@
 //! would lose acknowledged events on a plain kill.
 //!
 //! Layout (format 3): keyspace `events` holds per-user entries: the key is the user id (u16 BE
-//! length, bytes) then a global sequence number (u64 BE), the value that user's events. A user's
+//! length, bytes) then a sequence number (u64 BE; that of the first log record the entry was
+//! made from), the value that user's events. A user's
 //! entries are therefore adjacent and in arrival order: recovery reads users one after another,
 //! and a user who left memory (`--max-memory-bytes`) is read back with one prefix scan.
 //! Writing an entry per user as calls come is what random keys cost most (a memtable search per
 //! user and call), so each group commit goes to keyspace `log` as one record under a sequential
 //! key, and an index step (at [`INDEX_BYTES`] of pending records or after [`INDEX_DELAY`], before
 //! an erasure, a compaction, a stop, and when the memory budget asks) turns the pending records
-//! into one entry per user, in key order, and deletes them, in one batch. Steps due by size or
+//! into one entry per user, in key order, and deletes them (in commits of a few thousand
+//! entries, the last of which deletes the records: see [`index_records`]). Steps due by size or
 //! age run on a second thread (the indexer) while the writer goes on logging and acknowledging;
 //! the others run on the writer, after the step in flight. The writer keeps no
 //! per-user map of the pending appends: an index step groups the records' bytes by user as they
@@ -83,6 +85,13 @@ impl JournalConfig {
     /// The oldest timestamp retention keeps now.
     pub fn retention_horizon(&self) -> Option<i64> {
         self.retention.map(super::retention_horizon)
+    }
+
+    /// How many entries a background index step commits at a time ([`index_records`]): 4,096 at
+    /// the default step size, and proportionally fewer with the small steps of tests, so that
+    /// their steps are split too.
+    fn index_part_entries(&self) -> usize {
+        (self.index_bytes >> 14).max(1)
     }
 
     /// How often retention compactions run.
@@ -980,7 +989,7 @@ impl JournalWriter {
     /// `fresh` (this group's, not in the log).
     fn index(&mut self, store: &Store, batch: fjall::OwnedWriteBatch, fresh: RecordBuilder) -> Result<(), StoreError> {
         let records = self.take_pending();
-        if index_records(&self.shared, store, batch, &records, fresh)? {
+        if index_records(&self.shared, store, batch, &records, fresh, usize::MAX)? {
             self.dirty = true;
         }
         Ok(())
@@ -1108,10 +1117,22 @@ fn commit_batch(shared: &Shared, store: &Store, mut batch: fjall::OwnedWriteBatc
     Ok(true)
 }
 
-/// An index step on the indexer thread. Tests make it fail in one journal (the fail point's
-/// argument is the end of its directory's path), the others going on.
+/// An index step on the indexer thread, committed in parts of [`JournalConfig::index_part_entries`]
+/// entries. Tests make it fail in one journal (the fail point's argument is the end of its
+/// directory's path), the others going on: before it writes anything (`journal-indexer`) or
+/// after its first part (`journal-index-part`).
 fn index_in_background(shared: &Shared, store: &Store, records: &[(u64, fjall::Slice)]) -> Result<bool, StoreError> {
-    let step = || index_records(shared, store, store.db.batch(), records, RecordBuilder::default());
+    let parts = shared.config.index_part_entries();
+    let step = || {
+        index_records(
+            shared,
+            store,
+            store.db.batch(),
+            records,
+            RecordBuilder::default(),
+            parts,
+        )
+    };
     fail::fail_point!("journal-indexer", |only_in: Option<String>| match only_in {
         Some(dir) if shared.config.dir.ends_with(&dir) => Err(StoreError::Journal("an index step failed".into())),
         _ => step(),
@@ -1122,23 +1143,50 @@ fn index_in_background(shared: &Shared, store: &Store, records: &[(u64, fjall::S
 /// The index step: commits `batch` with the appends of `records` (log records, in arrival order)
 /// and `fresh` (appends not in the log) as one entry per user, and without those log records.
 /// One entry per user per step (not per append), written in key order, is what makes it
-/// cheaper than writing entries as calls come. (If the commit fails, the journal fails; the log
-/// records are still on disk, and the next start indexes them.)
+/// cheaper than writing entries as calls come.
+///
+/// The entries go in commits of at most `part_entries`, the log records' removal with the last:
+/// fjall holds its journal lock through a commit, and one of a whole step (100,000 entries at
+/// 100,000 users) held the writer's commits behind it for 120–160 ms. A crash between parts
+/// leaves some entries written and every record still in the log; the next start indexes the
+/// log again, and since an entry's key is its user and the sequence number of the first record
+/// of the step that holds the user ([`stage_index`]), the same records give the same keys: it
+/// overwrites those entries (with the same events, and any later ones), it does not add a
+/// second copy. (If a commit fails, the journal fails, and the next start indexes the log.)
 fn index_records(
     shared: &Shared,
     store: &Store,
     mut batch: fjall::OwnedWriteBatch,
     records: &[(u64, fjall::Slice)],
     fresh: RecordBuilder,
+    part_entries: usize,
 ) -> Result<bool, StoreError> {
-    let fresh = fresh.finish();
-    let values = records.iter().map(|(_, value)| &value[..]);
-    stage_index(store, &mut batch, values.chain([&fresh[..]]), &shared.next_seq)
+    // Appends not in the log are one more record, under a sequence number of their own.
+    let fresh = (fresh.appends > 0).then(|| (shared.next_seq.fetch_add(1, Ordering::Relaxed), fresh.finish()));
+    let values = records.iter().map(|(seq, value)| (*seq, &value[..]));
+    let entries = stage_index(values.chain(fresh.iter().map(|(seq, value)| (*seq, &value[..]))))
         .ok_or_else(|| corrupt(&shared.config.dir, "a pending journal log record is malformed"))?;
+    let mut wrote = false;
+    let mut parts = 0;
+    for (key, value) in entries {
+        if batch.len() >= part_entries {
+            wrote |= commit_batch(shared, store, std::mem::replace(&mut batch, store.db.batch()))?;
+            parts += 1;
+            if parts == 1 {
+                // A crash between parts, in tests.
+                fail::fail_point!("journal-index-part", |only_in: Option<String>| match only_in {
+                    Some(dir) if shared.config.dir.ends_with(&dir) =>
+                        Err(StoreError::Journal("an index step failed after its first part".into())),
+                    _ => Ok(true),
+                });
+            }
+        }
+        batch.insert(&store.events, key, value);
+    }
     for (seq, _) in records {
         batch.remove(&store.log, seq.to_be_bytes());
     }
-    commit_batch(shared, store, batch)
+    Ok(commit_batch(shared, store, batch)? | wrote)
 }
 
 fn reply_all(group: Vec<JournalCommand>, result: &Result<(), StoreError>) {
@@ -1233,22 +1281,20 @@ pub fn encode_record<U: AsRef<str>>(seq: u64, appends: &[(U, Vec<LoggedEvent>)])
 /// One user's events, as a log record holds them.
 pub type UserEvents<'v> = (&'v str, Vec<LoggedEvent>);
 
-/// Stages the appends of `records` (log record values, in arrival order) as one entry per user
-/// with a fresh sequence number, each user's events in arrival order, in key order (in order,
-/// fjall's memtable inserts are the cheap ones). The events' bytes are grouped and copied as
-/// they are, not decoded. `None` if a record is malformed.
-fn stage_index<'r>(
-    store: &Store,
-    batch: &mut fjall::OwnedWriteBatch,
-    records: impl IntoIterator<Item = &'r [u8]>,
-    next_seq: &AtomicU64,
-) -> Option<()> {
-    type ByUser<'r> = HashMap<&'r str, (u32, Vec<&'r [u8]>), foldhash::fast::RandomState>;
+/// The entries (key, value) for the appends of `records` (sequence number and value of log
+/// records, in arrival order): one per user, keyed by the user and the sequence number of the
+/// first record that holds the user, each user's events in arrival order, in key order (in
+/// order, fjall's memtable inserts are the cheap ones). Later records have larger sequence
+/// numbers, so a later step's entry sorts after an earlier one's. The events' bytes are grouped
+/// and copied as they are, not decoded. `None` if a record is malformed.
+fn stage_index<'r>(records: impl IntoIterator<Item = (u64, &'r [u8])>) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+    /// The first record's sequence number, the event count and the events' bytes.
+    type ByUser<'r> = HashMap<&'r str, (u64, u32, Vec<&'r [u8]>), foldhash::fast::RandomState>;
     let mut by_user = ByUser::default();
-    for record in records {
+    for (seq, record) in records {
         for (user, count, events) in split_record(record)? {
             if count > 0 {
-                let (total, parts) = by_user.entry(user).or_default();
+                let (_, total, parts) = by_user.entry(user).or_insert_with(|| (seq, 0, Vec::new()));
                 *total = total.checked_add(count)?;
                 parts.push(events);
             }
@@ -1257,17 +1303,17 @@ fn stage_index<'r>(
     let mut users: Vec<_> = by_user.into_iter().collect();
     // The order of the keys: length first (u16 BE), then bytes.
     users.sort_unstable_by(|a, b| (a.0.len(), a.0).cmp(&(b.0.len(), b.0)));
-    for (user, (count, parts)) in users {
+    let entries = users.into_iter().map(|(user, (seq, count, parts))| {
         let mut key = user_prefix(user);
-        key.extend_from_slice(&next_seq.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+        key.extend_from_slice(&seq.to_be_bytes());
         let mut value = Vec::with_capacity(4 + parts.iter().map(|part| part.len()).sum::<usize>());
         value.extend_from_slice(&count.to_be_bytes());
         for part in parts {
             value.extend_from_slice(part);
         }
-        batch.insert(&store.events, key, value);
-    }
-    Some(())
+        (key, value)
+    });
+    Some(entries.collect())
 }
 
 /// Indexes what a writer left in the log when it stopped without indexing it (a crash, a kill),
@@ -1281,8 +1327,14 @@ fn index_log(store: &Store, path: &Path, next_seq: &AtomicU64) -> Result<(), Sto
         return Ok(());
     }
     let mut batch = store.db.batch();
-    stage_index(store, &mut batch, records.iter().map(|(_, value)| &value[..]), next_seq)
+    let values = records.iter().map(|(key, value)| Some((decode_seq(key)?, &value[..])));
+    let entries = values
+        .collect::<Option<Vec<_>>>()
+        .and_then(stage_index)
         .ok_or_else(|| corrupt(path, "a journal log record is malformed"))?;
+    for (key, value) in entries {
+        batch.insert(&store.events, key, value);
+    }
     for (key, _) in records {
         batch.remove(&store.log, key);
     }
@@ -1670,12 +1722,9 @@ mod tests {
     fn after_a_failed_index_step_nothing_acknowledged_is_lost_and_a_start_indexes_it() {
         let scenario = fail::FailScenario::setup();
         let dir = tempfile::tempdir().unwrap();
-        let name = dir.path().file_name().unwrap().to_str().unwrap().to_string();
-        fail::cfg("journal-indexer", &format!("return({name})")).unwrap();
         let config = JournalConfig {
-            index_bytes: 1,
             erasure_compaction_delay: Duration::from_millis(200),
-            ..JournalConfig::offline(dir.path().to_path_buf())
+            ..failing_in("journal-indexer", dir.path())
         };
         let journal = Journal::open(config.clone()).unwrap();
         // An erasure makes a compaction due soon.
@@ -1687,14 +1736,7 @@ mod tests {
             .unwrap()
             .wait_blocking()
             .unwrap();
-        let failed = Instant::now();
-        while journal.health().is_ok() {
-            assert!(
-                failed.elapsed() < Duration::from_secs(10),
-                "the failed step was not noticed"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until_failed(&journal);
         // Past the compaction's due time.
         std::thread::sleep(Duration::from_millis(400));
         assert!(
@@ -1705,6 +1747,67 @@ mod tests {
         fail::remove("journal-indexer");
         let reopened = Journal::open(config).unwrap();
         assert_eq!(logged(&reopened), vec![("u".to_string(), kept)]);
+        reopened.close();
+        scenario.teardown();
+    }
+
+    /// A journal in `dir` whose fail point `point` fails there (not in other tests' journals),
+    /// with an index step on the indexer after every group (one entry per part).
+    #[cfg(feature = "failpoints")]
+    fn failing_in(point: &str, dir: &Path) -> JournalConfig {
+        let name = dir.file_name().unwrap().to_str().unwrap();
+        fail::cfg(point, &format!("return({name})")).unwrap();
+        JournalConfig {
+            index_bytes: 1,
+            ..JournalConfig::offline(dir.to_path_buf())
+        }
+    }
+
+    #[cfg(feature = "failpoints")]
+    fn wait_until_failed(journal: &Journal) {
+        let started = Instant::now();
+        while journal.health().is_ok() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the failed step was not noticed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The step's first part (one user's entry) is committed, then the step stops with its log
+    /// records still on disk, as a kill there would leave them.
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn a_step_cut_between_its_parts_is_indexed_again_at_the_next_start_without_copies() {
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let config = failing_in("journal-index-part", dir.path());
+        let journal = Journal::open(config.clone()).unwrap();
+        let users = ["ann", "bob", "cat"];
+        let events = |user: &str| {
+            vec![
+                event(&format!("{user}-1"), 1, None),
+                event(&format!("{user}-2"), 2, None),
+            ]
+        };
+        // Queued together, they make one record, so one step of three entries.
+        for (i, user) in users.iter().enumerate() {
+            if let Some(commit) = journal.append(Arc::from(*user), events(user), i == users.len() - 1) {
+                commit.wait_blocking().unwrap();
+            }
+        }
+        wait_until_failed(&journal);
+        assert_eq!(
+            journal.load("ann").unwrap(),
+            events("ann"),
+            "the first part was not committed"
+        );
+        journal.close();
+        fail::remove("journal-index-part");
+        let reopened = Journal::open(config).unwrap();
+        let expected: Vec<_> = users.iter().map(|user| (user.to_string(), events(user))).collect();
+        assert_eq!(logged(&reopened), expected);
         reopened.close();
         scenario.teardown();
     }
