@@ -61,6 +61,10 @@ impl Target {
     pub fn new(base: &str, max_connections: usize) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(max_connections)
+            // Below the server's default --header-read-timeout-ms (10 s), after which it closes
+            // an idle connection: a request sent on one as it closes failed ("error sending
+            // request"), counted as the server's error in open-loop runs that left some idle.
+            .pool_idle_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .build()?;
         Ok(Self {
