@@ -9,7 +9,7 @@
 //! the interval. A redb commit without fsync is rolled back by its crash recovery, so `interval`
 //! would lose acknowledged events on a plain kill.
 //!
-//! Layout (format 3): keyspace `events` holds per-user entries: the key is the user id (u16 BE
+//! Layout (format 4): keyspace `events` holds per-user entries: the key is the user id (u16 BE
 //! length, bytes) then a sequence number (u64 BE; that of the first log record the entry was
 //! made from), the value that user's events. A user's
 //! entries are therefore adjacent and in arrival order: recovery reads users one after another,
@@ -18,8 +18,8 @@
 //! user and call), so each group commit goes to keyspace `log` as one record under a sequential
 //! key, and an index step (at [`INDEX_BYTES`] of pending records or after [`INDEX_DELAY`], before
 //! an erasure, a compaction, a stop, and when the memory budget asks) turns the pending records
-//! into one entry per user, in key order, and deletes them (in commits of a few thousand
-//! entries, the last of which deletes the records: see [`index_records`]). Steps due by size or
+//! into one entry per user, in key order, and deletes them (a step on the indexer commits its
+//! entries in parts, the last of which deletes the records: see [`index_records`]). Steps due by size or
 //! age run on a second thread (the indexer) while the writer goes on logging and acknowledging;
 //! the others run on the writer, after the step in flight. The writer keeps no
 //! per-user map of the pending appends: an index step groups the records' bytes by user as they
@@ -203,16 +203,31 @@ struct Store {
     meta: Keyspace,
 }
 
-/// The on-disk layout this build reads and writes (see the module docs). Format 2 (the same
-/// `events`, no `log`) is read as is and marked 3; format 1 (one keyspace of multi-user
-/// records) was never released beyond development builds.
-const FORMAT: u8 = 3;
+/// The on-disk layout this build reads and writes (see the module docs). Format 3 is the same
+/// but for how entries are keyed: by a fresh sequence number taken when the index step ran, so
+/// a record still in its log may have a smaller one than an entry already indexed for the same
+/// user, and keying its leftover log by the records' own numbers (format 4) would put that
+/// user's later events first. Its log is indexed the way it was written (fresh numbers), then
+/// it is marked 4. Format 2 (the same `events`, no `log`) is read as is and marked 4; format 1
+/// (one keyspace of multi-user records) was never released beyond development builds.
+const FORMAT: u8 = 4;
+const FORMAT_FRESH_KEYS: u8 = 3;
 const FORMAT_WITHOUT_LOG: u8 = 2;
 const META_FORMAT: &[u8] = b"format";
 const META_NEXT_SEQ: &[u8] = b"next_seq";
 
+/// How the leftover log of an opened store is keyed when it is indexed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LogKeys {
+    /// By each user's first record in the log (this build's format).
+    FirstRecord,
+    /// By fresh sequence numbers, as format 3 did; the format is then marked 4.
+    Fresh,
+}
+
 impl Store {
-    fn open(path: &Path) -> Result<Self, StoreError> {
+    /// Opens the store and says how its leftover log must be indexed.
+    fn open(path: &Path) -> Result<(Self, LogKeys), StoreError> {
         std::fs::create_dir_all(path).map_err(|e| io_error(path, e))?;
         let db = Database::builder(path)
             // Acknowledgement is ours to decide (see `FsyncPolicy`), batch by batch.
@@ -239,6 +254,8 @@ impl Store {
         let store = Self { db, events, log, meta };
         match store.meta.get(META_FORMAT).map_err(|e| fjall_error(path, e))? {
             Some(format) if *format == [FORMAT] => {}
+            // Marked 4 by the index step of its log (`index_log`), in the same batch.
+            Some(format) if *format == [FORMAT_FRESH_KEYS] => return Ok((store, LogKeys::Fresh)),
             Some(format) if *format == [FORMAT_WITHOUT_LOG] => {
                 store
                     .meta
@@ -260,7 +277,7 @@ impl Store {
             }
             None => return Err(corrupt(path, "the journal's format marker is missing")),
         }
-        Ok(store)
+        Ok((store, LogKeys::FirstRecord))
     }
 
     /// The next append's sequence number (kept in `meta` by every batch that appends).
@@ -412,9 +429,9 @@ impl Journal {
         std::fs::create_dir_all(&config.dir).map_err(|e| io_error(&config.dir, e))?;
         settle_interrupted_compaction(&config.dir)?;
         let path = live_dir(&config.dir);
-        let store = Store::open(&path)?;
+        let (store, log_keys) = Store::open(&path)?;
         let next_seq = AtomicU64::new(store.next_seq(&path)?);
-        index_log(&store, &path, &next_seq)?;
+        index_log(&store, &path, &next_seq, log_keys)?;
         let shared = Arc::new(Shared {
             store: RwLock::new(Some(store)),
             next_seq,
@@ -1048,7 +1065,7 @@ impl JournalWriter {
             std::fs::remove_dir_all(&fresh).map_err(|e| io_error(&fresh, e))?;
         }
         {
-            let copy = Store::open(&fresh)?;
+            let (copy, _) = Store::open(&fresh)?;
             let mut batch = copy.db.batch();
             for entry in self.shared.store()?.events.iter() {
                 let (key, value) = entry.into_inner().map_err(|e| fjall_error(&live, e))?;
@@ -1080,7 +1097,7 @@ impl JournalWriter {
         // From here a crash leaves the copy complete and `live` missing: open() finishes the swap.
         std::fs::rename(&fresh, &live).map_err(|e| io_error(&fresh, e))?;
         sync_dir(&dir)?;
-        *store = Some(Store::open(&live)?);
+        *store = Some(Store::open(&live)?.0);
         drop(store);
         std::fs::remove_dir_all(&retired).map_err(|e| io_error(&retired, e))?;
         Ok(())
@@ -1173,12 +1190,7 @@ fn index_records(
             wrote |= commit_batch(shared, store, std::mem::replace(&mut batch, store.db.batch()))?;
             parts += 1;
             if parts == 1 {
-                // A crash between parts, in tests.
-                fail::fail_point!("journal-index-part", |only_in: Option<String>| match only_in {
-                    Some(dir) if shared.config.dir.ends_with(&dir) =>
-                        Err(StoreError::Journal("an index step failed after its first part".into())),
-                    _ => Ok(true),
-                });
+                cut_after_first_part(shared)?;
             }
         }
         batch.insert(&store.events, key, value);
@@ -1187,6 +1199,18 @@ fn index_records(
         batch.remove(&store.log, seq.to_be_bytes());
     }
     Ok(commit_batch(shared, store, batch)? | wrote)
+}
+
+/// A crash between an index step's parts, in tests: fails in the one journal whose directory
+/// ends with the fail point's argument (the others go on).
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+fn cut_after_first_part(shared: &Shared) -> Result<(), StoreError> {
+    fail::fail_point!("journal-index-part", |only_in: Option<String>| match only_in {
+        Some(dir) if shared.config.dir.ends_with(&dir) =>
+            Err(StoreError::Journal("an index step failed after its first part".into())),
+        _ => Ok(()),
+    });
+    Ok(())
 }
 
 fn reply_all(group: Vec<JournalCommand>, result: &Result<(), StoreError>) {
@@ -1318,21 +1342,27 @@ fn stage_index<'r>(records: impl IntoIterator<Item = (u64, &'r [u8])>) -> Option
 
 /// Indexes what a writer left in the log when it stopped without indexing it (a crash, a kill),
 /// so that the new writer starts with an empty log and readers need only the entries.
-fn index_log(store: &Store, path: &Path, next_seq: &AtomicU64) -> Result<(), StoreError> {
+fn index_log(store: &Store, path: &Path, next_seq: &AtomicU64, keys: LogKeys) -> Result<(), StoreError> {
     let mut records = Vec::new();
     for record in store.log.iter() {
         records.push(record.into_inner().map_err(|e| fjall_error(path, e))?);
     }
-    if records.is_empty() {
+    let mut batch = store.db.batch();
+    if keys == LogKeys::Fresh {
+        batch.insert(&store.meta, META_FORMAT, [FORMAT]);
+    } else if records.is_empty() {
         return Ok(());
     }
-    let mut batch = store.db.batch();
     let values = records.iter().map(|(key, value)| Some((decode_seq(key)?, &value[..])));
     let entries = values
         .collect::<Option<Vec<_>>>()
         .and_then(stage_index)
         .ok_or_else(|| corrupt(path, "a journal log record is malformed"))?;
-    for (key, value) in entries {
+    for (mut key, value) in entries {
+        if keys == LogKeys::Fresh {
+            let seq = key.len() - 8;
+            key[seq..].copy_from_slice(&next_seq.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+        }
         batch.insert(&store.events, key, value);
     }
     for (key, _) in records {
@@ -1603,6 +1633,33 @@ mod tests {
         reopened.close();
     }
 
+    /// Format 3 keyed entries by numbers taken when the index step ran, so a record still in
+    /// the log (11) can be older than an entry indexed for the same user (12): what a build
+    /// before 68a95cc killed just after a background step leaves.
+    #[test]
+    fn a_format_3_log_is_indexed_after_its_entries_and_the_store_is_marked_4() {
+        let dir = tempfile::tempdir().unwrap();
+        let (older, newer) = (event("older", 1, None), event("newer", 2, None));
+        {
+            let (store, _) = Store::open(&live_dir(dir.path())).unwrap();
+            let (key, value) = encode_entry("a", 12, std::slice::from_ref(&older));
+            store.events.insert(key, value).unwrap();
+            let (key, value) = encode_record(11, &[("a", vec![newer.clone()])]);
+            store.log.insert(key, value).unwrap();
+            store.meta.insert(META_NEXT_SEQ, 13u64.to_be_bytes()).unwrap();
+            store.meta.insert(META_FORMAT, [FORMAT_FRESH_KEYS]).unwrap();
+            store.db.persist(PersistMode::SyncAll).unwrap();
+        }
+        let journal = Journal::open(JournalConfig::offline(dir.path().to_path_buf())).unwrap();
+        assert_eq!(logged(&journal), vec![("a".to_string(), vec![older, newer])]);
+        let format = journal
+            .shared
+            .read(|store| Ok(store.meta.get(META_FORMAT).unwrap()))
+            .unwrap();
+        assert_eq!(format.as_deref(), Some(&[FORMAT][..]));
+        journal.close();
+    }
+
     #[test]
     fn appends_are_read_once_indexed_and_a_start_indexes_what_a_killed_writer_left() {
         let dir = tempfile::tempdir().unwrap();
@@ -1616,7 +1673,7 @@ mod tests {
         );
         {
             // What a writer killed before its index step leaves: a log record and its seq.
-            let store = Store::open(&live_dir(dir.path())).unwrap();
+            let (store, _) = Store::open(&live_dir(dir.path())).unwrap();
             let appends = [
                 ("b", vec![b1.clone()]),
                 ("a", vec![a1.clone()]),
