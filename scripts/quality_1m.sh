@@ -5,6 +5,7 @@
 # (the papers' setting, eval-unmasked.json). Popularity comes with every evaluation.
 #
 #   scripts/quality_1m.sh [SEED...]      (default: 42 43 44; results in runs/quality-1m/)
+#   ONLY="plain-sasrec lstm" scripts/quality_1m.sh 42    (only those variants)
 #
 # The recipe (batch 64, a half-cosine learning rate over 36 epochs) is sized to an hour per run
 # on 2 cores: ML-1M's full model reached test NDCG@10 0.1974 (masked) in 57 minutes.
@@ -43,6 +44,7 @@ VARIANTS=(
 for variant in "${VARIANTS[@]}"; do
   for seed in "${SEEDS[@]}"; do
     name=${variant%%|*} flags=${variant#*|} dir="$OUT/${variant%%|*}-seed$seed"
+    [[ -z ${ONLY:-} || " $ONLY " == *" $name "* ]] || continue
     [ -f "$dir/eval-unmasked.json" ] && continue
     # The artifact is written once training has ended (its checkpoints are removed then).
     # shellcheck disable=SC2086
