@@ -2,12 +2,10 @@
 //! names, and the backstop that answers a request the core left waiting.
 mod common;
 
-use std::io::Read;
-use std::time::{Duration, Instant};
-
-use common::{fixture, server, ServerProcess};
+use common::server;
 use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde_json::Value;
+use std::io::Read;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_answers_are_gzipped_for_clients_that_ask_and_small_ones_are_not() {
@@ -97,61 +95,69 @@ async fn cors_answers_preflights_for_the_named_origins_only_and_is_off_by_defaul
     assert_eq!(body["error"]["code"], "method_not_allowed");
 }
 
-/// The journal's writer stalls for 3 s on its first commit (a failpoint standing in for a stuck
-/// disk): the ingest waiting on it gets the JSON 504 once the body's and the request's limits
-/// (200 + 300 ms) and the margin (1 s) have passed, not when the disk comes back; the event is
-/// still stored once it does.
 #[cfg(feature = "failpoints")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_left_waiting_gets_the_json_504_from_the_backstop() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().to_str().unwrap();
-    let server = ServerProcess::spawn(
-        &fixture().model,
-        &[
-            "--data-dir",
-            data_dir,
-            "--fsync",
-            "always",
-            "--body-read-timeout-ms",
-            "200",
-            "--request-timeout-ms",
-            "300",
-        ],
-        &[("FAILPOINTS", "journal-commit=1*sleep(3000)")],
-    );
-    let client = reqwest::Client::new();
-    server.wait_ready(&client, Duration::from_secs(60)).await;
-    let item = &fixture().events[0].item_id;
-    let ingest = |timestamp: i64| {
-        client
-            .post(format!("{}/v1/events", server.base))
-            .json(&json!({"events": [{"user_id": "stalled", "item_id": item, "timestamp": timestamp}]}))
-            .send()
-    };
-    let sent = Instant::now();
-    let answer = ingest(100).await.unwrap();
-    let waited = sent.elapsed();
-    assert_eq!(answer.status(), StatusCode::GATEWAY_TIMEOUT);
-    assert!(
-        waited >= Duration::from_millis(1400) && waited < Duration::from_millis(2800),
-        "answered after {waited:?}"
-    );
-    let body: Value = answer.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "deadline_exceeded", "{body}");
-    assert!(body["error"]["request_id"].is_string(), "{body}");
-    // Once the disk is back, the next call is acknowledged and both events are stored. Sent
-    // before the 3 s stall is over, it raced that stall against its own 1.5 s backstop and got
-    // a 504 about one run in four.
-    tokio::time::sleep_until((sent + Duration::from_millis(3_200)).into()).await;
-    let answer = ingest(200).await.unwrap();
-    assert_eq!(answer.status(), StatusCode::OK);
-    let history = server.get_json(&client, "/v1/users/stalled/history").await;
-    let stored: Vec<i64> = history["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|event| event["timestamp"].as_i64().unwrap())
-        .collect();
-    assert_eq!(stored, [100, 200]);
+mod backstop {
+    use std::time::{Duration, Instant};
+
+    use super::common::{fixture, ServerProcess};
+    use reqwest::StatusCode;
+    use serde_json::{json, Value};
+
+    /// The journal's writer stalls for 3 s on its first commit (a failpoint standing in for a stuck
+    /// disk): the ingest waiting on it gets the JSON 504 once the body's and the request's limits
+    /// (200 + 300 ms) and the margin (1 s) have passed, not when the disk comes back; the event is
+    /// still stored once it does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_left_waiting_gets_the_json_504_from_the_backstop() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_str().unwrap();
+        let server = ServerProcess::spawn(
+            &fixture().model,
+            &[
+                "--data-dir",
+                data_dir,
+                "--fsync",
+                "always",
+                "--body-read-timeout-ms",
+                "200",
+                "--request-timeout-ms",
+                "300",
+            ],
+            &[("FAILPOINTS", "journal-commit=1*sleep(3000)")],
+        );
+        let client = reqwest::Client::new();
+        server.wait_ready(&client, Duration::from_secs(60)).await;
+        let item = &fixture().events[0].item_id;
+        let ingest = |timestamp: i64| {
+            client
+                .post(format!("{}/v1/events", server.base))
+                .json(&json!({"events": [{"user_id": "stalled", "item_id": item, "timestamp": timestamp}]}))
+                .send()
+        };
+        let sent = Instant::now();
+        let answer = ingest(100).await.unwrap();
+        let waited = sent.elapsed();
+        assert_eq!(answer.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(
+            waited >= Duration::from_millis(1400) && waited < Duration::from_millis(2800),
+            "answered after {waited:?}"
+        );
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "deadline_exceeded", "{body}");
+        assert!(body["error"]["request_id"].is_string(), "{body}");
+        // Once the disk is back, the next call is acknowledged and both events are stored. Sent
+        // before the 3 s stall is over, it raced that stall against its own 1.5 s backstop and got
+        // a 504 about one run in four.
+        tokio::time::sleep_until((sent + Duration::from_millis(3_200)).into()).await;
+        let answer = ingest(200).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        let history = server.get_json(&client, "/v1/users/stalled/history").await;
+        let stored: Vec<i64> = history["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|event| event["timestamp"].as_i64().unwrap())
+            .collect();
+        assert_eq!(stored, [100, 200]);
+    }
 }
