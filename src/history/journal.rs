@@ -1173,7 +1173,7 @@ fn index_in_background(shared: &Shared, store: &Store, records: &[(u64, fjall::S
 fn index_records(
     shared: &Shared,
     store: &Store,
-    mut batch: fjall::OwnedWriteBatch,
+    batch: fjall::OwnedWriteBatch,
     records: &[(u64, fjall::Slice)],
     fresh: RecordBuilder,
     part_entries: usize,
@@ -1183,22 +1183,39 @@ fn index_records(
     let values = records.iter().map(|(seq, value)| (*seq, &value[..]));
     let entries = stage_index(values.chain(fresh.iter().map(|(seq, value)| (*seq, &value[..]))))
         .ok_or_else(|| corrupt(&shared.config.dir, "a pending journal log record is malformed"))?;
-    let mut wrote = false;
     let mut parts = 0;
+    write_step(store, batch, entries, records, part_entries, |part, last| {
+        let wrote = commit_batch(shared, store, part)?;
+        parts += 1;
+        if !last && parts == 1 {
+            cut_after_first_part(shared)?;
+        }
+        Ok(wrote)
+    })
+}
+
+/// Puts a step's `entries` into `batch` and removes its log `records`, handing the batch to
+/// `commit_part` whenever it holds `part_entries` entries, and with the removal last (`true`:
+/// the last part). True if a part wrote something.
+fn write_step(
+    store: &Store,
+    mut batch: fjall::OwnedWriteBatch,
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
+    records: &[(u64, fjall::Slice)],
+    part_entries: usize,
+    mut commit_part: impl FnMut(fjall::OwnedWriteBatch, bool) -> Result<bool, StoreError>,
+) -> Result<bool, StoreError> {
+    let mut wrote = false;
     for (key, value) in entries {
         if batch.len() >= part_entries {
-            wrote |= commit_batch(shared, store, std::mem::replace(&mut batch, store.db.batch()))?;
-            parts += 1;
-            if parts == 1 {
-                cut_after_first_part(shared)?;
-            }
+            wrote |= commit_part(std::mem::replace(&mut batch, store.db.batch()), false)?;
         }
         batch.insert(&store.events, key, value);
     }
     for (seq, _) in records {
         batch.remove(&store.log, seq.to_be_bytes());
     }
-    Ok(commit_batch(shared, store, batch)? | wrote)
+    Ok(commit_part(batch, true)? | wrote)
 }
 
 /// A crash between an index step's parts, in tests: fails in the one journal whose directory
@@ -1343,9 +1360,11 @@ fn stage_index<'r>(records: impl IntoIterator<Item = (u64, &'r [u8])>) -> Option
 /// Indexes what a writer left in the log when it stopped without indexing it (a crash, a kill),
 /// so that the new writer starts with an empty log and readers need only the entries.
 fn index_log(store: &Store, path: &Path, next_seq: &AtomicU64, keys: LogKeys) -> Result<(), StoreError> {
+    let malformed = || corrupt(path, "a journal log record is malformed");
     let mut records = Vec::new();
     for record in store.log.iter() {
-        records.push(record.into_inner().map_err(|e| fjall_error(path, e))?);
+        let (key, value) = record.into_inner().map_err(|e| fjall_error(path, e))?;
+        records.push((decode_seq(&key).ok_or_else(malformed)?, value));
     }
     let mut batch = store.db.batch();
     if keys == LogKeys::Fresh {
@@ -1353,27 +1372,20 @@ fn index_log(store: &Store, path: &Path, next_seq: &AtomicU64, keys: LogKeys) ->
     } else if records.is_empty() {
         return Ok(());
     }
-    let values = records.iter().map(|(key, value)| Some((decode_seq(key)?, &value[..])));
-    let entries = values
-        .collect::<Option<Vec<_>>>()
-        .and_then(stage_index)
-        .ok_or_else(|| corrupt(path, "a journal log record is malformed"))?;
-    for (mut key, value) in entries {
-        if keys == LogKeys::Fresh {
+    let mut entries = stage_index(records.iter().map(|(seq, value)| (*seq, &value[..]))).ok_or_else(malformed)?;
+    if keys == LogKeys::Fresh {
+        for (key, _) in &mut entries {
             let seq = key.len() - 8;
             key[seq..].copy_from_slice(&next_seq.fetch_add(1, Ordering::Relaxed).to_be_bytes());
         }
-        batch.insert(&store.events, key, value);
     }
-    for (key, _) in records {
-        batch.remove(&store.log, key);
-    }
-    batch.insert(
-        &store.meta,
-        META_NEXT_SEQ,
-        next_seq.load(Ordering::Relaxed).to_be_bytes(),
-    );
-    batch.commit().map_err(|e| fjall_error(path, e))?;
+    // One commit (no parts): nothing else writes before the store is open.
+    write_step(store, batch, entries, &records, usize::MAX, |mut batch, _| {
+        let next = next_seq.load(Ordering::Relaxed);
+        batch.insert(&store.meta, META_NEXT_SEQ, next.to_be_bytes());
+        batch.commit().map_err(|e| fjall_error(path, e))?;
+        Ok(true)
+    })?;
     store.db.persist(PersistMode::SyncAll).map_err(|e| fjall_error(path, e))
 }
 
