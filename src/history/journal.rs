@@ -1183,11 +1183,11 @@ fn index_records(
     let values = records.iter().map(|(seq, value)| (*seq, &value[..]));
     let entries = stage_index(values.chain(fresh.iter().map(|(seq, value)| (*seq, &value[..]))))
         .ok_or_else(|| corrupt(&shared.config.dir, "a pending journal log record is malformed"))?;
-    let mut parts = 0;
+    let mut first = true;
     write_step(store, batch, entries, records, part_entries, |part, last| {
         let wrote = commit_batch(shared, store, part)?;
-        parts += 1;
-        if !last && parts == 1 {
+        // Only between parts: after the last one the step is whole.
+        if !last && std::mem::take(&mut first) {
             cut_after_first_part(shared)?;
         }
         Ok(wrote)
@@ -1195,8 +1195,8 @@ fn index_records(
 }
 
 /// Puts a step's `entries` into `batch` and removes its log `records`, handing the batch to
-/// `commit_part` whenever it holds `part_entries` entries, and with the removal last (`true`:
-/// the last part). True if a part wrote something.
+/// `commit_part` whenever it holds `part_entries` writes (what the caller put in it counts), and
+/// with the removal last (`true`: the last part). True if a part wrote something.
 fn write_step(
     store: &Store,
     mut batch: fjall::OwnedWriteBatch,
