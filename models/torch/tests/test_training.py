@@ -136,3 +136,34 @@ def test_both_losses_match_a_per_target_softmax_written_out(log, seed):
             loss = loss_of(model, model, rows, targets, cfg["num_items"], keep_seen)
             assert abs(float(loss) - float(torch.stack(oracle).mean())) < 1e-5, keep_seen
         assert float(torch.stack(left_out).mean()) < float(torch.stack(kept).mean())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_grouped_batches_cover_every_window_once_sorted_within_runs_of_32(seed):
+    import random
+
+    from xsrec_torch.train import batch_plan
+
+    rng = random.Random(seed)
+    batch_size = rng.randint(1, 9)
+    lengths = [rng.randint(1, 200) for _ in range(rng.randint(1, 900))]
+    # The plan's first draw is the shuffled order; replay it to know each window's run of 32 batches.
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    run_of = {i: position // (batch_size * 32) for position, i in enumerate(order)}
+    padding = {}
+    for grouped in (True, False):
+        plan = batch_plan(lengths, batch_size, random.Random(seed), grouped)
+        assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+        assert all(1 <= len(b) <= batch_size for b in plan)
+        assert len(plan) == -(-len(lengths) // batch_size)
+        assert all(len({run_of[i] for i in b}) == 1 for b in plan)
+        padding[grouped] = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in plan)
+        if grouped:
+            # Sorted before being cut: two batches of one run never overlap in length.
+            for a in plan:
+                for b in plan:
+                    if a is not b and run_of[a[0]] == run_of[b[0]]:
+                        assert max(lengths[i] for i in a) <= min(lengths[i] for i in b) or \
+                            max(lengths[i] for i in b) <= min(lengths[i] for i in a)
+    assert padding[True] <= padding[False]

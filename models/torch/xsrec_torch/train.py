@@ -8,6 +8,7 @@ Same data formats, split, windows, loss (full softmax with the user's earlier it
 and early stopping as `xsrec train`; gloo on CPU, nccl on GPU. Rank 0 evaluates and writes.
 """
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -69,6 +70,23 @@ def loss_of(model, module, rows, targets, num_items, keep_seen=False):
     return F.cross_entropy(logits.masked_fill(seen, float("-inf")), goal)
 
 
+def batch_plan(lengths, batch_size, rng, grouped=True):
+    """Indices of each step's windows. Grouped (as `xsrec train`'s batch_plan): shuffle, sort each
+    run of 32 batches' windows by real length and cut it into batches, shuffle the batches, so
+    little compute goes to padding while batch order stays random. Otherwise plain shuffled
+    chunks."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not grouped:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = []
+    for start in range(0, len(order), batch_size * 32):
+        group = sorted(order[start : start + batch_size * 32], key=lambda i: lengths[i])
+        batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
 class HiddenOnly(torch.nn.Module):
     """DDP wraps forward(); ours returns hidden states so the loss stays outside."""
 
@@ -101,12 +119,29 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--patience", type=int, default=20)
+    p.add_argument("--batching", choices=["grouped", "shuffled"], default="grouped",
+                   help="grouped: batches of windows of similar length, as `xsrec train` (default); shuffled: plain shuffled chunks")
     p.add_argument("--loss-keep-seen", action="store_true", help="keep already-seen items in the training softmax (by default they are left out, as in evaluation)")
     for feature in ("session-recency", "time-gap", "event-type", "prediction-gap", "session-successor", "clock-readout"):
         p.add_argument(f"--no-{feature}", action="store_true")
     p.add_argument("--calendar", action="store_true", help="hour-of-day and day-of-week embeddings shared by all users")
     p.add_argument("--session-summary", action="store_true", help="each event reads the previous session's mean item vector")
     return p.parse_args(argv)
+
+
+def keep_freed_pages():
+    """Ask glibc to keep freed memory instead of unmapping it. Every step frees logits of
+    hundreds of MB, above glibc's largest mmap threshold (32 MiB), so each step's allocations were
+    fresh mappings faulted in page by page: a quarter of an ML-1M epoch's CPU time was the kernel's
+    (the Rust trainer keeps its pages for the same reason, src/train/pages.rs). Served from the
+    heap and never trimmed, the pages are reused by the next step."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: its allocator makes its own choices
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def scheduled_lr(lr, decay_epochs, epochs_done):
@@ -118,6 +153,7 @@ def scheduled_lr(lr, decay_epochs, epochs_done):
 
 def main(argv=None):
     args = parse_args(argv)
+    keep_freed_pages()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     if distributed:
@@ -147,20 +183,21 @@ def main(argv=None):
         trainer = torch.nn.parallel.DistributedDataParallel(trainer, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
     examples = windows(sequences, args.max_len, args.session_gap)
+    lengths = [sum(1 for item in row["items"] if item != 0) for row, _ in examples]
     best = (float("-inf"), 0, None)
     log = []
     started = time.time()
     for epoch in range(1, min(args.epochs, args.lr_decay_epochs or args.epochs) + 1):
         model.train()
-        order = list(range(len(examples)))
-        rng.shuffle(order)  # same seed on every rank: one shared order, split by rank
-        mine = order[rank::world]
-        # Equal step counts on every rank, or DDP's all-reduce would wait forever.
-        steps = len(order) // world // args.batch_size + (1 if len(order) // world % args.batch_size else 0)
+        plan = batch_plan(lengths, args.batch_size, rng, args.batching == "grouped")  # same seed on every rank
+        mine = plan[rank::world] or plan[:1]
+        # Equal step counts on every rank, or DDP's all-reduce would wait forever: a rank one batch
+        # short repeats its first.
+        steps = -(-len(plan) // world)
         total = 0.0
         epoch_started = time.time()
         for step in range(steps):
-            chunk = [examples[i] for i in mine[step * args.batch_size : (step + 1) * args.batch_size]] or [examples[mine[0]]]
+            chunk = [examples[i] for i in (mine[step] if step < len(mine) else mine[0])]
             rows = trim([r for r, _ in chunk])
             width = len(rows[0]["items"])
             targets = torch.tensor([t[-width:] for _, t in chunk], device=device)
@@ -177,7 +214,7 @@ def main(argv=None):
         if rank == 0:
             ndcg = split_metrics(rank_cases(model, sequences, "validation", device=device))["all"]["means"].get("NDCG@10", 0.0)
             # All ranks' sequences over the epoch's time with validation, as `xsrec train` counts.
-            sequences_per_sec = len(order) / (time.time() - epoch_started)
+            sequences_per_sec = len(examples) / (time.time() - epoch_started)
             log.append({"epoch": epoch, "train_loss": total / max(steps, 1), "validation_ndcg10": ndcg,
                         "sequences_per_sec": sequences_per_sec, "elapsed_secs": time.time() - started})
             print(f"epoch {epoch}: loss {total / max(steps, 1):.4f} val NDCG@10 {ndcg:.4f} "
