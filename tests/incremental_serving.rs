@@ -5,6 +5,7 @@
 //! batches mix all of these.
 mod common;
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use common::{fixture, ranked, server_for, users};
@@ -12,10 +13,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use reqwest::StatusCode;
 use serde_json::json;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 use xsrec::data::Event;
-use xsrec::model::artifact::Artifact;
-use xsrec::model::{encode_window, fresh_window_start, Batch, HistoryView, PositionOrigin, Scorer};
+use xsrec::model::artifact::{copy_weights, Artifact};
+use xsrec::model::{encode_window, fresh_window_start, Batch, HistoryView, PositionOrigin, Scorer, SeqModel};
 
 const K: usize = 10;
 
@@ -55,7 +56,10 @@ fn offline_scores(artifact: &Artifact, history: &(Vec<u32>, Vec<i64>, Vec<u32>),
     let config = &artifact.model.config;
     let view = HistoryView::new(&history.0, &history.1, &history.2);
     let row = encode_window(view, start, at, config.max_len, config.session_gap_secs);
-    let scores: Tensor = artifact.model.score_next(&Batch::new(&[row], Device::Cpu)).get(0);
+    let scores: Tensor = artifact
+        .model
+        .score_next(&Batch::new(&[row], Device::Cpu), &[&history.0])
+        .get(0);
     Vec::<f32>::try_from(scores).unwrap()
 }
 
@@ -123,6 +127,121 @@ async fn a_key_value_budget_too_small_for_every_user_evicts_without_changing_an_
     let bytes = server.metric("xsrec_cached_state_bytes").await;
     let hidden = 16 * config.d_model * 4;
     assert!(bytes <= (5 * slot_bytes + hidden) as f64, "{bytes} bytes held");
+}
+
+/// A model with a repeat term, served with seen items allowed: the top-k merges the catalogue's
+/// ranking of the items a user never had with the exact scores of those they had, and equals
+/// offline scoring, through appends and cached states; candidate lists get the offsets too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_repeat_term_served_rankings_and_candidates_equal_offline_scoring() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = repeat_term_model(dir.path());
+    let (server, _) = serve_and_check(&artifact, dir.path(), &[]).await;
+    assert!(server.metric("xsrec_cache_appends_total").await > 0.0);
+    // A fresh server with the whole streams: top-k and candidates (held items and others).
+    let server = server_for(dir.path(), &["--history-cap", "1000"]).await;
+    let streams = longest_streams(16);
+    for stream in &streams {
+        server.ingest(&stream.iter().collect::<Vec<_>>()).await;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (mut held_served, mut served_total) = (0, 0);
+    for stream in streams {
+        let history = known_history(&artifact, &stream);
+        let at = stream.last().unwrap().timestamp + 600;
+        let user = &stream[0].user_id;
+        let mut candidates: Vec<String> = (0..12)
+            .map(|_| stream[rng.gen_range(0..stream.len())].item_id.clone())
+            .collect();
+        candidates.extend((0..12).map(|_| {
+            artifact
+                .items
+                .id(rng.gen_range(1..artifact.items.len() as u32))
+                .to_owned()
+        }));
+        let top = json!({"user_id": user, "k": K, "at": at, "exclude_seen": false});
+        let listed = json!({"user_id": user, "k": 8, "at": at, "candidates": candidates});
+        let (top, listed) = tokio::join!(
+            server.post("/v1/recommend", &top),
+            server.post("/v1/recommend", &listed)
+        );
+        assert_eq!(
+            (top.0, listed.0),
+            (StatusCode::OK, StatusCode::OK),
+            "{top:?} {listed:?}"
+        );
+        let (top, listed) = (ranked(&top.1), ranked(&listed.1));
+        // Each answer against a full pass over a window it may have been computed on (the two
+        // requests may be computed on different ones: one extends the user's cached keys and
+        // values while the other, in the same batch, finds them taken).
+        let offline: Vec<Vec<f32>> = allowed_window_starts(history.0.len(), artifact.model.config.max_len)
+            .into_iter()
+            .map(|start| offline_scores(&artifact, &history, start, at))
+            .collect();
+        assert!(
+            offline.iter().any(|scores| same_top_k(&artifact, &top, scores).is_ok()),
+            "user {user}: {top:?}"
+        );
+        assert!(
+            offline
+                .iter()
+                .any(|scores| same_listed_top(&artifact, &listed, &candidates, scores)),
+            "user {user}: {listed:?}"
+        );
+        let held: std::collections::HashSet<u32> = history.0.iter().copied().collect();
+        held_served += top
+            .iter()
+            .filter(|(item, _)| held.contains(&artifact.items.get(item).unwrap()))
+            .count();
+        served_total += top.len();
+    }
+    // The merge is exercised both ways: held items enter some top-k lists, and not all of them.
+    assert!(
+        0 < held_served && held_served < served_total,
+        "{held_served} of {served_total} served items were held"
+    );
+}
+
+/// The shared fixture's weights with positions counted from the window start and a repeat term
+/// of random weights and a negative bias: some held items keep their place in a top-k, others
+/// leave it (with a bias of 0 every served item was held, with -4 none).
+fn repeat_term_model(dir: &Path) -> Artifact {
+    let base = Artifact::load(&fixture().model, Device::Cpu).unwrap();
+    let mut config = base.model.config.clone();
+    config.features.positions = PositionOrigin::WindowStart;
+    config.features.repeat_term = true;
+    let model = SeqModel::new(config, Device::Cpu);
+    tch::manual_seed(5);
+    let mut weights: HashMap<String, Tensor> = base.model.vs.variables().into_iter().collect();
+    weights.insert(
+        "repeat_term.gate.weight".into(),
+        Tensor::randn([1, 16], (Kind::Float, Device::Cpu)),
+    );
+    weights.insert("repeat_term.gate.bias".into(), Tensor::from_slice(&[-2f32]));
+    copy_weights(&model.vs, weights).unwrap();
+    let artifact = Artifact::new(
+        model,
+        base.items.clone(),
+        base.event_types.clone(),
+        base.item_counts.clone(),
+        base.item_categories.clone(),
+        base.config.info.clone(),
+    );
+    artifact.save(dir).unwrap();
+    Artifact::load(dir, Device::Cpu).unwrap()
+}
+
+/// Whether the served best of `candidates` is their offline best: each served score is the
+/// offline one, and no candidate left out scores above the lowest served one (up to rounding).
+fn same_listed_top(artifact: &Artifact, served: &[(String, f64)], candidates: &[String], offline: &[f32]) -> bool {
+    let score = |item: &str| f64::from(offline[artifact.items.get(item).unwrap() as usize]);
+    let lowest = served.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
+    served.len() == 8
+        && served.iter().all(|(item, served)| (served - score(item)).abs() < 1e-4)
+        && candidates
+            .iter()
+            .filter(|c| served.iter().all(|(item, _)| item != *c))
+            .all(|c| score(c) <= lowest + 1e-4)
 }
 
 /// Streams the 16 longest fixture histories to a server of `artifact` (with `extra` flags)

@@ -24,6 +24,7 @@ fn config(arch: Arch, combine: Combine) -> ModelConfig {
         features: Features {
             combine,
             session_summary: true,
+            repeat_term: true,
             ..Features::default()
         },
         session_gap_secs: GAP,
@@ -171,9 +172,10 @@ fn a_row_scores_the_same_alone_and_in_a_batch() {
                 encode(view, h.timestamps[n - 1] + 60, MAX_LEN, GAP)
             })
             .collect();
-        let batched = model.score_next(&Batch::new(&rows, Device::Cpu));
+        let had: Vec<&[u32]> = (3..=h.items.len()).map(|n| &h.items[..n]).collect();
+        let batched = model.score_next(&Batch::new(&rows, Device::Cpu), &had);
         for (i, row) in rows.iter().enumerate() {
-            let alone = model.score_next(&Batch::new(std::slice::from_ref(row), Device::Cpu));
+            let alone = model.score_next(&Batch::new(std::slice::from_ref(row), Device::Cpu), &had[i..=i]);
             let diff = (batched.get(i as i64) - alone.get(0)).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "{:?} row {i}: {diff}", model.config.arch);
         }
@@ -199,12 +201,12 @@ fn artifact_round_trip_reproduces_scores_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let h = history();
         let batch = history_batch(&h);
-        let before = model.score_next(&batch);
+        let before = model.score_next(&batch, &[&h.items]);
         let saved = artifact(model);
         saved.save(dir.path()).unwrap();
         let loaded = Artifact::load(dir.path(), Device::Cpu).unwrap();
         assert!(
-            before.equal(&loaded.model.score_next(&batch)),
+            before.equal(&loaded.model.score_next(&batch, &[&h.items])),
             "scores changed after reload"
         );
         assert_eq!(loaded.items, saved.items);
@@ -269,9 +271,18 @@ fn every_parameter_gets_a_gradient() {
         let h = history();
         let batch = history_batch(&h);
         let hidden = model.net.hidden(&batch, true);
+        let positions = hidden.size()[1];
+        // The repeat term reads each position's items so far.
+        let (mut rows, mut columns) = (Vec::new(), Vec::new());
+        for position in 0..positions {
+            for item in Vec::<i64>::try_from(batch.items.get(0).narrow(0, 0, position + 1)).unwrap() {
+                rows.push(position);
+                columns.push(item);
+            }
+        }
         model
             .net
-            .score(&hidden)
+            .score_with_repeats(&hidden.get(0), &rows, &columns)
             .logsumexp([-1], false)
             .sum(Kind::Float)
             .backward();
@@ -351,7 +362,8 @@ fn bf16_keys_and_values_keep_the_top10_of_a_full_pass() {
             })
             .collect();
         let batch = Batch::new(&rows, Device::Cpu);
-        let full = model.score_next(&batch);
+        let had: Vec<&[u32]> = users.iter().zip(&revealed).map(|(user, &n)| &user.items[..n]).collect();
+        let full = model.score_next(&batch, &had);
         let held: Vec<&xsrec::model::Slot> = slots.iter().collect();
         let stepped: Vec<usize> = (0..users.len())
             .filter(|&u| pool.len(&slots[u]) < revealed[u])

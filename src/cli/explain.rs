@@ -60,7 +60,8 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<()> {
         bail!("explain needs a Transformer model; this one is {:?}", model.config.arch);
     }
     let seen = item_indices(&user.items);
-    let (scores, items) = mask_items(model.score_next(&batch).to_kind(Kind::Float), &[seen]).topk(10, 1, true, true);
+    let (scores, items) =
+        mask_items(model.score_next(&batch, &[&user.items]).to_kind(Kind::Float), &[seen]).topk(10, 1, true, true);
     let top: Vec<(String, f32)> = Vec::<i64>::try_from(items.view(-1))?
         .into_iter()
         .zip(Vec::<f32>::try_from(scores.view(-1))?)

@@ -65,7 +65,7 @@ pub fn run(args: &ScoreArgs) -> anyhow::Result<()> {
             config.max_len,
             config.session_gap_secs,
         );
-        let scores = artifact.model.score_next(&Batch::new(&[row], device));
+        let scores = artifact.model.score_next(&Batch::new(&[row], device), &[&h.items]);
         let scores = Vec::<f32>::try_from(scores.view(-1).to_device(tch::Device::Cpu))?;
         writeln!(out, "{}", serde_json::json!({ "scores": scores }))?;
     }

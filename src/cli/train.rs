@@ -70,6 +70,11 @@ pub struct TrainArgs {
     /// Leave out the readout of what the user did at this time of day and week in earlier sessions.
     #[arg(long)]
     pub no_clock_readout: bool,
+    /// Learn a score offset for the items the user already had (repeat purchases up, a film
+    /// already rated down), so a ranking that keeps seen items orders them right. Needs
+    /// `--loss-keep-seen`: with seen items out of the softmax nothing teaches it.
+    #[arg(long, requires = "loss_keep_seen")]
+    pub repeat_term: bool,
     /// Whether the model gets its readouts (session successor, clock): `auto` trains it without
     /// and with them and keeps them only when they gain validation NDCG@10 beyond noise (a
     /// paired bootstrap interval above zero, over all validation events or over those that open
@@ -178,6 +183,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         session_summary: args.session_summary,
         session_successor: !args.no_session_successor,
         clock_readout: !args.no_clock_readout,
+        repeat_term: args.repeat_term,
         combine: args.combine,
         positions: args.positions,
         ..Features::default()
@@ -201,6 +207,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         args.session_start_weight.is_finite() && args.session_start_weight > 0.0,
         "--session-start-weight must be a positive number, not {}",
         args.session_start_weight
+    );
+    anyhow::ensure!(
+        !args.repeat_term || args.loss == Loss::Full,
+        "--repeat-term needs --loss full: sampled negatives seldom include the user's own items, \
+         so nothing would teach it"
     );
     let train_config = TrainConfig {
         seed: args.seed,

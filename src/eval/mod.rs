@@ -72,7 +72,8 @@ impl<S: Scorer + ?Sized> CaseScorer for S {
                 )
             })
             .collect();
-        self.score_next(&Batch::trimmed(&rows, opts.device))
+        let held: Vec<&[u32]> = cases.iter().map(|&(u, p)| &set.users[u].items[..p]).collect();
+        self.score_next(&Batch::trimmed(&rows, opts.device), &held)
             .to_kind(Kind::Float)
     }
 }

@@ -1,5 +1,5 @@
 //! The inference worker: the one thread that owns the model and runs libtorch for whole batches.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::{Arc, Weak};
@@ -17,9 +17,10 @@ use crate::history::HistorySnapshot;
 use crate::metrics::Metrics;
 use crate::model::input::moment_key;
 use crate::model::input::{to_device_pinned, to_host_f32};
+use crate::model::net::add_to_items;
 use crate::model::{
-    encode, encode_window, fresh_window_start, padded_index, Artifact, Batch, HistoryView, Precision, PrefixPool,
-    SeqModel, Slot, SHORT_APPEND,
+    encode, encode_window, fresh_window_start, item_indices, padded_index, Artifact, Batch, HistoryView, Precision,
+    PrefixPool, SeqModel, Slot, SHORT_APPEND,
 };
 
 #[derive(Debug, Clone)]
@@ -658,7 +659,7 @@ impl InferenceWorker {
 }
 
 fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> Vec<Answer> {
-    let table = model.model.net.item_table();
+    let net = &model.model.net;
     let device = hidden.device();
     let mut answers: Vec<Option<Answer>> = vec![None; requests.len()];
     let group = |keep: fn(&Query) -> bool| -> Vec<usize> {
@@ -669,12 +670,31 @@ fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> V
             .map(|(i, _)| i)
             .collect()
     };
-    let rows_of = |indices: &[usize]| {
+    let select = |all: &Tensor, indices: &[usize]| {
         if indices.len() == requests.len() {
-            return hidden.shallow_clone(); // one kind of query in the batch: the usual case
+            return all.shallow_clone(); // one kind of query in the batch: the usual case
         }
         let index: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
-        hidden.index_select(0, &to_device_pinned(Tensor::from_slice(&index), device))
+        all.index_select(0, &to_device_pinned(Tensor::from_slice(&index), device))
+    };
+    // With a repeat term: its offset per row, and the distinct items of each row's history.
+    let repeats = net.repeat_offsets(hidden).map(|offsets| {
+        let held: Vec<Vec<i64>> = requests
+            .iter()
+            .map(|request| {
+                let mut held = item_indices(&request.history.items);
+                held.sort_unstable();
+                held.dedup();
+                held
+            })
+            .collect();
+        (offsets, held)
+    });
+    let repeats_of = |indices: &[usize]| {
+        repeats.as_ref().map(|(offsets, held)| Repeats {
+            offsets: select(offsets, indices),
+            held: indices.iter().map(|&i| held[i].as_slice()).collect(),
+        })
     };
 
     let ranking = group(|q| matches!(q, Query::TopK { .. }));
@@ -687,10 +707,12 @@ fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> V
             })
             .collect();
         let ks: Vec<usize> = ranking.iter().map(|&i| query_k(&requests[i].query)).collect();
-        for (slot, ranked) in ranking
-            .iter()
-            .zip(model.catalogue.rank(&rows_of(&ranking), &excluded, &ks))
-        {
+        let rows = select(hidden, &ranking);
+        let ranked = match repeats_of(&ranking) {
+            None => model.catalogue.rank(&rows, &excluded, &ks),
+            Some(repeats) => rank_with_repeats(model, &rows, &excluded, &ks, &repeats),
+        };
+        for (slot, ranked) in ranking.iter().zip(ranked) {
             answers[*slot] = Some(Answer::Items(ranked));
         }
     }
@@ -704,26 +726,21 @@ fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> V
                 _ => unreachable!(),
             })
             .collect();
-        let index = padded_index(&lists, device);
-        // Only the candidates' rows of the table are read: [B, 1, d] × [B, d, W].
-        let rows = table
-            .index_select(0, &index.view(-1))
-            .view([index.size()[0], index.size()[1], -1]);
-        let gathered = rows_of(&candidate_rows)
-            .unsqueeze(1)
-            .bmm(&rows.transpose(1, 2))
-            .squeeze_dim(1)
-            // Padding points at column 0 and must never be chosen.
-            .masked_fill(&index.eq(0), f64::NEG_INFINITY);
+        let rows = select(hidden, &candidate_rows);
+        let (scores, index) = listed_scores(net.item_table(), &rows, &lists, repeats_of(&candidate_rows).as_ref());
         let ks: Vec<usize> = candidate_rows.iter().map(|&i| query_k(&requests[i].query)).collect();
-        for (slot, ranked) in candidate_rows.iter().zip(top_k(&gathered, &ks, Some(&index))) {
+        for (slot, ranked) in candidate_rows.iter().zip(top_k(&scores, &ks, Some(&index))) {
             answers[*slot] = Some(Answer::Items(ranked));
         }
     }
 
     let interest_rows = group(|q| matches!(q, Query::Interests { .. }));
     if let (false, Some(categories)) = (interest_rows.is_empty(), &model.categories) {
-        let logits = model.model.net.score(&rows_of(&interest_rows));
+        let rows = select(hidden, &interest_rows);
+        let logits = match repeats_of(&interest_rows) {
+            Some(repeats) => add_to_items(net.score(&rows), &padded_index(&repeats.held, device), &repeats.offsets),
+            None => net.score(&rows),
+        };
         let _ = logits.narrow(1, 0, 1).fill_(f64::NEG_INFINITY); // the padding item
         let mass = logits.softmax(-1, Kind::Float).matmul(categories);
         let ks: Vec<usize> = interest_rows.iter().map(|&i| query_k(&requests[i].query)).collect();
@@ -737,6 +754,79 @@ fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> V
         .into_iter()
         .map(|a| a.unwrap_or(Answer::Categories(Vec::new())))
         .collect()
+}
+
+/// The best `ks[row]` items for each of the `[B, d]` hidden `rows` but its `excluded` ones, with
+/// the repeat term: the catalogue ranks the items the user never had, those they had (and may
+/// get) are scored exactly with their offset, and the two lists are merged.
+fn rank_with_repeats(
+    model: &ServingModel,
+    rows: &Tensor,
+    excluded: &[&Vec<i64>],
+    ks: &[usize],
+    repeats: &Repeats,
+) -> Vec<Vec<(u32, f32)>> {
+    let allowed_held: Vec<Vec<i64>> = repeats
+        .held
+        .iter()
+        .zip(excluded)
+        .map(|(had, excluded)| {
+            let excluded: HashSet<i64> = excluded.iter().copied().collect();
+            had.iter().copied().filter(|item| !excluded.contains(item)).collect()
+        })
+        .collect();
+    let never_had: Vec<Vec<i64>> = excluded
+        .iter()
+        .zip(&allowed_held)
+        .map(|(excluded, held)| excluded.iter().chain(held).copied().collect())
+        .collect();
+    let fresh = model.catalogue.rank(rows, &never_had, ks);
+    let (scores, index) = listed_scores(model.model.net.item_table(), rows, &allowed_held, Some(repeats));
+    let again = top_k(&scores, ks, Some(&index));
+    fresh
+        .into_iter()
+        .zip(again)
+        .zip(ks)
+        .map(|((mut merged, again), &k)| {
+            merged.extend(again);
+            merged.sort_by(|a, b| b.1.total_cmp(&a.1));
+            merged.truncate(k);
+            merged
+        })
+        .collect()
+}
+
+/// The repeat term of some rows: `[B]` offsets, and the items each row's user had (distinct).
+struct Repeats<'a> {
+    offsets: Tensor,
+    held: Vec<&'a [i64]>,
+}
+
+/// `([B, W] scores, [B, W] items)` of each row's listed items (`lists`, padded with the
+/// padding item, which scores -inf) from the `[B, d]` hidden `rows`: only those rows of the
+/// `table` are read. With `repeats`, their offsets are added to the items each row's user had.
+fn listed_scores<L: AsRef<[i64]>>(
+    table: &Tensor,
+    rows: &Tensor,
+    lists: &[L],
+    repeats: Option<&Repeats>,
+) -> (Tensor, Tensor) {
+    let index = padded_index(lists, rows.device());
+    let vectors = table
+        .index_select(0, &index.view(-1))
+        .view([index.size()[0], index.size()[1], -1]);
+    let scores = rows.unsqueeze(1).bmm(&vectors.transpose(1, 2)).squeeze_dim(1);
+    let scores = match repeats {
+        Some(repeats) => {
+            let had = padded_index(&repeats.held, rows.device());
+            let held = index.unsqueeze(2).eq_tensor(&had.unsqueeze(1)).any_dim(2, false);
+            scores + repeats.offsets.unsqueeze(1) * held.to_kind(repeats.offsets.kind())
+        }
+        None => scores,
+    };
+    // Padding points at column 0 and must never be chosen.
+    let scores = scores.masked_fill(&index.eq(0), f64::NEG_INFINITY);
+    (scores, index)
 }
 
 fn query_k(query: &Query) -> usize {

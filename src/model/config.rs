@@ -71,6 +71,14 @@ pub struct Features {
     /// which read it as off.
     #[serde(default)]
     pub clock_readout: bool,
+    /// A score offset, read from the hidden state, added to every item the window holds: how
+    /// likely this user is, now, to go back to something they already had. Repeat purchases
+    /// make it positive; a catalogue nobody returns to (a film is rated once) makes it strongly
+    /// negative, so a ranking that keeps seen items still puts new ones first. Learned only
+    /// when seen items stay in the training softmax (`--loss-keep-seen`). Absent from older
+    /// artifacts, which read it as off.
+    #[serde(default)]
+    pub repeat_term: bool,
     pub combine: Combine,
     /// Absent from artifacts made before it existed, which count from the newest event.
     #[serde(default)]
@@ -98,6 +106,7 @@ impl Default for Features {
             session_summary: false,
             session_successor: true,
             clock_readout: true,
+            repeat_term: false,
             combine: Combine::Sum,
             positions: PositionOrigin::Newest,
             session_cap: 8,

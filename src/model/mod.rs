@@ -22,7 +22,9 @@ pub use prefix::{PrefixPool, Slot};
 /// are evaluated through this one interface.
 pub trait Scorer {
     /// `[B, V]` scores for the next item after each row's last event; higher is better.
-    fn score_next(&self, batch: &Batch) -> Tensor;
+    /// `held[row]`: the items of the row's whole history before the prediction (the window shows
+    /// only its newest events), which a model with a repeat term raises.
+    fn score_next(&self, batch: &Batch, held: &[&[u32]]) -> Tensor;
 }
 
 /// Positions (rows × columns) of one inference pass on the host. A pass's activations then stay
@@ -145,8 +147,14 @@ impl SeqModel {
 }
 
 impl Scorer for SeqModel {
-    fn score_next(&self, batch: &Batch) -> Tensor {
-        tch::no_grad(|| self.net.score(&self.last_hidden(batch)))
+    fn score_next(&self, batch: &Batch, held: &[&[u32]]) -> Tensor {
+        let hidden = self.last_hidden(batch);
+        if !self.config.features.repeat_term {
+            return tch::no_grad(|| self.net.score(&hidden));
+        }
+        let held: Vec<Vec<i64>> = held.iter().map(|items| item_indices(items)).collect();
+        let held = Tensor::cat(&[&batch.items, &padded_index(&held, batch.device())], 1);
+        tch::no_grad(|| self.net.score_next(&hidden, &held))
     }
 }
 
@@ -165,7 +173,7 @@ impl Popularity {
 }
 
 impl Scorer for Popularity {
-    fn score_next(&self, batch: &Batch) -> Tensor {
+    fn score_next(&self, batch: &Batch, _held: &[&[u32]]) -> Tensor {
         // A tensor of its own (for a batch of one, `expand(..).contiguous()` would be a view of
         // `counts`): callers mask scores in place.
         self.counts.unsqueeze(0).repeat([batch.size(), 1])
@@ -218,8 +226,8 @@ mod tests {
         let popularity = Popularity::new(&[0, 5, 7, 9], Device::Cpu);
         let row = encode(HistoryView::new(&[1], &[10], &[1]), 20, 4, 1800);
         let batch = Batch::new(&[row], Device::Cpu);
-        let _ = mask_items(popularity.score_next(&batch), &[vec![2i64]]);
-        let again: Vec<Vec<f32>> = Vec::try_from(popularity.score_next(&batch)).unwrap();
+        let _ = mask_items(popularity.score_next(&batch, &[&[1]]), &[vec![2i64]]);
+        let again: Vec<Vec<f32>> = Vec::try_from(popularity.score_next(&batch, &[&[1]])).unwrap();
         assert_eq!(again, [vec![0., 5., 7., 9.]]);
     }
 }

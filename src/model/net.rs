@@ -694,6 +694,7 @@ pub struct Network {
     encoder: Encoder,
     successor: Option<SessionSuccessor>,
     clock: Option<ClockReadout>,
+    repeat: Option<nn::Linear>,
     output_items: Option<nn::Embedding>,
     masks: Arc<MaskSource>,
 }
@@ -715,6 +716,7 @@ impl Network {
                 .features
                 .clock_readout
                 .then(|| ClockReadout::new(&(p / "clock_readout"), d)),
+            repeat: cfg.features.repeat_term.then(|| zero_gate(&(p / "repeat_term"), d)),
             output_items,
             masks,
         }
@@ -887,10 +889,55 @@ impl Network {
         &self.output_items.as_ref().unwrap_or(&self.input.items).ws
     }
 
-    /// Scores of every item for each hidden state: `[..., d]` → `[..., V]`.
+    /// Scores of every item for each hidden state: `[..., d]` → `[..., V]`, without the repeat
+    /// term (see [`Self::score_next`]).
     pub fn score(&self, hidden: &Tensor) -> Tensor {
         hidden.matmul(&self.item_table().tr())
     }
+
+    /// `[N]`: what the repeat term adds to the score of each item the window of each of the
+    /// `[N, d]` hidden states holds; `None` for a model without the term.
+    pub fn repeat_offsets(&self, hidden: &Tensor) -> Option<Tensor> {
+        self.repeat.as_ref().map(|gate| hidden.apply(gate).squeeze_dim(-1))
+    }
+
+    /// `[B, V]` scores of the next item from each row's `[B, d]` newest hidden state, the repeat
+    /// term added to the items the row's user had, `held` (`[B, W]`, padding 0, repeats allowed).
+    pub fn score_next(&self, hidden: &Tensor, held: &Tensor) -> Tensor {
+        let scores = self.score(hidden);
+        match self.repeat_offsets(hidden) {
+            Some(offsets) => add_to_items(scores, held, &offsets),
+            None => scores,
+        }
+    }
+
+    /// `[N, V]` training logits of the `[N, d]` hidden states, the repeat term added at
+    /// `(rows, columns)`, the items each state's user had up to it.
+    pub fn score_with_repeats(&self, hidden: &Tensor, rows: &[i64], columns: &[i64]) -> Tensor {
+        let logits = self.score(hidden);
+        let Some(offsets) = self.repeat_offsets(hidden) else {
+            return logits;
+        };
+        let device = logits.device();
+        let (rows, columns) = (
+            Tensor::from_slice(rows).to_device(device),
+            Tensor::from_slice(columns).to_device(device),
+        );
+        let added = offsets.index_select(0, &rows).to_kind(logits.kind());
+        let mut logits = logits;
+        // In place, as the seen-item mask: a copy of the logits is a pass over `[N, V]`.
+        let _ = logits.index_put_(&[Some(rows), Some(columns)], &added, true);
+        logits
+    }
+}
+
+/// `scores` (`[B, V]`) with `offsets[b]` added once to each distinct item of row `b` of `items`
+/// (`[B, W]`, padding 0 left as it is).
+pub fn add_to_items(scores: Tensor, items: &Tensor, offsets: &Tensor) -> Tensor {
+    let added = offsets.unsqueeze(1) * items.ne(0).to_kind(offsets.kind());
+    // A repeated item is written twice with the same value: added once.
+    let raised = scores.gather(1, items, false) + added.to_kind(scores.kind());
+    scores.scatter(1, items, &raised)
 }
 
 #[cfg(test)]
@@ -1030,6 +1077,86 @@ mod tests {
                 .flat_map(|(row, &fresh)| row[(m - fresh) * 8..].to_vec())
                 .collect();
             assert_eq!(input.host_last(&batch, &fresh), Some(expected), "seed {seed}");
+        }
+    }
+
+    /// The repeat term, written out: each distinct item of a row's window (never padding) gets
+    /// the row's offset once, at inference and in the training logits; random models (both
+    /// encoders), windows with repeats, random gates.
+    #[test]
+    fn the_repeat_term_raises_each_held_item_once_by_the_offset_its_state_reads() {
+        use rand::{Rng, SeedableRng};
+        for seed in 0..12u64 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let cfg = ModelConfig {
+                arch: [Arch::Transformer, Arch::Lstm][seed as usize % 2],
+                num_items: 30,
+                num_event_types: 2,
+                max_len: 10,
+                d_model: 8,
+                n_heads: 2,
+                n_layers: 1,
+                ffn_dim: 16,
+                dropout: 0.0,
+                tied_output: seed % 3 != 0,
+                features: crate::model::Features {
+                    repeat_term: true,
+                    ..Default::default()
+                },
+                session_gap_secs: 60,
+            };
+            tch::manual_seed(seed as i64);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = Network::new(&vs.root(), &cfg);
+            let gate = net.repeat.as_ref().expect("a repeat term");
+            tch::no_grad(|| {
+                gate.ws
+                    .shallow_clone()
+                    .copy_(&Tensor::randn([1, 8], (Kind::Float, Device::Cpu)));
+                let _ = gate
+                    .bs
+                    .as_ref()
+                    .unwrap()
+                    .shallow_clone()
+                    .fill_(rng.gen_range(-2.0..2.0));
+            });
+            let rows: Vec<_> = (0..5)
+                .map(|_| {
+                    let len = rng.gen_range(1..=14);
+                    // Few items, so windows repeat some.
+                    let items: Vec<u32> = (0..len).map(|_| rng.gen_range(1..8)).collect();
+                    let times: Vec<i64> = (0..len as i64).map(|t| 1_000 + 30 * t).collect();
+                    crate::model::encode(
+                        crate::model::HistoryView::new(&items, &times, &vec![1; len]),
+                        2_000,
+                        10,
+                        60,
+                    )
+                })
+                .collect();
+            let batch = Batch::trimmed(&rows, Device::Cpu);
+            let hidden = tch::no_grad(|| net.last_hidden(&batch));
+            let plain: Vec<Vec<f32>> = Vec::try_from(net.score(&hidden)).unwrap();
+            let offsets: Vec<f32> = Vec::try_from(net.repeat_offsets(&hidden).unwrap()).unwrap();
+            let served: Vec<Vec<f32>> = Vec::try_from(tch::no_grad(|| net.score_next(&hidden, &batch.items))).unwrap();
+            let (mut cell_rows, mut cell_columns) = (Vec::new(), Vec::new());
+            for (row, encoded) in rows.iter().enumerate() {
+                let mut expected = plain[row].clone();
+                let held: std::collections::BTreeSet<i64> = encoded.items.iter().copied().filter(|&i| i != 0).collect();
+                for &item in &held {
+                    expected[item as usize] += offsets[row];
+                    cell_rows.push(row as i64);
+                    cell_columns.push(item);
+                }
+                for (got, want) in served[row].iter().zip(&expected) {
+                    assert!((got - want).abs() < 1e-5, "seed {seed}, row {row}: {got} vs {want}");
+                }
+                let training: Vec<Vec<f32>> = Vec::try_from(tch::no_grad(|| {
+                    net.score_with_repeats(&hidden, &cell_rows, &cell_columns)
+                }))
+                .unwrap();
+                assert_eq!(training[row], served[row], "seed {seed}, row {row}");
+            }
         }
     }
 

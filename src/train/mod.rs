@@ -304,7 +304,7 @@ pub fn train(set: &SequenceSet, model_config: ModelConfig, cfg: &TrainConfig) ->
         let epoch_seed = cfg.seed.wrapping_add(epoch as u64 * 1_000_003);
         model.net.reseed_dropout(epoch_seed);
         tch::manual_seed(epoch_seed as i64);
-        let train_loss = run_epoch(&model, &mut opt, &windows, cfg, epoch, &mut rng);
+        let train_loss = run_epoch(&model, &mut opt, (set, &windows), cfg, epoch, &mut rng);
         let validation = SplitMetrics::from_results(&evaluate(&model, set, &eval_opts));
         let validation_ndcg10 = validation.all.get("NDCG@10");
         let epoch_secs = epoch_start.elapsed().as_secs_f64();
@@ -413,7 +413,7 @@ pub fn scheduled_learning_rate(cfg: &TrainConfig, epochs_done: f64) -> f64 {
 fn run_epoch(
     model: &SeqModel,
     opt: &mut AdamW,
-    windows: &[Window],
+    (set, windows): (&SequenceSet, &[Window]),
     cfg: &TrainConfig,
     epoch: usize,
     rng: &mut ChaCha8Rng,
@@ -429,7 +429,8 @@ fn run_epoch(
         let rows: Vec<&Window> = batch_indices.iter().map(|&i| &windows[i]).collect();
         let width = rows.iter().map(|w| w.input.real_len()).max().unwrap_or(1);
         let (batch, targets) = trimmed_batch(&rows, width, cfg.device);
-        let loss = batch_loss(model, &batch, &targets, cfg, rng);
+        let unshown: Vec<&[u32]> = rows.iter().map(|w| &set.users[w.user].items[..w.first_event]).collect();
+        let loss = batch_loss(model, (&batch, &unshown), &targets, cfg, rng);
         opt.zero_grad();
         loss.backward();
         opt.clip_grad_norm(cfg.grad_clip);
@@ -447,7 +448,14 @@ fn trimmed_batch(rows: &[&Window], width: usize, device: Device) -> (Batch, Tens
     (Batch::last_columns(&inputs, width, device), targets)
 }
 
-fn batch_loss(model: &SeqModel, batch: &Batch, targets: &Tensor, cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> Tensor {
+/// The loss of a batch; `unshown[row]` are the user's items before the row's window.
+fn batch_loss(
+    model: &SeqModel,
+    (batch, unshown): (&Batch, &[&[u32]]),
+    targets: &Tensor,
+    cfg: &TrainConfig,
+    rng: &mut ChaCha8Rng,
+) -> Tensor {
     let hidden = model.net.hidden(batch, true);
     let d = hidden.size()[2];
     let all_targets = targets;
@@ -456,7 +464,7 @@ fn batch_loss(model: &SeqModel, batch: &Batch, targets: &Tensor, cfg: &TrainConf
     let targets = targets.view(-1).index_select(0, &keep);
     let (logits, target_column) = match cfg.loss {
         Loss::Full if cfg.mask_seen => {
-            let (rows, columns) = seen_cells(&batch.items, all_targets, model.config.num_items);
+            let (rows, columns) = seen_cells(&batch.items, all_targets, model.config.num_items, Cells::Masked);
             let mut logits = model.net.score(&hidden);
             // In place and sparse: a dense [N, V] mask cost two passes over the logits (forward
             // and backward) plus building it, 10 % of an ML-1M step; the cells are O(L²) per row.
@@ -464,6 +472,14 @@ fn batch_loss(model: &SeqModel, batch: &Batch, targets: &Tensor, cfg: &TrainConf
             let excluded = Tensor::full([], f64::NEG_INFINITY, (logits.kind(), cfg.device));
             let _ = logits.index_put_(&indices, &excluded, false);
             (logits, targets.shallow_clone())
+        }
+        Loss::Full if model.config.features.repeat_term => {
+            let cells = Cells::Held { unshown };
+            let (rows, columns) = seen_cells(&batch.items, all_targets, model.config.num_items, cells);
+            (
+                model.net.score_with_repeats(&hidden, &rows, &columns),
+                targets.shallow_clone(),
+            )
         }
         Loss::Full => (model.net.score(&hidden), targets.shallow_clone()),
         Loss::Sampled => {
@@ -503,20 +519,40 @@ fn session_start_targets(prediction_gaps: &Tensor) -> Tensor {
         .logical_and(&prediction_gaps.remainder(2).eq(1))
 }
 
-/// The logits to leave out of the training softmax, as `(rows, columns)`: for every position
-/// with a target (rows numbered as `targets.ne(0)` keeps them, row-major), the items its row had
-/// at or before it, and item 0 (padding), but never the position's own target (a repeat is a
-/// right answer).
-fn seen_cells(items: &Tensor, targets: &Tensor, num_items: usize) -> (Vec<i64>, Vec<i64>) {
+/// Which of a position's earlier items [`seen_cells`] lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cells<'a> {
+    /// The logits to leave out of the softmax: the window's items and item 0 (padding), but
+    /// never the position's own target (a repeat is a right answer).
+    Masked,
+    /// The logits the repeat term raises: every item the user had, `unshown[row]` (before the
+    /// window) and the window's, the target too when it is one of them.
+    Held { unshown: &'a [&'a [u32]] },
+}
+
+/// Logits of training positions, as `(rows, columns)`: for every position with a target (rows
+/// numbered as `targets.ne(0)` keeps them, row-major), the items its row had at or before it,
+/// as `cells` chooses them.
+fn seen_cells(items: &Tensor, targets: &Tensor, num_items: usize, cells: Cells) -> (Vec<i64>, Vec<i64>) {
     let host = |t: &Tensor| Vec::<i64>::try_from(t.to_device(Device::Cpu).view(-1)).expect("int64 ids");
     let width = items.size()[1] as usize;
     let (items, targets) = (host(items), host(targets));
     let (mut rows, mut columns) = (Vec::new(), Vec::new());
     let mut kept_row = 0;
     let mut had = vec![false; num_items];
-    for (row_items, row_targets) in items.chunks(width).zip(targets.chunks(width)) {
-        let mut distinct = vec![0];
+    for (row, (row_items, row_targets)) in items.chunks(width).zip(targets.chunks(width)).enumerate() {
+        let mut distinct = match cells {
+            Cells::Masked => vec![0],
+            Cells::Held { .. } => Vec::new(),
+        };
         had[0] = true;
+        if let Cells::Held { unshown } = cells {
+            for &item in unshown[row] {
+                if !std::mem::replace(&mut had[item as usize], true) {
+                    distinct.push(i64::from(item));
+                }
+            }
+        }
         for (&item, &target) in row_items.iter().zip(row_targets) {
             if !std::mem::replace(&mut had[item as usize], true) {
                 distinct.push(item);
@@ -524,12 +560,16 @@ fn seen_cells(items: &Tensor, targets: &Tensor, num_items: usize) -> (Vec<i64>, 
             if target == 0 {
                 continue;
             }
-            for &seen in distinct.iter().filter(|&&seen| seen != target) {
+            for &seen in distinct
+                .iter()
+                .filter(|&&seen| cells != Cells::Masked || seen != target)
+            {
                 rows.push(kept_row);
                 columns.push(seen);
             }
             kept_row += 1;
         }
+        had[0] = false;
         for &seen in &distinct {
             had[seen as usize] = false;
         }
@@ -544,32 +584,53 @@ mod tests {
     use rand::Rng;
 
     #[test]
-    fn seen_cells_are_each_positions_earlier_items_and_padding_but_not_its_target() {
+    fn seen_cells_are_each_positions_earlier_items_masked_with_padding_but_not_its_target() {
         let items = Tensor::from_slice(&[0i64, 0, 3, 5, 4, 1, 4, 2]).view([2, 4]);
         let targets = Tensor::from_slice(&[0i64, 0, 5, 2, 1, 4, 2, 4]).view([2, 4]);
-        let (rows, columns) = seen_cells(&items, &targets, 6);
+        let (rows, columns) = seen_cells(&items, &targets, 6, Cells::Masked);
         assert_eq!(rows, [0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 4, 5, 5, 5]);
         assert_eq!(columns, [0, 3, 0, 3, 5, 0, 4, 0, 1, 0, 4, 1, 0, 1, 2]);
+        // The repeat term's cells: no padding, the item the first row's user had before its
+        // window (2) at each of its positions, and the targets that are repeats (2 at row 1, 4
+        // at rows 3 and 5).
+        let unshown: [&[u32]; 2] = [&[2, 2], &[]];
+        let (rows, columns) = seen_cells(&items, &targets, 6, Cells::Held { unshown: &unshown });
+        assert_eq!(rows, [0, 0, 1, 1, 1, 2, 3, 3, 4, 4, 5, 5, 5]);
+        assert_eq!(columns, [2, 3, 2, 3, 5, 4, 4, 1, 4, 1, 4, 1, 2]);
     }
 
     #[test]
     fn seen_cells_match_the_definition_on_random_batches() {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        for _ in 0..20 {
+        for case in 0..40 {
             let (b, l, v) = (rng.gen_range(1..6), rng.gen_range(1..30), rng.gen_range(2..40));
+            let unshown: Vec<Vec<u32>> = (0..b)
+                .map(|_| (0..rng.gen_range(0..8)).map(|_| rng.gen_range(1..v) as u32).collect())
+                .collect();
+            let unshown: Vec<&[u32]> = unshown.iter().map(Vec::as_slice).collect();
+            let cells = match case % 2 {
+                0 => Cells::Masked,
+                _ => Cells::Held { unshown: &unshown },
+            };
             let items: Vec<i64> = (0..b * l).map(|_| rng.gen_range(0..v)).collect();
             let targets: Vec<i64> = (0..b * l).map(|_| rng.gen_range(0..v)).collect();
             let (rows, columns) = seen_cells(
                 &Tensor::from_slice(&items).view([b, l]),
                 &Tensor::from_slice(&targets).view([b, l]),
                 v as usize,
+                cells,
             );
             let mut expected = Vec::new();
             let kept = (0..b * l).filter(|&cell| targets[cell as usize] != 0);
             for (row, cell) in kept.enumerate() {
                 let (start, target) = (cell / l * l, targets[cell as usize]);
                 let earlier = &items[start as usize..=cell as usize];
-                for item in (0..v).filter(|&item| item != target && (item == 0 || earlier.contains(&item))) {
+                let before = unshown[(cell / l) as usize];
+                let listed = |item: i64| match cells {
+                    Cells::Masked => item != target && (item == 0 || earlier.contains(&item)),
+                    Cells::Held { .. } => item != 0 && (earlier.contains(&item) || before.contains(&(item as u32))),
+                };
+                for item in (0..v).filter(|&item| listed(item)) {
                     expected.push((row as i64, item));
                 }
             }

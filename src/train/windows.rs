@@ -8,13 +8,17 @@ use crate::model::{encode, EncodedSeq, HistoryView};
 pub struct Window {
     pub input: EncodedSeq,
     pub targets: Vec<i64>,
+    /// The user (index in the set) and the first of their events the input reads: the events
+    /// before it are history the window does not show.
+    pub user: usize,
+    pub first_event: usize,
 }
 
 /// Windows over every user's training prefix. A window whose last target is event `b` reads
 /// events `b − max_len .. b − 1` and predicts events `b − max_len + 1 ..= b`.
 pub fn training_windows(set: &SequenceSet, max_len: usize, session_gap_secs: i64) -> Vec<Window> {
     let mut windows = Vec::new();
-    for user in &set.users {
+    for (index, user) in set.users.iter().enumerate() {
         let history = HistoryView::new(&user.items, &user.timestamps, &user.types).prefix(user.train_len());
         let mut last_target = history.len();
         while last_target >= 2 {
@@ -25,7 +29,12 @@ pub fn training_windows(set: &SequenceSet, max_len: usize, session_gap_secs: i64
             for (slot, event) in (b + 1 - len..=b).enumerate() {
                 targets[max_len - len + slot] = i64::from(history.items[event]);
             }
-            windows.push(Window { input, targets });
+            windows.push(Window {
+                input,
+                targets,
+                user: index,
+                first_event: b - len,
+            });
             last_target = last_target.saturating_sub(max_len);
         }
     }
@@ -60,5 +69,6 @@ mod tests {
         assert_eq!(windows[1].input.items, [0, 0, 1, 2]);
         assert_eq!(windows[1].targets, [0, 0, 2, 3]);
         assert_eq!(windows[1].input.real_len(), 2);
+        assert_eq!((windows[0].first_event, windows[1].first_event), (2, 0));
     }
 }

@@ -45,6 +45,8 @@ VARIANTS = {
     "one-layer-four-heads": config(n_layers=1, n_heads=4),
     "lstm": config(arch="lstm", tied_output=False),
     "lstm-concat": config(arch="lstm", features={"combine": "concat"}),
+    "repeat-term": config(features={"repeat_term": True}),
+    "lstm-repeat-term": config(arch="lstm", features={"repeat_term": True}),
 }
 
 
@@ -96,7 +98,7 @@ def test_rust_and_torch_scores_match(name, tmp_path):
     histories = random_histories(random.Random(name), 40)
     rows = [encode(h["items"], h["timestamps"], h["types"], h["at"], MAX_LEN, GAP) for h in histories]
     with torch.no_grad():
-        ours = model.score_next(batch(rows))
+        ours = model.score_next(batch(rows), [h["items"] for h in histories])
     theirs = rust_scores(tmp_path / "model", histories, tmp_path)
     diff = (ours - theirs).abs().max().item()
     assert diff <= 1e-5, f"{name}: max abs diff {diff}"

@@ -104,9 +104,11 @@ def test_both_losses_match_a_per_target_softmax_written_out(log, seed):
     sequences = build_sequences(load_events(str(log)))
     examples = windows(sequences, 20, 1800)
     chunk = random.Random(seed).sample(examples, 8)
-    rows = trim([r for r, _ in chunk])
+    rows = trim([r for r, _, _ in chunk])
     width = len(rows[0]["items"])
-    targets = torch.tensor([t[-width:] for _, t in chunk])
+    targets = torch.tensor([t[-width:] for _, t, _ in chunk])
+    unshown = [u for _, _, u in chunk]
+    assert any(unshown), "some windows start after their user's first event"
     cfg = {
         "arch": "transformer", "num_items": len(sequences.item_ids) + 1,
         "num_event_types": len(sequences.event_types) + 1, "max_len": 20, "d_model": 16, "n_heads": 2, "n_layers": 1,
@@ -136,6 +138,29 @@ def test_both_losses_match_a_per_target_softmax_written_out(log, seed):
             loss = loss_of(model, model, rows, targets, cfg["num_items"], keep_seen)
             assert abs(float(loss) - float(torch.stack(oracle).mean())) < 1e-5, keep_seen
         assert float(torch.stack(left_out).mean()) < float(torch.stack(kept).mean())
+
+        # With the repeat term, each item the row's user had at or before t, before the window
+        # too (its target too, padding never), gets the offset its hidden state reads.
+        cfg["features"]["repeat_term"] = True
+        repeating = XsrecModel(cfg).eval()
+        repeating.load_state_dict(model.state_dict(), strict=False)
+        repeating.repeat_term.gate.weight.normal_(0, 1.0)
+        repeating.repeat_term.gate.bias.fill_(-0.7)
+        hidden = repeating.hidden(batch(rows, torch.device("cpu")))
+        offsets = repeating.repeat_offsets(hidden)
+        raised = []
+        for b, row in enumerate(rows):
+            for t in range(width):
+                goal = int(targets[b, t])
+                if goal == 0:
+                    continue
+                scores = logits[b, t].double().clone()
+                for item in ({int(i) for i in row["items"][: t + 1]} | set(unshown[b])) - {0}:
+                    scores[item] += float(offsets[b, t])
+                raised.append(-(scores[goal] - torch.logsumexp(scores, 0)))
+        loss = loss_of(repeating, repeating, rows, targets, cfg["num_items"], True, unshown)
+        assert abs(float(loss) - float(torch.stack(raised).mean())) < 1e-5
+        assert abs(float(torch.stack(raised).mean()) - float(torch.stack(kept).mean())) > 1e-3
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -37,7 +37,8 @@ def rank_cases(model, sequences, target, exclude_seen=True, batch_size=256, devi
         for u, p in chunk:
             user = sequences.users[u]
             rows.append(encode(user.items[:p], user.timestamps[:p], user.types[:p], user.timestamps[p], cfg["max_len"], cfg["session_gap_secs"]))
-        scores = model.score_next(batch(trim(rows), device)).float()
+        held = [sequences.users[u].items[:p] for u, p in chunk]
+        scores = model.score_next(batch(trim(rows), device), held).float()
         scores[:, 0] = float("-inf")
         for row, (u, p) in enumerate(chunk):
             user = sequences.users[u]

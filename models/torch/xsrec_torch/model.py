@@ -154,6 +154,14 @@ class SessionSuccessor(nn.Module):
 CLOCK_DIM = 16
 
 
+class RepeatTerm(nn.Module):
+    """A score offset, read from the hidden state, for the items the window holds (see `repeat_term` in src/model/config.rs)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gate = _zero_gate(d)
+
+
 class ClockReadout(nn.Module):
     """What the user did in earlier sessions at a time like the moment of prediction (see `ClockReadout` in src/model/net.rs)."""
 
@@ -200,6 +208,7 @@ class XsrecModel(nn.Module):
         # Likewise for the readouts.
         self.session_successor = SessionSuccessor(d) if f.get("session_successor", False) else None
         self.clock_readout = ClockReadout(d) if f.get("clock_readout", False) else None
+        self.repeat_term = RepeatTerm(d) if f.get("repeat_term", False) else None
         # Likewise for the previous session's summary.
         self.session_summary_projection = nn.Linear(d, d) if f.get("session_summary", False) else None
         parts = 2 + sum(bool(f.get(k, False)) for k in ("time_gap", "event_type", "prediction_gap", "calendar", "session_summary"))
@@ -254,5 +263,20 @@ class XsrecModel(nn.Module):
     def score(self, hidden):
         return hidden @ self.item_table().T
 
-    def score_next(self, batch):
-        return self.score(self.hidden(batch)[:, -1])
+    def repeat_offsets(self, hidden):
+        """[...]: what the repeat term adds to the items each hidden state's window holds (None without it)."""
+        return None if self.repeat_term is None else self.repeat_term.gate(hidden).squeeze(-1)
+
+    def score_next(self, batch, held=None):
+        """[B, V] next-item scores; `held[row]`: the items of the row's whole history (the window
+        shows only its newest), which the repeat term raises."""
+        hidden = self.hidden(batch)[:, -1]
+        scores = self.score(hidden)
+        offsets = self.repeat_offsets(hidden)
+        if offsets is None:
+            return scores
+        had = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, batch["items"], True)
+        for row, items in enumerate(held or []):
+            had[row, list(items)] = True
+        had[:, 0] = False
+        return scores + offsets.unsqueeze(1) * had

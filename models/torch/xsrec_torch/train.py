@@ -27,7 +27,8 @@ from .model import XsrecModel
 
 
 def windows(sequences, max_len, session_gap):
-    """(encoded input row, targets) per window, newest window of each user first (as Rust)."""
+    """(encoded input row, targets, the user's items before the window) per window, newest window
+    of each user first (as Rust)."""
     out = []
     for user in sequences.users:
         n = user.train_len()
@@ -39,7 +40,7 @@ def windows(sequences, max_len, session_gap):
             targets = [0] * max_len
             for slot, event in enumerate(range(b + 1 - length, b + 1)):
                 targets[max_len - length + slot] = user.items[event]
-            out.append((row, targets))
+            out.append((row, targets, user.items[: b - length]))
             last_target -= max_len
     return out
 
@@ -56,16 +57,26 @@ def seen_before(items, num_items):
     return first.unsqueeze(1) <= positions.unsqueeze(2)
 
 
-def loss_of(model, module, rows, targets, num_items, keep_seen=False):
+def loss_of(model, module, rows, targets, num_items, keep_seen=False, unshown=None):
+    """Mean cross-entropy of the targets; `unshown[row]`: the user's items before the row's window
+    (the repeat term raises them as well)."""
     x = batch(rows, targets.device)
     hidden = model(x) if model is not module else module.hidden(x)
     keep = targets.view(-1) != 0
     hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
     goal = targets.view(-1)[keep]
     logits = module.score(hidden)
-    if keep_seen:
+    if keep_seen and module.repeat_term is None:
         return F.cross_entropy(logits, goal)
-    seen = seen_before(x["items"], num_items).view(-1, num_items)[keep]
+    seen = seen_before(x["items"], num_items)
+    if keep_seen:
+        # The repeat term raises the items each position's user had (padding is none), its target too.
+        for row, items in enumerate(unshown or []):
+            seen[row, :, list(items)] = True
+        seen = seen.view(-1, num_items)[keep]
+        seen[:, 0] = False
+        return F.cross_entropy(logits + module.repeat_offsets(hidden).unsqueeze(1) * seen, goal)
+    seen = seen.view(-1, num_items)[keep]
     seen[torch.arange(len(goal), device=goal.device), goal] = False
     return F.cross_entropy(logits.masked_fill(seen, float("-inf")), goal)
 
@@ -122,11 +133,15 @@ def parse_args(argv=None):
     p.add_argument("--batching", choices=["grouped", "shuffled"], default="grouped",
                    help="grouped: batches of windows of similar length, as `xsrec train` (default); shuffled: plain shuffled chunks")
     p.add_argument("--loss-keep-seen", action="store_true", help="keep already-seen items in the training softmax (by default they are left out, as in evaluation)")
+    p.add_argument("--repeat-term", action="store_true", help="learn a score offset for the items the user already had (needs --loss-keep-seen)")
     for feature in ("session-recency", "time-gap", "event-type", "prediction-gap", "session-successor", "clock-readout"):
         p.add_argument(f"--no-{feature}", action="store_true")
     p.add_argument("--calendar", action="store_true", help="hour-of-day and day-of-week embeddings shared by all users")
     p.add_argument("--session-summary", action="store_true", help="each event reads the previous session's mean item vector")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeat_term and not args.loss_keep_seen:
+        p.error("--repeat-term needs --loss-keep-seen: with seen items out of the softmax nothing teaches it")
+    return args
 
 
 def keep_freed_pages():
@@ -172,7 +187,7 @@ def main(argv=None):
             "session_recency": not args.no_session_recency, "time_gap": not args.no_time_gap,
             "event_type": not args.no_event_type and has_types, "prediction_gap": not args.no_prediction_gap,
             "calendar": args.calendar, "session_successor": not args.no_session_successor,
-            "clock_readout": not args.no_clock_readout,
+            "clock_readout": not args.no_clock_readout, "repeat_term": args.repeat_term,
             "session_summary": args.session_summary, "combine": args.combine, "session_cap": 8,
         },
         "session_gap_secs": args.session_gap,
@@ -183,7 +198,7 @@ def main(argv=None):
         trainer = torch.nn.parallel.DistributedDataParallel(trainer, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
     examples = windows(sequences, args.max_len, args.session_gap)
-    lengths = [sum(1 for item in row["items"] if item != 0) for row, _ in examples]
+    lengths = [sum(1 for item in row["items"] if item != 0) for row, _, _ in examples]
     best = (float("-inf"), 0, None)
     log = []
     started = time.time()
@@ -198,10 +213,10 @@ def main(argv=None):
         epoch_started = time.time()
         for step in range(steps):
             chunk = [examples[i] for i in (mine[step] if step < len(mine) else mine[0])]
-            rows = trim([r for r, _ in chunk])
+            rows = trim([r for r, _, _ in chunk])
             width = len(rows[0]["items"])
-            targets = torch.tensor([t[-width:] for _, t in chunk], device=device)
-            loss = loss_of(trainer, model, rows, targets, cfg["num_items"], args.loss_keep_seen)
+            targets = torch.tensor([t[-width:] for _, t, _ in chunk], device=device)
+            loss = loss_of(trainer, model, rows, targets, cfg["num_items"], args.loss_keep_seen, [u for _, _, u in chunk])
             for group in optimizer.param_groups:
                 group["lr"] = scheduled_lr(args.lr, args.lr_decay_epochs, epoch - 1 + step / steps)
             optimizer.zero_grad()
