@@ -895,8 +895,9 @@ impl Network {
         hidden.matmul(&self.item_table().tr())
     }
 
-    /// `[N]`: what the repeat term adds to the score of each item the window of each of the
-    /// `[N, d]` hidden states holds; `None` for a model without the term.
+    /// `[N]`: what the repeat term adds to the score of each item the user of each of the
+    /// `[N, d]` hidden states had before it (the whole history, not only the window); `None`
+    /// for a model without the term.
     pub fn repeat_offsets(&self, hidden: &Tensor) -> Option<Tensor> {
         self.repeat.as_ref().map(|gate| hidden.apply(gate).squeeze_dim(-1))
     }
