@@ -1,7 +1,8 @@
 //! Any interleaving of ingest, erasure and restart keeps the durable histories equal to a plain
 //! model: every user's events sorted by time (ties in arrival order), the newest `cap` of them in
-//! memory, erased users empty, and a restart changing nothing — with or without a memory budget
-//! small enough that users keep leaving memory and being read back.
+//! memory, the distinct known items of the older ones remembered, erased users empty, and a
+//! restart changing nothing — with or without a memory budget small enough that users keep
+//! leaving memory and being read back.
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -30,6 +31,9 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// What memory serves of a user: its events as (timestamp, item id), and the earlier items.
+type Served = (Vec<(i64, String)>, Vec<u32>);
+
 /// The model: every event of every user with its arrival number.
 #[derive(Default)]
 struct Model {
@@ -38,23 +42,30 @@ struct Model {
 }
 
 impl Model {
-    /// What memory must hold for `user`: sorted by (time, arrival), the newest `cap`.
-    fn served(&self, user: usize, cap: usize) -> Option<Vec<(i64, String)>> {
+    /// What memory must hold for `user`: sorted by (time, arrival), the newest `cap`; and the
+    /// known items (item 0 is unknown) of the older events, each once, ascending.
+    fn served(&self, user: usize, cap: usize) -> Option<Served> {
         let mut events = self.events.get(&user)?.clone();
         events.sort();
         let skip = events.len().saturating_sub(cap);
-        Some(
-            events[skip..]
-                .iter()
-                .map(|&(t, _, item)| (t, format!("i{item}")))
-                .collect(),
-        )
+        let mut earlier: Vec<u32> = events[..skip]
+            .iter()
+            .map(|&(_, _, item)| u32::from(item))
+            .filter(|&item| item != 0)
+            .collect();
+        earlier.sort_unstable();
+        earlier.dedup();
+        let newest = events[skip..]
+            .iter()
+            .map(|&(t, _, item)| (t, format!("i{item}")))
+            .collect();
+        Some((newest, earlier))
     }
 }
 
 fn resolve(logged: &LoggedEvent) -> StoredEvent {
     StoredEvent {
-        item: 0,
+        item: logged.item_id[1..].parse().expect("ids are i<number>"),
         item_id: logged.item_id.clone(),
         timestamp: logged.timestamp,
         event_type: 0,
@@ -75,15 +86,14 @@ fn open(dir: &Path, cap: usize, budget: Option<usize>) -> Histories {
     histories
 }
 
-fn served(histories: &Histories, user: usize) -> Option<Vec<(i64, String)>> {
+fn served(histories: &Histories, user: usize) -> Option<Served> {
     let snapshot = histories.snapshot(&format!("u{user}")).expect("the store reads")?;
-    Some(
-        snapshot
-            .events
-            .iter()
-            .map(|e| (e.timestamp, e.item_id.to_string()))
-            .collect(),
-    )
+    let events = snapshot
+        .events
+        .iter()
+        .map(|e| (e.timestamp, e.item_id.to_string()))
+        .collect();
+    Some((events, snapshot.earlier_items))
 }
 
 proptest! {
@@ -109,7 +119,7 @@ proptest! {
                                 model.arrivals += 1;
                                 model.events.entry(user).or_default().push((timestamp, model.arrivals, item));
                                 NewEvent {
-                                    event: StoredEvent { item: 0, item_id: format!("i{item}").into(), timestamp, event_type: 0 },
+                                    event: StoredEvent { item: u32::from(item), item_id: format!("i{item}").into(), timestamp, event_type: 0 },
                                     type_id: None,
                                 }
                             })

@@ -16,7 +16,9 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 use xsrec::data::Event;
 use xsrec::model::artifact::{copy_weights, Artifact};
-use xsrec::model::{encode_window, fresh_window_start, Batch, HistoryView, PositionOrigin, Scorer, SeqModel};
+use xsrec::model::{
+    encode_window, events_to_keep, fresh_window_start, Batch, HistoryView, PositionOrigin, Scorer, SeqModel,
+};
 
 const K: usize = 10;
 
@@ -138,9 +140,16 @@ async fn with_a_repeat_term_served_rankings_and_candidates_equal_offline_scoring
     let artifact = repeat_term_model(dir.path());
     let (server, _) = serve_and_check(&artifact, dir.path(), &[]).await;
     assert!(server.metric("xsrec_cache_appends_total").await > 0.0);
-    // A fresh server with the whole streams: top-k and candidates (held items and others).
-    let server = server_for(dir.path(), &["--history-cap", "1000"]).await;
+    // A fresh server with the whole streams: top-k and candidates (held items and others). Its
+    // memory holds only the newest events the model needs; the term still raises every item the
+    // user had, as offline scoring of the whole history does.
+    let cap = events_to_keep(artifact.model.config.max_len, true);
+    let server = server_for(dir.path(), &["--history-cap", &cap.to_string()]).await;
     let streams = longest_streams(16);
+    assert!(
+        streams.iter().all(|stream| stream.len() > cap),
+        "every history must overflow memory"
+    );
     for stream in &streams {
         server.ingest(&stream.iter().collect::<Vec<_>>()).await;
     }

@@ -201,6 +201,93 @@ async fn concurrent_requests_are_batched_and_match_one_by_one_answers() {
     }
 }
 
+/// Memory holds only each user's newest events, but "seen" is everything the user had: with seen
+/// items left out, the ranking is the full ranking less every item of the whole history, for
+/// the model and for the popularity fallback alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seen_items_stay_excluded_after_the_cap_pushes_them_out_of_memory() {
+    const CAP: usize = 5;
+    let fx = fixture();
+    let server = server(&["--history-cap", &CAP.to_string()]).await;
+    let by_user = users(&fx.events);
+    let long: Vec<&Vec<&Event>> = by_user
+        .values()
+        .filter(|events| events.len() > 3 * CAP)
+        .take(8)
+        .collect();
+    assert_eq!(long.len(), 8);
+    let ids = |reply: &Value| -> Vec<String> { ranked(reply).into_iter().map(|(item, _)| item).collect() };
+    let mut only_before_memory = 0;
+    for events in long {
+        server.ingest(events).await;
+        let user = &events[0].user_id;
+        let had: std::collections::HashSet<&str> = events.iter().map(|e| e.item_id.as_str()).collect();
+        let mut by_time = events.clone();
+        by_time.sort_by_key(|e| e.timestamp);
+        let in_memory: std::collections::HashSet<&str> = by_time[by_time.len() - CAP..]
+            .iter()
+            .map(|e| e.item_id.as_str())
+            .collect();
+        only_before_memory += had.difference(&in_memory).count();
+        let (all, unseen) = all_and_unseen(&server, user).await;
+        let expected: Vec<String> = ids(&all)
+            .into_iter()
+            .filter(|item| !had.contains(item.as_str()))
+            .collect();
+        assert_eq!(ids(&unseen), expected, "user {user}");
+    }
+    assert!(only_before_memory > 0, "some items must have left memory");
+
+    // A user whose memory holds only items the model does not know gets popular items, less
+    // the known ones it had before them.
+    let mut events = by_user.values().find(|events| events.len() > 3).unwrap()[..3].to_vec();
+    let unknown: Vec<Event> = (0..CAP)
+        .map(|i| Event {
+            user_id: "fallback-user".into(),
+            item_id: format!("not-in-the-catalogue-{i}"),
+            timestamp: events.iter().map(|e| e.timestamp).max().unwrap() + 1 + i as i64,
+            ..events[0].clone()
+        })
+        .collect();
+    let renamed: Vec<Event> = events
+        .iter()
+        .map(|e| Event {
+            user_id: "fallback-user".into(),
+            ..(*e).clone()
+        })
+        .collect();
+    events = renamed.iter().chain(&unknown).collect();
+    server.ingest(&events).await;
+    let (all, unseen) = all_and_unseen(&server, "fallback-user").await;
+    assert_eq!(
+        (&all["fallback"], &unseen["fallback"]),
+        (&json!("popular"), &json!("popular"))
+    );
+    let had: Vec<&str> = renamed.iter().map(|e| e.item_id.as_str()).collect();
+    let expected: Vec<String> = ids(&all)
+        .into_iter()
+        .filter(|item| !had.contains(&item.as_str()))
+        .collect();
+    assert!(
+        expected.len() < ids(&all).len(),
+        "the known items are in the full popularity ranking"
+    );
+    assert_eq!(ids(&unseen), expected);
+}
+
+/// The user's whole ranking with seen items, then without.
+async fn all_and_unseen(server: &Server, user: &str) -> (Value, Value) {
+    let mut replies = Vec::new();
+    for exclude_seen in [false, true] {
+        let body = json!({"user_id": user, "k": 1000, "exclude_seen": exclude_seen});
+        let (status, reply) = server.post("/v1/recommend", &body).await;
+        assert_eq!(status, StatusCode::OK, "{reply}");
+        replies.push(reply);
+    }
+    let unseen = replies.pop().unwrap();
+    (replies.pop().unwrap(), unseen)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn candidate_scores_are_the_full_scores_restricted_to_the_candidates() {
     let fx = fixture();

@@ -27,6 +27,10 @@ use super::{
 #[derive(Debug, Default)]
 struct UserHistory {
     events: VecDeque<StoredEvent>,
+    /// Items of the events the cap pushed out of memory, by external id (so that another
+    /// model's vocabulary can re-resolve them): the user still had them, so a recommendation
+    /// that leaves seen items out must leave these out too.
+    earlier: EarlierItems,
     version: u64,
     /// The eviction clock when the user was last read or written.
     last_active: AtomicU64,
@@ -35,12 +39,34 @@ struct UserHistory {
     written: u64,
 }
 
+/// An item that left memory: its index in the served model's vocabulary (0: unknown to it) and
+/// the newest time the user had it among the events that left (retention forgets it after that).
+#[derive(Debug, Clone, Copy)]
+struct EarlierItem {
+    item: u32,
+    newest: i64,
+}
+
+type EarlierItems = hashbrown::HashMap<Arc<str>, EarlierItem, RandomState>;
+
 /// Bytes a user costs beyond its events: the map entry and the id.
 const USER_BYTES: usize = std::mem::size_of::<UserHistory>() + std::mem::size_of::<Arc<str>>();
 
+/// Bytes of one earlier item: the map slot and its control byte (the id string is shared).
+const EARLIER_BYTES: usize = std::mem::size_of::<(Arc<str>, EarlierItem)>() + 1;
+
 impl UserHistory {
     fn bytes(&self, user: &str) -> usize {
-        self.events.len() * EVENT_BYTES + USER_BYTES + user.len()
+        self.events.len() * EVENT_BYTES + self.earlier.len() * EARLIER_BYTES + USER_BYTES + user.len()
+    }
+
+    /// Remembers the item of an event leaving memory.
+    fn keep_earlier(&mut self, event: StoredEvent) {
+        let entry = self.earlier.entry(event.item_id).or_insert(EarlierItem {
+            item: event.item,
+            newest: event.timestamp,
+        });
+        entry.newest = entry.newest.max(event.timestamp);
     }
 }
 
@@ -69,6 +95,7 @@ pub struct Histories {
     next_version: AtomicU64,
     users: AtomicUsize,
     events: AtomicUsize,
+    earlier: AtomicUsize,
     key_bytes: AtomicUsize,
     journal: Option<Journal>,
     budget: Option<MemoryBudget>,
@@ -98,6 +125,7 @@ impl Histories {
             next_version: AtomicU64::new(1),
             users: AtomicUsize::new(0),
             events: AtomicUsize::new(0),
+            earlier: AtomicUsize::new(0),
             key_bytes: AtomicUsize::new(0),
             journal,
             budget: None,
@@ -166,7 +194,7 @@ impl Histories {
 
     /// The one place events enter a user's history; `active` is the user's recency.
     fn apply(&self, history: &mut UserHistory, events: impl IntoIterator<Item = StoredEvent>, active: u64) {
-        let before = history.events.len();
+        let (before, earlier_before) = (history.events.len(), history.earlier.len());
         for event in events {
             // Events mostly come in time order: then the end is the place, found without a search.
             let at = match history.events.back() {
@@ -178,11 +206,13 @@ impl Histories {
             history.events.insert(at, event);
         }
         while history.events.len() > self.capacity {
-            history.events.pop_front();
+            let oldest = history.events.pop_front().expect("over the capacity");
+            history.keep_earlier(oldest);
         }
-        let after = history.events.len();
-        self.events.fetch_add(after, Ordering::Relaxed);
+        self.events.fetch_add(history.events.len(), Ordering::Relaxed);
         self.events.fetch_sub(before, Ordering::Relaxed);
+        self.earlier
+            .fetch_add(history.earlier.len() - earlier_before, Ordering::Relaxed);
         history.version = self.next_version.fetch_add(1, Ordering::Relaxed);
         history.last_active.fetch_max(active, Ordering::Relaxed);
     }
@@ -260,7 +290,10 @@ impl Histories {
 
     fn bytes(&self) -> usize {
         let (users, events) = (self.users.load(Ordering::Relaxed), self.events.load(Ordering::Relaxed));
-        events * EVENT_BYTES + users * USER_BYTES + self.key_bytes.load(Ordering::Relaxed)
+        events * EVENT_BYTES
+            + self.earlier.load(Ordering::Relaxed) * EARLIER_BYTES
+            + users * USER_BYTES
+            + self.key_bytes.load(Ordering::Relaxed)
     }
 
     /// Past the budget, evicts the least recently active users whose changes the journal has
@@ -326,7 +359,11 @@ impl Histories {
             let mut emptied = Vec::new();
             for (user, history) in shard.users.iter_mut() {
                 let old = history.events.partition_point(|e| e.timestamp < horizon);
-                if old == 0 {
+                let earlier_before = history.earlier.len();
+                history.earlier.retain(|_, earlier| earlier.newest >= horizon);
+                let forgotten = earlier_before - history.earlier.len();
+                self.earlier.fetch_sub(forgotten, Ordering::Relaxed);
+                if old == 0 && forgotten == 0 {
                     continue;
                 }
                 history.events.drain(..old);
@@ -349,6 +386,7 @@ impl Histories {
         let history = shard.users.remove(user)?;
         self.users.fetch_sub(1, Ordering::Relaxed);
         self.events.fetch_sub(history.events.len(), Ordering::Relaxed);
+        self.earlier.fetch_sub(history.earlier.len(), Ordering::Relaxed);
         self.key_bytes.fetch_sub(user.len(), Ordering::Relaxed);
         Some(history)
     }
@@ -356,7 +394,10 @@ impl Histories {
 
 fn snapshot_of(history: &UserHistory) -> HistorySnapshot {
     let known = history.events.iter().filter(|e| e.item != 0);
+    let mut earlier_items: Vec<u32> = history.earlier.values().map(|e| e.item).filter(|&i| i != 0).collect();
+    earlier_items.sort_unstable();
     HistorySnapshot {
+        earlier_items,
         version: history.version,
         items: known.clone().map(|e| e.item).collect(),
         timestamps: known.clone().map(|e| e.timestamp).collect(),
@@ -459,6 +500,9 @@ impl HistoryStore for Histories {
                         None => event.item = 0,
                     }
                 }
+                for (id, earlier) in &mut history.earlier {
+                    earlier.item = item(id).map_or(0, |(index, _)| index);
+                }
                 visited += history.events.len();
             }
         }
@@ -546,6 +590,49 @@ mod tests {
     }
 
     #[test]
+    fn items_pushed_out_by_the_cap_are_remembered_until_retention_forgets_them() {
+        let store = Histories::new(2, 2);
+        append(
+            &store,
+            "u",
+            [ev(1, 10), ev(2, 20), ev(1, 30), ev(0, 35), ev(3, 40), ev(4, 50)],
+        );
+        let snap1 = snap(&store, "u");
+        assert_eq!(snap1.items, [3, 4]);
+        // Item 1 left twice (newest at 30), item 2 once, the unknown item is no model item.
+        assert_eq!(snap1.earlier_items, [1, 2]);
+        assert_eq!(snap1.had_items(), [1, 2, 3, 4]);
+        let bytes = store.stats().bytes;
+        assert_eq!(bytes, 2 * EVENT_BYTES + 3 * EARLIER_BYTES + USER_BYTES + 1);
+        // An event older than memory's goes straight to the earlier items.
+        append(&store, "u", [ev(5, 5)]);
+        assert_eq!(snap(&store, "u").earlier_items, [1, 2, 5]);
+        // Another model's vocabulary re-resolves them by id: items 0 and 2 are unknown to it.
+        let remap = |id: &str| match id {
+            "i0" | "i2" => None,
+            other => Some((other[1..].parse::<u32>().unwrap() + 10, Arc::from(other))),
+        };
+        store.remap_items(&remap);
+        assert_eq!(snap(&store, "u").earlier_items, [11, 15]);
+        // Retention forgets an item once its newest event is past the horizon: item 1's
+        // newest (30) is kept at 25, the others are not.
+        let version = snap(&store, "u").version;
+        store.expire(25);
+        let after = snap(&store, "u");
+        assert_eq!(
+            (after.earlier_items.as_slice(), after.items.len()),
+            ([11].as_slice(), 2)
+        );
+        assert!(after.version > version, "what is excluded changed");
+        // The unknown item's event (35) is still within retention, so it is still remembered.
+        store.expire(31);
+        assert_eq!(snap(&store, "u").earlier_items, [] as [u32; 0]);
+        assert_eq!(store.stats().bytes, 2 * EVENT_BYTES + EARLIER_BYTES + USER_BYTES + 1);
+        store.remove("u");
+        assert_eq!(store.stats().bytes, 0);
+    }
+
+    #[test]
     fn expiry_drops_old_events_then_emptied_users_and_renews_versions() {
         let store = Histories::new(2, 10);
         let kept = append(&store, "kept", [ev(1, 100), ev(2, 200), ev(3, 300)]);
@@ -600,7 +687,7 @@ mod tests {
     #[test]
     fn past_the_budget_the_least_recently_active_leave_memory_and_come_back_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let one_user = 4 * EVENT_BYTES + USER_BYTES + 2;
+        let one_user = 4 * EVENT_BYTES + EARLIER_BYTES + USER_BYTES + 2;
         let store = budgeted(dir.path(), 3 * one_user);
         for user in 0..3 {
             append(

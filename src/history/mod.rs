@@ -51,6 +51,25 @@ pub struct HistorySnapshot {
     pub types: Vec<u32>,
     /// All events in memory, unknown items included (for `GET /v1/users/{id}/history`).
     pub events: Vec<StoredEvent>,
+    /// Known items of the events that left memory for the cap, each once, ascending. Not model
+    /// input, but the user had them: see [`HistorySnapshot::had_items`].
+    pub earlier_items: Vec<u32>,
+}
+
+impl HistorySnapshot {
+    /// Every known item the user had, each once, ascending: the items in memory and those that
+    /// left it. What "seen" means when seen items are left out, and what a repeat term raises.
+    pub fn had_items(&self) -> Vec<i64> {
+        let mut had: Vec<i64> = self
+            .items
+            .iter()
+            .chain(&self.earlier_items)
+            .map(|&i| i64::from(i))
+            .collect();
+        had.sort_unstable();
+        had.dedup();
+        had
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]

@@ -19,8 +19,8 @@ use crate::model::input::moment_key;
 use crate::model::input::{to_device_pinned, to_host_f32};
 use crate::model::net::add_to_items;
 use crate::model::{
-    encode, encode_window, fresh_window_start, item_indices, padded_index, Artifact, Batch, HistoryView, Precision,
-    PrefixPool, SeqModel, Slot, SHORT_APPEND,
+    encode, encode_window, fresh_window_start, padded_index, Artifact, Batch, HistoryView, Precision, PrefixPool,
+    SeqModel, Slot, SHORT_APPEND,
 };
 
 #[derive(Debug, Clone)]
@@ -677,17 +677,10 @@ fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> V
         let index: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
         all.index_select(0, &to_device_pinned(Tensor::from_slice(&index), device))
     };
-    // With a repeat term: its offset per row, and the distinct items of each row's history.
+    // With a repeat term: its offset per row, and the distinct items of each row's history (the
+    // items that left memory for the cap too: training raises every item before the position).
     let repeats = net.repeat_offsets(hidden).map(|offsets| {
-        let held: Vec<Vec<i64>> = requests
-            .iter()
-            .map(|request| {
-                let mut held = item_indices(&request.history.items);
-                held.sort_unstable();
-                held.dedup();
-                held
-            })
-            .collect();
+        let held: Vec<Vec<i64>> = requests.iter().map(|request| request.history.had_items()).collect();
         (offsets, held)
     });
     let repeats_of = |indices: &[usize]| {
@@ -880,6 +873,7 @@ mod tests {
             items: events.iter().map(|e| e.1).collect(),
             types: events.iter().map(|e| e.2).collect(),
             events: Vec::new(),
+            earlier_items: Vec::new(),
         }
     }
 

@@ -26,7 +26,6 @@ use crate::health::{Health, Readiness};
 use crate::history::{Commit, HistorySnapshot, HistoryStore, NewEvent};
 use crate::infer::{Answer, Engine, InferError, Query};
 use crate::metrics::Metrics;
-use crate::model::item_indices;
 
 /// Latest accepted timestamp (and moment of prediction): 9999-12-31T23:59:59Z. Bounds keep time
 /// arithmetic far from overflow and refuse values that can only be mistakes (milliseconds sent as
@@ -370,7 +369,7 @@ impl Recommender {
                     },
                     None => {
                         let exclude = if request.exclude_seen {
-                            item_indices(&history.items)
+                            history.had_items()
                         } else {
                             Vec::new()
                         };
@@ -388,7 +387,10 @@ impl Recommender {
             // No history the model can read: popularity answers (seen items left out when asked).
             snapshot => {
                 let seen: HashSet<u32> = match (request.exclude_seen, snapshot) {
-                    (true, Some(history)) => history.events.iter().map(|e| e.item).collect(),
+                    (true, Some(history)) => {
+                        let in_memory = history.events.iter().map(|e| e.item);
+                        in_memory.chain(history.earlier_items.iter().copied()).collect()
+                    }
                     _ => HashSet::new(),
                 };
                 let ranked = catalog.popular_items(request.k, candidates.as_deref(), &seen);

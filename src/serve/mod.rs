@@ -314,13 +314,6 @@ pub async fn start(
              incrementally: every changed history will be recomputed in full"
         );
     }
-    if artifact.config.model.features.repeat_term {
-        // It was trained on whole histories; memory holds the newest `history_cap` events.
-        tracing::info!(
-            "this model has a learned repeat term: it moves the items of the newest {history_cap} events \
-             a user has (--history-cap); items the user had before them count as never had"
-        );
-    }
     let warmup_batch_sizes = std::iter::successors(Some(1usize), |&n| {
         (n < config.max_batch_size).then(|| (n * 2).min(config.max_batch_size))
     })
