@@ -3,6 +3,8 @@
 //! model must beat its flattened-time control and the last-item-plus-gap transitions, and the
 //! feature the rule needs must matter (its ablation loses), each by a paired bootstrap interval
 //! that excludes zero.
+mod common;
+
 use tch::Device;
 use xsrec::data::family::{flatten_time, generate, FamilyParams, Pattern};
 use xsrec::data::split::{build_sequences, SequenceSet, Target};
@@ -10,8 +12,8 @@ use xsrec::data::vocab::Vocab;
 use xsrec::eval::bootstrap::paired_bootstrap;
 use xsrec::eval::references::{label_sessions_from, OracleScorer, TransitionBaseline};
 use xsrec::eval::{evaluate, ndcg10, CaseResult, CaseScorer, EvalOptions};
-use xsrec::model::{Arch, Features, ModelConfig, SeqModel};
-use xsrec::train::{train, Loss, TrainConfig};
+use xsrec::model::{Features, ModelConfig, SeqModel};
+use xsrec::train::train;
 
 const MAX_LEN: usize = 50;
 
@@ -40,36 +42,12 @@ fn family(pattern: Pattern, seed: u64, users: usize) -> (Family, xsrec::data::fa
 
 fn fit(set: &SequenceSet, features: Features, gap: i64, epochs: usize) -> SeqModel {
     let config = ModelConfig {
-        arch: Arch::Transformer,
-        num_items: set.items.len(),
-        num_event_types: set.event_types.len(),
-        max_len: MAX_LEN,
-        d_model: 32,
-        n_heads: 2,
         n_layers: 2,
-        ffn_dim: 64,
-        dropout: 0.1,
-        tied_output: true,
         features,
         session_gap_secs: gap,
+        ..common::small_model(set, MAX_LEN, 32)
     };
-    let cfg = TrainConfig {
-        seed: 3,
-        max_epochs: epochs,
-        batch_size: 64,
-        learning_rate: 3e-3,
-        lr_decay_epochs: None,
-        weight_decay: 0.0,
-        grad_clip: 1.0,
-        patience: epochs,
-        loss: Loss::Full,
-        negatives: 0,
-        mask_seen: true,
-        session_start_weight: 1.0,
-        device: Device::Cpu,
-        progress: false,
-        checkpoint: None,
-    };
+    let cfg = common::quick_training(3, epochs);
     train(set, config, &cfg).expect("trains").model
 }
 

@@ -3,6 +3,8 @@
 //! The probability mass a model puts on the items the user had must match that rate over the
 //! events it was trained on, and where nobody repeats, ranking the seen items too must cost
 //! (almost) nothing.
+mod common;
+
 use std::collections::{BTreeMap, HashSet};
 
 use rand::{Rng, SeedableRng};
@@ -14,7 +16,7 @@ use xsrec::data::vocab::Vocab;
 use xsrec::data::Event;
 use xsrec::eval::{evaluate, EvalOptions};
 use xsrec::model::{encode, Batch, Features, HistoryView, ModelConfig, Scorer, SeqModel, WindowPolicy};
-use xsrec::train::{train, Loss, TrainConfig};
+use xsrec::train::{train, TrainConfig};
 
 const MAX_LEN: usize = 30;
 const GAP: i64 = 1800;
@@ -46,40 +48,18 @@ fn log_with_repeat_rate(rate: f64, seed: u64) -> Vec<Event> {
 
 fn trained(set: &SequenceSet, seed: u64) -> SeqModel {
     let config = ModelConfig {
-        arch: xsrec::model::Arch::Transformer,
-        num_items: set.items.len(),
-        num_event_types: set.event_types.len(),
-        max_len: MAX_LEN,
-        d_model: 16,
-        n_heads: 2,
-        n_layers: 1,
-        ffn_dim: 32,
         dropout: 0.2,
-        tied_output: true,
         features: Features {
             repeat_term: true,
             session_successor: false,
             clock_readout: false,
             ..Features::default()
         },
-        session_gap_secs: GAP,
+        ..common::small_model(set, MAX_LEN, 16)
     };
     let cfg = TrainConfig {
-        seed,
-        max_epochs: 30,
-        batch_size: 64,
-        learning_rate: 3e-3,
-        lr_decay_epochs: None,
-        weight_decay: 0.0,
-        grad_clip: 1.0,
-        patience: 30,
-        loss: Loss::Full,
-        negatives: 0,
         mask_seen: false,
-        session_start_weight: 1.0,
-        device: Device::Cpu,
-        progress: false,
-        checkpoint: None,
+        ..common::quick_training(seed, 30)
     };
     train(set, config, &cfg).expect("trains").model
 }

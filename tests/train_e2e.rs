@@ -1,12 +1,14 @@
 //! Short real trainings on synthetic logs: the model must beat popularity, and the
 //! cross-session features must pay off where they should — on events that open a new session.
+mod common;
+
 use tch::Device;
 use xsrec::data::split::{build_sequences, SequenceSet, Target};
 use xsrec::data::synth::{synthesize, SynthConfig};
 use xsrec::data::vocab::Vocab;
 use xsrec::eval::{evaluate, CaseResult, CaseScorer, EvalOptions, Metrics};
 use xsrec::model::{Arch, Combine, Features, ModelConfig, Popularity, SeqModel};
-use xsrec::train::{train, Loss, TrainConfig};
+use xsrec::train::{train, TrainConfig};
 
 const MAX_LEN: usize = 50;
 const GAP: i64 = 1800;
@@ -19,34 +21,12 @@ fn synthetic() -> SequenceSet {
 fn fit(set: &SequenceSet, arch: Arch, features: Features) -> SeqModel {
     let config = ModelConfig {
         arch,
-        num_items: set.items.len(),
-        num_event_types: set.event_types.len(),
-        max_len: MAX_LEN,
-        d_model: 32,
-        n_heads: 2,
-        n_layers: 1,
-        ffn_dim: 64,
-        dropout: 0.1,
-        tied_output: true,
         features,
-        session_gap_secs: GAP,
+        ..common::small_model(set, MAX_LEN, 32)
     };
     let cfg = TrainConfig {
-        seed: 5,
-        max_epochs: 30,
-        batch_size: 64,
-        learning_rate: 3e-3,
-        lr_decay_epochs: None,
-        weight_decay: 0.0,
-        grad_clip: 1.0,
-        patience: 30,
-        loss: Loss::Full,
-        negatives: 0,
         mask_seen: false,
-        session_start_weight: 1.0,
-        device: Device::Cpu,
-        progress: false,
-        checkpoint: None,
+        ..common::quick_training(5, 30)
     };
     train(set, config, &cfg).expect("trains").model
 }

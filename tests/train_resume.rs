@@ -1,14 +1,13 @@
 //! Checkpoint and resume. Alone in its own test binary: libtorch's random generator (dropout)
 //! is one per process, so a training running beside it in another test thread would draw from
 //! it too and the two runs compared here would differ for that reason alone.
-use tch::Device;
+mod common;
+
 use xsrec::data::split::build_sequences;
 use xsrec::data::synth::{synthesize, SynthConfig};
 use xsrec::data::vocab::Vocab;
-use xsrec::model::{Arch, Features, ModelConfig, SeqModel};
+use xsrec::model::{ModelConfig, SeqModel};
 use xsrec::train::{train, CheckpointPlan, EpochLog, Loss, TrainConfig};
-
-const GAP: i64 = 1800;
 
 /// Every variable's values, by name.
 fn weights(model: &SeqModel) -> Vec<(String, Vec<f32>)> {
@@ -27,43 +26,27 @@ fn a_resumed_run_ends_exactly_where_the_uninterrupted_one_does() {
     let events = synthesize(&SynthConfig::new(120, 50, 4));
     let set = build_sequences(&events, Vocab::new(), Vocab::new(), true);
     let config = ModelConfig {
-        arch: Arch::Transformer,
-        num_items: set.items.len(),
-        num_event_types: set.event_types.len(),
-        max_len: 16,
-        d_model: 16,
-        n_heads: 2,
-        n_layers: 1,
-        ffn_dim: 32,
         // Dropout draws from libtorch's generator: the resumed run must draw the same masks.
         dropout: 0.3,
-        tied_output: true,
-        features: Features::default(),
-        session_gap_secs: GAP,
+        ..common::small_model(&set, 16, 16)
     };
     // The sampled loss also draws negatives from the run's own generator; a decaying learning
     // rate must pick up at the step it had reached.
     for (loss, lr_decay_epochs) in [(Loss::Full, None), (Loss::Sampled, None), (Loss::Full, Some(5))] {
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
         let cfg = |max_epochs: usize, dir: &std::path::Path, resume: bool| TrainConfig {
-            seed: 9,
-            max_epochs,
             batch_size: 16,
-            learning_rate: 3e-3,
             lr_decay_epochs,
             weight_decay: 0.01,
-            grad_clip: 1.0,
             patience: 100,
             loss,
             negatives: 20,
-            mask_seen: true,
             session_start_weight: 2.0,
-            device: Device::Cpu,
-            progress: false,
             checkpoint: Some(CheckpointPlan {
                 dir: dir.to_path_buf(),
                 resume,
             }),
+            ..common::quick_training(9, max_epochs)
         };
         // A decaying run ends where its learning rate reaches zero, whatever the epoch cap.
         let whole_cap = if lr_decay_epochs.is_some() { 50 } else { 5 };

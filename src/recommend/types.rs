@@ -121,7 +121,8 @@ pub struct RecommendRequest {
     #[serde(default = "default_k", deserialize_with = "integer::usize")]
     #[schema(default = 10, minimum = 1, maximum = 1000)]
     pub k: usize,
-    /// Leave the user's own items out of a full-catalogue ranking.
+    /// Leave every item the user had out of a full-catalogue ranking, the events older than the
+    /// server's `--history-cap` included (until retention or erasure forgets them).
     #[serde(default = "default_true")]
     #[schema(default = true)]
     pub exclude_seen: bool,

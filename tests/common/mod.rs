@@ -9,7 +9,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tch::Device;
-use xsrec::data::split::build_sequences;
+use xsrec::data::split::{build_sequences, SequenceSet};
 use xsrec::data::synth::{synthesize, SynthConfig};
 use xsrec::data::vocab::Vocab;
 use xsrec::data::Event;
@@ -24,43 +24,56 @@ pub struct Fixture {
     pub events: Vec<Event>,
 }
 
+/// The small model every test training starts from: a one-layer Transformer with two heads, an
+/// FFN twice its width, the default features and 30-minute sessions. Tests change fields with `..`.
+pub fn small_model(set: &SequenceSet, max_len: usize, d_model: usize) -> ModelConfig {
+    ModelConfig {
+        arch: xsrec::model::Arch::Transformer,
+        num_items: set.items.len(),
+        num_event_types: set.event_types.len(),
+        max_len,
+        d_model,
+        n_heads: 2,
+        n_layers: 1,
+        ffn_dim: 2 * d_model,
+        dropout: 0.1,
+        tied_output: true,
+        features: Features::default(),
+        session_gap_secs: 1800,
+    }
+}
+
+/// The short recipe every test training uses: the full softmax with the user's earlier items
+/// masked, batches of 64 at a constant 3e-3, and a patience as long as the run, so that it
+/// trains `epochs` epochs. Tests change fields with `..`.
+pub fn quick_training(seed: u64, epochs: usize) -> TrainConfig {
+    TrainConfig {
+        seed,
+        max_epochs: epochs,
+        batch_size: 64,
+        learning_rate: 3e-3,
+        lr_decay_epochs: None,
+        weight_decay: 0.0,
+        grad_clip: 1.0,
+        patience: epochs,
+        loss: Loss::Full,
+        negatives: 0,
+        mask_seen: true,
+        session_start_weight: 1.0,
+        device: Device::Cpu,
+        progress: false,
+        checkpoint: None,
+    }
+}
+
 /// One small model for every test in this binary, trained once.
 pub fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let events = synthesize(&SynthConfig::new(300, 150, 4));
         let set = build_sequences(&events, Vocab::new(), Vocab::new(), true);
-        let config = ModelConfig {
-            arch: xsrec::model::Arch::Transformer,
-            num_items: set.items.len(),
-            num_event_types: set.event_types.len(),
-            max_len: 30,
-            d_model: 16,
-            n_heads: 2,
-            n_layers: 1,
-            ffn_dim: 32,
-            dropout: 0.1,
-            tied_output: true,
-            features: Features::default(),
-            session_gap_secs: 1800,
-        };
-        let cfg = TrainConfig {
-            seed: 1,
-            max_epochs: 2,
-            batch_size: 64,
-            learning_rate: 3e-3,
-            lr_decay_epochs: None,
-            weight_decay: 0.0,
-            grad_clip: 1.0,
-            patience: 2,
-            loss: Loss::Full,
-            negatives: 0,
-            mask_seen: true,
-            session_start_weight: 1.0,
-            device: Device::Cpu,
-            progress: false,
-            checkpoint: None,
-        };
+        let config = small_model(&set, 30, 16);
+        let cfg = quick_training(1, 2);
         let model = train(&set, config, &cfg).expect("trains").model;
         let dir = tempfile::tempdir().unwrap();
         let item_categories = (0..set.items.len())
