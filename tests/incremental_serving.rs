@@ -169,17 +169,19 @@ async fn with_a_repeat_term_served_rankings_and_candidates_equal_offline_scoring
                 .to_owned()
         }));
         let top = json!({"user_id": user, "k": K, "at": at, "exclude_seen": false});
+        let unseen = json!({"user_id": user, "k": K, "at": at, "exclude_seen": true});
         let listed = json!({"user_id": user, "k": 8, "at": at, "candidates": candidates});
-        let (top, listed) = tokio::join!(
+        let (top, unseen, listed) = tokio::join!(
             server.post("/v1/recommend", &top),
+            server.post("/v1/recommend", &unseen),
             server.post("/v1/recommend", &listed)
         );
         assert_eq!(
-            (top.0, listed.0),
-            (StatusCode::OK, StatusCode::OK),
-            "{top:?} {listed:?}"
+            (top.0, unseen.0, listed.0),
+            (StatusCode::OK, StatusCode::OK, StatusCode::OK),
+            "{top:?} {unseen:?} {listed:?}"
         );
-        let (top, listed) = (ranked(&top.1), ranked(&listed.1));
+        let (top, unseen, listed) = (ranked(&top.1), ranked(&unseen.1), ranked(&listed.1));
         // Each answer against a full pass over a window it may have been computed on (the two
         // requests may be computed on different ones: one extends the user's cached keys and
         // values while the other, in the same batch, finds them taken).
@@ -196,6 +198,20 @@ async fn with_a_repeat_term_served_rankings_and_candidates_equal_offline_scoring
                 .iter()
                 .any(|scores| same_listed_top(&artifact, &listed, &candidates, scores)),
             "user {user}: {listed:?}"
+        );
+        // Seen items left out: the offline ranking of the items the user never had.
+        let never_had = |scores: &Vec<f32>| {
+            let mut scores = scores.clone();
+            for &item in &history.0 {
+                scores[item as usize] = f32::NEG_INFINITY;
+            }
+            scores
+        };
+        assert!(
+            offline
+                .iter()
+                .any(|scores| same_top_k(&artifact, &unseen, &never_had(scores)).is_ok()),
+            "user {user}: {unseen:?}"
         );
         let held: std::collections::HashSet<u32> = history.0.iter().copied().collect();
         held_served += top

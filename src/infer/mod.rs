@@ -49,7 +49,7 @@ impl ModelSlot {
 /// What to compute from a user's next-item scores.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Query {
-    /// The best `k` items of the catalogue, `exclude` (item indices) left out.
+    /// The best `k` items of the catalogue, `exclude` (item indices, ascending, each once) left out.
     TopK { k: usize, exclude: Vec<i64> },
     /// The best `k` of the given item indices.
     Candidates { k: usize, candidates: Vec<i64> },

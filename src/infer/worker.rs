@@ -1,5 +1,5 @@
 //! The inference worker: the one thread that owns the model and runs libtorch for whole batches.
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::{Arc, Weak};
@@ -764,8 +764,10 @@ fn rank_with_repeats(
         .iter()
         .zip(excluded)
         .map(|(had, excluded)| {
-            let excluded: HashSet<i64> = excluded.iter().copied().collect();
-            had.iter().copied().filter(|item| !excluded.contains(item)).collect()
+            had.iter()
+                .copied()
+                .filter(|item| excluded.binary_search(item).is_err())
+                .collect()
         })
         .collect();
     let never_had: Vec<Vec<i64>> = excluded
