@@ -350,6 +350,7 @@ fn bench_cases(artifact: &Artifact, args: &CasesArgs) -> anyhow::Result<Vec<pari
                 data: path.to_path_buf(),
                 skip_bad_rows: false,
                 item_meta: None,
+                timestamp_unit: Default::default(),
             };
             let set = build_sequences(
                 &data.load()?,

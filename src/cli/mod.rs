@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::data::formats::{load_events, load_item_meta, ItemMeta, LoadOptions};
+use crate::data::formats::{load_events, load_item_meta, ItemMeta, LoadOptions, TimestampUnit};
 use crate::data::Event;
 pub use crate::model::parse_device;
 
@@ -32,6 +32,10 @@ pub struct DataArgs {
     /// `.item` file beside a `.inter` file is used when present.
     #[arg(long)]
     pub item_meta: Option<PathBuf>,
+    /// What the log's timestamps count since the Unix epoch: seconds or milliseconds (read into
+    /// seconds, the unit of sessions, time gaps and the API).
+    #[arg(long, value_enum, default_value_t)]
+    pub timestamp_unit: TimestampUnit,
 }
 
 impl DataArgs {
@@ -41,6 +45,7 @@ impl DataArgs {
             &LoadOptions {
                 skip_bad_rows: self.skip_bad_rows,
                 format: None,
+                timestamp_unit: self.timestamp_unit,
             },
         )?;
         if loaded.skipped_rows > 0 {

@@ -11,6 +11,12 @@ pub struct Event {
     pub event_type: Option<String>,
 }
 
+/// Latest timestamp an event (or a moment of prediction) may carry: 9999-12-31T23:59:59Z. Bounds
+/// keep time arithmetic far from overflow and refuse values that can only be mistakes: a count of
+/// milliseconds since early 1978 is past it, so a log or a client counting milliseconds is told so
+/// instead of training or serving on sessions a thousand times too short.
+pub const MAX_TIMESTAMP: i64 = 253_402_300_799;
+
 /// Now, in the unit of event timestamps (Unix seconds).
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()

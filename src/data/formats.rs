@@ -11,8 +11,9 @@
 //!
 //! Header formats find their columns by name, in any order: `user_id`, `item_id` and `timestamp`
 //! are required, `event_type` is optional (an empty field means no type), anything else (such as
-//! RecBole's `rating`) is ignored. Timestamps are seconds since the epoch, integer or decimal; the
-//! fraction is truncated.
+//! RecBole's `rating`) is ignored. Timestamps are seconds since the epoch (or milliseconds, with
+//! [`LoadOptions::timestamp_unit`]), integer or decimal; the fraction of a second is truncated.
+//! Anything past [`MAX_TIMESTAMP`] is refused, with a hint when it looks like milliseconds.
 //!
 //! CSV and TSV have no quoting: a field cannot contain the delimiter or a line break, and quote
 //! characters are ordinary characters. [`write_csv`] refuses events it could not write that way.
@@ -27,7 +28,7 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use super::error::io_at;
-use super::{DataError, Event};
+use super::{DataError, Event, MAX_TIMESTAMP};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -83,6 +84,18 @@ pub struct LoadOptions {
     pub skip_bad_rows: bool,
     /// `None`: detect from the file name.
     pub format: Option<Format>,
+    pub timestamp_unit: TimestampUnit,
+}
+
+/// What a log's timestamps count since the Unix epoch. Events are kept in seconds whatever the log
+/// counts: sessions, time gaps and the served API are all in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TimestampUnit {
+    #[default]
+    #[value(name = "s")]
+    Seconds,
+    #[value(name = "ms")]
+    Milliseconds,
 }
 
 #[derive(Debug)]
@@ -124,7 +137,7 @@ pub fn load_events(path: &Path, opts: &LoadOptions) -> Result<Loaded, DataError>
     let mut skipped_rows = 0;
     let mut fields = Vec::with_capacity(layout.width);
     for (line, row) in lines {
-        match parse_event(row, delim, &layout, &mut fields) {
+        match parse_event(row, delim, &layout, opts.timestamp_unit, &mut fields) {
             Ok(event) => events.push(event),
             Err(_) if opts.skip_bad_rows => skipped_rows += 1,
             Err(message) => return Err(bad_row(path, line, message)),
@@ -149,12 +162,18 @@ fn event_layout(names: &[&str]) -> Result<Layout, String> {
 }
 
 /// `fields` is scratch space reused across rows so that a row allocates only its own strings.
-fn parse_event<'a>(row: &'a str, delim: &str, layout: &Layout, fields: &mut Vec<&'a str>) -> Result<Event, String> {
+fn parse_event<'a>(
+    row: &'a str,
+    delim: &str,
+    layout: &Layout,
+    unit: TimestampUnit,
+    fields: &mut Vec<&'a str>,
+) -> Result<Event, String> {
     split_fields(row, delim, layout.width, fields)?;
     Ok(Event {
         user_id: non_empty(fields[layout.user], "user_id")?.to_owned(),
         item_id: non_empty(fields[layout.item], "item_id")?.to_owned(),
-        timestamp: parse_timestamp(fields[layout.timestamp])?,
+        timestamp: parse_timestamp(fields[layout.timestamp], unit)?,
         event_type: layout
             .event_type
             .map(|i| fields[i])
@@ -187,28 +206,46 @@ fn is_blank(value: &str) -> bool {
     value.trim().is_empty()
 }
 
-fn parse_timestamp(value: &str) -> Result<i64, String> {
+fn parse_timestamp(value: &str, unit: TimestampUnit) -> Result<i64, String> {
+    let per_second = match unit {
+        TimestampUnit::Seconds => 1,
+        TimestampUnit::Milliseconds => 1000,
+    };
     // Integers are the common case; the float path is for columns like RecBole's `timestamp:float`.
-    if let Ok(secs) = value.parse::<i64>() {
-        return if secs < 0 {
-            Err(format!("timestamp {value:?} is negative"))
-        } else {
-            Ok(secs)
-        };
+    let secs = match value.parse::<i64>() {
+        Ok(count) if count < 0 => return Err(format!("timestamp {value:?} is negative")),
+        Ok(count) => count / per_second,
+        Err(_) => {
+            let count: f64 = value
+                .parse()
+                .map_err(|_| format!("timestamp {value:?} is not a number"))?;
+            if !count.is_finite() {
+                return Err(format!("timestamp {value:?} is not finite"));
+            }
+            if count < 0.0 {
+                return Err(format!("timestamp {value:?} is negative"));
+            }
+            let secs = count / per_second as f64;
+            if secs > MAX_TIMESTAMP as f64 {
+                return Err(past_the_last_second(value, unit));
+            }
+            secs as i64
+        }
+    };
+    if secs > MAX_TIMESTAMP {
+        return Err(past_the_last_second(value, unit));
     }
-    let secs: f64 = value
-        .parse()
-        .map_err(|_| format!("timestamp {value:?} is not a number"))?;
-    if !secs.is_finite() {
-        return Err(format!("timestamp {value:?} is not finite"));
+    Ok(secs)
+}
+
+fn past_the_last_second(value: &str, unit: TimestampUnit) -> String {
+    match unit {
+        TimestampUnit::Seconds => format!(
+            "timestamp {value:?} is past the year 9999 in seconds; if the log counts milliseconds, \
+             pass --timestamp-unit ms"
+        ),
+        TimestampUnit::Milliseconds => format!("timestamp {value:?} is past the year 9999"),
     }
-    if secs < 0.0 {
-        return Err(format!("timestamp {value:?} is negative"));
-    }
-    if secs >= i64::MAX as f64 {
-        return Err(format!("timestamp {value:?} is out of range"));
-    }
-    Ok(secs as i64)
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -625,7 +662,16 @@ mod tests {
             ("u1,i1,-5\n", "x.csv:2: timestamp \"-5\" is negative"),
             ("u1,i1,-0.5\n", "x.csv:2: timestamp \"-0.5\" is negative"),
             ("u1,i1,inf\n", "x.csv:2: timestamp \"inf\" is not finite"),
-            ("u1,i1,1e30\n", "x.csv:2: timestamp \"1e30\" is out of range"),
+            (
+                "u1,i1,1e30\n",
+                "x.csv:2: timestamp \"1e30\" is past the year 9999 in seconds; if the log counts \
+                 milliseconds, pass --timestamp-unit ms",
+            ),
+            (
+                "u1,i1,1433221332117\n",
+                "x.csv:2: timestamp \"1433221332117\" is past the year 9999 in seconds; if the log \
+                 counts milliseconds, pass --timestamp-unit ms",
+            ),
             ("u1,i1,\n", "x.csv:2: timestamp \"\" is not a number"),
         ];
         for (rows, expected) in cases {
@@ -633,6 +679,33 @@ mod tests {
             let path = file(&dir, "x.csv", &format!("{header}{rows}"));
             assert_eq!(error_text(&dir, load(&path)), expected, "rows {rows:?}");
         }
+    }
+
+    #[test]
+    fn millisecond_logs_are_read_in_seconds_when_told_and_refused_with_a_hint_when_not() {
+        let dir = TempDir::new().unwrap();
+        let text = "user_id,item_id,timestamp\nu1,i1,1433221332117\nu1,i2,1433221332999.9\nu1,i3,999\n";
+        let path = file(&dir, "x.csv", text);
+        let opts = LoadOptions {
+            timestamp_unit: TimestampUnit::Milliseconds,
+            ..LoadOptions::default()
+        };
+        let times: Vec<i64> = load_events(&path, &opts)
+            .unwrap()
+            .events
+            .iter()
+            .map(|e| e.timestamp)
+            .collect();
+        assert_eq!(times, [1_433_221_332, 1_433_221_332, 0]);
+        assert!(error_text(&dir, load(&path)).contains("pass --timestamp-unit ms"));
+        // The last second of 9999 is the last accepted, in either unit.
+        let last = file(&dir, "last.csv", "user_id,item_id,timestamp\nu1,i1,253402300799\n");
+        assert_eq!(load(&last).unwrap().events[0].timestamp, MAX_TIMESTAMP);
+        let past = file(&dir, "past.csv", "user_id,item_id,timestamp\nu1,i1,253402300800000\n");
+        assert_eq!(
+            error_text(&dir, load_events(&past, &opts)),
+            "past.csv:2: timestamp \"253402300800000\" is past the year 9999"
+        );
     }
 
     #[test]

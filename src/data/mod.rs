@@ -10,4 +10,4 @@ pub mod synth;
 pub mod vocab;
 
 pub use error::DataError;
-pub use event::{unix_now, Event};
+pub use event::{unix_now, Event, MAX_TIMESTAMP};

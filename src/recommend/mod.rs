@@ -27,11 +27,7 @@ use crate::history::{Commit, HistorySnapshot, HistoryStore, NewEvent};
 use crate::infer::{Answer, Engine, InferError, Query};
 use crate::metrics::Metrics;
 
-/// Latest accepted timestamp (and moment of prediction): 9999-12-31T23:59:59Z. Bounds keep time
-/// arithmetic far from overflow and refuse values that can only be mistakes (milliseconds sent as
-/// seconds stay accepted until year 9999 in seconds, i.e. about 1973 in milliseconds: those are
-/// refused too, which is what a client sending milliseconds needs to hear).
-pub const MAX_TIMESTAMP: i64 = 253_402_300_799;
+pub use crate::data::MAX_TIMESTAMP;
 
 /// The core's operations, as admission and authorization see them (every front end maps its
 /// routes or methods onto these).
