@@ -8,6 +8,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use super::parse_device;
+use crate::data::MAX_TIMESTAMP;
 use crate::model::{encode, Artifact, Batch, HistoryView, Scorer};
 
 #[derive(Debug, Clone, Args)]
@@ -58,6 +59,15 @@ pub fn run(args: &ScoreArgs) -> anyhow::Result<()> {
             n + 1,
             config.num_items,
             config.num_event_types
+        );
+        anyhow::ensure!(
+            h.timestamps
+                .iter()
+                .chain([&h.at])
+                .all(|t| (0..=MAX_TIMESTAMP).contains(t)),
+            "{}:{}: timestamps and `at` must be Unix seconds in 0..={MAX_TIMESTAMP}",
+            args.input.display(),
+            n + 1
         );
         let row = encode(
             HistoryView::new(&h.items, &h.timestamps, &h.types),
