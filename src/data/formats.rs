@@ -190,7 +190,14 @@ fn split_fields<'a>(row: &'a str, delim: &str, width: usize, fields: &mut Vec<&'
         _ => fields.extend(row.split(delim)),
     }
     if fields.len() != width {
-        return Err(format!("expected {width} columns, got {}", fields.len()));
+        let hint = match row.contains('"') {
+            true => {
+                " (quotes are ordinary characters here, not CSV quoting: a field holding the \
+                     delimiter needs another format, e.g. TSV or RecBole .inter)"
+            }
+            false => "",
+        };
+        return Err(format!("expected {width} columns, got {}{hint}", fields.len()));
     }
     Ok(())
 }
@@ -656,6 +663,11 @@ mod tests {
         let cases = [
             ("u1,i1,1\n\nu2,i2\n", "x.csv:4: expected 3 columns, got 2"),
             ("u1,i1,1,extra\n", "x.csv:2: expected 3 columns, got 4"),
+            (
+                "u1,\"Godfather, The (1972)\",1\n",
+                "x.csv:2: expected 3 columns, got 4 (quotes are ordinary characters here, not CSV \
+                 quoting: a field holding the delimiter needs another format, e.g. TSV or RecBole .inter)",
+            ),
             (",i1,1\n", "x.csv:2: empty user_id"),
             ("u1, ,1\n", "x.csv:2: empty item_id"),
             ("u1,i1,soon\n", "x.csv:2: timestamp \"soon\" is not a number"),
