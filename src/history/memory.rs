@@ -27,9 +27,9 @@ use super::{
 #[derive(Debug, Default)]
 struct UserHistory {
     events: VecDeque<StoredEvent>,
-    /// Items of the events the cap pushed out of memory, by external id (so that another
-    /// model's vocabulary can re-resolve them): the user still had them, so a recommendation
-    /// that leaves seen items out must leave these out too.
+    /// The known items of the events the cap pushed out of memory, by external id (so that
+    /// another model's vocabulary can re-resolve them): the user still had them, so a
+    /// recommendation that leaves seen items out must leave these out too.
     earlier: EarlierItems,
     version: u64,
     /// The eviction clock when the user was last read or written.
@@ -39,8 +39,8 @@ struct UserHistory {
     written: u64,
 }
 
-/// An item that left memory: its index in the served model's vocabulary (0: unknown to it) and
-/// the newest time the user had it among the events that left (retention forgets it after that).
+/// An item that left memory: its index in the served model's vocabulary and the newest time the
+/// user had it among the events that left (retention forgets it after that).
 #[derive(Debug, Clone, Copy)]
 struct EarlierItem {
     item: u32,
@@ -60,8 +60,13 @@ impl UserHistory {
         self.events.len() * EVENT_BYTES + self.earlier.len() * EARLIER_BYTES + USER_BYTES + user.len()
     }
 
-    /// Remembers the item of an event leaving memory.
+    /// Remembers the item of an event leaving memory, if the model knows it: what the model does
+    /// not know it cannot rank, and ids of unknown items, which a client may invent without end,
+    /// must not grow memory past the cap.
     fn keep_earlier(&mut self, event: StoredEvent) {
+        if event.item == 0 {
+            return;
+        }
         let entry = self.earlier.entry(event.item_id).or_insert(EarlierItem {
             item: event.item,
             newest: event.timestamp,
@@ -394,7 +399,7 @@ impl Histories {
 
 fn snapshot_of(history: &UserHistory) -> HistorySnapshot {
     let known = history.events.iter().filter(|e| e.item != 0);
-    let mut earlier_items: Vec<u32> = history.earlier.values().map(|e| e.item).filter(|&i| i != 0).collect();
+    let mut earlier_items: Vec<u32> = history.earlier.values().map(|e| e.item).collect();
     earlier_items.sort_unstable();
     HistorySnapshot {
         earlier_items,
@@ -500,9 +505,17 @@ impl HistoryStore for Histories {
                         None => event.item = 0,
                     }
                 }
-                for (id, earlier) in &mut history.earlier {
-                    earlier.item = item(id).map_or(0, |(index, _)| index);
-                }
+                // Items the new model does not know are forgotten, as they would not have been kept.
+                let before = history.earlier.len();
+                history.earlier.retain(|id, earlier| match item(id) {
+                    Some((index, _)) => {
+                        earlier.item = index;
+                        true
+                    }
+                    None => false,
+                });
+                self.earlier
+                    .fetch_sub(before - history.earlier.len(), Ordering::Relaxed);
                 visited += history.events.len();
             }
         }
@@ -599,23 +612,29 @@ mod tests {
         );
         let snap1 = snap(&store, "u");
         assert_eq!(snap1.items, [3, 4]);
-        // Item 1 left twice (newest at 30), item 2 once, the unknown item is no model item.
+        // Item 1 left twice (newest at 30), item 2 once; the unknown item is not kept.
         assert_eq!(snap1.earlier_items, [1, 2]);
         assert_eq!(snap1.had_items(), [1, 2, 3, 4]);
-        let bytes = store.stats().bytes;
-        assert_eq!(bytes, 2 * EVENT_BYTES + 3 * EARLIER_BYTES + USER_BYTES + 1);
+        assert_eq!(
+            store.stats().bytes,
+            2 * EVENT_BYTES + 2 * EARLIER_BYTES + USER_BYTES + 1
+        );
         // An event older than memory's goes straight to the earlier items.
         append(&store, "u", [ev(5, 5)]);
         assert_eq!(snap(&store, "u").earlier_items, [1, 2, 5]);
-        // Another model's vocabulary re-resolves them by id: items 0 and 2 are unknown to it.
+        // Another model's vocabulary re-resolves them by id; item 2 is unknown to it, so it goes.
         let remap = |id: &str| match id {
             "i0" | "i2" => None,
             other => Some((other[1..].parse::<u32>().unwrap() + 10, Arc::from(other))),
         };
         store.remap_items(&remap);
         assert_eq!(snap(&store, "u").earlier_items, [11, 15]);
+        assert_eq!(
+            store.stats().bytes,
+            2 * EVENT_BYTES + 2 * EARLIER_BYTES + USER_BYTES + 1
+        );
         // Retention forgets an item once its newest event is past the horizon: item 1's
-        // newest (30) is kept at 25, the others are not.
+        // newest (30) is kept at 25, item 5's (5) is not.
         let version = snap(&store, "u").version;
         store.expire(25);
         let after = snap(&store, "u");
@@ -624,10 +643,9 @@ mod tests {
             ([11].as_slice(), 2)
         );
         assert!(after.version > version, "what is excluded changed");
-        // The unknown item's event (35) is still within retention, so it is still remembered.
         store.expire(31);
         assert_eq!(snap(&store, "u").earlier_items, [] as [u32; 0]);
-        assert_eq!(store.stats().bytes, 2 * EVENT_BYTES + EARLIER_BYTES + USER_BYTES + 1);
+        assert_eq!(store.stats().bytes, 2 * EVENT_BYTES + USER_BYTES + 1);
         store.remove("u");
         assert_eq!(store.stats().bytes, 0);
     }
