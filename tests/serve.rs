@@ -523,6 +523,14 @@ async fn every_bad_input_gets_its_status_and_code() {
     for (path, body, status, code) in &cases {
         expect_error(&server, path, body, *status, code).await;
     }
+    // A client counting milliseconds is told so.
+    let millis = json!({"events": [{"user_id": "u", "item_id": "i1", "timestamp": 1_700_000_000_123i64}]});
+    let (status, reply) = server.post("/v1/events", &millis).await;
+    assert_eq!(status, invalid);
+    assert_eq!(
+        reply["error"]["message"],
+        "`events[0].timestamp` must be Unix seconds in 0..=253402300799, got 1700000000123 (milliseconds? send seconds)"
+    );
     assert_eq!(
         server.get("/v1/users/u/history").await.0,
         StatusCode::NOT_FOUND,

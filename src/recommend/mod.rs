@@ -138,8 +138,12 @@ fn check_range(field: &str, value: usize, max: usize) -> Result<(), CoreError> {
 
 fn check_time(field: &str, value: i64) -> Result<(), CoreError> {
     if !(0..=MAX_TIMESTAMP).contains(&value) {
+        let hint = match value > MAX_TIMESTAMP && value / 1000 <= MAX_TIMESTAMP {
+            true => " (milliseconds? send seconds)",
+            false => "",
+        };
         return Err(invalid(format!(
-            "`{field}` must be Unix seconds in 0..={MAX_TIMESTAMP}, got {value}"
+            "`{field}` must be Unix seconds in 0..={MAX_TIMESTAMP}, got {value}{hint}"
         )));
     }
     Ok(())
