@@ -127,3 +127,24 @@ def test_features_match_the_documented_definitions():
     assert row["prediction_hours"] == [0, 0, hour_of_week(110), hour_of_week(10000), hour_of_week(10005)]
     monday = 1_600_041_600  # 2020-09-14 00:00:00 UTC
     assert [hour_of_week(t) for t in (monday, monday + 3600, monday - 1, monday + 7 * 86400 + 13 * 3600)] == [1, 2, 168, 14]
+
+
+@pytest.mark.parametrize("arch", ["transformer", "lstm"])
+def test_a_fresh_rust_model_starts_from_the_distributions_a_fresh_torch_model_does(arch, tmp_path):
+    """Tensor by tensor, the spread of the initial weights matches: the two trainers start alike
+    (tch's default Linear init draws weights √6 times wider than PyTorch's nn.Linear)."""
+    subprocess.run([xsrec_bin(), "bench", "init-model", "--items", "3000", "--d-model", "64", "--max-len", "50",
+                    "--arch", arch, "--out", str(tmp_path / "m")], check=True, capture_output=True)
+    rust = load_artifact(tmp_path / "m")
+    torch.manual_seed(0)
+    fresh = XsrecModel(rust.model_config).state_dict()
+    assert set(fresh) == set(rust.state_dict)
+    for name, theirs in rust.state_dict.items():
+        ours, theirs = fresh[name].double(), theirs.double()
+        if ours.numel() < 2 or theirs.std() == 0 or ours.std() == 0:
+            assert torch.equal(ours, theirs), f"{name}: a constant initialisation differs"
+            continue
+        # An estimated standard deviation is off by about 1/√(2n) relative.
+        tolerance = 4 / (2 * ours.numel()) ** 0.5
+        ratio = (theirs.std() / ours.std()).item()
+        assert abs(ratio - 1) <= tolerance, f"{name}: Rust spread {ratio:.3f}× the torch one"
