@@ -3,6 +3,7 @@
 # libtorch thread each (better throughput on 2 cores than one run with two threads).
 #
 #   scripts/quality.sh [SEED...]      (default: 42 43 44; results in runs/quality/, reruns skip done work)
+#   OUT=runs/other ONLY="transformer-L200 lstm-L200" scripts/quality.sh 42    (only those variants)
 #
 # Jobs run in priority order: the three main variants at every seed, then the feature ablations
 # at the first seed (then at the others). A job whose log exists is skipped (it is done or
@@ -12,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/release/xsrec
 DATA=data/ml-100k/ml-100k.inter
-OUT=runs/quality
+OUT=${OUT:-runs/quality}
 SEEDS=(${@:-42 43 44})
 LANES=${LANES:-2}
 [ -x "$BIN" ] || make build
@@ -55,6 +56,7 @@ done
 running=${ALREADY_RUNNING:-0}
 for job in "${jobs[@]}"; do
   IFS='|' read -r name seed flags <<< "$job"
+  [[ -z ${ONLY:-} || " $ONLY " == *" $name "* ]] || continue
   run_one "$name" "$seed" "$flags" &
   running=$((running + 1))
   if [ "$running" -ge "$LANES" ]; then wait -n; running=$((running - 1)); fi
