@@ -791,7 +791,8 @@ fn rank_with_repeats(
         .collect()
 }
 
-/// The repeat term of some rows: `[B]` offsets, and the items each row's user had (distinct).
+/// The repeat term of some rows: `[B]` offsets, and the items each row's user had (distinct,
+/// ascending).
 struct Repeats<'a> {
     offsets: Tensor,
     held: Vec<&'a [i64]>,
@@ -813,9 +814,18 @@ fn listed_scores<L: AsRef<[i64]>>(
     let scores = rows.unsqueeze(1).bmm(&vectors.transpose(1, 2)).squeeze_dim(1);
     let scores = match repeats {
         Some(repeats) => {
-            let had = padded_index(&repeats.held, rows.device());
-            let held = index.unsqueeze(2).eq_tensor(&had.unsqueeze(1)).any_dim(2, false);
-            scores + repeats.offsets.unsqueeze(1) * held.to_kind(repeats.offsets.kind())
+            // Membership found on the host, by binary search in each sorted `held`: compared
+            // as tensors it is `[B, W, H]`, and a user's held items may number thousands.
+            let width = index.size()[1] as usize;
+            let mut held = vec![0f32; lists.len() * width];
+            for ((list, had), row) in lists.iter().zip(&repeats.held).zip(held.chunks_mut(width)) {
+                for (item, cell) in list.as_ref().iter().zip(row) {
+                    *cell = f32::from(u8::from(had.binary_search(item).is_ok()));
+                }
+            }
+            let held = Tensor::from_slice(&held).view([lists.len() as i64, width as i64]);
+            let held = to_device_pinned(held, rows.device()).to_kind(repeats.offsets.kind());
+            scores + repeats.offsets.unsqueeze(1) * held
         }
         None => scores,
     };
