@@ -8,7 +8,9 @@
 //! their next request. A user may leave only once the journal has indexed every change memory
 //! made to it (a reload reads the indexed entries), and an erased user is not read back before
 //! its erasure is committed, so a reload always gives back exactly what memory held (less what
-//! retention dropped since).
+//! retention dropped since). One difference is left after a model reload: an older item the
+//! previous model did not know was never kept (see `UserHistory::keep_earlier`), so a new model
+//! that knows it sees it for a resident user only once the user is next read back.
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -52,12 +54,15 @@ type EarlierItems = hashbrown::HashMap<Arc<str>, EarlierItem, RandomState>;
 /// Bytes a user costs beyond its events: the map entry and the id.
 const USER_BYTES: usize = std::mem::size_of::<UserHistory>() + std::mem::size_of::<Arc<str>>();
 
-/// Bytes of one earlier item: the map slot and its control byte (the id string is shared).
-const EARLIER_BYTES: usize = std::mem::size_of::<(Arc<str>, EarlierItem)>() + 1;
-
 impl UserHistory {
     fn bytes(&self, user: &str) -> usize {
-        self.events.len() * EVENT_BYTES + self.earlier.len() * EARLIER_BYTES + USER_BYTES + user.len()
+        self.events.len() * EVENT_BYTES + self.earlier_bytes() + USER_BYTES + user.len()
+    }
+
+    /// The earlier items' table as allocated (its spare slots too; the id strings are the
+    /// vocabulary's, shared).
+    fn earlier_bytes(&self) -> usize {
+        self.earlier.allocation_size()
     }
 
     /// Remembers the item of an event leaving memory, if the model knows it: what the model does
@@ -100,7 +105,7 @@ pub struct Histories {
     next_version: AtomicU64,
     users: AtomicUsize,
     events: AtomicUsize,
-    earlier: AtomicUsize,
+    earlier_bytes: AtomicUsize,
     key_bytes: AtomicUsize,
     journal: Option<Journal>,
     budget: Option<MemoryBudget>,
@@ -130,7 +135,7 @@ impl Histories {
             next_version: AtomicU64::new(1),
             users: AtomicUsize::new(0),
             events: AtomicUsize::new(0),
-            earlier: AtomicUsize::new(0),
+            earlier_bytes: AtomicUsize::new(0),
             key_bytes: AtomicUsize::new(0),
             journal,
             budget: None,
@@ -199,7 +204,7 @@ impl Histories {
 
     /// The one place events enter a user's history; `active` is the user's recency.
     fn apply(&self, history: &mut UserHistory, events: impl IntoIterator<Item = StoredEvent>, active: u64) {
-        let (before, earlier_before) = (history.events.len(), history.earlier.len());
+        let (before, earlier_before) = (history.events.len(), history.earlier_bytes());
         for event in events {
             // Events mostly come in time order: then the end is the place, found without a search.
             let at = match history.events.back() {
@@ -216,8 +221,7 @@ impl Histories {
         }
         self.events.fetch_add(history.events.len(), Ordering::Relaxed);
         self.events.fetch_sub(before, Ordering::Relaxed);
-        self.earlier
-            .fetch_add(history.earlier.len() - earlier_before, Ordering::Relaxed);
+        self.earlier_resized(earlier_before, history.earlier_bytes());
         history.version = self.next_version.fetch_add(1, Ordering::Relaxed);
         history.last_active.fetch_max(active, Ordering::Relaxed);
     }
@@ -296,7 +300,7 @@ impl Histories {
     fn bytes(&self) -> usize {
         let (users, events) = (self.users.load(Ordering::Relaxed), self.events.load(Ordering::Relaxed));
         events * EVENT_BYTES
-            + self.earlier.load(Ordering::Relaxed) * EARLIER_BYTES
+            + self.earlier_bytes.load(Ordering::Relaxed)
             + users * USER_BYTES
             + self.key_bytes.load(Ordering::Relaxed)
     }
@@ -364,10 +368,13 @@ impl Histories {
             let mut emptied = Vec::new();
             for (user, history) in shard.users.iter_mut() {
                 let old = history.events.partition_point(|e| e.timestamp < horizon);
-                let earlier_before = history.earlier.len();
+                let (earlier_before, bytes_before) = (history.earlier.len(), history.earlier_bytes());
                 history.earlier.retain(|_, earlier| earlier.newest >= horizon);
                 let forgotten = earlier_before - history.earlier.len();
-                self.earlier.fetch_sub(forgotten, Ordering::Relaxed);
+                if forgotten > 0 {
+                    history.earlier.shrink_to_fit();
+                    self.earlier_resized(bytes_before, history.earlier_bytes());
+                }
                 if old == 0 && forgotten == 0 {
                     continue;
                 }
@@ -387,11 +394,19 @@ impl Histories {
         expired
     }
 
+    fn earlier_resized(&self, before: usize, after: usize) {
+        if after >= before {
+            self.earlier_bytes.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.earlier_bytes.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
     fn remove_locked(&self, shard: &mut Shard, user: &str) -> Option<UserHistory> {
         let history = shard.users.remove(user)?;
         self.users.fetch_sub(1, Ordering::Relaxed);
         self.events.fetch_sub(history.events.len(), Ordering::Relaxed);
-        self.earlier.fetch_sub(history.earlier.len(), Ordering::Relaxed);
+        self.earlier_bytes.fetch_sub(history.earlier_bytes(), Ordering::Relaxed);
         self.key_bytes.fetch_sub(user.len(), Ordering::Relaxed);
         Some(history)
     }
@@ -505,17 +520,18 @@ impl HistoryStore for Histories {
                         None => event.item = 0,
                     }
                 }
-                // Items the new model does not know are forgotten, as they would not have been kept.
-                let before = history.earlier.len();
-                history.earlier.retain(|id, earlier| match item(id) {
-                    Some((index, _)) => {
-                        earlier.item = index;
-                        true
-                    }
-                    None => false,
-                });
-                self.earlier
-                    .fetch_sub(before - history.earlier.len(), Ordering::Relaxed);
+                // Items the new model does not know are forgotten, as they would not have been
+                // kept. The map is rebuilt so that its keys are the new vocabulary's strings: the
+                // old model's would otherwise stay alive, uncounted.
+                let before = history.earlier_bytes();
+                history.earlier = std::mem::take(&mut history.earlier)
+                    .into_iter()
+                    .filter_map(|(id, earlier)| {
+                        let (item, id) = item(&id)?;
+                        Some((id, EarlierItem { item, ..earlier }))
+                    })
+                    .collect();
+                self.earlier_resized(before, history.earlier_bytes());
                 visited += history.events.len();
             }
         }
@@ -602,6 +618,16 @@ mod tests {
         assert_eq!(store.stats().events, 3);
     }
 
+    /// The bytes of an earlier-items table holding `n` items, as inserts grow it.
+    fn earlier_table(n: u32) -> usize {
+        let mut table = EarlierItems::default();
+        for item in 0..n {
+            table.insert(Arc::from(format!("i{item}")), EarlierItem { item, newest: 0 });
+        }
+        assert!(table.allocation_size() >= n as usize * std::mem::size_of::<(Arc<str>, EarlierItem)>());
+        table.allocation_size()
+    }
+
     #[test]
     fn items_pushed_out_by_the_cap_are_remembered_until_retention_forgets_them() {
         let store = Histories::new(2, 2);
@@ -615,24 +641,27 @@ mod tests {
         // Item 1 left twice (newest at 30), item 2 once; the unknown item is not kept.
         assert_eq!(snap1.earlier_items, [1, 2]);
         assert_eq!(snap1.had_items(), [1, 2, 3, 4]);
-        assert_eq!(
-            store.stats().bytes,
-            2 * EVENT_BYTES + 2 * EARLIER_BYTES + USER_BYTES + 1
-        );
+        assert_eq!(store.stats().bytes, 2 * EVENT_BYTES + earlier_table(2) + USER_BYTES + 1);
         // An event older than memory's goes straight to the earlier items.
         append(&store, "u", [ev(5, 5)]);
         assert_eq!(snap(&store, "u").earlier_items, [1, 2, 5]);
         // Another model's vocabulary re-resolves them by id; item 2 is unknown to it, so it goes.
-        let remap = |id: &str| match id {
-            "i0" | "i2" => None,
-            other => Some((other[1..].parse::<u32>().unwrap() + 10, Arc::from(other))),
+        let vocabulary: HashMap<&str, Arc<str>> = ["i1", "i3", "i4", "i5"].map(|id| (id, Arc::from(id))).into();
+        let remap = |id: &str| {
+            let new = vocabulary.get(id)?;
+            Some((new[1..].parse::<u32>().unwrap() + 10, new.clone()))
         };
         store.remap_items(&remap);
         assert_eq!(snap(&store, "u").earlier_items, [11, 15]);
-        assert_eq!(
-            store.stats().bytes,
-            2 * EVENT_BYTES + 2 * EARLIER_BYTES + USER_BYTES + 1
+        let keys_are_the_new_vocabularys = store.write_shard("u").users["u"]
+            .earlier
+            .keys()
+            .all(|id| Arc::ptr_eq(id, &vocabulary[&**id]));
+        assert!(
+            keys_are_the_new_vocabularys,
+            "the old model's strings are not kept alive"
         );
+        assert_eq!(store.stats().bytes, 2 * EVENT_BYTES + earlier_table(2) + USER_BYTES + 1);
         // Retention forgets an item once its newest event is past the horizon: item 1's
         // newest (30) is kept at 25, item 5's (5) is not.
         let version = snap(&store, "u").version;
@@ -643,6 +672,11 @@ mod tests {
             ([11].as_slice(), 2)
         );
         assert!(after.version > version, "what is excluded changed");
+        assert_eq!(
+            store.stats().bytes,
+            2 * EVENT_BYTES + earlier_table(1) + USER_BYTES + 1,
+            "the table shrinks with what it forgot"
+        );
         store.expire(31);
         assert_eq!(snap(&store, "u").earlier_items, [] as [u32; 0]);
         assert_eq!(store.stats().bytes, 2 * EVENT_BYTES + USER_BYTES + 1);
@@ -705,7 +739,7 @@ mod tests {
     #[test]
     fn past_the_budget_the_least_recently_active_leave_memory_and_come_back_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let one_user = 4 * EVENT_BYTES + EARLIER_BYTES + USER_BYTES + 2;
+        let one_user = 4 * EVENT_BYTES + earlier_table(1) + USER_BYTES + 2;
         let store = budgeted(dir.path(), 3 * one_user);
         for user in 0..3 {
             append(
