@@ -14,6 +14,7 @@ use crate::bench::ceilings::Ceilings;
 use crate::bench::load::{self, Mode, Target, Workload};
 use crate::bench::plot::draw_forward;
 use crate::bench::{forward, parity, recall};
+use crate::data::formats::TimestampUnit;
 use crate::data::split::build_sequences;
 use crate::data::vocab::Vocab;
 use crate::infer::rank::{Retrieval, RetrievalArgs, RetrievalMode};
@@ -126,6 +127,9 @@ pub struct CasesArgs {
     /// Histories to cut from (random synthetic ones without).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// What `--data`'s timestamps count: seconds or milliseconds.
+    #[arg(long, value_enum, default_value_t)]
+    pub timestamp_unit: TimestampUnit,
     #[arg(long, default_value_t = 1000)]
     pub users: usize,
     #[arg(long, default_value_t = 10)]
@@ -350,7 +354,7 @@ fn bench_cases(artifact: &Artifact, args: &CasesArgs) -> anyhow::Result<Vec<pari
                 data: path.to_path_buf(),
                 skip_bad_rows: false,
                 item_meta: None,
-                timestamp_unit: Default::default(),
+                timestamp_unit: args.timestamp_unit,
             };
             let set = build_sequences(
                 &data.load()?,

@@ -232,7 +232,8 @@ fn parse_timestamp(value: &str, unit: TimestampUnit) -> Result<i64, String> {
             if count < 0.0 {
                 return Err(format!("timestamp {value:?} is negative"));
             }
-            let secs = count / per_second as f64;
+            // Truncated first: a fraction of the last second is still that second.
+            let secs = (count / per_second as f64).trunc();
             if secs > MAX_TIMESTAMP as f64 {
                 return Err(past_the_last_second(value, unit));
             }
@@ -246,12 +247,15 @@ fn parse_timestamp(value: &str, unit: TimestampUnit) -> Result<i64, String> {
 }
 
 fn past_the_last_second(value: &str, unit: TimestampUnit) -> String {
+    let fits_as_milliseconds = value
+        .parse::<f64>()
+        .is_ok_and(|count| count / 1000.0 <= MAX_TIMESTAMP as f64);
     match unit {
-        TimestampUnit::Seconds => format!(
+        TimestampUnit::Seconds if fits_as_milliseconds => format!(
             "timestamp {value:?} is past the year 9999 in seconds; if the log counts milliseconds, \
              pass --timestamp-unit ms"
         ),
-        TimestampUnit::Milliseconds => format!("timestamp {value:?} is past the year 9999"),
+        _ => format!("timestamp {value:?} is past the year 9999"),
     }
 }
 
@@ -674,11 +678,7 @@ mod tests {
             ("u1,i1,-5\n", "x.csv:2: timestamp \"-5\" is negative"),
             ("u1,i1,-0.5\n", "x.csv:2: timestamp \"-0.5\" is negative"),
             ("u1,i1,inf\n", "x.csv:2: timestamp \"inf\" is not finite"),
-            (
-                "u1,i1,1e30\n",
-                "x.csv:2: timestamp \"1e30\" is past the year 9999 in seconds; if the log counts \
-                 milliseconds, pass --timestamp-unit ms",
-            ),
+            ("u1,i1,1e30\n", "x.csv:2: timestamp \"1e30\" is past the year 9999"),
             (
                 "u1,i1,1433221332117\n",
                 "x.csv:2: timestamp \"1433221332117\" is past the year 9999 in seconds; if the log \
@@ -711,8 +711,17 @@ mod tests {
         assert_eq!(times, [1_433_221_332, 1_433_221_332, 0]);
         assert!(error_text(&dir, load(&path)).contains("pass --timestamp-unit ms"));
         // The last second of 9999 is the last accepted, in either unit.
-        let last = file(&dir, "last.csv", "user_id,item_id,timestamp\nu1,i1,253402300799\n");
-        assert_eq!(load(&last).unwrap().events[0].timestamp, MAX_TIMESTAMP);
+        // A fraction of it is still that second.
+        let last = "user_id,item_id,timestamp\nu1,i1,253402300799\nu1,i1,253402300799.5\n";
+        let last = file(&dir, "last.csv", last);
+        let times: Vec<i64> = load(&last).unwrap().events.iter().map(|e| e.timestamp).collect();
+        assert_eq!(times, [MAX_TIMESTAMP, MAX_TIMESTAMP]);
+        let last_ms = file(
+            &dir,
+            "last_ms.csv",
+            "user_id,item_id,timestamp\nu1,i1,253402300799999.5\n",
+        );
+        assert_eq!(load_events(&last_ms, &opts).unwrap().events[0].timestamp, MAX_TIMESTAMP);
         let past = file(&dir, "past.csv", "user_id,item_id,timestamp\nu1,i1,253402300800000\n");
         assert_eq!(
             error_text(&dir, load_events(&past, &opts)),
