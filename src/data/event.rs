@@ -17,6 +17,12 @@ pub struct Event {
 /// instead of training or serving on sessions a thousand times too short.
 pub const MAX_TIMESTAMP: i64 = 253_402_300_799;
 
+/// Whether a count too large for [`MAX_TIMESTAMP`] in seconds would be in range as milliseconds
+/// (truncated to the second, as a millisecond log is read): then its sender is told so.
+pub fn in_range_as_milliseconds(count: f64) -> bool {
+    (count / 1000.0).trunc() <= MAX_TIMESTAMP as f64
+}
+
 /// Now, in the unit of event timestamps (Unix seconds).
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()

@@ -28,7 +28,7 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use super::error::io_at;
-use super::{DataError, Event, MAX_TIMESTAMP};
+use super::{in_range_as_milliseconds, DataError, Event, MAX_TIMESTAMP};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -247,9 +247,7 @@ fn parse_timestamp(value: &str, unit: TimestampUnit) -> Result<i64, String> {
 }
 
 fn past_the_last_second(value: &str, unit: TimestampUnit) -> String {
-    let fits_as_milliseconds = value
-        .parse::<f64>()
-        .is_ok_and(|count| count / 1000.0 <= MAX_TIMESTAMP as f64);
+    let fits_as_milliseconds = value.parse().is_ok_and(in_range_as_milliseconds);
     match unit {
         TimestampUnit::Seconds if fits_as_milliseconds => format!(
             "timestamp {value:?} is past the year 9999 in seconds; if the log counts milliseconds, \

@@ -10,4 +10,4 @@ pub mod synth;
 pub mod vocab;
 
 pub use error::DataError;
-pub use event::{unix_now, Event, MAX_TIMESTAMP};
+pub use event::{in_range_as_milliseconds, unix_now, Event, MAX_TIMESTAMP};

@@ -27,6 +27,7 @@ use crate::history::{Commit, HistorySnapshot, HistoryStore, NewEvent};
 use crate::infer::{Answer, Engine, InferError, Query};
 use crate::metrics::Metrics;
 
+use crate::data::in_range_as_milliseconds;
 pub use crate::data::MAX_TIMESTAMP;
 
 /// The core's operations, as admission and authorization see them (every front end maps its
@@ -138,7 +139,7 @@ fn check_range(field: &str, value: usize, max: usize) -> Result<(), CoreError> {
 
 fn check_time(field: &str, value: i64) -> Result<(), CoreError> {
     if !(0..=MAX_TIMESTAMP).contains(&value) {
-        let hint = match value > MAX_TIMESTAMP && value / 1000 <= MAX_TIMESTAMP {
+        let hint = match value > MAX_TIMESTAMP && in_range_as_milliseconds(value as f64) {
             true => " (milliseconds? send seconds)",
             false => "",
         };
