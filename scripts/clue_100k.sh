@@ -6,6 +6,7 @@
 #   twin-shuffled   the twin's torchrun run as it was (plain shuffled batches, readouts on)
 #   twin-grouped    the same with batches of similar length (the twin's default since 2026-12-04)
 #   rust-readouts   xsrec train with the twin's settings: readouts on, 128 windows per step
+#   rust-shuffled   the same with plain shuffled batches, as the twin's torchrun run had
 #
 #   scripts/clue_100k.sh [SEED...]      (default: 42 43 44; results in runs/clue-100k/)
 #   ONLY="twin-shuffled" scripts/clue_100k.sh 43 44
@@ -30,7 +31,13 @@ twin() {
     -m xsrec_torch.train --data "$DATA" --out "$dir" --seed "$seed" --batching "$batching"
 }
 
-for name in twin-shuffled twin-grouped rust-readouts; do
+rust() {
+  local dir=$1 seed=$2 batching=$3
+  "$BIN" train --data "$DATA" --out "$dir" --seed "$seed" --threads 2 --resume \
+    --max-len 200 --readouts on --batch-size 128 --batching "$batching"
+}
+
+for name in twin-shuffled twin-grouped rust-readouts rust-shuffled; do
   for seed in "${SEEDS[@]}"; do
     dir="$OUT/$name-seed$seed"
     [[ -z ${ONLY:-} || " $ONLY " == *" $name "* ]] || continue
@@ -39,8 +46,8 @@ for name in twin-shuffled twin-grouped rust-readouts; do
       case $name in
         twin-shuffled) twin "$dir" "$seed" shuffled ;;
         twin-grouped) twin "$dir" "$seed" grouped ;;
-        rust-readouts) "$BIN" train --data "$DATA" --out "$dir" --seed "$seed" --threads 2 --resume \
-          --max-len 200 --readouts on --batch-size 128 ;;
+        rust-readouts) rust "$dir" "$seed" grouped ;;
+        rust-shuffled) rust "$dir" "$seed" shuffled ;;
       esac >> "$dir.log" 2>&1
     fi
     "$BIN" eval --model "$dir" --data "$DATA" --json-out "$dir/eval.json" >> "$dir.log" 2>&1

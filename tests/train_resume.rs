@@ -7,7 +7,7 @@ use xsrec::data::split::build_sequences;
 use xsrec::data::synth::{synthesize, SynthConfig};
 use xsrec::data::vocab::Vocab;
 use xsrec::model::{ModelConfig, SeqModel};
-use xsrec::train::{train, CheckpointPlan, EpochLog, Loss, TrainConfig};
+use xsrec::train::{train, Batching, CheckpointPlan, EpochLog, Loss, TrainConfig};
 
 /// Every variable's values, by name.
 fn weights(model: &SeqModel) -> Vec<(String, Vec<f32>)> {
@@ -31,11 +31,16 @@ fn a_resumed_run_ends_exactly_where_the_uninterrupted_one_does() {
         ..common::small_model(&set, 16, 16)
     };
     // The sampled loss also draws negatives from the run's own generator; a decaying learning
-    // rate must pick up at the step it had reached.
-    for (loss, lr_decay_epochs) in [(Loss::Full, None), (Loss::Sampled, None), (Loss::Full, Some(5))] {
+    // rate must pick up at the step it had reached; shuffled batches draw their own plan.
+    for (loss, lr_decay_epochs, batching) in [
+        (Loss::Full, None, Batching::Grouped),
+        (Loss::Sampled, None, Batching::Grouped),
+        (Loss::Full, Some(5), Batching::Shuffled),
+    ] {
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
         let cfg = |max_epochs: usize, dir: &std::path::Path, resume: bool| TrainConfig {
             batch_size: 16,
+            batching,
             lr_decay_epochs,
             weight_decay: 0.01,
             patience: 100,

@@ -17,7 +17,7 @@ use crate::model::artifact::Artifact;
 use crate::model::{Arch, Combine, Features, ModelConfig, PositionOrigin, WindowPolicy};
 use crate::train::plot::draw_curves;
 use crate::train::{
-    choose_on_validation, peak_rss_bytes, train, CheckpointPlan, EpochLog, Loss, TrainConfig, TrainOutcome,
+    choose_on_validation, peak_rss_bytes, train, Batching, CheckpointPlan, EpochLog, Loss, TrainConfig, TrainOutcome,
 };
 
 #[derive(Debug, Clone, Args)]
@@ -98,6 +98,9 @@ pub struct TrainArgs {
     pub epochs: usize,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// grouped: batches of windows of similar length (less padding); shuffled: uniform batches.
+    #[arg(long, value_enum, default_value_t = Batching::Grouped)]
+    pub batching: Batching,
     #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
     /// Decay the learning rate along a half cosine to zero over this many epochs, and stop
@@ -217,6 +220,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         seed: args.seed,
         max_epochs: args.epochs,
         batch_size: args.batch_size,
+        batching: args.batching,
         learning_rate: args.lr,
         lr_decay_epochs: args.lr_decay_epochs.map(|epochs| epochs as usize),
         weight_decay: args.weight_decay,

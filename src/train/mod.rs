@@ -36,11 +36,32 @@ pub enum Loss {
     Sampled,
 }
 
+/// How an epoch's windows are cut into batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Batching {
+    /// Windows of similar length share a batch (sorted within shuffled groups of 32 batches),
+    /// so little compute goes to padding; the order of batches stays random.
+    #[default]
+    Grouped,
+    /// Plain shuffled chunks: every batch a uniform sample of windows, padded to its longest.
+    Shuffled,
+}
+
+impl Batching {
+    fn is_grouped(&self) -> bool {
+        *self == Batching::Grouped
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainConfig {
     pub seed: u64,
     pub max_epochs: usize,
     pub batch_size: usize,
+    /// Absent from older run records and checkpoints, which all batched by length.
+    #[serde(default, skip_serializing_if = "Batching::is_grouped")]
+    pub batching: Batching,
     pub learning_rate: f64,
     /// Decay the learning rate along a half cosine to zero over this many epochs (step by
     /// step), which also ends training there; constant when absent. A run with a known budget
@@ -383,15 +404,18 @@ fn restore(vs: &nn::VarStore, weights: &[(String, Tensor)]) {
     });
 }
 
-/// Batches hold windows of similar length (sorted within shuffled groups of batches) so little
-/// compute goes to padding, while batch order stays random.
-fn batch_plan(windows: &[Window], batch_size: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..windows.len()).collect();
+/// The indices of each step's windows, given the windows' real lengths: every window once (see
+/// [`Batching`]).
+fn batch_plan(lengths: &[usize], batch_size: usize, batching: Batching, rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.shuffle(rng);
+    if batching == Batching::Shuffled {
+        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    }
     let mut batches = Vec::new();
     for group in order.chunks(batch_size * 32) {
         let mut group = group.to_vec();
-        group.sort_by_cached_key(|&i| windows[i].input.real_len());
+        group.sort_by_key(|&i| lengths[i]);
         batches.extend(group.chunks(batch_size).map(<[usize]>::to_vec));
     }
     batches.shuffle(rng);
@@ -419,7 +443,8 @@ fn run_epoch(
     rng: &mut ChaCha8Rng,
 ) -> f64 {
     let (mut loss_sum, mut batches) = (0.0, 0);
-    let plan = batch_plan(windows, cfg.batch_size, rng);
+    let lengths: Vec<usize> = windows.iter().map(|w| w.input.real_len()).collect();
+    let plan = batch_plan(&lengths, cfg.batch_size, cfg.batching, rng);
     let plan_len = plan.len() as f64;
     for (index, batch_indices) in plan.into_iter().enumerate() {
         opt.set_learning_rate(scheduled_learning_rate(
@@ -582,6 +607,44 @@ mod tests {
     use super::*;
     use crate::data::session::{gap_bucket, GAP_BUCKET_PAD};
     use rand::Rng;
+
+    /// Padded positions of a plan: each batch is as wide as its longest window.
+    fn padding(plan: &[Vec<usize>], lengths: &[usize]) -> usize {
+        plan.iter()
+            .map(|batch| {
+                let width = batch.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+                batch.iter().map(|&i| width - lengths[i]).sum::<usize>()
+            })
+            .sum()
+    }
+
+    #[test]
+    fn both_batchings_take_every_window_once_and_grouping_pads_less() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..20 {
+            let windows = rng.gen_range(1..3000);
+            let batch_size = rng.gen_range(1..100);
+            let lengths: Vec<usize> = (0..windows).map(|_| rng.gen_range(1..=200)).collect();
+            let plans = [Batching::Grouped, Batching::Shuffled]
+                .map(|batching| batch_plan(&lengths, batch_size, batching, &mut ChaCha8Rng::seed_from_u64(1)));
+            for plan in &plans {
+                let mut taken: Vec<usize> = plan.concat();
+                taken.sort_unstable();
+                assert_eq!(taken, (0..windows).collect::<Vec<_>>());
+                assert!(plan.iter().all(|batch| !batch.is_empty() && batch.len() <= batch_size));
+                // Only one batch per group of 32 may be short: the last of the group.
+                let short = plan.iter().filter(|batch| batch.len() < batch_size).count();
+                assert!(short <= windows.div_ceil(batch_size * 32), "{short} short batches");
+            }
+            let [grouped, shuffled] = &plans;
+            assert!(padding(grouped, &lengths) <= padding(shuffled, &lengths));
+            // Shuffled batches are consecutive runs of one shuffled order, so they are the order
+            // the same generator's shuffle gives.
+            let mut order: Vec<usize> = (0..windows).collect();
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(1));
+            assert_eq!(shuffled.concat(), order);
+        }
+    }
 
     #[test]
     fn seen_cells_are_each_positions_earlier_items_masked_with_padding_but_not_its_target() {

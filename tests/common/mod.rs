@@ -16,7 +16,7 @@ use xsrec::data::Event;
 use xsrec::model::artifact::Artifact;
 use xsrec::model::{Features, ModelConfig};
 use xsrec::serve::{start, RunningServer, ServeConfig};
-use xsrec::train::{train, Loss, TrainConfig};
+use xsrec::train::{train, Batching, Loss, TrainConfig};
 
 pub struct Fixture {
     _dir: tempfile::TempDir,
@@ -51,6 +51,7 @@ pub fn quick_training(seed: u64, epochs: usize) -> TrainConfig {
         seed,
         max_epochs: epochs,
         batch_size: 64,
+        batching: Batching::Grouped,
         learning_rate: 3e-3,
         lr_decay_epochs: None,
         weight_decay: 0.0,
