@@ -192,3 +192,18 @@ def test_grouped_batches_cover_every_window_once_sorted_within_runs_of_32(seed):
                         assert max(lengths[i] for i in a) <= min(lengths[i] for i in b) or \
                             max(lengths[i] for i in b) <= min(lengths[i] for i in a)
     assert padding[True] <= padding[False]
+
+
+@pytest.mark.parametrize("field, message", [
+    ("1700000000000", "x.csv:3: timestamp '1700000000000' is past the year 9999 in seconds"),
+    ("-5", "x.csv:3: timestamp '-5' is negative"),
+    ("-0.5", "x.csv:3: timestamp '-0.5' is negative"),
+])
+def test_timestamps_the_rust_loader_refuses_are_refused_naming_the_line(tmp_path, field, message):
+    log = tmp_path / "x.csv"
+    log.write_text(f"user_id,item_id,timestamp\nu1,i1,5\nu1,i2,{field}\n")
+    with pytest.raises(ValueError, match=message):
+        load_events(log)
+    # The last second of the year 9999 is still a second, a fraction of it too.
+    log.write_text("user_id,item_id,timestamp\nu1,i1,253402300799.5\n")
+    assert load_events(log) == [("u1", "i1", 253402300799, None)]

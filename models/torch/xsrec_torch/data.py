@@ -3,10 +3,26 @@
 Formats as in the Rust loaders (by file name): RecBole `.inter` (tab, `name:type` header),
 MovieLens `u.data` (`*.data`, tab) and `ratings.dat` (`*.dat`, `::`), and CSV/TSV with a header
 naming user_id, item_id, timestamp and optionally event_type. This twin trusts its input: the
-Rust loader is the one that reports malformed rows.
+Rust loader is the one that reports malformed rows. Timestamps are Unix seconds; one it could
+not read as the Rust loader does (negative, or past the year 9999, as milliseconds are) is
+refused, since it would otherwise train on other sessions than `xsrec train` builds.
 """
 import pathlib
 from dataclasses import dataclass
+
+# The last second of the year 9999, as in the Rust loader (data/event.rs).
+MAX_TIMESTAMP = 253_402_300_799
+
+
+def seconds(field, where):
+    number = float(field)
+    if number < 0:
+        raise ValueError(f"{where}: timestamp {field!r} is negative")
+    value = int(number)
+    if value > MAX_TIMESTAMP:
+        raise ValueError(f"{where}: timestamp {field!r} is past the year 9999 in seconds; this twin reads "
+                         "seconds only (`xsrec train --timestamp-unit ms` reads milliseconds)")
+    return value
 
 
 def load_events(path):
@@ -22,12 +38,14 @@ def load_events(path):
         cols = {n: i for i, n in enumerate(names)}
         body = lines[1:]
     events = []
-    for line in body:
+    first_line = len(lines) - len(body) + 1
+    for number, line in enumerate(body, start=first_line):
         if not line.strip():
             continue
         f = line.split(delim)
         event_type = f[cols["event_type"]] if "event_type" in cols and f[cols["event_type"]] else None
-        events.append((f[cols["user_id"]], f[cols["item_id"]], int(float(f[cols["timestamp"]])), event_type))
+        timestamp = seconds(f[cols["timestamp"]], f"{path.name}:{number}")
+        events.append((f[cols["user_id"]], f[cols["item_id"]], timestamp, event_type))
     return events
 
 
