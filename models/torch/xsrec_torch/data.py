@@ -20,8 +20,10 @@ def seconds(field, where):
         raise ValueError(f"{where}: timestamp {field!r} is negative")
     value = int(number)
     if value > MAX_TIMESTAMP:
-        raise ValueError(f"{where}: timestamp {field!r} is past the year 9999 in seconds; this twin reads "
-                         "seconds only (`xsrec train --timestamp-unit ms` reads milliseconds)")
+        # The hint only where milliseconds would be in range, as the Rust loader gives it.
+        hint = "; this twin reads seconds only (`xsrec train --timestamp-unit ms` reads milliseconds)"
+        raise ValueError(f"{where}: timestamp {field!r} is past the year 9999 in seconds"
+                         + (hint if int(number / 1000) <= MAX_TIMESTAMP else ""))
     return value
 
 
