@@ -36,7 +36,8 @@ pub enum Loss {
     Sampled,
 }
 
-/// How an epoch's windows are cut into batches.
+/// How an epoch's windows are cut into batches. `xsrec train` shuffles by default; `Default`
+/// is what a run record without the field meant (every run before the choice existed grouped).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Batching {

@@ -130,8 +130,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--patience", type=int, default=20)
-    p.add_argument("--batching", choices=["grouped", "shuffled"], default="grouped",
-                   help="grouped: batches of windows of similar length, as `xsrec train` (default); shuffled: plain shuffled chunks")
+    p.add_argument("--batching", choices=["grouped", "shuffled"], default="shuffled",
+                   help="shuffled: plain shuffled chunks (default, as `xsrec train`: better models); grouped: batches of windows of similar length, less padding")
     p.add_argument("--loss-keep-seen", action="store_true", help="keep already-seen items in the training softmax (by default they are left out, as in evaluation)")
     p.add_argument("--repeat-term", action="store_true", help="learn a score offset for the items the user already had (needs --loss-keep-seen)")
     for feature in ("session-recency", "time-gap", "event-type", "prediction-gap", "session-successor", "clock-readout"):
