@@ -23,6 +23,8 @@ pub struct RecallRow {
     /// Bytes held besides the model's table (the packed copy, or the codes).
     pub extra_mib: f64,
     pub build_seconds: f64,
+    /// Rows an int8 or bf16 shortlist could not prove exact, ranked over the whole table.
+    pub unsettled_rows: u64,
 }
 
 /// Hidden states of `cases` in batches of `batch_size`, then exact retrieval and every first
@@ -77,6 +79,7 @@ pub fn measure(
             ms_per_batch: times.get(times.len() / 2).copied().unwrap_or(0.0),
             extra_mib: catalogue.extra_bytes() as f64 / f64::from(1 << 20),
             build_seconds,
+            unsettled_rows: catalogue.unsettled_rows(),
         });
     }
     rows

@@ -399,19 +399,20 @@ fn recall_bench(recall_args: &RecallArgs) -> anyhow::Result<()> {
         artifact.model.config.num_items - 1,
         artifact.model.config.d_model
     );
-    println!("  retrieval            recall@k  min  identical  ms/batch  speed-up  extra MiB  build s");
+    println!("  retrieval            recall@k  min  identical  ms/batch  speed-up  extra MiB  build s  unsettled");
     let exact_ms = rows.first().map_or(0.0, |r| r.ms_per_batch);
     for row in &rows {
         let name = &row.retrieval;
         println!(
-            "  {name:<20} {:>8.4}  {:>3}  {:>9}  {:>8.1}  {:>7.2}×  {:>9.1}  {:>7.1}",
+            "  {name:<20} {:>8.4}  {:>3}  {:>9}  {:>8.1}  {:>7.2}×  {:>9.1}  {:>7.1}  {:>9}",
             row.recall,
             row.min_overlap,
             row.identical_lists,
             row.ms_per_batch,
             exact_ms / row.ms_per_batch.max(1e-9),
             row.extra_mib,
-            row.build_seconds
+            row.build_seconds,
+            row.unsettled_rows
         );
     }
     emit(

@@ -106,6 +106,8 @@ pub(super) struct PackedItems {
     values: Vec<u64>,
     /// Per item (blocks padded), the int8 scale; empty for the other storages.
     scales: Vec<f32>,
+    /// The largest |value| in the table, which bounds every stored value's rounding.
+    max_abs: f32,
 }
 
 impl PackedItems {
@@ -155,7 +157,37 @@ impl PackedItems {
             items,
             values,
             scales,
+            max_abs: plain.iter().fold(0f32, |m, v| m.max(v.abs())),
         })
+    }
+
+    /// How far a score from this copy can be from the exact path's score of the same item (both
+    /// in f32), for a state whose absolute values sum to `state_l1`: each stored value's rounding
+    /// (bf16: half a unit in the 8th significant bit; int8: half a step of `max / 127`), then
+    /// both dot products' own f32 rounding (Higham's γ for `dim + 1` operations) and the int8
+    /// scale's product. Infinite or NaN where the state is.
+    pub(super) fn error_bound(&self, state_l1: f64) -> f64 {
+        let rounding = match self.storage {
+            Storage::Fp32 => 0.0,
+            Storage::Bf16 => 2f64.powi(-8),
+            // The code's division adds 127 units of f32 rounding to the half step.
+            Storage::Int8 => (0.5 + 127.0 * 2f64.powi(-24)) / 127.0,
+        };
+        let largest = state_l1 * f64::from(self.max_abs);
+        // int8 sums the state against the codes (up to 127) before scaling.
+        let largest_sum = if self.storage == Storage::Int8 {
+            state_l1 * 127.0
+        } else {
+            largest
+        };
+        let limit = f64::from(f32::MAX) / 2.0;
+        if largest.is_nan() || largest_sum.is_nan() || largest.max(largest_sum) >= limit {
+            return f64::INFINITY; // a score could overflow, and an infinite one is dropped
+        }
+        let unit = 2f64.powi(-24);
+        let operations = (self.dim + 1) as f64;
+        let gamma = operations * unit / (1.0 - operations * unit);
+        largest * (rounding + (2.0 * gamma + unit) * (1.0 + rounding))
     }
 
     /// Offers every item's score for each hidden state (`states`: rows × dim) to that row's

@@ -8,6 +8,7 @@
 //! docs/BENCHMARKS.md, "Large catalogues"). On a GPU, memory bandwidth is plentiful and one
 //! `topk` over the whole matrix is the fast way.
 use std::cmp::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
 use tch::{Device, Kind, Tensor};
 
@@ -32,7 +33,9 @@ pub enum Retrieval {
     /// Every item scored exactly.
     Exact,
     /// Every item scored by a cheaper first stage; the best `shortlist` of each row (at least
-    /// k) are then scored exactly and ranked.
+    /// k) are then scored exactly and ranked. With a rounded copy (int8, bf16) the answer is
+    /// the exact one: a row the rounding's error bound does not settle is ranked over the whole
+    /// table ([`Catalogue::unsettled_rows`] counts them).
     Shortlist { scan: Scan, shortlist: usize },
 }
 
@@ -64,9 +67,11 @@ pub struct RetrievalArgs {
     /// the table. The others score every item from a smaller copy and score the best
     /// `--shortlist` exactly, for catalogues of a few hundred thousand items and more:
     /// `approximate` from 4-bit product-quantization codes (64 bytes per item at d = 128, built
-    /// at model load), `int8` from an int8 copy with a scale per item (a quarter of the fp32
-    /// copy), `bf16` from a bf16 copy (half). Recall, speed and bytes in docs/BENCHMARKS.md. A
-    /// GPU ranks exactly.
+    /// at model load; approximate), `int8` from an int8 copy with a scale per item (a quarter of
+    /// the fp32 copy), `bf16` from a bf16 copy (half). int8 and bf16 answer exactly as `exact`:
+    /// their rounding has a known bound, and a request whose shortlist it cannot prove complete
+    /// is scored over the whole table. Recall, speed and bytes in docs/BENCHMARKS.md. A GPU
+    /// ranks exactly.
     #[arg(long, env = "XSREC_RETRIEVAL", value_enum, default_value = "exact")]
     pub retrieval: RetrievalMode,
     /// Items per request that a first stage (`approximate`, `int8`, `bf16`) passes on to exact
@@ -112,6 +117,8 @@ impl RetrievalArgs {
 pub struct Catalogue {
     table: Tensor,
     search: Search,
+    /// Rows a rounded first stage could not settle, ranked over the whole table instead.
+    unsettled_rows: AtomicU64,
 }
 
 enum Search {
@@ -155,6 +162,38 @@ impl FirstStage {
             Self::Packed(packed) => packed.bytes(),
         }
     }
+
+    /// How far this stage's score of any item can be from its exact score, for `state`: known
+    /// for a rounded copy of the table (int8, bf16), not for product-quantization codes.
+    fn error_bound(&self, state: &[f32]) -> Option<f64> {
+        match self {
+            Self::Quantized(_) => None,
+            Self::Packed(packed) => Some(packed.error_bound(state.iter().map(|&v| f64::from(v.abs())).sum())),
+        }
+    }
+}
+
+/// The first-stage score below which an item cannot be among a row's exact best `k`, given a
+/// shortlist's re-ranked best (`ranked`): the exact best all score at least its k-th, so
+/// at least that less `bound` in the first stage; −∞ where it has fewer than k. Lowered by a thousandth of the bound so that f32's rounding never raises it.
+fn must_reach(ranked: &[(u32, f32)], k: usize, bound: f64) -> f32 {
+    match ranked.get(k.max(1) - 1) {
+        Some(&(_, kth)) if ranked.len() >= k => (f64::from(kth) - bound * 1.001) as f32,
+        _ => f32::NEG_INFINITY,
+    }
+}
+
+/// Whether a re-ranked shortlist is provably the exact best `k`: every item left out scored at
+/// most `floor` in the first stage, so at most `floor + bound` exactly, and that is below the
+/// k-th exact score (strictly: an equal score could still win on item order).
+fn settled(ranked: &[(u32, f32)], k: usize, floor: f32, bound: f64) -> bool {
+    if floor == f32::NEG_INFINITY {
+        return true; // nothing was left out
+    }
+    match ranked.get(k.max(1) - 1) {
+        Some(&(_, kth)) if ranked.len() >= k => f64::from(floor) + bound < f64::from(kth),
+        _ => false,
+    }
 }
 
 impl Catalogue {
@@ -170,7 +209,14 @@ impl Catalogue {
         Self {
             search: search.unwrap_or(Search::Libtorch),
             table: table.shallow_clone(),
+            unsettled_rows: AtomicU64::new(0),
         }
+    }
+
+    /// Rows so far whose int8 or bf16 shortlist could not be proven exact, and which were
+    /// therefore scored over the whole table.
+    pub fn unsettled_rows(&self) -> u64 {
+        self.unsettled_rows.load(AtomicOrdering::Relaxed)
     }
 
     /// Per row, the best `ks[row]` items for `hidden` (`[B, d]`) by dot product: the padding
@@ -203,11 +249,53 @@ impl Catalogue {
                 first.search(&states, &excluded, &mut best);
                 let table = host_table(&self.table);
                 let dim = self.table.size()[1] as usize;
-                best.into_iter()
+                let mut ranked = Vec::with_capacity(ks.len());
+                // Rows the error bound does not settle, and the first-stage score every item of
+                // their exact best must reach.
+                let mut unsettled: Vec<(usize, f32)> = Vec::new();
+                for (row, ((best, state), &k)) in best
+                    .into_iter()
                     .zip(states.chunks_exact(dim.max(1)))
                     .zip(ks)
-                    .map(|((best, state), &k)| rerank(&table, state, best.into_columns(), k))
-                    .collect()
+                    .enumerate()
+                {
+                    let (shortlist, floor) = best.into_columns_and_floor();
+                    let mut row_ranked = rerank(&table, state, shortlist, k);
+                    match first.error_bound(state) {
+                        // Scores near f32's range (or a NaN state): an overflowed first-stage
+                        // score is dropped, so the whole table decides.
+                        Some(bound) if !bound.is_finite() => {
+                            self.unsettled_rows.fetch_add(1, AtomicOrdering::Relaxed);
+                            let items = self.table.size()[0] as usize;
+                            let every = (0..items).filter(|&item| excluded[row].binary_search(&(item as i64)).is_err());
+                            row_ranked = rerank(&table, state, every.collect(), k);
+                        }
+                        Some(bound) if !settled(&row_ranked, k, floor, bound) => {
+                            unsettled.push((row, must_reach(&row_ranked, k, bound)));
+                        }
+                        _ => {}
+                    }
+                    ranked.push(row_ranked);
+                }
+                if !unsettled.is_empty() {
+                    self.unsettled_rows
+                        .fetch_add(unsettled.len() as u64, AtomicOrdering::Relaxed);
+                    // One more scan for them all, keeping every item that can reach the row's
+                    // exact best: the exact k-th best of its shortlist, less the bound.
+                    let row_states: Vec<f32> = unsettled
+                        .iter()
+                        .flat_map(|&(row, _)| &states[row * dim..][..dim])
+                        .copied()
+                        .collect();
+                    let row_excluded: Vec<Vec<i64>> = unsettled.iter().map(|&(row, _)| excluded[row].clone()).collect();
+                    let mut reaching: Vec<BestK> = unsettled.iter().map(|&(_, least)| BestK::above(least)).collect();
+                    first.search(&row_states, &row_excluded, &mut reaching);
+                    for ((row, _), reaching) in unsettled.into_iter().zip(reaching) {
+                        let state = &states[row * dim..][..dim];
+                        ranked[row] = rerank(&table, state, reaching.into_columns_and_floor().0, ks[row]);
+                    }
+                }
+                ranked
             }
             Search::Libtorch => unreachable!("answered above"),
         }
@@ -390,6 +478,15 @@ impl BestK {
         }
     }
 
+    /// Keeps every column offered above `floor`, however many.
+    fn above(floor: f32) -> Self {
+        Self {
+            k: usize::MAX / 8, // never reached, and 4·k does not overflow
+            floor,
+            kept: Vec::new(),
+        }
+    }
+
     /// `values[j]` is column `first + j`; columns in `excluded` (sorted) are passed over.
     fn offer(&mut self, values: &[f32], first: usize, excluded: &[i64]) {
         if self.k == 0 {
@@ -426,10 +523,12 @@ impl BestK {
         self.kept.truncate(self.k);
     }
 
-    /// The columns kept, in no order.
-    fn into_columns(mut self) -> Vec<usize> {
+    /// The columns kept, in no order, and the floor: every column offered and not kept had a
+    /// value at most this (−∞ where none was left out).
+    fn into_columns_and_floor(mut self) -> (Vec<usize>, f32) {
         self.shrink();
-        self.kept.into_iter().map(|(_, column)| column).collect()
+        let floor = self.floor;
+        (self.kept.into_iter().map(|(_, column)| column).collect(), floor)
     }
 
     /// Best first, as (`name(column)`, value).
@@ -598,5 +697,61 @@ mod tests {
                 assert!(recall >= 0.95, "{scan}, {items} items × {dim}, k {k}: recall {recall}");
             }
         }
+    }
+
+    /// The rounded first stages (int8, bf16) rank exactly, with the exact path as the oracle:
+    /// random Gaussian catalogues randomised in size, width, k and shortlist (down to k itself),
+    /// and catalogues whose best items are near-copies of one vector, closer than the rounding
+    /// can tell apart, so that rows must be settled over the whole table. Items and scores equal
+    /// the exact path's bit for bit; with a shortlist of 2% of a Gaussian catalogue the error
+    /// bound settles every row but (at most) the one whose state is scaled to near f32's range.
+    #[test]
+    fn rounded_first_stages_rank_exactly() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(29);
+        let (mut unsettled_near_copies, mut unsettled_wide_gaussian) = (0, 0);
+        for case in 0..8 {
+            let items = rng.gen_range(2_000i64..8_000);
+            let dim = [8i64, 16, 33, 64, 128][rng.gen_range(0..5)];
+            let k = rng.gen_range(1usize..=15);
+            let near_copies = case % 2 == 1;
+            tch::manual_seed(rng.gen());
+            let mut table = Tensor::randn([items, dim], (Kind::Float, Device::Cpu));
+            let mut hidden = Tensor::randn([24, dim], (Kind::Float, Device::Cpu));
+            if near_copies {
+                let base = Tensor::randn([1, dim], (Kind::Float, Device::Cpu));
+                let copies = &base * 3.0 + Tensor::randn([200, dim], (Kind::Float, Device::Cpu)) * 1e-4;
+                table = Tensor::cat(&[table.narrow(0, 0, 1), copies, table.narrow(0, 201, items - 201)], 0);
+                hidden = &base + hidden * 0.1;
+            } else {
+                // A state so large that the bound reaches f32's range: that row takes the whole
+                // table at once.
+                let _ = hidden.get(0).g_mul_scalar_(1e36);
+            }
+            let exclude: Vec<Vec<i64>> = (0..24)
+                .map(|r| (0..r % 5).map(|i| 1 + (r * 31 + i * 7) % (items - 1)).collect())
+                .collect();
+            let exact = Catalogue::new(&table, Retrieval::Exact).rank(&hidden, &exclude, &[k; 24]);
+            for scan in [Scan::Bf16, Scan::Int8] {
+                for shortlist in [k, 2 * k, items as usize / 50] {
+                    let catalogue = Catalogue::new(&table, Retrieval::Shortlist { scan, shortlist });
+                    let got = catalogue.rank(&hidden, &exclude, &[k; 24]);
+                    assert_eq!(got, exact, "{scan}, {items} × {dim}, k {k}, shortlist {shortlist}");
+                    if near_copies {
+                        unsettled_near_copies += catalogue.unsettled_rows();
+                    } else if shortlist == items as usize / 50 {
+                        unsettled_wide_gaussian += catalogue.unsettled_rows();
+                    }
+                }
+            }
+        }
+        assert!(
+            unsettled_near_copies > 0,
+            "the near-copies never needed the whole table"
+        );
+        assert!(
+            unsettled_wide_gaussian <= 4 * 2,
+            "only the huge row of a Gaussian case and scan may be unsettled"
+        );
     }
 }
