@@ -23,7 +23,7 @@ pub struct RecallRow {
     /// Bytes held besides the model's table (the packed copy, or the codes).
     pub extra_mib: f64,
     pub build_seconds: f64,
-    /// Rows an int8 or bf16 shortlist could not prove exact, ranked over the whole table.
+    /// Rows an int8 or bf16 shortlist could not prove exact, ranked from a second scan.
     pub unsettled_rows: u64,
 }
 

@@ -34,8 +34,9 @@ pub enum Retrieval {
     Exact,
     /// Every item scored by a cheaper first stage; the best `shortlist` of each row (at least
     /// k) are then scored exactly and ranked. With a rounded copy (int8, bf16) the answer is
-    /// the exact one: a row the rounding's error bound does not settle is ranked over the whole
-    /// table ([`Catalogue::unsettled_rows`] counts them).
+    /// the exact one: a row whose shortlist the rounding's error bound does not settle gets a
+    /// second scan for every item that could still reach its best ([`Catalogue::unsettled_rows`]
+    /// counts them).
     Shortlist { scan: Scan, shortlist: usize },
 }
 
@@ -70,7 +71,7 @@ pub struct RetrievalArgs {
     /// at model load; approximate), `int8` from an int8 copy with a scale per item (a quarter of
     /// the fp32 copy), `bf16` from a bf16 copy (half). int8 and bf16 answer exactly as `exact`:
     /// their rounding has a known bound, and a request whose shortlist it cannot prove complete
-    /// is scored over the whole table. Recall, speed and bytes in docs/BENCHMARKS.md. A GPU
+    /// gets a second scan for every item that could still reach its best. Recall, speed and bytes in docs/BENCHMARKS.md. A GPU
     /// ranks exactly.
     #[arg(long, env = "XSREC_RETRIEVAL", value_enum, default_value = "exact")]
     pub retrieval: RetrievalMode,
@@ -117,7 +118,8 @@ impl RetrievalArgs {
 pub struct Catalogue {
     table: Tensor,
     search: Search,
-    /// Rows a rounded first stage could not settle, ranked over the whole table instead.
+    /// Rows whose rounded first-stage shortlist could not be proven exact (a second scan, or
+    /// near f32's range the whole table, ranked them).
     unsettled_rows: AtomicU64,
 }
 
@@ -174,8 +176,9 @@ impl FirstStage {
 }
 
 /// The first-stage score below which an item cannot be among a row's exact best `k`, given a
-/// shortlist's re-ranked best (`ranked`): the exact best all score at least its k-th, so
-/// at least that less `bound` in the first stage; −∞ where it has fewer than k. Lowered by a thousandth of the bound so that f32's rounding never raises it.
+/// shortlist's re-ranked best (`ranked`): the exact best all score at least its k-th, so at
+/// least that less `bound` in the first stage; −∞ where it has fewer than k. Lowered by a
+/// thousandth of the bound so that f32's rounding never raises it.
 fn must_reach(ranked: &[(u32, f32)], k: usize, bound: f64) -> f32 {
     match ranked.get(k.max(1) - 1) {
         Some(&(_, kth)) if ranked.len() >= k => (f64::from(kth) - bound * 1.001) as f32,
@@ -214,7 +217,7 @@ impl Catalogue {
     }
 
     /// Rows so far whose int8 or bf16 shortlist could not be proven exact, and which were
-    /// therefore scored over the whole table.
+    /// therefore ranked from a second scan (or the whole table).
     pub fn unsettled_rows(&self) -> u64 {
         self.unsettled_rows.load(AtomicOrdering::Relaxed)
     }
@@ -702,7 +705,7 @@ mod tests {
     /// The rounded first stages (int8, bf16) rank exactly, with the exact path as the oracle:
     /// random Gaussian catalogues randomised in size, width, k and shortlist (down to k itself),
     /// and catalogues whose best items are near-copies of one vector, closer than the rounding
-    /// can tell apart, so that rows must be settled over the whole table. Items and scores equal
+    /// can tell apart, so that rows need the second scan. Items and scores equal
     /// the exact path's bit for bit; with a shortlist of 2% of a Gaussian catalogue the error
     /// bound settles every row but (at most) the one whose state is scaled to near f32's range.
     #[test]
@@ -747,7 +750,7 @@ mod tests {
         }
         assert!(
             unsettled_near_copies > 0,
-            "the near-copies never needed the whole table"
+            "the near-copies never needed the second scan"
         );
         assert!(
             unsettled_wide_gaussian <= 4 * 2,
