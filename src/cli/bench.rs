@@ -17,7 +17,7 @@ use crate::bench::{forward, parity, recall};
 use crate::data::formats::TimestampUnit;
 use crate::data::split::build_sequences;
 use crate::data::vocab::Vocab;
-use crate::infer::rank::{Retrieval, RetrievalArgs, RetrievalMode};
+use crate::infer::rank::{Retrieval, RetrievalArgs, Scan};
 use crate::model::artifact::{read_items, ITEMS_FILE};
 use crate::model::{Arch, Artifact, Features, ModelConfig, PositionOrigin, Precision, SeqModel};
 
@@ -149,7 +149,7 @@ pub struct RecallArgs {
     pub cases: CasesArgs,
     /// First stages to measure (`approximate`, `int8`, `bf16`), each with every shortlist.
     #[arg(long, value_delimiter = ',', default_value = "approximate,int8,bf16")]
-    pub scans: Vec<RetrievalMode>,
+    pub scans: Vec<Scan>,
     /// Shortlists to measure.
     #[arg(long, value_delimiter = ',', default_value = "100,300,1000,3000")]
     pub shortlists: Vec<usize>,
@@ -375,20 +375,12 @@ fn recall_bench(recall_args: &RecallArgs) -> anyhow::Result<()> {
     let args = &recall_args.cases;
     let artifact = Artifact::load(&args.model, device)?;
     let cases = bench_cases(&artifact, args)?;
-    let scans = recall_args
-        .scans
-        .iter()
-        .map(|mode| {
-            mode.scan()
-                .context("--scans lists first stages; exact is always measured")
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
     let rows = recall::measure(
         &artifact.model,
         &cases,
         args.k,
         args.batch_size,
-        &scans,
+        &recall_args.scans,
         &recall_args.shortlists,
     );
     println!(

@@ -41,9 +41,10 @@ pub enum Retrieval {
 }
 
 /// The first stage of [`Retrieval::Shortlist`]: what every item is scored from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scan {
     /// 4-bit product-quantization codes (an eighth of the fp32 copy's bytes at d = 128).
+    #[value(name = "approximate")]
     ProductQuantized,
     /// A bf16 copy of the table (half the fp32 copy's bytes).
     Bf16,
