@@ -165,7 +165,7 @@ impl PackedItems {
     /// in f32), for a state whose absolute values sum to `state_l1`: each stored value's rounding
     /// (bf16: half a unit in the 8th significant bit; int8: half a step of `max / 127`), then
     /// both dot products' own f32 rounding (Higham's γ for `dim + 1` operations) and the int8
-    /// scale's product. Infinite or NaN where the state is.
+    /// scale's product. Infinite where a score could overflow f32 (or the state is NaN).
     pub(super) fn error_bound(&self, state_l1: f64) -> f64 {
         let rounding = match self.storage {
             Storage::Fp32 => 0.0,

@@ -72,8 +72,8 @@ pub struct RetrievalArgs {
     /// at model load; approximate), `int8` from an int8 copy with a scale per item (a quarter of
     /// the fp32 copy), `bf16` from a bf16 copy (half). int8 and bf16 answer exactly as `exact`:
     /// their rounding has a known bound, and a request whose shortlist it cannot prove complete
-    /// gets a second scan for every item that could still reach its best. Recall, speed and bytes in docs/BENCHMARKS.md. A GPU
-    /// ranks exactly.
+    /// gets a second scan for every item that could still reach its best. Recall, speed and
+    /// bytes in docs/BENCHMARKS.md. A GPU ranks exactly.
     #[arg(long, env = "XSREC_RETRIEVAL", value_enum, default_value = "exact")]
     pub retrieval: RetrievalMode,
     /// Items per request that a first stage (`approximate`, `int8`, `bf16`) passes on to exact
@@ -176,28 +176,28 @@ impl FirstStage {
     }
 }
 
+/// The k-th best exact score of a re-ranked shortlist, where it holds k.
+fn kth_exact(ranked: &[(u32, f32)], k: usize) -> Option<f32> {
+    ranked
+        .get(k.max(1) - 1)
+        .filter(|_| ranked.len() >= k)
+        .map(|&(_, kth)| kth)
+}
+
 /// The first-stage score below which an item cannot be among a row's exact best `k`, given a
 /// shortlist's re-ranked best (`ranked`): the exact best all score at least its k-th, so at
 /// least that less `bound` in the first stage; −∞ where it has fewer than k. Lowered by a
 /// thousandth of the bound so that f32's rounding never raises it.
 fn must_reach(ranked: &[(u32, f32)], k: usize, bound: f64) -> f32 {
-    match ranked.get(k.max(1) - 1) {
-        Some(&(_, kth)) if ranked.len() >= k => (f64::from(kth) - bound * 1.001) as f32,
-        _ => f32::NEG_INFINITY,
-    }
+    kth_exact(ranked, k).map_or(f32::NEG_INFINITY, |kth| (f64::from(kth) - bound * 1.001) as f32)
 }
 
 /// Whether a re-ranked shortlist is provably the exact best `k`: every item left out scored at
 /// most `floor` in the first stage, so at most `floor + bound` exactly, and that is below the
 /// k-th exact score (strictly: an equal score could still win on item order).
 fn settled(ranked: &[(u32, f32)], k: usize, floor: f32, bound: f64) -> bool {
-    if floor == f32::NEG_INFINITY {
-        return true; // nothing was left out
-    }
-    match ranked.get(k.max(1) - 1) {
-        Some(&(_, kth)) if ranked.len() >= k => f64::from(floor) + bound < f64::from(kth),
-        _ => false,
-    }
+    floor == f32::NEG_INFINITY // nothing was left out
+        || kth_exact(ranked, k).is_some_and(|kth| f64::from(floor) + bound < f64::from(kth))
 }
 
 impl Catalogue {
