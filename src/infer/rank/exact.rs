@@ -29,10 +29,91 @@ impl Storage {
     }
 }
 
-/// `out[r·stride + j]` = `scale[j]` · Σ_k `states[r·dim + k]` · `panel[k·block_items + j]`, the
-/// panel's values widened from the storage's type (`scales` is read for int8 only).
+/// `out[r·stride + j]` = `scale[j]` · Σ_k state `r`'s value `k` · the panel's value `k` of item `j`
+/// (`scales` is read for int8 only), in the kernel's [`Layout`].
 type BlockScores =
-    unsafe fn(panel: *const u8, scales: *const f32, states: &[f32], dim: usize, stride: usize, out: &mut [f32]);
+    unsafe fn(panel: *const u8, scales: *const f32, states: &GroupStates, stride: usize, out: &mut [f32]);
+
+/// How a kernel reads the table's values and the hidden states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// Each dimension's values of a block's items together, widened to f32 as they load; the
+    /// states in f32.
+    Floats,
+    /// int8 codes plus 128 (as u8), each item's four consecutive dimensions together, which
+    /// VNNI's byte dot product multiplies by four int8 codes of the state at once (the states are
+    /// rounded to int8 too, see [`int8_state`]); dimensions padded to a multiple of four.
+    ByteQuads,
+}
+
+/// The hidden states of one group of a kernel's rows, as its [`Layout`] reads them.
+pub(super) struct GroupStates<'a> {
+    /// Per row `row_words` words: f32 bits (floats) or four int8 codes (byte quads).
+    words: &'a [u32],
+    row_words: usize,
+    /// Byte quads only, per row: the state's scale, and 128 × the sum of its codes (what the
+    /// table's offset adds to each score).
+    scales: &'a [f32],
+    offsets: &'a [i32],
+}
+
+/// Every row's hidden state as the kernel reads it, rows padded to whole groups with zeros
+/// (whose scores nobody reads).
+struct PreparedStates {
+    words: Vec<u32>,
+    row_words: usize,
+    scales: Vec<f32>,
+    offsets: Vec<i32>,
+}
+
+impl PreparedStates {
+    fn new(layout: Layout, states: &[f32], dim: usize, rows: usize) -> Self {
+        match layout {
+            Layout::Floats => {
+                let mut words: Vec<u32> = states.iter().map(|v| v.to_bits()).collect();
+                words.resize(rows * dim, 0);
+                Self {
+                    words,
+                    row_words: dim,
+                    scales: Vec::new(),
+                    offsets: Vec::new(),
+                }
+            }
+            Layout::ByteQuads => {
+                let row_words = dim.div_ceil(4);
+                let mut prepared = Self {
+                    words: vec![0; rows * row_words],
+                    row_words,
+                    scales: vec![0.0; rows],
+                    offsets: vec![0; rows],
+                };
+                for (row, state) in states.chunks_exact(dim.max(1)).enumerate() {
+                    let (mut codes, scale) = int8_state(state);
+                    codes.resize(row_words * 4, 0);
+                    for (word, quad) in prepared.words[row * row_words..][..row_words]
+                        .iter_mut()
+                        .zip(codes.chunks_exact(4))
+                    {
+                        *word = u32::from_le_bytes([quad[0] as u8, quad[1] as u8, quad[2] as u8, quad[3] as u8]);
+                    }
+                    prepared.scales[row] = scale;
+                    prepared.offsets[row] = 128 * codes.iter().map(|&c| i32::from(c)).sum::<i32>();
+                }
+                prepared
+            }
+        }
+    }
+
+    fn group(&self, group: usize, rows: usize) -> GroupStates<'_> {
+        let per_row = group * rows..(group + 1) * rows;
+        GroupStates {
+            words: &self.words[per_row.start * self.row_words..per_row.end * self.row_words],
+            row_words: self.row_words,
+            scales: self.scales.get(per_row.clone()).unwrap_or_default(),
+            offsets: self.offsets.get(per_row).unwrap_or_default(),
+        }
+    }
+}
 
 /// The scoring kernel this CPU runs: its block width and how many states it scores at once.
 #[derive(Clone, Copy)]
@@ -42,6 +123,7 @@ struct Kernel {
     block_items: usize,
     /// Hidden states scored together against a block.
     rows: usize,
+    layout: Layout,
     scores: BlockScores,
 }
 
@@ -52,6 +134,21 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         {
             use simd::*;
+            // int8 by VNNI's byte dot products: four multiply-adds of bytes per 32-bit lane, so
+            // an instruction does 64 where an f32 one does 16, and the codes need no widening.
+            // The same 8 states × 3 vectors of 16 items.
+            if storage == Storage::Int8
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+            {
+                return Some(Self {
+                    name: "AVX-512 VNNI",
+                    block_items: 3 * 16,
+                    rows: 8,
+                    layout: Layout::ByteQuads,
+                    scores: vnni_scores,
+                });
+            }
             // 8 states × 3 vectors of 16 items: 24 accumulators, 3 item vectors and a broadcast
             // fit AVX-512's 32 registers, and a step is 11 loads for 24 multiply-adds, bound by
             // the two FMA ports, not by the loads (one item vector × 16 states was 17 loads for
@@ -66,6 +163,7 @@ impl Kernel {
                     name: "AVX-512",
                     block_items: 3 * 16,
                     rows: 8,
+                    layout: Layout::Floats,
                     scores,
                 });
             }
@@ -81,6 +179,7 @@ impl Kernel {
                     name: "AVX2",
                     block_items: 2 * 8,
                     rows: 6,
+                    layout: Layout::Floats,
                     scores,
                 });
             }
@@ -108,6 +207,10 @@ pub(super) struct PackedItems {
     scales: Vec<f32>,
     /// The largest |value| in the table, which bounds every stored value's rounding.
     max_abs: f32,
+    /// The largest Euclidean norm of an item as stored, and of an item's rounding (stored −
+    /// value), for the error bound's Cauchy–Schwarz terms.
+    max_norm: f64,
+    max_rounding_norm: f64,
 }
 
 impl PackedItems {
@@ -120,7 +223,8 @@ impl PackedItems {
         let plain = host_table(table);
         let blocks = items.div_ceil(block_items);
         let value_bytes = storage.value_bytes();
-        let length = blocks * dim * block_items * value_bytes;
+        let padded_dim = padded_dim(kernel.layout, dim);
+        let length = blocks * padded_dim * block_items * value_bytes;
         let mut values = vec![0u64; length.div_ceil(8)];
         // SAFETY: the u64 words are initialised and any byte pattern is a u64; bytes have no
         // alignment; the view ends before `values` is used again. Written in place: a separate
@@ -130,8 +234,9 @@ impl PackedItems {
             Storage::Int8 => vec![0f32; blocks * block_items],
             Storage::Fp32 | Storage::Bf16 => Vec::new(),
         };
+        let (mut max_norm, mut max_rounding_norm) = (0f64, 0f64);
         for (item, row) in plain.chunks(dim.max(1)).enumerate() {
-            let block = (item / block_items) * dim * block_items;
+            let block = (item / block_items) * padded_dim * block_items;
             let scale = match storage {
                 Storage::Int8 => {
                     let scale = row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
@@ -140,13 +245,22 @@ impl PackedItems {
                 }
                 Storage::Fp32 | Storage::Bf16 => 1.0,
             };
+            let kept = row.iter().map(|&value| stored_value(storage, value, scale));
+            max_norm = max_norm.max(norm(kept.clone()));
+            max_rounding_norm =
+                max_rounding_norm.max(norm(kept.zip(row).map(|(kept, &value)| kept - f64::from(value))));
             for (k, &value) in row.iter().enumerate() {
-                let at = (block + k * block_items + item % block_items) * value_bytes;
+                let lane = item % block_items;
+                let at = match kernel.layout {
+                    Layout::Floats => (block + k * block_items + lane) * value_bytes,
+                    Layout::ByteQuads => block + ((k / 4) * block_items + lane) * 4 + k % 4,
+                };
                 let to = &mut bytes[at..at + value_bytes];
-                match storage {
-                    Storage::Fp32 => to.copy_from_slice(&value.to_ne_bytes()),
-                    Storage::Bf16 => to.copy_from_slice(&bf16_bits(value).to_ne_bytes()),
-                    Storage::Int8 => to[0] = int8_code(value, scale) as u8,
+                match (storage, kernel.layout) {
+                    (Storage::Fp32, _) => to.copy_from_slice(&value.to_ne_bytes()),
+                    (Storage::Bf16, _) => to.copy_from_slice(&bf16_bits(value).to_ne_bytes()),
+                    (Storage::Int8, Layout::Floats) => to[0] = int8_code(value, scale) as u8,
+                    (Storage::Int8, Layout::ByteQuads) => to[0] = (int8_code(value, scale) as u8) ^ 0x80,
                 }
             }
         }
@@ -158,23 +272,40 @@ impl PackedItems {
             values,
             scales,
             max_abs: plain.iter().fold(0f32, |m, v| m.max(v.abs())),
+            max_norm,
+            max_rounding_norm,
         })
     }
 
     /// How far a score from this copy can be from the exact path's score of the same item (both
-    /// in f32), for a state whose absolute values sum to `state_l1`: each stored value's rounding
-    /// (bf16: half a unit in the 8th significant bit; int8: half a step of `max / 127`), then
-    /// both dot products' own f32 rounding (Higham's γ for `dim + 1` operations) and the int8
-    /// scale's product. Infinite where a score could overflow f32 (or the state is NaN).
-    pub(super) fn error_bound(&self, state_l1: f64) -> f64 {
+    /// in f32), for `state`. The true scores differ by state · (item − stored item), plus, where
+    /// the kernel rounds the state to int8 too (byte quads), (state − rounded state) · stored
+    /// item; each is bounded by the smaller of Hölder's (the state's L1 norm times the largest
+    /// value's rounding, bf16 half a unit in the 8th significant bit, int8 half a step of
+    /// `max / 127`) and Cauchy–Schwarz's (Euclidean norms, the items' largest). Then both dot
+    /// products' own f32 rounding (Higham's γ for `dim + 1` operations) and the scales'
+    /// products (the byte sums are exact). Infinite where a score could overflow f32 (or the
+    /// state is NaN).
+    pub(super) fn error_bound(&self, state: &[f32]) -> f64 {
         let rounding = match self.storage {
             Storage::Fp32 => 0.0,
             Storage::Bf16 => 2f64.powi(-8),
             // The code's division adds 127 units of f32 rounding to the half step.
             Storage::Int8 => (0.5 + 127.0 * 2f64.powi(-24)) / 127.0,
         };
-        let largest = state_l1 * f64::from(self.max_abs);
-        // int8 sums the state against the codes (up to 127) before scaling.
+        let state_l1: f64 = state.iter().map(|&v| f64::from(v.abs())).sum();
+        let state_rounding: Vec<f64> = match self.kernel.layout {
+            Layout::Floats => Vec::new(),
+            Layout::ByteQuads => {
+                let (codes, scale) = int8_state(state);
+                let rounded = codes.iter().map(|&code| f64::from(scale) * f64::from(code));
+                state.iter().zip(rounded).map(|(&v, r)| f64::from(v) - r).collect()
+            }
+        };
+        let state_rounding_l1: f64 = state_rounding.iter().map(|e| e.abs()).sum();
+        let max_abs = f64::from(self.max_abs);
+        let largest = (state_l1 + state_rounding_l1) * max_abs;
+        // The float kernels sum the state against the int8 codes (up to 127) before scaling.
         let largest_sum = if self.storage == Storage::Int8 {
             state_l1 * 127.0
         } else {
@@ -187,7 +318,14 @@ impl PackedItems {
         let unit = 2f64.powi(-24);
         let operations = (self.dim + 1) as f64;
         let gamma = operations * unit / (1.0 - operations * unit);
-        largest * (rounding + (2.0 * gamma + unit) * (1.0 + rounding))
+        // The norms are sums in f64, whose rounding the slack covers many times over.
+        let slack = 1.0 + 1e-9;
+        let table_term = (state_l1 * max_abs * rounding)
+            .min(norm(state.iter().map(|&v| f64::from(v))) * self.max_rounding_norm * slack);
+        // A stored value is at most the row's largest (an int8 one by its scale's rounding).
+        let state_term = (state_rounding_l1 * max_abs * (1.0 + 4.0 * unit))
+            .min(norm(state_rounding.iter().copied()) * self.max_norm * slack);
+        table_term + state_term + largest * (2.0 * gamma + 3.0 * unit) * (1.0 + rounding)
     }
 
     /// Offers every item's score for each hidden state (`states`: rows × dim) to that row's
@@ -199,14 +337,12 @@ impl PackedItems {
             scores: block_scores,
             ..
         } = self.kernel;
-        let dim = self.dim;
-        // Rows padded to whole groups with zero states, whose scores nobody reads.
-        let mut states = states.to_vec();
-        states.resize(best.len().div_ceil(group_rows) * group_rows * dim, 0.0);
-        let panel_bytes = dim * block_items * self.storage.value_bytes();
+        let layout = self.kernel.layout;
+        let states = PreparedStates::new(layout, states, self.dim, best.len().div_ceil(group_rows) * group_rows);
+        let panel_bytes = padded_dim(layout, self.dim) * block_items * self.storage.value_bytes();
         let values: *const u8 = self.values.as_ptr().cast();
         search_tiles(self.items, group_rows, excluded, best, |tile, group, out| {
-            let group_states = &states[group * group_rows * dim..][..group_rows * dim];
+            let group_states = states.group(group, group_rows);
             let first_block = tile * TILE_ITEMS / block_items;
             let blocks = (TILE_ITEMS / block_items).min(self.items.div_ceil(block_items) - first_block);
             for block in 0..blocks {
@@ -214,14 +350,13 @@ impl PackedItems {
                 // SAFETY: `new` packs a table only for a kernel this CPU runs, in the storage
                 // that kernel reads; block `at` exists (`blocks` stops at the last one), its
                 // panel is `panel_bytes` long and its scales (int8) `block_items`; the states
-                // hold rows × dim, and `out` reaches the last row's items at
-                // (rows − 1)·TILE_ITEMS + block_items ≤ its length.
+                // hold the group's rows in the kernel's layout, and `out` reaches the last
+                // row's items at (rows − 1)·TILE_ITEMS + block_items ≤ its length.
                 unsafe {
                     block_scores(
                         values.add(at * panel_bytes),
                         self.scales.as_ptr().wrapping_add(at * block_items),
-                        group_states,
-                        dim,
+                        &group_states,
                         TILE_ITEMS,
                         &mut out[block * block_items..],
                     )
@@ -254,6 +389,34 @@ fn bf16_bits(value: f32) -> u16 {
     ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }
 
+/// The value a storage keeps of `value`, as the kernels read it (`scale`: the row's int8 scale).
+fn stored_value(storage: Storage, value: f32, scale: f32) -> f64 {
+    match storage {
+        Storage::Fp32 => f64::from(value),
+        Storage::Bf16 => f64::from(f32::from_bits(u32::from(bf16_bits(value)) << 16)),
+        Storage::Int8 => f64::from(int8_code(value, scale)) * f64::from(scale),
+    }
+}
+
+/// The Euclidean norm, in f64.
+fn norm(values: impl Iterator<Item = f64>) -> f64 {
+    values.map(|v| v * v).sum::<f64>().sqrt()
+}
+
+/// Dimensions as a layout stores them.
+fn padded_dim(layout: Layout, dim: usize) -> usize {
+    match layout {
+        Layout::Floats => dim,
+        Layout::ByteQuads => dim.next_multiple_of(4),
+    }
+}
+
+/// A hidden state rounded to int8 codes as the table's rows are (its scale `max |value| / 127`).
+pub(super) fn int8_state(state: &[f32]) -> (Vec<i8>, f32) {
+    let scale = state.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+    (state.iter().map(|&v| int8_code(v, scale)).collect(), scale)
+}
+
 /// `value / scale` rounded to the nearest int8 (a zero row keeps zeros).
 fn int8_code(value: f32, scale: f32) -> i8 {
     if scale == 0.0 {
@@ -269,7 +432,7 @@ fn int8_code(value: f32, scale: f32) -> i8 {
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::PREFETCH_ITEMS;
+    use super::{GroupStates, PREFETCH_ITEMS};
 
     pub(super) trait Lanes: Copy {
         const WIDTH: usize;
@@ -396,24 +559,71 @@ mod simd {
     pub(super) unsafe fn avx512_scores<E: Stored>(
         panel: *const u8,
         scales: *const f32,
-        states: &[f32],
-        dim: usize,
+        states: &GroupStates,
         stride: usize,
         out: &mut [f32],
     ) {
-        block_scores::<__m512, E, 3, 8>(panel.cast(), scales, states, dim, stride, out)
+        block_scores::<__m512, E, 3, 8>(panel.cast(), scales, states, stride, out)
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn avx2_scores<E: Stored>(
         panel: *const u8,
         scales: *const f32,
-        states: &[f32],
-        dim: usize,
+        states: &GroupStates,
         stride: usize,
         out: &mut [f32],
     ) {
-        block_scores::<__m256, E, 2, 6>(panel.cast(), scales, states, dim, stride, out)
+        block_scores::<__m256, E, 2, 6>(panel.cast(), scales, states, stride, out)
+    }
+
+    /// A block of 3 × 16 items against 8 states by byte dot products (layout
+    /// [`ByteQuads`](super::Layout::ByteQuads)): per quad of dimensions, each state's four codes
+    /// broadcast against each item vector's 64 bytes. The u8 codes carry +128, so the sums are
+    /// the int8 products plus 128 × the state's code sum, taken off before the two scales
+    /// (all sums exact in i32: 255 · 127 · dimensions).
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub(super) unsafe fn vnni_scores(
+        panel: *const u8,
+        scales: *const f32,
+        states: &GroupStates,
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        const VECTORS: usize = 3;
+        const ROWS: usize = 8;
+        const BLOCK_BYTES: usize = VECTORS * 64;
+        let quads = states.row_words;
+        debug_assert!(states.words.len() >= ROWS * quads && states.scales.len() >= ROWS);
+        debug_assert!(out.len() >= (ROWS - 1) * stride + VECTORS * 16);
+        let (words, out) = (states.words.as_ptr(), out.as_mut_ptr());
+        let ahead = panel.wrapping_add(PREFETCH_ITEMS * quads * 4);
+        let mut acc = [[_mm512_setzero_si512(); VECTORS]; ROWS];
+        for quad in 0..quads {
+            let step = quad * BLOCK_BYTES;
+            let mut items = [_mm512_setzero_si512(); VECTORS];
+            for (v, items) in items.iter_mut().enumerate() {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(step + v * 64).cast());
+                *items = _mm512_loadu_si512(panel.add(step + v * 64).cast());
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let state = _mm512_set1_epi32(*words.add(r * quads + quad) as i32);
+                for (acc, &items) in acc.iter_mut().zip(&items) {
+                    *acc = _mm512_dpbusd_epi32(*acc, items, state);
+                }
+            }
+        }
+        for v in 0..VECTORS {
+            let item_scale = _mm512_loadu_ps(scales.add(v * 16));
+            for (r, acc) in acc.iter().enumerate() {
+                let sum = _mm512_sub_epi32(acc[v], _mm512_set1_epi32(states.offsets[r]));
+                let score = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), item_scale);
+                _mm512_storeu_ps(
+                    out.add(r * stride + v * 16),
+                    _mm512_mul_ps(score, _mm512_set1_ps(states.scales[r])),
+                );
+            }
+        }
     }
 
     /// One block of `VECTORS · L::WIDTH` items against `ROWS` hidden states, accumulators in
@@ -425,14 +635,15 @@ mod simd {
     unsafe fn block_scores<L: Lanes, E: Stored, const VECTORS: usize, const ROWS: usize>(
         panel: *const E,
         scales: *const f32,
-        states: &[f32],
-        dim: usize,
+        states: &GroupStates,
         stride: usize,
         out: &mut [f32],
     ) {
         let block_items = VECTORS * L::WIDTH;
-        debug_assert!(states.len() >= ROWS * dim && out.len() >= (ROWS - 1) * stride + block_items);
-        let (states, out) = (states.as_ptr(), out.as_mut_ptr());
+        let dim = states.row_words;
+        debug_assert!(states.words.len() >= ROWS * dim && out.len() >= (ROWS - 1) * stride + block_items);
+        // The float layout's words are f32 bits.
+        let (states, out) = (states.words.as_ptr().cast::<f32>(), out.as_mut_ptr());
         let ahead = panel.wrapping_add(PREFETCH_ITEMS * dim);
         let mut acc = [[L::zero(); VECTORS]; ROWS];
         for k in 0..dim {
@@ -474,11 +685,7 @@ mod tests {
 
     /// The value a storage keeps of `value` in a row whose largest magnitude is `row_max`.
     fn stored(storage: Storage, value: f32, row_max: f32) -> f64 {
-        match storage {
-            Storage::Fp32 => f64::from(value),
-            Storage::Bf16 => f64::from(f32::from_bits(u32::from(bf16_bits(value)) << 16)),
-            Storage::Int8 => f64::from(int8_code(value, row_max / 127.0)) * f64::from(row_max / 127.0),
-        }
+        stored_value(storage, value, row_max / 127.0)
     }
 
     proptest! {
@@ -493,9 +700,10 @@ mod tests {
             prop_assert!((int8 - f64::from(value)).abs() <= f64::from(row_max) / 127.0 / 2.0 * 1.0001);
         }
 
-        /// The kernel's score of every item, in every storage, against the dot product of the
-        /// state with what the storage keeps of the item, summed in f64 (the oracle): any width,
-        /// partial blocks and tiles, partial groups of states.
+        /// The kernel's score of every item, in every storage, against the dot product of what
+        /// the kernel keeps of the state (itself, or its int8 rounding for byte quads) with what
+        /// the storage keeps of the item, summed in f64 (the oracle): any width, partial blocks
+        /// and tiles, partial groups of states.
         #[test]
         fn every_storage_scores_each_item_as_its_stored_values_dotted_with_the_state(
             items in 1i64..2_000,
@@ -515,12 +723,19 @@ mod tests {
             let plain = Vec::<f32>::try_from(table.reshape([-1])).unwrap();
             let dim = dim as usize;
             for (state, best) in states.chunks(dim).zip(best) {
+                let state: Vec<f64> = match packed.kernel.layout {
+                    Layout::Floats => state.iter().map(|&v| f64::from(v)).collect(),
+                    Layout::ByteQuads => {
+                        let (codes, scale) = int8_state(state);
+                        codes.iter().map(|&code| f64::from(code) * f64::from(scale)).collect()
+                    }
+                };
                 let scores = best.ranked(|item| item as u32);
                 prop_assert_eq!(scores.len(), items as usize);
                 for (item, score) in scores {
                     let row = &plain[item as usize * dim..][..dim];
                     let row_max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let terms = state.iter().zip(row).map(|(&s, &x)| f64::from(s) * stored(storage, x, row_max));
+                    let terms = state.iter().zip(row).map(|(&s, &x)| s * stored(storage, x, row_max));
                     let (oracle, size) = terms.fold((0.0, 0.0), |(sum, size), t| (sum + t, size + t.abs()));
                     prop_assert!(
                         (f64::from(score) - oracle).abs() <= 1e-5 * size + 1e-6,

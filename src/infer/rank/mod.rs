@@ -171,7 +171,7 @@ impl FirstStage {
     fn error_bound(&self, state: &[f32]) -> Option<f64> {
         match self {
             Self::Quantized(_) => None,
-            Self::Packed(packed) => Some(packed.error_bound(state.iter().map(|&v| f64::from(v.abs())).sum())),
+            Self::Packed(packed) => Some(packed.error_bound(state)),
         }
     }
 }
@@ -757,5 +757,136 @@ mod tests {
             unsettled_wide_gaussian <= 4 * 2,
             "only the huge row of a Gaussian case and scan may be unsettled"
         );
+    }
+
+    /// Where the int8 kernel rounds the state too (VNNI's byte products), the state's rounding
+    /// is in the error bound: per random state (one large value, so that its rounding step is
+    /// coarse), two items of equal exact score but for a hair (the winner first), whose values
+    /// follow the signs of the state's rounding errors in opposite directions, so that the first
+    /// stage ranks the winner lower by about twice (errors' sum × largest value), far beyond
+    /// the table's own rounding. The answer must still be the exact path's (the oracle). Where
+    /// the kernel keeps the state in f32, the items are plain ties and the same holds.
+    #[test]
+    fn the_states_rounding_cannot_hide_the_exact_winner() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(41);
+        let mut cases = 0;
+        while cases < 24 {
+            let dim = [8usize, 16, 33, 64, 128][rng.gen_range(0..5)];
+            let mut state: Vec<f32> = (0..dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            state[0] = 30f32.copysign(state[0]);
+            let (codes, scale) = exact::int8_state(&state);
+            let error: Vec<f64> = state
+                .iter()
+                .zip(&codes)
+                .map(|(&v, &code)| f64::from(v) - f64::from(scale) * f64::from(code))
+                .collect();
+            let sign = |k: usize| if error[k] < 0.0 { -1.0 } else { 1.0 };
+            // Dimensions where the items differ by ±2 along the errors' signs, chosen so that
+            // the exact scores stay nearly equal; the largest other value makes them equal.
+            let mut others: Vec<usize> = (1..dim).collect();
+            let balance = *others
+                .iter()
+                .max_by(|&&a, &&b| state[a].abs().total_cmp(&state[b].abs()))
+                .expect("dim > 1");
+            others.retain(|&k| k != balance);
+            let (mut apart, mut drift) = (Vec::new(), 0f64);
+            for k in others {
+                let step = f64::from(state[k]) * sign(k);
+                if (drift + step).abs() <= drift.abs() + 0.5 * f64::from(state[balance].abs()) {
+                    apart.push(k);
+                    drift += step;
+                }
+            }
+            let balance_gap = -2.0 * drift / f64::from(state[balance]);
+            if balance_gap.abs() > 2.0 {
+                continue;
+            }
+            let (mut winner, mut runner_up) = (vec![0f32; dim], vec![0f32; dim]);
+            for &k in &apart {
+                winner[k] = sign(k) as f32;
+                runner_up[k] = -sign(k) as f32;
+            }
+            winner[balance] = (balance_gap / 2.0) as f32;
+            runner_up[balance] = -(balance_gap / 2.0) as f32;
+            // Both lead through the large value; the runner-up by a hair less.
+            winner[0] = state[0].signum();
+            runner_up[0] = state[0].signum() * (1.0 - 1e-5);
+            let exact_score = |item: &[f32]| {
+                state
+                    .iter()
+                    .zip(item)
+                    .map(|(&s, &x)| f64::from(s) * f64::from(x))
+                    .sum::<f64>()
+            };
+            if exact_score(&winner) <= exact_score(&runner_up) {
+                continue;
+            }
+            cases += 1;
+            int8_finds_the_winner(&state, &winner, &runner_up, rng.gen());
+        }
+    }
+
+    /// The same for the table's rounding: per random state (integers up to 127, which int8
+    /// keeps exactly), a runner-up whose values int8 keeps exactly, and a winner a hair above it
+    /// whose values int8 rounds down along the state's signs by almost half a step each, so
+    /// that its first-stage score is below the runner-up's by about the bound itself.
+    #[test]
+    fn the_tables_rounding_cannot_hide_the_exact_winner() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(43);
+        for _ in 0..24 {
+            let dim = [8usize, 16, 33, 64, 128][rng.gen_range(0..5)];
+            let mut state: Vec<f32> = (0..dim).map(|_| rng.gen_range(-127i32..=127) as f32).collect();
+            state[0] = 127.0;
+            // Both rows' largest value is 1, at dimension 0: their int8 step is 1/127.
+            let step = 1.0 / 127.0;
+            let sign = |k: usize| if state[k] < 0.0 { -1.0 } else { 1.0 };
+            let mut order: Vec<usize> = (1..dim).collect();
+            order.sort_by(|&a, &b| state[b].abs().total_cmp(&state[a].abs()));
+            let total: f32 = order.iter().map(|&k| state[k].abs()).sum();
+            // One step down along the state's signs on dimensions holding just under 0.49 of the
+            // state's weight; the winner's values lie that far less a hair above those steps.
+            let (mut down, mut taken) = (vec![0f32; dim], 0f32);
+            for &k in &order {
+                if taken + state[k].abs() <= 0.49 * total {
+                    down[k] = sign(k);
+                    taken += state[k].abs();
+                }
+            }
+            let lift = taken / total + 1e-4;
+            let (mut winner, mut runner_up) = (vec![1f32; dim], vec![1f32; dim]);
+            for k in 1..dim {
+                // Along the state, so that both lead the Gaussian items.
+                let code = rng.gen_range(30i32..=100) as f32 * sign(k);
+                runner_up[k] = code * step;
+                winner[k] = (code - down[k]) * step + lift * step * sign(k);
+            }
+            int8_finds_the_winner(&state, &winner, &runner_up, rng.gen());
+        }
+    }
+
+    /// Ranks `winner` (item 3) and `runner_up` (item 7) among small Gaussian items for `state`:
+    /// the exact path must put the winner first, and the int8 first stage with shortlists of 1
+    /// and 2 must give the exact answer.
+    fn int8_finds_the_winner(state: &[f32], winner: &[f32], runner_up: &[f32], seed: i64) {
+        let (items, dim) = (40i64, state.len());
+        tch::manual_seed(seed);
+        let mut rows =
+            Vec::<f32>::try_from(Tensor::randn([items * dim as i64], (Kind::Float, Device::Cpu)) * 0.01).unwrap();
+        rows[3 * dim..4 * dim].copy_from_slice(winner);
+        rows[7 * dim..8 * dim].copy_from_slice(runner_up);
+        let table = Tensor::from_slice(&rows).view([items, dim as i64]);
+        let hidden = Tensor::from_slice(state).view([1, dim as i64]);
+        let exact = Catalogue::new(&table, Retrieval::Exact).rank(&hidden, &[Vec::<i64>::new()], &[1]);
+        assert_eq!(exact[0][0].0, 3, "the winner leads exactly: {exact:?}");
+        for shortlist in [1, 2] {
+            let retrieval = Retrieval::Shortlist {
+                scan: Scan::Int8,
+                shortlist,
+            };
+            let got = Catalogue::new(&table, retrieval).rank(&hidden, &[Vec::<i64>::new()], &[1]);
+            assert_eq!(got, exact, "{dim} dimensions, shortlist {shortlist}");
+        }
     }
 }
