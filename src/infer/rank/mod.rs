@@ -557,6 +557,20 @@ fn best_first(a: &(f32, usize), b: &(f32, usize)) -> Ordering {
 /// bits instead of one comparison each (a shortlist of 1,000 spent half the scan's time in
 /// them).
 fn above_mask(values: &[f32], floor: f32) -> u64 {
+    // The crate is built for baseline x86-64, where this loop compiles to 4-wide SSE compares:
+    // with the VNNI int8 scan it took a third of the ranking's time. Whole blocks take the
+    // widest compare the CPU has.
+    #[cfg(target_arch = "x86_64")]
+    if values.len() == BLOCK {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU runs AVX-512F, and the block holds BLOCK values.
+            return unsafe { wide_compare::above_mask_avx512(values, floor) };
+        }
+        if std::arch::is_x86_feature_detected!("avx") {
+            // SAFETY: the CPU runs AVX, and the block holds BLOCK values.
+            return unsafe { wide_compare::above_mask_avx(values, floor) };
+        }
+    }
     let mut mask = 0u64;
     for (index, chunk) in values.chunks(8).enumerate() {
         let bits = chunk
@@ -568,6 +582,37 @@ fn above_mask(values: &[f32], floor: f32) -> u64 {
     mask
 }
 
+/// [`above_mask`] of a whole block by vector compares (ordered: NaN is never above).
+#[cfg(target_arch = "x86_64")]
+mod wide_compare {
+    use std::arch::x86_64::*;
+
+    use super::BLOCK;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn above_mask_avx512(values: &[f32], floor: f32) -> u64 {
+        let floor = _mm512_set1_ps(floor);
+        let mut mask = 0u64;
+        for part in 0..BLOCK / 16 {
+            let v = _mm512_loadu_ps(values.as_ptr().add(16 * part));
+            mask |= u64::from(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, floor)) << (16 * part);
+        }
+        mask
+    }
+
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn above_mask_avx(values: &[f32], floor: f32) -> u64 {
+        let floor = _mm256_set1_ps(floor);
+        let mut mask = 0u64;
+        for part in 0..BLOCK / 8 {
+            let v = _mm256_loadu_ps(values.as_ptr().add(8 * part));
+            let bits = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, floor)) as u32;
+            mask |= u64::from(bits) << (8 * part);
+        }
+        mask
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -575,6 +620,26 @@ mod tests {
     use super::*;
 
     proptest! {
+        /// A block's mask of entries above the floor, however computed, is the plain comparison
+        /// (NaN and equal values never above), for whole blocks and partial ones.
+        #[test]
+        fn the_above_mask_is_the_plain_comparison(
+            values in prop::collection::vec(prop_oneof![
+                8 => -4.0f32..4.0,
+                1 => Just(f32::NAN),
+                1 => Just(f32::INFINITY),
+                1 => Just(f32::NEG_INFINITY),
+                1 => Just(0.5f32),
+            ], BLOCK),
+            cut in 1..BLOCK,
+            floor in prop_oneof![-4.0f32..4.0, Just(0.5f32), Just(f32::NEG_INFINITY)],
+        ) {
+            for values in [&values[..], &values[..cut]] {
+                let plain = values.iter().enumerate().fold(0u64, |mask, (j, &v)| mask | (u64::from(v > floor) << j));
+                prop_assert_eq!(above_mask(values, floor), plain);
+            }
+        }
+
         /// The host's top-k against the oracle of sorting every row: values from a few levels
         /// (ties), masked entries (−inf), NaN, rising and falling rows, any k and width, with
         /// and without a column map.
