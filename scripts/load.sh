@@ -13,7 +13,8 @@
 # workload; SERVER_CPUS=0 pins the server to those CPUs (taskset) and wrk to the others; HISTORY_CAP sets the
 # events kept per user (default: the server's, max_len, or max_len × 1.5 for a model that serves
 # incrementally: a cap of max_len would trim the window's first event with every new one and
-# force a full recompute). Results: a markdown table on stdout and in $OUT/results.md (OUT
+# force a full recompute). req/s counts every response (a shed 429 too); ok/s only those below
+# 400, and errors every non-2xx/3xx response or socket error. Results: a markdown table on stdout and in $OUT/results.md (OUT
 # defaults to runs/load), plus the server's own per-route latency histograms ($OUT/metrics-*.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,8 +42,8 @@ trap stop_server EXIT
 
 results="$OUT/results.md"
 {
-  echo "| batching | workload | concurrency | req/s | pairs/s | p50 ms | p90 ms | p99 ms | errors |"
-  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| batching | workload | concurrency | req/s | ok/s | pairs/s | p50 ms | p90 ms | p99 ms | errors |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 } > "$results"
 
 for mode in ${MODES:-on off}; do
@@ -58,9 +59,10 @@ for mode in ${MODES:-on off}; do
         "${client_pin[@]}" wrk -t"$conns" -c"$conns" -d"${DURATION}s" -s "scripts/load/$workload.lua" "$BASE" | grep '^RESULT')
       eval "$(echo "$line" | sed 's/^RESULT //')"
       rps=$(python3 -c "print(f'{$requests / $seconds:.0f}')")
+      ok=$(python3 -c "print(f'{($requests - $status) / $seconds:.0f}')")
       pairs=$([ "$workload" = fresh ] && python3 -c "print(f'{$requests / $seconds / 2:.0f}')" || echo "—")
       ms() { python3 -c "print(f'{$1 / 1000:.2f}')"; }
-      row="| $mode | $workload | $conns | $rps | $pairs | $(ms "$p50_us") | $(ms "$p90_us") | $(ms "$p99_us") | $errors |"
+      row="| $mode | $workload | $conns | $rps | $ok | $pairs | $(ms "$p50_us") | $(ms "$p90_us") | $(ms "$p99_us") | $errors |"
       echo "$row" | tee -a "$results"
     done
   done

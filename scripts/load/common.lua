@@ -20,7 +20,8 @@ end
 
 function done(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("RESULT requests=%d seconds=%.3f errors=%d p50_us=%d p90_us=%d p99_us=%d\n",
-    summary.requests, summary.duration / 1e6, e.status + e.connect + e.read + e.write + e.timeout,
+  -- requests counts every response, a 429 or 503 too; status counts those above 399.
+  io.write(string.format("RESULT requests=%d seconds=%.3f status=%d errors=%d p50_us=%d p90_us=%d p99_us=%d\n",
+    summary.requests, summary.duration / 1e6, e.status, e.status + e.connect + e.read + e.write + e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99)))
 end
