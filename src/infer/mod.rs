@@ -49,8 +49,9 @@ impl ModelSlot {
 /// What to compute from a user's next-item scores.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Query {
-    /// The best `k` items of the catalogue, `exclude` (item indices, ascending, each once) left out.
-    TopK { k: usize, exclude: Vec<i64> },
+    /// The best `k` items of the catalogue; with `exclude_seen`, those the user had
+    /// ([`HistorySnapshot::had_items`](crate::history::HistorySnapshot::had_items)) left out.
+    TopK { k: usize, exclude_seen: bool },
     /// The best `k` of the given item indices.
     Candidates { k: usize, candidates: Vec<i64> },
     /// The `top` categories by next-item probability mass.

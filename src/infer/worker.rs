@@ -677,14 +677,22 @@ fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> V
         let index: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
         all.index_select(0, &to_device_pinned(Tensor::from_slice(&index), device))
     };
-    // With a repeat term: its offset per row, and the distinct items of each row's history (the
-    // items that left memory for the cap too: training raises every item before the position).
-    let repeats = net.repeat_offsets(hidden).map(|offsets| {
-        let held: Vec<Vec<i64>> = requests.iter().map(|request| request.history.had_items()).collect();
-        (offsets, held)
-    });
+    // With a repeat term: its offset per row. Both it and leaving seen items out need the
+    // distinct items of each row's history (the items that left memory for the cap too:
+    // training raises every item before the position), computed once per request.
+    let repeat_offsets = net.repeat_offsets(hidden);
+    let held: Vec<Vec<i64>> = requests
+        .iter()
+        .map(|request| {
+            let excludes = matches!(request.query, Query::TopK { exclude_seen: true, .. });
+            match repeat_offsets.is_some() || excludes {
+                true => request.history.had_items(),
+                false => Vec::new(),
+            }
+        })
+        .collect();
     let repeats_of = |indices: &[usize]| {
-        repeats.as_ref().map(|(offsets, held)| Repeats {
+        repeat_offsets.as_ref().map(|offsets| Repeats {
             offsets: select(offsets, indices),
             held: indices.iter().map(|&i| held[i].as_slice()).collect(),
         })
@@ -692,10 +700,12 @@ fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> V
 
     let ranking = group(|q| matches!(q, Query::TopK { .. }));
     if !ranking.is_empty() {
+        let nothing = Vec::new();
         let excluded: Vec<&Vec<i64>> = ranking
             .iter()
             .map(|&i| match &requests[i].query {
-                Query::TopK { exclude, .. } => exclude,
+                Query::TopK { exclude_seen: true, .. } => &held[i],
+                Query::TopK { .. } => &nothing,
                 _ => unreachable!(),
             })
             .collect();

@@ -368,14 +368,10 @@ impl Recommender {
                         k: request.k,
                         candidates,
                     },
-                    None => {
-                        let exclude = if request.exclude_seen {
-                            history.had_items()
-                        } else {
-                            Vec::new()
-                        };
-                        Query::TopK { k: request.k, exclude }
-                    }
+                    None => Query::TopK {
+                        k: request.k,
+                        exclude_seen: request.exclude_seen,
+                    },
                 };
                 match self
                     .ask(&served, &request.user_id, history, at, query, deadline)
