@@ -4,6 +4,9 @@ use tch::Tensor;
 
 use super::{host_table, search_tiles, BestK, TILE_ITEMS};
 
+/// The widest state the byte-quad kernel takes: its i32 sums reach 255 · 127 per dimension.
+const MAX_BYTE_QUAD_DIM: usize = 65_536;
+
 /// How far ahead of the block being scored its lines are fetched, in items.
 const PREFETCH_ITEMS: usize = 96;
 
@@ -128,9 +131,9 @@ struct Kernel {
 }
 
 impl Kernel {
-    /// The widest kernel the CPU runs for that storage; `None` off x86 or without AVX2 and FMA,
-    /// where libtorch's GEMM does the scoring.
-    fn detect(storage: Storage) -> Option<Self> {
+    /// The widest kernel the CPU runs for that storage and `dim` values per item; `None` off x86
+    /// or without AVX2 and FMA, where libtorch's GEMM does the scoring.
+    fn detect(storage: Storage, dim: usize) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         {
             use simd::*;
@@ -138,6 +141,7 @@ impl Kernel {
             // an instruction does 64 where an f32 one does 16, and the codes need no widening.
             // The same 8 states × 3 vectors of 16 items.
             if storage == Storage::Int8
+                && dim <= MAX_BYTE_QUAD_DIM
                 && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
             {
@@ -184,7 +188,7 @@ impl Kernel {
                 });
             }
         }
-        let _ = storage;
+        let _ = (storage, dim);
         None
     }
 }
@@ -216,9 +220,9 @@ pub(super) struct PackedItems {
 impl PackedItems {
     /// `None` where no kernel runs.
     pub(super) fn new(table: &Tensor, storage: Storage) -> Option<Self> {
-        let kernel = Kernel::detect(storage)?;
-        let block_items = kernel.block_items;
         let (items, dim) = (table.size()[0] as usize, table.size()[1] as usize);
+        let kernel = Kernel::detect(storage, dim)?;
+        let block_items = kernel.block_items;
         // The model's table is read in place; a copy only where it is not contiguous.
         let plain = host_table(table);
         let blocks = items.div_ceil(block_items);
