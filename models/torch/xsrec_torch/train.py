@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 
 import torch
@@ -261,10 +262,16 @@ def main(argv=None):
             json.dump(log, f, indent=2)
         print(f"best epoch {best[1]}; test NDCG@10 {test['all']['means'].get('NDCG@10', 0):.4f}; wrote {args.out}", flush=True)
     if distributed:
-        # Ranks leave together: a rank that tears gloo down while rank 0 is still evaluating and
-        # saving can abort in gloo's threads ("terminate called without an active exception").
+        # Ranks leave together, and leave without tearing gloo down: a rank that destroys its
+        # process group while rank 0 is still evaluating and saving aborts in gloo's threads
+        # ("terminate called without an active exception"), and with a barrier first one still
+        # did, once, under load (2026-12-05: a std::thread destroyed while joinable as the DDP
+        # wrapper's group went away). Everything is written by now (rank 0 saved before the
+        # barrier); the OS closes the sockets.
         dist.barrier()
-        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
