@@ -117,7 +117,11 @@ impl RetrievalArgs {
 /// The catalogue as ranking reads it: the model's item table (`[V, d]`, row `i` = item `i`), and
 /// on the host a copy laid out for the scoring kernel, or a first stage's smaller copy.
 pub struct Catalogue {
+    /// The model's table, or for a bf16 model with a first stage on the host, its values in f32
+    /// (what the shortlist is re-scored from).
     table: Tensor,
+    /// Bytes of that f32 copy, when one was made.
+    widened_bytes: usize,
     search: Search,
     /// Rows whose rounded first-stage shortlist could not be proven exact (a second scan, or
     /// near f32's range the whole table, ranked them).
@@ -202,17 +206,34 @@ fn settled(ranked: &[(u32, f32)], k: usize, floor: f32, bound: f64) -> bool {
 
 impl Catalogue {
     pub fn new(table: &Tensor, retrieval: Retrieval) -> Self {
-        let on_host = table.device() == Device::Cpu && table.kind() == Kind::Float;
-        let search = match retrieval {
-            _ if !on_host => None,
-            Retrieval::Exact => PackedItems::new(table, Storage::Fp32).map(Search::Exact),
+        // A bf16 model on the host (an encoder on the CPU's bf16 units) is ranked by the host
+        // kernels from its table's values widened to f32: its scores are then the exact dot
+        // products of those values, where libtorch's bf16 matmul rounds every score to 8 bits
+        // (near-ties fall by chance) and, over a million items, took 240 ms a batch of 32
+        // against 30 ms for the int8 stage (docs/BENCHMARKS.md).
+        let host_values = match (table.device(), table.kind()) {
+            (Device::Cpu, Kind::Float) => Some(table.shallow_clone()),
+            (Device::Cpu, Kind::BFloat16) => Some(table.to_kind(Kind::Float)),
+            _ => None,
+        };
+        let search = host_values.as_ref().and_then(|values| match retrieval {
+            Retrieval::Exact => PackedItems::new(values, Storage::Fp32).map(Search::Exact),
             Retrieval::Shortlist { scan, shortlist } => {
-                FirstStage::new(table, scan).map(|first| Search::Shortlist { first, shortlist })
+                FirstStage::new(values, scan).map(|first| Search::Shortlist { first, shortlist })
             }
+        });
+        // Only a shortlist reads the table itself (to re-score); the exact kernel has its copy.
+        let (table, widened_bytes) = match (&search, host_values) {
+            (Some(Search::Shortlist { .. }), Some(values)) if table.kind() != Kind::Float => {
+                let bytes = values.numel() * std::mem::size_of::<f32>();
+                (values, bytes)
+            }
+            _ => (table.shallow_clone(), 0),
         };
         Self {
             search: search.unwrap_or(Search::Libtorch),
-            table: table.shallow_clone(),
+            table,
+            widened_bytes,
             unsettled_rows: AtomicU64::new(0),
         }
     }
@@ -307,11 +328,12 @@ impl Catalogue {
 
     /// Bytes held besides the model's own table.
     pub fn extra_bytes(&self) -> usize {
-        match &self.search {
-            Search::Libtorch => 0,
-            Search::Exact(packed) => packed.bytes(),
-            Search::Shortlist { first, .. } => first.bytes(),
-        }
+        self.widened_bytes
+            + match &self.search {
+                Search::Libtorch => 0,
+                Search::Exact(packed) => packed.bytes(),
+                Search::Shortlist { first, .. } => first.bytes(),
+            }
     }
 }
 
@@ -686,9 +708,11 @@ mod tests {
         /// give (the oracle): catalogues smaller and larger than a tile, whole and partial groups
         /// of states, rounded embeddings so that equal scores occur, random exclusions
         /// (duplicates and the padding item among them) and any k. Every first stage whose
-        /// shortlist holds the whole catalogue must give the same.
+        /// shortlist holds the whole catalogue must give the same, and so must a bf16 model
+        /// (table and states in bf16, their dot products exact in f32).
         #[test]
         fn the_catalogue_ranked_tile_by_tile_is_the_whole_catalogue_sorted(
+            bf16_model in any::<bool>(),
             items in 2i64..20_000,
             dim in 1i64..24,
             rows in 1usize..20,
@@ -703,12 +727,16 @@ mod tests {
             };
             tch::manual_seed(seed);
             // Quarter steps: products and sums of a few of them are exact in f32, so ties are real.
-            let table = (Tensor::randn([items, dim], (Kind::Float, Device::Cpu)) * 2.0).round() / 4.0;
-            let hidden = (Tensor::randn([rows as i64, dim], (Kind::Float, Device::Cpu)) * 2.0).round() / 4.0;
+            // A bf16 model's values take 1/64 steps: exact in bf16, their sums need f32.
+            let steps = if bf16_model { 64.0 } else { 4.0 };
+            let rounded = |shape: [i64; 2]| (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * (steps / 2.0)).round() / steps;
+            let (table, hidden) = (rounded([items, dim]), rounded([rows as i64, dim]));
             let exclude: Vec<Vec<i64>> = excluded[..rows].iter()
                 .map(|row| row.iter().map(|&i| i % items).collect())
                 .collect();
-            let got = Catalogue::new(&table, retrieval).rank(&hidden, &exclude, &vec![k; rows]);
+            let model_kind = if bf16_model { Kind::BFloat16 } else { Kind::Float };
+            let got = Catalogue::new(&table.to_kind(model_kind), retrieval)
+                .rank(&hidden.to_kind(model_kind), &exclude, &vec![k; rows]);
             let scores = Vec::<f32>::try_from(hidden.matmul(&table.tr()).reshape([-1])).unwrap();
             for (row, got) in got.iter().enumerate() {
                 let mut oracle: Vec<(f32, usize)> = (1..items as usize)
