@@ -730,7 +730,13 @@ fn answer(model: &ServingModel, requests: &[InferRequest], hidden: &Tensor) -> V
             })
             .collect();
         let rows = select(hidden, &candidate_rows);
-        let (scores, index) = listed_scores(net.item_table(), &rows, &lists, repeats_of(&candidate_rows).as_ref());
+        let (scores, index) = listed_scores(
+            net.item_table(),
+            &rows,
+            &lists,
+            repeats_of(&candidate_rows).as_ref(),
+            model.catalogue.score_kind(),
+        );
         let ks: Vec<usize> = candidate_rows.iter().map(|&i| query_k(&requests[i].query)).collect();
         for (slot, ranked) in candidate_rows.iter().zip(top_k(&scores, &ks, Some(&index))) {
             answers[*slot] = Some(Answer::Items(ranked));
@@ -786,7 +792,13 @@ fn rank_with_repeats(
         .map(|(excluded, held)| excluded.iter().chain(held).copied().collect())
         .collect();
     let fresh = model.catalogue.rank(rows, &never_had, ks);
-    let (scores, index) = listed_scores(model.model.net.item_table(), rows, &allowed_held, Some(repeats));
+    let (scores, index) = listed_scores(
+        model.model.net.item_table(),
+        rows,
+        &allowed_held,
+        Some(repeats),
+        model.catalogue.score_kind(),
+    );
     let again = top_k(&scores, ks, Some(&index));
     fresh
         .into_iter()
@@ -811,17 +823,25 @@ struct Repeats<'a> {
 /// `([B, W] scores, [B, W] items)` of each row's listed items (`lists`, padded with the
 /// padding item, which scores -inf) from the `[B, d]` hidden `rows`: only those rows of the
 /// `table` are read. With `repeats`, their offsets are added to the items each row's user had.
+/// Scored in `kind`, the catalogue's ([`Catalogue::score_kind`]), so that a list merged with
+/// its ranking compares like with like.
 fn listed_scores<L: AsRef<[i64]>>(
     table: &Tensor,
     rows: &Tensor,
     lists: &[L],
     repeats: Option<&Repeats>,
+    kind: Kind,
 ) -> (Tensor, Tensor) {
     let index = padded_index(lists, rows.device());
     let vectors = table
         .index_select(0, &index.view(-1))
-        .view([index.size()[0], index.size()[1], -1]);
-    let scores = rows.unsqueeze(1).bmm(&vectors.transpose(1, 2)).squeeze_dim(1);
+        .view([index.size()[0], index.size()[1], -1])
+        .to_kind(kind);
+    let scores = rows
+        .to_kind(kind)
+        .unsqueeze(1)
+        .bmm(&vectors.transpose(1, 2))
+        .squeeze_dim(1);
     let scores = match repeats {
         Some(repeats) => {
             // Membership found on the host, by binary search in each sorted `held`: compared
@@ -887,6 +907,26 @@ mod tests {
 
     use super::*;
     use crate::model::EncodedSeq;
+
+    /// Listed items are scored in the catalogue's precision: a bf16 model's on the host in f32,
+    /// exactly the products of its values (in 1/64 steps: exact in bf16, their dot products
+    /// exact in f32 and not in bf16), as the catalogue ranks the rest.
+    #[test]
+    fn listed_items_score_in_the_catalogues_precision() {
+        tch::manual_seed(3);
+        let steps = |shape: [i64; 2]| (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 32.0).round() / 64.0;
+        let (table, rows) = (steps([50, 24]), steps([3, 24]));
+        let lists = vec![vec![1i64, 7, 9], vec![2, 3], vec![49, 11, 12, 13]];
+        let bf16 = |t: &Tensor| t.to_kind(Kind::BFloat16);
+        let (scores, index) = listed_scores(&bf16(&table), &bf16(&rows), &lists, None, Kind::Float);
+        for (row, list) in lists.iter().enumerate() {
+            for (column, &item) in list.iter().enumerate() {
+                let exact = rows.get(row as i64).dot(&table.get(item)).double_value(&[]);
+                let at = [row as i64, column as i64];
+                assert_eq!((scores.double_value(&at), index.int64_value(&at)), (exact, item));
+            }
+        }
+    }
 
     fn snapshot(events: &[(i64, u32, u32)]) -> HistorySnapshot {
         HistorySnapshot {

@@ -238,6 +238,15 @@ impl Catalogue {
         }
     }
 
+    /// The precision of this catalogue's scores: f32 on the host kernels (a bf16 model's values
+    /// widened), the table's own on libtorch's matmul.
+    pub fn score_kind(&self) -> Kind {
+        match self.search {
+            Search::Libtorch => self.table.kind(),
+            _ => Kind::Float,
+        }
+    }
+
     /// Rows so far whose int8 or bf16 shortlist could not be proven exact, and which were
     /// therefore ranked from a second scan (or the whole table).
     pub fn unsettled_rows(&self) -> u64 {
