@@ -95,7 +95,7 @@ pub fn run(command: &HistoryCommand) -> anyhow::Result<()> {
             let events = data.load()?;
             for (i, e) in events.iter().enumerate() {
                 check_event(
-                    &format!("event {}", i + 1),
+                    format_args!("event {}", i + 1),
                     &e.user_id,
                     &e.item_id,
                     e.timestamp,
