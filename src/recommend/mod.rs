@@ -122,7 +122,7 @@ fn invalid(message: String) -> CoreError {
 /// as JSON Schema's `maxLength` counts, so that the API's schema ([`types::Id`]) says exactly
 /// what is accepted.
 /// `field` is formatted only into an error: checked per event and per candidate, names built
-/// eagerly were a tenth of an ingest call's CPU (`perf`, calls of 100 events).
+/// eagerly were a tenth of an ingest handler's `perf` samples (calls of 100 events).
 fn check_id(field: impl Display, value: &str, max_chars: usize) -> Result<(), CoreError> {
     let chars = value.chars().count();
     if value.trim().is_empty() || chars > max_chars || value.chars().any(char::is_control) {
