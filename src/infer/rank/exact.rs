@@ -37,6 +37,26 @@ impl Storage {
 type BlockScores =
     unsafe fn(panel: *const u8, scales: *const f32, states: &GroupStates, stride: usize, out: &mut [f32]);
 
+/// [`BlockScores`] for `blocks` consecutive blocks (each `panel_bytes` long, with
+/// `block_items` scales), `out`'s items in the same order.
+type RunScores = unsafe fn(
+    panel: *const u8,
+    panel_bytes: usize,
+    blocks: usize,
+    scales: *const f32,
+    states: &GroupStates,
+    stride: usize,
+    out: &mut [f32],
+);
+
+/// How a kernel is called: per block, or per run of blocks where it overlaps one block's
+/// arithmetic with the previous one's stores (AMX).
+#[derive(Clone, Copy)]
+enum Scoring {
+    Block(BlockScores),
+    Run(RunScores),
+}
+
 /// How a kernel reads the table's values and the hidden states.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Layout {
@@ -44,8 +64,9 @@ enum Layout {
     /// states in f32.
     Floats,
     /// int8 codes plus 128 (as u8), each item's four consecutive dimensions together, which
-    /// VNNI's byte dot product multiplies by four int8 codes of the state at once (the states are
-    /// rounded to int8 too, see [`int8_state`]); dimensions padded to a multiple of four.
+    /// VNNI's byte dot product (and AMX's tile product) multiplies by four int8 codes of the
+    /// state at once (the states are rounded to int8 too, see [`int8_state`]); dimensions padded
+    /// to the kernel's [`Kernel::dim_multiple`] with zero codes in the states.
     ByteQuads,
 }
 
@@ -70,7 +91,8 @@ struct PreparedStates {
 }
 
 impl PreparedStates {
-    fn new(layout: Layout, states: &[f32], dim: usize, rows: usize) -> Self {
+    /// `padded_dim`: the kernel's row width in values (see [`Kernel::padded_dim`]).
+    fn new(layout: Layout, states: &[f32], dim: usize, padded_dim: usize, rows: usize) -> Self {
         match layout {
             Layout::Floats => {
                 let mut words: Vec<u32> = states.iter().map(|v| v.to_bits()).collect();
@@ -83,7 +105,7 @@ impl PreparedStates {
                 }
             }
             Layout::ByteQuads => {
-                let row_words = dim.div_ceil(4);
+                let row_words = padded_dim / 4;
                 let mut prepared = Self {
                     words: vec![0; rows * row_words],
                     row_words,
@@ -118,7 +140,7 @@ impl PreparedStates {
     }
 }
 
-/// The scoring kernel this CPU runs: its block width and how many states it scores at once.
+/// A scoring kernel: its block width and how many states it scores at once.
 #[derive(Clone, Copy)]
 struct Kernel {
     name: &'static str,
@@ -127,30 +149,58 @@ struct Kernel {
     /// Hidden states scored together against a block.
     rows: usize,
     layout: Layout,
-    scores: BlockScores,
+    /// The packed copy and the states pad each row's dimensions to a multiple of this.
+    dim_multiple: usize,
+    /// Whether the kernel computes in AMX tiles, which a search configures before its first block
+    /// (the thread's tile configuration is whatever libtorch last left there).
+    tiles: bool,
+    scores: Scoring,
 }
 
 impl Kernel {
     /// The widest kernel the CPU runs for that storage and `dim` values per item; `None` off x86
     /// or without AVX2 and FMA, where libtorch's GEMM does the scoring.
     fn detect(storage: Storage, dim: usize) -> Option<Self> {
+        Self::runnable(storage, dim).into_iter().next()
+    }
+
+    /// Every kernel this CPU runs for that storage and `dim`, widest first.
+    fn runnable(storage: Storage, dim: usize) -> Vec<Self> {
+        let mut kernels = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
             use simd::*;
+            let byte_quads = storage == Storage::Int8 && dim <= MAX_BYTE_QUAD_DIM;
+            // int8 by AMX's tile products: one instruction multiplies 16 states by 16 items over
+            // 64 dimensions (16,384 byte multiply-adds, 16 cycles' worth of VNNI's). 32 states ×
+            // 16 items; up to 128 dimensions (zeros pad narrower tables).
+            #[cfg(target_os = "linux")]
+            if byte_quads && dim <= amx::DIMS && amx::available() && std::arch::is_x86_feature_detected!("avx512f") {
+                kernels.push(Self {
+                    name: "AMX",
+                    block_items: amx::BLOCK_ITEMS,
+                    rows: amx::ROWS,
+                    layout: Layout::ByteQuads,
+                    dim_multiple: amx::DIMS,
+                    tiles: true,
+                    scores: Scoring::Run(amx::amx_scores),
+                });
+            }
             // int8 by VNNI's byte dot products: four multiply-adds of bytes per 32-bit lane, so
             // an instruction does 64 where an f32 one does 16, and the codes need no widening.
             // The same 8 states × 3 vectors of 16 items.
-            if storage == Storage::Int8
-                && dim <= MAX_BYTE_QUAD_DIM
+            if byte_quads
                 && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
             {
-                return Some(Self {
+                kernels.push(Self {
                     name: "AVX-512 VNNI",
                     block_items: 3 * 16,
                     rows: 8,
                     layout: Layout::ByteQuads,
-                    scores: vnni_scores,
+                    dim_multiple: 4,
+                    tiles: false,
+                    scores: Scoring::Block(vnni_scores),
                 });
             }
             // 8 states × 3 vectors of 16 items: 24 accumulators, 3 item vectors and a broadcast
@@ -163,12 +213,14 @@ impl Kernel {
                     Storage::Bf16 => avx512_scores::<u16>,
                     Storage::Int8 => avx512_scores::<i8>,
                 };
-                return Some(Self {
+                kernels.push(Self {
                     name: "AVX-512",
                     block_items: 3 * 16,
                     rows: 8,
                     layout: Layout::Floats,
-                    scores,
+                    dim_multiple: 1,
+                    tiles: false,
+                    scores: Scoring::Block(scores),
                 });
             }
             // 6 states × 2 vectors of 8 items: 12 accumulators, 2 item vectors and a broadcast
@@ -179,17 +231,24 @@ impl Kernel {
                     Storage::Bf16 => avx2_scores::<u16>,
                     Storage::Int8 => avx2_scores::<i8>,
                 };
-                return Some(Self {
+                kernels.push(Self {
                     name: "AVX2",
                     block_items: 2 * 8,
                     rows: 6,
                     layout: Layout::Floats,
-                    scores,
+                    dim_multiple: 1,
+                    tiles: false,
+                    scores: Scoring::Block(scores),
                 });
             }
         }
         let _ = (storage, dim);
-        None
+        kernels
+    }
+
+    /// Dimensions as this kernel stores them.
+    fn padded_dim(&self, dim: usize) -> usize {
+        dim.next_multiple_of(self.dim_multiple)
     }
 }
 
@@ -220,14 +279,19 @@ pub(super) struct PackedItems {
 impl PackedItems {
     /// `None` where no kernel runs.
     pub(super) fn new(table: &Tensor, storage: Storage) -> Option<Self> {
+        let kernel = Kernel::detect(storage, table.size()[1] as usize)?;
+        Some(Self::for_kernel(table, storage, kernel))
+    }
+
+    /// The table packed for `kernel`, which must run on this CPU.
+    fn for_kernel(table: &Tensor, storage: Storage, kernel: Kernel) -> Self {
         let (items, dim) = (table.size()[0] as usize, table.size()[1] as usize);
-        let kernel = Kernel::detect(storage, dim)?;
         let block_items = kernel.block_items;
         // The model's table is read in place; a copy only where it is not contiguous.
         let plain = host_table(table);
         let blocks = items.div_ceil(block_items);
         let value_bytes = storage.value_bytes();
-        let padded_dim = padded_dim(kernel.layout, dim);
+        let padded_dim = kernel.padded_dim(dim);
         let length = blocks * padded_dim * block_items * value_bytes;
         let mut values = vec![0u64; length.div_ceil(8)];
         // SAFETY: the u64 words are initialised and any byte pattern is a u64; bytes have no
@@ -268,7 +332,7 @@ impl PackedItems {
                 }
             }
         }
-        Some(Self {
+        Self {
             kernel,
             storage,
             dim,
@@ -278,7 +342,7 @@ impl PackedItems {
             max_abs: plain.iter().fold(0f32, |m, v| m.max(v.abs())),
             max_norm,
             max_rounding_norm,
-        })
+        }
     }
 
     /// How far a score from this copy can be from the exact path's score of the same item (both
@@ -338,34 +402,49 @@ impl PackedItems {
         let Kernel {
             block_items,
             rows: group_rows,
-            scores: block_scores,
+            scores: scoring,
             ..
         } = self.kernel;
-        let layout = self.kernel.layout;
-        let states = PreparedStates::new(layout, states, self.dim, best.len().div_ceil(group_rows) * group_rows);
-        let panel_bytes = padded_dim(layout, self.dim) * block_items * self.storage.value_bytes();
+        let padded_dim = self.kernel.padded_dim(self.dim);
+        let rows = best.len().div_ceil(group_rows) * group_rows;
+        let states = PreparedStates::new(self.kernel.layout, states, self.dim, padded_dim, rows);
+        let panel_bytes = padded_dim * block_items * self.storage.value_bytes();
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        let _tiles = self.kernel.tiles.then(|| {
+            // SAFETY: `tiles` is set only where `amx::available()` said the CPU and the kernel
+            // allow them; released when the search ends, on this thread.
+            unsafe { amx::Tiles::configure() }
+        });
         let values: *const u8 = self.values.as_ptr().cast();
         search_tiles(self.items, group_rows, excluded, best, |tile, group, out| {
             let group_states = states.group(group, group_rows);
             let first_block = tile * TILE_ITEMS / block_items;
             let blocks = (TILE_ITEMS / block_items).min(self.items.div_ceil(block_items) - first_block);
-            for block in 0..blocks {
-                let at = first_block + block;
-                // SAFETY: `new` packs a table only for a kernel this CPU runs, in the storage
-                // that kernel reads; block `at` exists (`blocks` stops at the last one), its
-                // panel is `panel_bytes` long and its scales (int8) `block_items`; the states
-                // hold the group's rows in the kernel's layout, and `out` reaches the last
-                // row's items at (rows − 1)·TILE_ITEMS + block_items ≤ its length.
-                unsafe {
-                    block_scores(
-                        values.add(at * panel_bytes),
-                        self.scales.as_ptr().wrapping_add(at * block_items),
-                        &group_states,
-                        TILE_ITEMS,
-                        &mut out[block * block_items..],
-                    )
-                };
-            }
+            let (panel, scales) = (
+                values.wrapping_add(first_block * panel_bytes),
+                self.scales.as_ptr().wrapping_add(first_block * block_items),
+            );
+            // SAFETY: `new` packs a table only for a kernel this CPU runs, in the storage that
+            // kernel reads; blocks `first_block ..` exist (`blocks` stops at the last one), each
+            // panel is `panel_bytes` long with (int8) `block_items` scales; the states hold the
+            // group's rows in the kernel's layout, and `out` reaches the last row's items at
+            // (rows − 1)·TILE_ITEMS + blocks·block_items ≤ its length.
+            unsafe {
+                match scoring {
+                    Scoring::Run(run) => run(panel, panel_bytes, blocks, scales, &group_states, TILE_ITEMS, out),
+                    Scoring::Block(block_scores) => {
+                        for block in 0..blocks {
+                            block_scores(
+                                panel.add(block * panel_bytes),
+                                scales.wrapping_add(block * block_items),
+                                &group_states,
+                                TILE_ITEMS,
+                                &mut out[block * block_items..],
+                            )
+                        }
+                    }
+                }
+            };
         });
     }
 
@@ -405,14 +484,6 @@ fn stored_value(storage: Storage, value: f32, scale: f32) -> f64 {
 /// The Euclidean norm, in f64.
 fn norm(values: impl Iterator<Item = f64>) -> f64 {
     values.map(|v| v * v).sum::<f64>().sqrt()
-}
-
-/// Dimensions as a layout stores them.
-fn padded_dim(layout: Layout, dim: usize) -> usize {
-    match layout {
-        Layout::Floats => dim,
-        Layout::ByteQuads => dim.next_multiple_of(4),
-    }
 }
 
 /// A hidden state rounded to int8 codes as the table's rows are (its scale `max |value| / 127`).
@@ -680,6 +751,212 @@ mod simd {
     }
 }
 
+/// AMX's int8 tiles (Sapphire Rapids and later): detection, the per-thread tile configuration,
+/// and the kernel. Stable Rust has no AMX intrinsics, so the few instructions are inline
+/// assembly; the tile registers are not the compiler's, so they live across `asm!` blocks.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx {
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    use super::GroupStates;
+
+    /// Linux's `arch_prctl` request for permission to use an extended state component, and
+    /// AMX's tile data component: without the grant the first tile instruction faults.
+    const ARCH_REQ_XCOMP_PERM: libc::c_ulong = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_ulong = 18;
+    /// States per tile (its rows) and bytes of a tile row: 64 dimensions of int8, or 16 lanes of
+    /// i32 sums.
+    const TILE_ROWS: usize = 16;
+    const ROW_BYTES: usize = 64;
+    /// Tiles of 16 states scored together, and the dimensions the kernel takes (two tile rows):
+    /// the states' 2 × 2 tiles stay loaded for a whole run of blocks.
+    const STATE_TILES: usize = 2;
+    pub(super) const DIMS: usize = 2 * ROW_BYTES;
+    /// States scored together, items per block (one tile).
+    pub(super) const ROWS: usize = STATE_TILES * TILE_ROWS;
+    pub(super) const BLOCK_ITEMS: usize = 16;
+    /// How many blocks ahead of the one being scored its lines are fetched (into L2): without
+    /// it the scan of a 1M-item table for 32 states took 24 ms, with it 18.5 (2, 8 or 16
+    /// blocks ahead, or into L1, 19.5–20.5).
+    const AHEAD_BLOCKS: usize = 4;
+
+    /// Whether the CPU has AMX's int8 products and Linux lets this process use the tiles (asked
+    /// once; the grant is for the whole process).
+    pub(super) fn available() -> bool {
+        static GRANTED: OnceLock<bool> = OnceLock::new();
+        *GRANTED.get_or_init(|| {
+            let leaf = __cpuid_count(7, 0);
+            let (tile, int8) = (leaf.edx >> 24 & 1 == 1, leaf.edx >> 25 & 1 == 1);
+            // SAFETY: a request for a permission, which reads and writes no memory of ours.
+            tile && int8 && unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } == 0
+        })
+    }
+
+    /// `ldtilecfg`'s 64-byte operand (palette 1).
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        bytes_per_row: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// The kernel's tiles configured on this thread until dropped: 0 and 1 the sums of a block
+    /// (a tile per 16 states), 2 to 5 the states (16 states × 64 dimensions each), 6 and 7 the
+    /// block's items (a tile per 64 dimensions); every one 16 rows of 64 bytes.
+    pub(super) struct Tiles(());
+
+    impl Tiles {
+        /// # Safety
+        /// [`available`] must have returned true; the value must be dropped on this thread.
+        pub(super) unsafe fn configure() -> Self {
+            let mut config = Config {
+                palette: 1,
+                start_row: 0,
+                reserved: [0; 14],
+                bytes_per_row: [0; 16],
+                rows: [0; 16],
+            };
+            for tile in 0..8 {
+                config.bytes_per_row[tile] = ROW_BYTES as u16;
+                config.rows[tile] = TILE_ROWS as u8;
+            }
+            // SAFETY: the operand is a valid palette-1 configuration; the caller vouches for AMX.
+            unsafe { asm!("ldtilecfg [{}]", in(reg) &raw const config, options(nostack, readonly)) };
+            Self(())
+        }
+    }
+
+    impl Drop for Tiles {
+        fn drop(&mut self) {
+            // SAFETY: the tiles were configured on this thread (`configure`'s contract).
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        }
+    }
+
+    /// One block's sums, a row per state.
+    #[repr(C, align(64))]
+    struct Sums([[i32; BLOCK_ITEMS]; ROWS]);
+
+    /// Blocks of 16 items against 32 states (layout [`ByteQuads`](super::Layout::ByteQuads),
+    /// 128 dimensions): the states' int8 codes are loaded into four tiles once (a row per
+    /// state, 64 dimensions a tile), then per block the items' two tiles (a row per quad of
+    /// dimensions: 16 items × 4 bytes, as the packed block holds them), and `tdpbsud` multiplies
+    /// the signed state codes by the items' unsigned ones. A tile load costs three products
+    /// here (15 ns against 5 ns, measured), so the kernel loads each item once per 32 states,
+    /// and the states once per run. The i32 sums are VNNI's exactly, and the scaling is its
+    /// instructions in its order, so the scores are the VNNI kernel's to the bit.
+    ///
+    /// # Safety
+    /// [`Tiles::configure`] on this thread, not yet dropped; AVX-512F; `states` holds [`ROWS`]
+    /// rows of 32 words, each of the `blocks` panels 32 rows of 64 bytes, `out`
+    /// ([`ROWS`] − 1) · `stride` + `blocks` · [`BLOCK_ITEMS`] values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn amx_scores(
+        panel: *const u8,
+        panel_bytes: usize,
+        blocks: usize,
+        scales: *const f32,
+        states: &GroupStates,
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        debug_assert!(
+            states.row_words * 4 == DIMS && states.words.len() >= ROWS * DIMS / 4 && states.scales.len() >= ROWS
+        );
+        debug_assert!(out.len() >= (ROWS - 1) * stride + blocks * BLOCK_ITEMS);
+        debug_assert_eq!(panel_bytes, DIMS * BLOCK_ITEMS);
+        let codes = states.words.as_ptr().cast::<u8>();
+        // SAFETY: the caller configured tiles 0..=7 as 16 rows of 64 bytes; tiles 2..=5 read
+        // 16 state rows of 64 bytes each inside `states`' 32 rows of 128 bytes.
+        unsafe {
+            asm!(
+                "tileloadd tmm2, [{first} + {stride} * 1]",
+                "tileloadd tmm3, [{first} + {stride} * 1 + 64]",
+                "tileloadd tmm4, [{later} + {stride} * 1]",
+                "tileloadd tmm5, [{later} + {stride} * 1 + 64]",
+                first = in(reg) codes,
+                later = in(reg) codes.add(TILE_ROWS * DIMS),
+                stride = in(reg) DIMS,
+                options(nostack, readonly),
+            );
+        }
+        let mut sums = [Sums([[0; BLOCK_ITEMS]; ROWS]), Sums([[0; BLOCK_ITEMS]; ROWS])];
+        for block in 0..blocks {
+            let items = panel.add(block * panel_bytes);
+            let ahead = items.wrapping_add(AHEAD_BLOCKS * panel_bytes);
+            for line in (0..panel_bytes).step_by(64) {
+                // A hint: it never faults, past the table's end too.
+                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line).cast());
+            }
+            // SAFETY: the item tiles read the block's 32 quad rows of 64 bytes, in the panel the
+            // caller vouches for; the stores write `held`'s 32 rows of 64 bytes.
+            unsafe {
+                asm!(
+                    "tileloadd tmm6, [{items} + {stride} * 1]",
+                    "tileloadd tmm7, [{items} + {stride} * 1 + 1024]",
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tdpbsud tmm0, tmm2, tmm6",
+                    "tdpbsud tmm1, tmm4, tmm6",
+                    "tdpbsud tmm0, tmm3, tmm7",
+                    "tdpbsud tmm1, tmm5, tmm7",
+                    items = in(reg) items,
+                    stride = in(reg) ROW_BYTES,
+                    options(nostack, readonly),
+                );
+            }
+            // The previous block's scaling runs while this block's products do.
+            if block > 0 {
+                scale_sums(&sums[(block - 1) % 2], block - 1, scales, states, stride, out);
+            }
+            let held = &mut sums[block % 2];
+            // SAFETY: as above.
+            unsafe {
+                asm!(
+                    "tilestored [{first} + {stride} * 1], tmm0",
+                    "tilestored [{later} + {stride} * 1], tmm1",
+                    first = in(reg) held.0.as_mut_ptr(),
+                    later = in(reg) held.0[TILE_ROWS..].as_mut_ptr(),
+                    stride = in(reg) BLOCK_ITEMS * 4,
+                    options(nostack),
+                );
+            }
+        }
+        if blocks > 0 {
+            scale_sums(&sums[(blocks - 1) % 2], blocks - 1, scales, states, stride, out);
+        }
+    }
+
+    /// Block `block`'s scores from its sums: VNNI's epilogue.
+    #[inline(always)]
+    unsafe fn scale_sums(
+        sums: &Sums,
+        block: usize,
+        scales: *const f32,
+        states: &GroupStates,
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        let out = out.as_mut_ptr().add(block * BLOCK_ITEMS);
+        let item_scale = _mm512_loadu_ps(scales.add(block * BLOCK_ITEMS));
+        for (r, sums) in sums.0.iter().enumerate() {
+            let sum = _mm512_sub_epi32(
+                _mm512_loadu_si512(sums.as_ptr().cast()),
+                _mm512_set1_epi32(states.offsets[r]),
+            );
+            let score = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), item_scale);
+            _mm512_storeu_ps(
+                out.add(r * stride),
+                _mm512_mul_ps(score, _mm512_set1_ps(states.scales[r])),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -712,19 +989,18 @@ mod tests {
         fn every_storage_scores_each_item_as_its_stored_values_dotted_with_the_state(
             items in 1i64..2_000,
             dim in 1i64..150,
-            rows in 1usize..14,
+            rows in 1usize..40,
             seed in any::<i64>(),
             storage in prop::sample::select(vec![Storage::Fp32, Storage::Bf16, Storage::Int8]),
         ) {
             tch::manual_seed(seed);
             let table = Tensor::randn([items, dim], (Kind::Float, Device::Cpu));
             let states = Vec::<f32>::try_from(Tensor::randn([rows as i64 * dim], (Kind::Float, Device::Cpu))).unwrap();
-            let Some(packed) = PackedItems::new(&table, storage) else {
-                return Ok(());
-            };
+            let plain = Vec::<f32>::try_from(table.reshape([-1])).unwrap();
+            for kernel in Kernel::runnable(storage, dim as usize) {
+            let packed = PackedItems::for_kernel(&table, storage, kernel);
             let mut best: Vec<BestK> = (0..rows).map(|_| BestK::new(items as usize)).collect();
             packed.search(&states, &vec![Vec::new(); rows], &mut best);
-            let plain = Vec::<f32>::try_from(table.reshape([-1])).unwrap();
             let dim = dim as usize;
             for (state, best) in states.chunks(dim).zip(best) {
                 let state: Vec<f64> = match packed.kernel.layout {
@@ -743,8 +1019,39 @@ mod tests {
                     let (oracle, size) = terms.fold((0.0, 0.0), |(sum, size), t| (sum + t, size + t.abs()));
                     prop_assert!(
                         (f64::from(score) - oracle).abs() <= 1e-5 * size + 1e-6,
-                        "item {}: {} vs {}", item, score, oracle
+                        "{} kernel, item {}: {} vs {}", kernel.name, item, score, oracle
                     );
+                }
+            }
+            }
+        }
+
+        /// Every byte-quad kernel this CPU runs (AMX, VNNI) gives the same int8 scores to the
+        /// bit: the same integer sums, scaled by the same instructions in the same order.
+        #[test]
+        fn the_byte_quad_kernels_agree_to_the_bit(
+            items in 1i64..2_000,
+            dim in 1i64..=128,
+            rows in 1usize..40,
+            seed in any::<i64>(),
+        ) {
+            tch::manual_seed(seed);
+            let table = Tensor::randn([items, dim], (Kind::Float, Device::Cpu)) * 3.0;
+            let states = Vec::<f32>::try_from(Tensor::randn([rows as i64 * dim], (Kind::Float, Device::Cpu))).unwrap();
+            let scores = |kernel: Kernel| {
+                let packed = PackedItems::for_kernel(&table, Storage::Int8, kernel);
+                let mut best: Vec<BestK> = (0..rows).map(|_| BestK::new(items as usize)).collect();
+                packed.search(&states, &vec![Vec::new(); rows], &mut best);
+                best.into_iter().map(|best| best.ranked(|item| item as u32)).collect::<Vec<_>>()
+            };
+            let kernels: Vec<Kernel> = Kernel::runnable(Storage::Int8, dim as usize)
+                .into_iter()
+                .filter(|kernel| kernel.layout == Layout::ByteQuads)
+                .collect();
+            if let Some((first, others)) = kernels.split_first() {
+                let expected = scores(*first);
+                for kernel in others {
+                    prop_assert!(scores(*kernel) == expected, "{} against {}", kernel.name, first.name);
                 }
             }
         }
