@@ -9,7 +9,9 @@
 #   fresh   one new event then a recommendation for the same user (no cache can help)
 # wrk is closed-loop; set RATE_PER_CONN=N to pace every connection at N requests/s instead
 # (open-loop-like fixed rate). MODES="on off" and CONNS="1 16 64" choose the cells; SERVE_FLAGS
-# adds server flags (e.g. "--data-dir /tmp/state --fsync interval"); WORKLOADS="static" runs one
+# adds server flags (e.g. "--data-dir /tmp/state --fsync interval"); WARM=1 first asks one
+# recommendation per preloaded user (scripts/load/warm.py), so that static measures the steady
+# state with every state cached rather than each user's first request; WORKLOADS="static" runs one
 # workload; SERVER_CPUS=0 pins the server to those CPUs (taskset) and wrk to the others; HISTORY_CAP sets the
 # events kept per user (default: the server's, max_len, or max_len × 1.5 for a model that serves
 # incrementally: a cap of max_len would trim the window's first event with every new one and
@@ -53,6 +55,7 @@ for mode in ${MODES:-on off}; do
   server_pid=$!
   until curl -sf "$BASE/health/ready" >/dev/null; do sleep 0.2; done
   python3 scripts/load/preload.py "$BASE" "$USERS" "$EVENTS" "$ITEMS"
+  [ -n "${WARM:-}" ] && "${client_pin[@]}" python3 scripts/load/warm.py "$BASE" "$USERS" 64
   for workload in ${WORKLOADS:-static fresh}; do
     for conns in ${CONNS:-1 16 64}; do
       line=$(XSREC_USERS=$USERS XSREC_ITEMS=$ITEMS XSREC_RATE_PER_CONN=${RATE_PER_CONN:-0} \
