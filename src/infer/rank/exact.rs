@@ -49,8 +49,8 @@ type RunScores = unsafe fn(
     out: &mut [f32],
 );
 
-/// How a kernel is called: per block, or per run of blocks where it overlaps one block's
-/// arithmetic with the previous one's stores (AMX).
+/// How a kernel is called: per block, or per run of blocks (AMX: the states stay in tiles for
+/// the run, and one block's scaling overlaps the next block's products).
 #[derive(Clone, Copy)]
 enum Scoring {
     Block(BlockScores),
@@ -758,6 +758,7 @@ mod simd {
 mod amx {
     use std::arch::asm;
     use std::arch::x86_64::*;
+    use std::marker::PhantomData;
     use std::sync::OnceLock;
 
     use super::GroupStates;
@@ -807,7 +808,7 @@ mod amx {
     /// The kernel's tiles configured on this thread until dropped: 0 and 1 the sums of a block
     /// (a tile per 16 states), 2 to 5 the states (16 states × 64 dimensions each), 6 and 7 the
     /// block's items (a tile per 64 dimensions); every one 16 rows of 64 bytes.
-    pub(super) struct Tiles(());
+    pub(super) struct Tiles(PhantomData<*const ()>);
 
     impl Tiles {
         /// # Safety
@@ -826,7 +827,8 @@ mod amx {
             }
             // SAFETY: the operand is a valid palette-1 configuration; the caller vouches for AMX.
             unsafe { asm!("ldtilecfg [{}]", in(reg) &raw const config, options(nostack, readonly)) };
-            Self(())
+            // Not `Send` (the raw pointer): the release must run on the configuring thread.
+            Self(PhantomData)
         }
     }
 
@@ -893,7 +895,7 @@ mod amx {
                 _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line).cast());
             }
             // SAFETY: the item tiles read the block's 32 quad rows of 64 bytes, in the panel the
-            // caller vouches for; the stores write `held`'s 32 rows of 64 bytes.
+            // caller vouches for; the products use the configured tiles only.
             unsafe {
                 asm!(
                     "tileloadd tmm6, [{items} + {stride} * 1]",
@@ -914,7 +916,7 @@ mod amx {
                 scale_sums(&sums[(block - 1) % 2], block - 1, scales, states, stride, out);
             }
             let held = &mut sums[block % 2];
-            // SAFETY: as above.
+            // SAFETY: the stores write `held`'s 32 rows of 64 bytes.
             unsafe {
                 asm!(
                     "tilestored [{first} + {stride} * 1], tmm0",
