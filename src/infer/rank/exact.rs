@@ -66,7 +66,7 @@ enum Layout {
     /// int8 codes plus 128 (as u8), each item's four consecutive dimensions together, which
     /// VNNI's byte dot product (and AMX's tile product) multiplies by four int8 codes of the
     /// state at once (the states are rounded to int8 too, see [`int8_state`]); dimensions padded
-    /// to the kernel's [`Kernel::dim_multiple`] with zero codes in the states.
+    /// to a multiple of four.
     ByteQuads,
 }
 
@@ -91,8 +91,7 @@ struct PreparedStates {
 }
 
 impl PreparedStates {
-    /// `padded_dim`: the kernel's row width in values (see [`Kernel::padded_dim`]).
-    fn new(layout: Layout, states: &[f32], dim: usize, padded_dim: usize, rows: usize) -> Self {
+    fn new(layout: Layout, states: &[f32], dim: usize, rows: usize) -> Self {
         match layout {
             Layout::Floats => {
                 let mut words: Vec<u32> = states.iter().map(|v| v.to_bits()).collect();
@@ -105,7 +104,7 @@ impl PreparedStates {
                 }
             }
             Layout::ByteQuads => {
-                let row_words = padded_dim / 4;
+                let row_words = dim.div_ceil(4);
                 let mut prepared = Self {
                     words: vec![0; rows * row_words],
                     row_words,
@@ -149,8 +148,6 @@ struct Kernel {
     /// Hidden states scored together against a block.
     rows: usize,
     layout: Layout,
-    /// The packed copy and the states pad each row's dimensions to a multiple of this.
-    dim_multiple: usize,
     /// Whether the kernel computes in AMX tiles, which a search configures before its first block
     /// (the thread's tile configuration is whatever libtorch last left there).
     tiles: bool,
@@ -173,15 +170,19 @@ impl Kernel {
             let byte_quads = storage == Storage::Int8 && dim <= MAX_BYTE_QUAD_DIM;
             // int8 by AMX's tile products: one instruction multiplies 16 states by 16 items over
             // 64 dimensions (16,384 byte multiply-adds, 16 cycles' worth of VNNI's). 32 states ×
-            // 16 items; up to 128 dimensions (zeros pad narrower tables).
+            // 16 items × 128 dimensions, the byte quads' own width there: narrower tables would
+            // be padded with zeros to 128, so they keep VNNI and its smaller copy.
             #[cfg(target_os = "linux")]
-            if byte_quads && dim <= amx::DIMS && amx::available() && std::arch::is_x86_feature_detected!("avx512f") {
+            if byte_quads
+                && dim.next_multiple_of(4) == amx::DIMS
+                && amx::available()
+                && std::arch::is_x86_feature_detected!("avx512f")
+            {
                 kernels.push(Self {
                     name: "AMX",
                     block_items: amx::BLOCK_ITEMS,
                     rows: amx::ROWS,
                     layout: Layout::ByteQuads,
-                    dim_multiple: amx::DIMS,
                     tiles: true,
                     scores: Scoring::Run(amx::amx_scores),
                 });
@@ -198,7 +199,6 @@ impl Kernel {
                     block_items: 3 * 16,
                     rows: 8,
                     layout: Layout::ByteQuads,
-                    dim_multiple: 4,
                     tiles: false,
                     scores: Scoring::Block(vnni_scores),
                 });
@@ -218,7 +218,6 @@ impl Kernel {
                     block_items: 3 * 16,
                     rows: 8,
                     layout: Layout::Floats,
-                    dim_multiple: 1,
                     tiles: false,
                     scores: Scoring::Block(scores),
                 });
@@ -236,7 +235,6 @@ impl Kernel {
                     block_items: 2 * 8,
                     rows: 6,
                     layout: Layout::Floats,
-                    dim_multiple: 1,
                     tiles: false,
                     scores: Scoring::Block(scores),
                 });
@@ -244,11 +242,6 @@ impl Kernel {
         }
         let _ = (storage, dim);
         kernels
-    }
-
-    /// Dimensions as this kernel stores them.
-    fn padded_dim(&self, dim: usize) -> usize {
-        dim.next_multiple_of(self.dim_multiple)
     }
 }
 
@@ -291,7 +284,7 @@ impl PackedItems {
         let plain = host_table(table);
         let blocks = items.div_ceil(block_items);
         let value_bytes = storage.value_bytes();
-        let padded_dim = kernel.padded_dim(dim);
+        let padded_dim = padded_dim(kernel.layout, dim);
         let length = blocks * padded_dim * block_items * value_bytes;
         let mut values = vec![0u64; length.div_ceil(8)];
         // SAFETY: the u64 words are initialised and any byte pattern is a u64; bytes have no
@@ -405,10 +398,9 @@ impl PackedItems {
             scores: scoring,
             ..
         } = self.kernel;
-        let padded_dim = self.kernel.padded_dim(self.dim);
-        let rows = best.len().div_ceil(group_rows) * group_rows;
-        let states = PreparedStates::new(self.kernel.layout, states, self.dim, padded_dim, rows);
-        let panel_bytes = padded_dim * block_items * self.storage.value_bytes();
+        let layout = self.kernel.layout;
+        let states = PreparedStates::new(layout, states, self.dim, best.len().div_ceil(group_rows) * group_rows);
+        let panel_bytes = padded_dim(layout, self.dim) * block_items * self.storage.value_bytes();
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         let _tiles = self.kernel.tiles.then(|| {
             // SAFETY: `tiles` is set only where `amx::available()` said the CPU and the kernel
@@ -484,6 +476,14 @@ fn stored_value(storage: Storage, value: f32, scale: f32) -> f64 {
 /// The Euclidean norm, in f64.
 fn norm(values: impl Iterator<Item = f64>) -> f64 {
     values.map(|v| v * v).sum::<f64>().sqrt()
+}
+
+/// Dimensions as a layout stores them.
+fn padded_dim(layout: Layout, dim: usize) -> usize {
+    match layout {
+        Layout::Floats => dim,
+        Layout::ByteQuads => dim.next_multiple_of(4),
+    }
 }
 
 /// A hidden state rounded to int8 codes as the table's rows are (its scale `max |value| / 127`).
@@ -990,7 +990,8 @@ mod tests {
         #[test]
         fn every_storage_scores_each_item_as_its_stored_values_dotted_with_the_state(
             items in 1i64..2_000,
-            dim in 1i64..150,
+            // Every kernel's widths, and AMX's (125..=128) often.
+            dim in prop_oneof![1i64..150, 125i64..=128],
             rows in 1usize..40,
             seed in any::<i64>(),
             storage in prop::sample::select(vec![Storage::Fp32, Storage::Bf16, Storage::Int8]),
@@ -1033,7 +1034,8 @@ mod tests {
         #[test]
         fn the_byte_quad_kernels_agree_to_the_bit(
             items in 1i64..2_000,
-            dim in 1i64..=128,
+            // AMX's widths (125..=128) often.
+            dim in prop_oneof![1i64..=128, 125i64..=128],
             rows in 1usize..40,
             seed in any::<i64>(),
         ) {
