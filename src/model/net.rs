@@ -555,32 +555,126 @@ impl Transformer {
     /// K keys (the first K − Q may be a cached prefix), given the keys' session indices and
     /// whether each may be read (`[B × K]`, row after row): causal, only to allowed keys (a
     /// query may always read itself, so that no row is empty: padding attends to itself
-    /// only), plus the session-recency bias by the sessions between key and query. The index
-    /// into the bias table is built on the host and read with one lookup: for the few queries
-    /// of an append, a dozen masking ops on the device would cost more than the pass's
-    /// arithmetic, and a full window costs the host O(B·L²) integer steps, well below its
-    /// O(B·L²·d) attention.
-    fn attention_bias(&self, key_sessions: &[i64], key_allowed: &[bool], keys: usize, queries: usize) -> Tensor {
+    /// only), plus the session-recency bias by the sessions between key and query.
+    ///
+    /// Built on the host: for the few queries of an append, a dozen masking ops on the device
+    /// would cost more than the pass's arithmetic. Where gradients must reach the bias table
+    /// (`differentiable`, training), the host builds the index into the table and the device
+    /// looks it up; otherwise the host writes the values themselves, a run of keys at a time
+    /// (the table is a handful of rows): for a full window of 32 × 200 events the lookup of
+    /// 1.28 M indices and its transposed copy took more than the host's fill (docs/BENCHMARKS.md).
+    fn attention_bias(
+        &self,
+        key_sessions: &[i64],
+        key_allowed: &[bool],
+        keys: usize,
+        queries: usize,
+        differentiable: bool,
+    ) -> Tensor {
         let table = self.bias_table();
-        let blocked = table.size()[0] - 1;
+        let (table_rows, heads) = (table.size()[0] as usize, table.size()[1] as usize);
         let rows = key_allowed.len() / keys;
-        let mut index = Vec::with_capacity(rows * queries * keys);
+        let shape = [rows as i64, queries as i64, keys as i64];
+        if differentiable {
+            let mut index = Vec::with_capacity(rows * queries * keys);
+            self.bias_runs(
+                key_sessions,
+                key_allowed,
+                keys,
+                queries,
+                table_rows - 1,
+                |len, table_row| index.extend(std::iter::repeat_n(table_row as i64, len)),
+            );
+            let index = Tensor::from_slice(&index).view(shape);
+            return Tensor::embedding(&table, &to_device_pinned(index, table.device()), -1, false, false)
+                .permute([0, 3, 1, 2]);
+        }
+        let size = [rows as i64, heads as i64, queries as i64, keys as i64];
+        let values = to_host_f32(&table);
+        let bias = match table.kind() {
+            // The table's values are bf16 already: their upper halves are exact.
+            Kind::BFloat16 => {
+                let bits: Vec<u16> = values.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+                self.bias_values(size, Kind::BFloat16, &bits, key_sessions, key_allowed)
+            }
+            kind => self
+                .bias_values(size, Kind::Float, &values, key_sessions, key_allowed)
+                .to_kind(kind),
+        };
+        to_device_pinned(bias, table.device())
+    }
+
+    /// The bias of [`Self::attention_bias`] as a host tensor of `size` (`[B, H, Q, K]`) and
+    /// `kind`, whose elements are `T`, from the table's `values` (`[rows, H]`): each run of
+    /// keys written once per head, straight into the tensor.
+    fn bias_values<T: Copy>(
+        &self,
+        size: [i64; 4],
+        kind: Kind,
+        values: &[T],
+        key_sessions: &[i64],
+        key_allowed: &[bool],
+    ) -> Tensor {
+        let [_, heads, queries, keys] = size.map(|n| n as usize);
+        let bias = Tensor::empty(size, (kind, Device::Cpu));
+        assert_eq!(bias.kind().elt_size_in_bytes(), std::mem::size_of::<T>());
+        // SAFETY: the tensor is fresh, contiguous, not shared, and holds `numel` elements of
+        // `kind`, whose size `T` has.
+        let out = unsafe { std::slice::from_raw_parts_mut(bias.data_ptr() as *mut T, bias.numel()) };
+        let plane = queries * keys;
+        let mut at = 0;
+        let blocked = values.len() / heads - 1;
+        self.bias_runs(key_sessions, key_allowed, keys, queries, blocked, |len, table_row| {
+            let (row, within) = (at / plane, at % plane);
+            for head in 0..heads {
+                let start = (row * heads + head) * plane + within;
+                out[start..start + len].fill(values[table_row * heads + head]);
+            }
+            at += len;
+        });
+        bias
+    }
+
+    /// Walks the bias of every query of every row (row after row, query after query, key
+    /// after key) as runs of keys that read one row of the bias table: `visit(len, row)`,
+    /// `blocked` being the row of keys that may not be read. Runs follow each row's runs of
+    /// keys alike in session and readability, so a window of few sessions is a few runs.
+    fn bias_runs(
+        &self,
+        key_sessions: &[i64],
+        key_allowed: &[bool],
+        keys: usize,
+        queries: usize,
+        blocked: usize,
+        mut visit: impl FnMut(usize, usize),
+    ) {
+        let mut alike = Vec::new();
         for (sessions, allowed) in key_sessions.chunks(keys).zip(key_allowed.chunks(keys)) {
+            alike.clear();
+            let mut start = 0;
+            for key in 1..=keys {
+                if key == keys || allowed[key] != allowed[start] || sessions[key] != sessions[start] {
+                    alike.push((start, key));
+                    start = key;
+                }
+            }
             for query in keys - queries..keys {
-                index.extend(
-                    (0..keys).map(|key| match key == query || (key < query && allowed[key]) {
+                for &(start, end) in alike.iter().take_while(|(start, _)| *start < query) {
+                    let table_row = match (allowed[start], &self.session_bias) {
+                        (false, _) => blocked,
                         // Sessions between key and query, seen from the query: 0 = its own session.
-                        true if self.session_bias.is_some() => {
-                            (sessions[query] - sessions[key]).clamp(0, self.session_cap)
-                        }
-                        true => 0,
-                        false => blocked,
-                    }),
-                );
+                        (true, Some(_)) => (sessions[query] - sessions[start]).clamp(0, self.session_cap) as usize,
+                        (true, None) => 0,
+                    };
+                    visit(end.min(query) - start, table_row);
+                }
+                // A query reads itself (its own session: row 0), and nothing after it.
+                visit(1, 0);
+                if query + 1 < keys {
+                    visit(keys - query - 1, blocked);
+                }
             }
         }
-        let index = Tensor::from_slice(&index).view([rows as i64, queries as i64, keys as i64]);
-        Tensor::embedding(&table, &to_device_pinned(index, table.device()), -1, false, false).permute([0, 3, 1, 2])
     }
 
     /// `[rows, H|1]` attention bias by session distance (zero without the session-recency
@@ -641,7 +735,7 @@ impl Transformer {
             .collect();
         // The fused kernel wants the bias in the activations' precision (bf16 inference).
         let bias = self
-            .attention_bias(batch.host_sessions(), &allowed, l as usize, l as usize)
+            .attention_bias(batch.host_sessions(), &allowed, l as usize, l as usize, train)
             .to_kind(x.kind());
         let mut x = x;
         for (index, block) in self.blocks.iter().enumerate() {
@@ -903,7 +997,7 @@ impl Network {
             key_allowed.extend((0..m).map(|new| new >= m - fresh));
         }
         let bias = transformer
-            .attention_bias(&key_sessions, &key_allowed, keys, m)
+            .attention_bias(&key_sessions, &key_allowed, keys, m, false)
             .to_kind(x.kind());
         let states = pool.gather(slots, m as i64, x.kind());
         let hidden = transformer.extend(x, &bias, &states, prefix_len as i64);
@@ -983,7 +1077,7 @@ mod tests {
     use tch::Device;
 
     use super::*;
-    use crate::model::EncodedSeq;
+    use crate::model::{EncodedSeq, Features};
 
     /// A one-row batch of these items and session indices, every other feature zero.
     fn items_in_sessions(items: Vec<i64>, sessions: Vec<i64>) -> Batch {
@@ -1047,12 +1141,84 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Both ways of building the attention bias (values written by the host; indices looked
+        /// up on the device, for training) give, for every row, query and key, what the rule
+        /// says element by element: random session indices (not always increasing, as a cached
+        /// prefix right-padded with session 0 is not), random readable keys, a cached prefix
+        /// (queries fewer than keys), with and without the session-recency table.
+        #[test]
+        fn the_attention_bias_is_the_rule_applied_to_each_key(
+            seed in 0i64..1_000_000,
+            rows in 1usize..4,
+            keys in 1usize..24,
+            queries_cut in 0usize..24,
+            recency in proptest::bool::ANY,
+            bf16 in proptest::bool::ANY,
+            cap in 1usize..5,
+            layout in proptest::collection::vec((0i64..7, proptest::bool::weighted(0.8)), 96),
+        ) {
+            let queries = keys - queries_cut % keys;
+            let cfg = ModelConfig {
+                arch: Arch::Transformer,
+                num_items: 10,
+                num_event_types: 1,
+                max_len: 24,
+                d_model: 8,
+                n_heads: 2,
+                n_layers: 1,
+                ffn_dim: 8,
+                dropout: 0.0,
+                tied_output: true,
+                features: Features { session_recency: recency, session_cap: cap, ..Features::default() },
+                session_gap_secs: 60,
+            };
+            tch::manual_seed(seed);
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let mut transformer = Transformer::new(&vs.root(), &cfg, &Arc::new(MaskSource::default()));
+            if let Some(table) = &mut transformer.session_bias {
+                let random = Tensor::randn(table.ws.size(), (Kind::Float, Device::Cpu));
+                tch::no_grad(|| table.ws.copy_(&random));
+            }
+            if bf16 {
+                vs.bfloat16();
+            }
+            let (sessions, allowed): (Vec<i64>, Vec<bool>) = layout.iter().cycle().take(rows * keys).copied().unzip();
+            let table = to_host_f32(&transformer.bias_table());
+            let heads = transformer.bias_table().size()[1] as usize;
+            let blocked = table.len() / heads - 1;
+            let mut expected = Vec::new();
+            for row in 0..rows {
+                let (sessions, allowed) = (&sessions[row * keys..][..keys], &allowed[row * keys..][..keys]);
+                for head in 0..heads {
+                    for query in keys - queries..keys {
+                        for key in 0..keys {
+                            let table_row = match key == query || (key < query && allowed[key]) {
+                                true if recency => (sessions[query] - sessions[key]).clamp(0, cap as i64) as usize,
+                                true => 0,
+                                false => blocked,
+                            };
+                            expected.push(table[table_row * heads + head]);
+                        }
+                    }
+                }
+            }
+            for differentiable in [false, true] {
+                let bias = tch::no_grad(|| transformer.attention_bias(&sessions, &allowed, keys, queries, differentiable));
+                proptest::prop_assert_eq!(bias.size(), vec![rows as i64, heads as i64, queries as i64, keys as i64]);
+                proptest::prop_assert_eq!(bias.kind(), transformer.bias_table().kind());
+                proptest::prop_assert_eq!(&to_host_f32(&bias), &expected, "differentiable: {}", differentiable);
+            }
+        }
+    }
+
     /// The host's inputs are libtorch's, to the bit: rows of different lengths (left padding),
     /// each row's own number of new positions, every per-event feature drawn on or off, random
     /// tables and random feature buckets.
     #[test]
     fn host_inputs_equal_libtorchs_for_each_rows_new_positions() {
-        use crate::model::{encode, Features, HistoryView};
+        use crate::model::{encode, HistoryView};
         for seed in 0..24u64 {
             let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
             let mut draw = |n: u64| {
