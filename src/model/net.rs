@@ -1175,7 +1175,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
         /// Both ways of building the attention bias (values written by the host; indices looked
         /// up on the device, for training) give, for every row, query and key, what the rule
         /// says element by element: random session indices (not always increasing, as a cached
@@ -1244,10 +1244,7 @@ mod tests {
                 proptest::prop_assert_eq!(&to_host_f32(&bias), &expected, "differentiable: {}", differentiable);
             }
         }
-    }
 
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
         /// The host's chunked attention is attention: against softmax(q·kᵀ/√d + bias)·v in f64
         /// for random shapes around and past the chunk size, a cached prefix (more keys than
         /// queries) and a bias that blocks later keys, unreadable keys and some earlier ones.
