@@ -184,13 +184,15 @@ impl WindowPolicy {
     }
 }
 
-/// Events a server keeps per user for a model of window `max_len`: the window, and where the
-/// model appends, the window's slack besides, so that a window restarted short of full keeps
-/// its first event in memory while it grows back to `max_len`.
+/// Events a server keeps per user for a model of window `max_len`: the window and the event
+/// before it, whose time the window's first position reads (its gap input; with the window
+/// alone, a full window's first gap read "none" where offline scoring of the whole history
+/// reads the real one); where the model appends, the window's slack instead, so that a window
+/// restarted short of full keeps its first event in memory while it grows back to `max_len`.
 pub fn events_to_keep(max_len: usize, appendable: bool) -> usize {
     match appendable {
-        true => max_len + append_slack(max_len),
-        false => max_len,
+        true => max_len + append_slack(max_len).max(1),
+        false => max_len + 1,
     }
 }
 

@@ -73,8 +73,9 @@ pub struct ServeConfig {
     /// Without it, events are kept until erased.
     #[arg(long, env = "XSREC_RETENTION", value_parser = parse_retention)]
     pub retention: Option<Duration>,
-    /// Events kept in memory per user (the journal keeps all); defaults to the model's max_len,
-    /// plus a quarter for a model that serves incrementally (`--positions window-start`).
+    /// Events kept in memory per user (the journal keeps all); defaults to the model's max_len
+    /// and the event before the window (whose time the first position reads), or max_len and
+    /// half of it for a model that serves incrementally (`--positions window-start`).
     #[arg(long, env = "XSREC_HISTORY_CAP")]
     pub history_cap: Option<usize>,
     /// Serve `/metrics` (and the health endpoints) on this address, and not `/metrics` on
