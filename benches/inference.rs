@@ -86,20 +86,18 @@ fn append_vs_full_by_length(c: &mut Criterion) {
             let mut pool = model.net.prefix_pool(1 << 30, Kind::Float).expect("appendable");
             let slots: Vec<Slot> = (0..size).map(|_| pool.allocate().expect("room")).collect();
             let slots: Vec<&Slot> = slots.iter().collect();
-            let _ = model
-                .extend_last_hidden(&before, &mut pool, &slots)
-                .expect("appendable");
+            let _ = model.extend_last_state(&before, &mut pool, &slots).expect("appendable");
             let now = histories(size, len, 1683, 200);
             group.throughput(Throughput::Elements(size as u64));
             group.bench_with_input(BenchmarkId::new("full", len), &now, |b, now| {
-                b.iter(|| model.last_hidden(now))
+                b.iter(|| model.last_state(now))
             });
             // Each iteration appends the same two positions again: the slots are put back to
             // the cached length after every pass, which costs nothing beside it.
             let held = pool.len(slots[0]);
             group.bench_with_input(BenchmarkId::new("append", len), &now, |b, now| {
                 b.iter(|| {
-                    let hidden = model.extend_last_hidden(now, &mut pool, &slots);
+                    let hidden = model.extend_last_state(now, &mut pool, &slots);
                     slots.iter().for_each(|slot| pool.truncate(slot, held));
                     hidden
                 })
@@ -108,7 +106,7 @@ fn append_vs_full_by_length(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new("into_empty_slot", len), &now, |b, now| {
                 b.iter(|| {
                     slots.iter().for_each(|slot| pool.truncate(slot, 0));
-                    model.extend_last_hidden(now, &mut pool, &slots)
+                    model.extend_last_state(now, &mut pool, &slots)
                 })
             });
         }
@@ -131,7 +129,7 @@ fn append_cold_pool(c: &mut Criterion) {
             let refs: Vec<&Slot> = slots.iter().collect();
             let users = group * BATCH..(group + 1) * BATCH;
             let before = users_histories(users.clone(), 39, 1683, 50);
-            let _ = model.extend_last_hidden(&before, &mut pool, &refs).expect("appendable");
+            let _ = model.extend_last_state(&before, &mut pool, &refs).expect("appendable");
             (slots, users_histories(users, 40, 1683, 50))
         })
         .collect();
@@ -145,7 +143,7 @@ fn append_cold_pool(c: &mut Criterion) {
             next = (next + 97) % groups.len();
             let (slots, now) = &groups[next];
             let refs: Vec<&Slot> = slots.iter().collect();
-            let hidden = model.extend_last_hidden(now, &mut pool, &refs);
+            let hidden = model.extend_last_state(now, &mut pool, &refs);
             refs.iter().for_each(|slot| pool.truncate(slot, held));
             hidden
         })

@@ -219,9 +219,11 @@ fn appends_match_the_full_forward(
         let readouts_alone = (&full - &every_position).abs().max().double_value(&[]);
         prop_assert!(readouts_alone <= tolerance * full.abs().max().double_value(&[]).max(1.0));
         let held: Vec<&Slot> = asking.iter().map(|&user| &slots[user]).collect();
-        let incremental = model
-            .extend_last_hidden(&batch, &mut pool, &held)
+        // The state from the cached keys and values, then the clock readout, as serving adds it.
+        let state = model
+            .extend_last_state(&batch, &mut pool, &held)
             .expect("exact appends");
+        let incremental = model.read_clock(state, &batch);
         let difference = (&full - &incremental).abs().max().double_value(&[]);
         let scale = full.abs().max().double_value(&[]).max(1.0);
         prop_assert!(
@@ -264,6 +266,6 @@ fn appending_is_refused_where_it_cannot_be_exact() {
     let window_start = model(config(&shape, Arch::Transformer, PositionOrigin::WindowStart), 1);
     let mut pool = window_start.net.prefix_pool(1 << 20, Kind::Float).unwrap();
     let slot = pool.allocate().unwrap();
-    assert!(newest.extend_last_hidden(&batch, &mut pool, &[&slot]).is_none());
-    assert!(lstm.extend_last_hidden(&batch, &mut pool, &[&slot]).is_none());
+    assert!(newest.extend_last_state(&batch, &mut pool, &[&slot]).is_none());
+    assert!(lstm.extend_last_state(&batch, &mut pool, &[&slot]).is_none());
 }

@@ -131,6 +131,72 @@ async fn a_key_value_budget_too_small_for_every_user_evicts_without_changing_an_
     assert!(bytes <= (5 * slot_bytes + hidden) as f64, "{bytes} bytes held");
 }
 
+/// The clock readout is added after the cache: a user asked again an hour later (the same gap
+/// bucket, another hour of the week) is answered from the cached state, and the answer is the
+/// full forward pass at the new moment, which the readout (its weights made strong here) moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hour_later_the_cached_state_answers_with_that_hours_clock_readout() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = Artifact::load(&fixture().model, Device::Cpu).unwrap();
+    let features = &artifact.model.config.features;
+    assert!(features.clock_readout && !features.calendar);
+    tch::no_grad(|| {
+        for (name, mut t) in artifact.model.vs.variables() {
+            if name.starts_with("clock_readout") {
+                t.copy_(&Tensor::randn_like(&t));
+            }
+        }
+    });
+    artifact.save(dir.path()).unwrap();
+    let artifact = Artifact::load(dir.path(), Device::Cpu).unwrap();
+    let max_len = artifact.model.config.max_len;
+    let server = server_for(dir.path(), &[]).await;
+    let streams = longest_streams(8);
+    for stream in &streams {
+        server.ingest(&stream.iter().collect::<Vec<_>>()).await;
+    }
+    let mut moved = 0;
+    for stream in &streams {
+        let history = known_history(&artifact, stream);
+        let user = &stream[0].user_id;
+        // 40,000 s after the newest event and each hour after: one log2 gap bucket.
+        let first = stream.last().unwrap().timestamp + 40_000;
+        let mut answers = Vec::new();
+        for hour in 0..3 {
+            let at = first + 3_600 * hour;
+            let counts = (
+                server.metric("xsrec_cache_hits_total").await,
+                server.metric("xsrec_cache_misses_total").await,
+            );
+            let ask = json!({"user_id": user, "k": K, "at": at, "exclude_seen": false});
+            let (status, reply) = server.post("/v1/recommend", &ask).await;
+            assert_eq!(status, StatusCode::OK, "{reply}");
+            let served = ranked(&reply);
+            let start = history.0.len().saturating_sub(max_len);
+            same_top_k(&artifact, &served, &offline_scores(&artifact, &history, start, at))
+                .unwrap_or_else(|e| panic!("{user} at {at}: {e}"));
+            let expected = match hour {
+                0 => (counts.0, counts.1 + 1.0),
+                _ => (counts.0 + 1.0, counts.1),
+            };
+            assert_eq!(
+                (
+                    server.metric("xsrec_cache_hits_total").await,
+                    server.metric("xsrec_cache_misses_total").await
+                ),
+                expected,
+                "hour {hour}: the first question computes, the later ones are hits"
+            );
+            answers.push(served);
+        }
+        moved += usize::from(answers.windows(2).any(|pair| pair[0] != pair[1]));
+    }
+    assert!(
+        moved > 0,
+        "the hour never changed an answer: the clock readout was not at work"
+    );
+}
+
 /// A model with a repeat term, served with seen items allowed: the top-k merges the catalogue's
 /// ranking of the items a user never had with the exact scores of those they had, and equals
 /// offline scoring, through appends and cached states; candidate lists get the offsets too.

@@ -3,6 +3,7 @@
 use tch::{Device, Kind, Tensor};
 use xsrec::data::vocab::Vocab;
 use xsrec::model::artifact::{Artifact, FORMAT_VERSION};
+use xsrec::model::input::moment_key;
 use xsrec::model::{encode, Arch, Batch, Combine, Features, HistoryView, ModelConfig, Scorer, SeqModel};
 
 const MAX_LEN: usize = 16;
@@ -32,8 +33,12 @@ fn config(arch: Arch, combine: Combine) -> ModelConfig {
 }
 
 fn model(arch: Arch, combine: Combine) -> SeqModel {
+    model_of(config(arch, combine))
+}
+
+fn model_of(config: ModelConfig) -> SeqModel {
     tch::manual_seed(3);
-    let model = SeqModel::new(config(arch, combine), Device::Cpu);
+    let model = SeqModel::new(config, Device::Cpu);
     // Random non-zero session biases and readout gates (all start at zero), so the test sees
     // those features at work.
     tch::no_grad(|| {
@@ -159,6 +164,70 @@ fn explicit_attention_matches_fused_kernel() {
         let attention = model.last_position_attention(&batch);
         let padding_mass: f32 = attention[0][..MAX_LEN - h.items.len()].iter().sum();
         assert_eq!(padding_mass, 0.0, "the newest position attends to padding");
+    }
+}
+
+/// The inference cache's rule held against the model: for random histories and moments, with
+/// the calendar input on and off and for both encoders, two moments with the same
+/// [`moment_key`] give the very same state before the clock readout (what the cache keeps), and
+/// [`SeqModel::read_clock`] of that state is the full answer at either moment. Moments an hour
+/// apart share a key where only the clock readout reads the hour, and their answers differ
+/// there: the readout added after the cache is not a no-op.
+#[test]
+fn moments_with_the_same_key_give_the_same_state_before_the_clock_readout() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+    for calendar in [false, true] {
+        for arch in [Arch::Transformer, Arch::Lstm] {
+            let mut config = config(arch, Combine::Sum);
+            config.features.calendar = calendar;
+            let model = model_of(config);
+            let features = &model.config.features;
+            let mut hour_apart_differs = 0;
+            for _ in 0..12 {
+                let n = rng.gen_range(1..MAX_LEN + 4);
+                let mut t = rng.gen_range(0..1_000_000i64);
+                let timestamps: Vec<i64> = (0..n)
+                    .map(|_| {
+                        t += [5, 60, 2_000, 90_000][rng.gen_range(0..4)];
+                        t
+                    })
+                    .collect();
+                let items: Vec<u32> = (0..n).map(|_| rng.gen_range(1..30)).collect();
+                let types: Vec<u32> = (0..n).map(|_| rng.gen_range(1..4)).collect();
+                let view = || HistoryView::new(&items, &timestamps, &types);
+                // Moments an hour apart from a random gap on, and some anywhere.
+                let from = t + rng.gen_range(0..200_000);
+                let mut moments: Vec<i64> = (0..4).map(|hours| from + 3_600 * hours).collect();
+                moments.extend((0..3).map(|_| t + rng.gen_range(0..500_000)));
+                let batch = |at| Batch::new(&[encode(view(), at, MAX_LEN, GAP)], Device::Cpu);
+                let states: Vec<Tensor> = moments.iter().map(|&at| model.last_state(&batch(at))).collect();
+                for (a, &at_a) in moments.iter().enumerate() {
+                    let full = model.last_hidden(&batch(at_a));
+                    assert!(model.read_clock(states[a].shallow_clone(), &batch(at_a)).equal(&full));
+                    for (b, &at_b) in moments.iter().enumerate() {
+                        let key = |at| moment_key(view(), at, features, GAP);
+                        if a == b || key(at_a) != key(at_b) {
+                            continue;
+                        }
+                        assert!(
+                            states[a].equal(&states[b]),
+                            "{arch:?} calendar {calendar}: moments {at_a} and {at_b} share a key, not a state"
+                        );
+                        // The cached state with the other moment's clock readout is its answer.
+                        let served = model.read_clock(states[a].shallow_clone(), &batch(at_b));
+                        assert!(served.equal(&model.last_hidden(&batch(at_b))));
+                        hour_apart_differs += usize::from(!served.equal(&full));
+                    }
+                }
+            }
+            if !calendar {
+                assert!(
+                    hour_apart_differs > 0,
+                    "{arch:?}: no pair of moments read different hours"
+                );
+            }
+        }
     }
 }
 
@@ -368,8 +437,8 @@ fn bf16_keys_and_values_keep_the_top10_of_a_full_pass() {
         let stepped: Vec<usize> = (0..users.len())
             .filter(|&u| pool.len(&slots[u]) < revealed[u])
             .collect();
-        let hidden = model.extend_last_hidden(&batch, &mut pool, &held);
-        let incremental = model.net.score(&hidden.expect("appendable"));
+        let state = model.extend_last_state(&batch, &mut pool, &held).expect("appendable");
+        let incremental = model.net.score(&model.read_clock(state, &batch));
         worst = worst.max((&full - &incremental).abs().max().double_value(&[]));
         let (a, b) = (top10(&full), top10(&incremental));
         for u in stepped {

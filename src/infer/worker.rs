@@ -53,9 +53,13 @@ struct CachedState {
     model: u64,
     version: u64,
     bucket: i64,
-    /// On the host (f32, which holds a bf16 model's state exactly): a batch's hits and misses
-    /// are then assembled into one tensor with one copy, not one op per row.
+    /// The state before the clock readout ([`SeqModel::last_state`]), on the host (f32, which
+    /// holds a bf16 model's state exactly): a batch's hits and misses are then assembled into
+    /// one tensor with one copy, not one op per row.
     hidden: Vec<f32>,
+    /// Where the window it was computed on starts in the history (the clock readout reads the
+    /// same window).
+    window_start: usize,
     prefix: Option<CachedPrefix>,
     last_used: u64,
 }
@@ -514,8 +518,9 @@ impl InferenceWorker {
         moment_key(view, request.at, &config.features, config.session_gap_secs)
     }
 
-    /// `[B, d]` final hidden states: cached where still valid; computed from the user's cached
-    /// keys and values where the model can append; one full forward pass for the rest.
+    /// `[B, d]` final hidden states: the states before the clock readout cached where still
+    /// valid, computed from the user's cached keys and values where the model can append, one
+    /// full forward pass for the rest; then the clock readout of every row's moment.
     fn hidden_states(&mut self, model: &ServingModel, number: u64, requests: &[InferRequest]) -> Tensor {
         self.tick += 1;
         let caching = self.config.cache_capacity > 0;
@@ -525,11 +530,17 @@ impl InferenceWorker {
         let mut filled = 0;
         let buckets: Vec<i64> = requests.iter().map(|r| Self::cache_bucket(model, r)).collect();
         let (mut full, mut appends, mut evicted) = (Vec::new(), Vec::new(), 0);
+        // Where each row's window starts.
+        let mut window_starts: Vec<usize> = requests
+            .iter()
+            .map(|r| r.history.items.len().saturating_sub(max_len))
+            .collect();
         for (i, (request, &bucket)) in requests.iter().zip(&buckets).enumerate() {
             if let Some(state) = self.cache.get_mut(&request.user).filter(|_| caching) {
                 if state.model == number && state.version == request.history.version && state.bucket == bucket {
                     state.last_used = self.tick;
                     rows[i * width..(i + 1) * width].copy_from_slice(&state.hidden);
+                    window_starts[i] = state.window_start;
                     filled += 1;
                     continue;
                 }
@@ -561,7 +572,10 @@ impl InferenceWorker {
                 slot.map(|slot| (fresh_start, slot))
             });
             match slot {
-                Some((start, slot)) => appends.push((i, start, slot)),
+                Some((start, slot)) => {
+                    window_starts[i] = start;
+                    appends.push((i, start, slot));
+                }
                 None => full.push(i),
             }
         }
@@ -583,13 +597,10 @@ impl InferenceWorker {
             encode_window(view, start, requests[i].at, config.max_len, config.session_gap_secs)
         };
         if !full.is_empty() {
-            let rows_in = full
-                .iter()
-                .map(|&i| encoded(i, requests[i].history.items.len().saturating_sub(max_len)))
-                .collect::<Vec<_>>();
-            let hidden = to_host_f32(&model.model.last_hidden(&Batch::trimmed(&rows_in, self.config.device)));
+            let rows_in = full.iter().map(|&i| encoded(i, window_starts[i])).collect::<Vec<_>>();
+            let hidden = to_host_f32(&model.model.last_state(&Batch::trimmed(&rows_in, self.config.device)));
             for (&i, row) in full.iter().zip(hidden.chunks(width)) {
-                self.keep(&requests[i], number, buckets[i], row, None);
+                self.keep(&requests[i], number, buckets[i], row, window_starts[i], None);
                 rows[i * width..(i + 1) * width].copy_from_slice(row);
                 filled += 1;
             }
@@ -604,7 +615,7 @@ impl InferenceWorker {
             let batch = Batch::trimmed(&rows_in, self.config.device);
             let hidden = model
                 .model
-                .extend_last_hidden(&batch, self.cache.pool_of(number), &slots)
+                .extend_last_state(&batch, self.cache.pool_of(number), &slots)
                 .expect("an appendable model");
             let hidden = to_host_f32(&hidden);
             for ((i, start, slot), row) in group.into_iter().zip(hidden.chunks(width)) {
@@ -615,6 +626,7 @@ impl InferenceWorker {
                     number,
                     buckets[i],
                     row,
+                    start,
                     Some(CachedPrefix { covered, slot }),
                 );
                 rows[i * width..(i + 1) * width].copy_from_slice(row);
@@ -623,12 +635,27 @@ impl InferenceWorker {
         }
         assert_eq!(filled, requests.len(), "every row filled");
         let rows = Tensor::from_slice(&rows).view([requests.len() as i64, width as i64]);
-        to_device_pinned(rows, self.config.device).to_kind(model.model.net.item_table().kind())
+        let states = to_device_pinned(rows, self.config.device).to_kind(model.model.net.item_table().kind());
+        if !config.features.clock_readout {
+            return states;
+        }
+        let rows_in: Vec<_> = (0..requests.len()).map(|i| encoded(i, window_starts[i])).collect();
+        model
+            .model
+            .read_clock(states, &Batch::trimmed(&rows_in, self.config.device))
     }
 
     /// Caches what was computed for `request`, unless caching is off or the user was erased
     /// after its history was read.
-    fn keep(&mut self, request: &InferRequest, model: u64, bucket: i64, hidden: &[f32], prefix: Option<CachedPrefix>) {
+    fn keep(
+        &mut self,
+        request: &InferRequest,
+        model: u64,
+        bucket: i64,
+        hidden: &[f32],
+        window_start: usize,
+        prefix: Option<CachedPrefix>,
+    ) {
         if self.config.cache_capacity == 0 || !self.cacheable(request) {
             self.cache.release(model, prefix);
             return;
@@ -638,6 +665,7 @@ impl InferenceWorker {
             version: request.history.version,
             bucket,
             hidden: hidden.to_vec(),
+            window_start,
             prefix,
             last_used: self.tick,
         };

@@ -87,14 +87,6 @@ pub struct Features {
     pub session_cap: usize,
 }
 
-impl Features {
-    /// Whether the hour of the moment of prediction reaches the model (the inference cache's
-    /// staleness rule depends on it).
-    pub fn reads_the_clock(&self) -> bool {
-        self.calendar || self.clock_readout
-    }
-}
-
 impl Default for Features {
     fn default() -> Self {
         Self {

@@ -106,21 +106,39 @@ impl SeqModel {
     /// `[B, d]` hidden state at the newest event of each row (inference mode). On the host a
     /// large batch runs as passes of about [`HOST_PASS_POSITIONS`] positions each.
     pub fn last_hidden(&self, batch: &Batch) -> Tensor {
+        self.in_passes(batch, |part| self.net.last_hidden(part))
+    }
+
+    /// [`Self::last_hidden`] before the clock readout ([`net::Network::last_state`]): what the
+    /// inference cache keeps.
+    pub fn last_state(&self, batch: &Batch) -> Tensor {
+        self.in_passes(batch, |part| self.net.last_state(part))
+    }
+
+    /// `states` from [`Self::last_state`] of `batch`'s rows (or a cache) with the clock readout
+    /// of `batch`'s moments added: [`Self::last_hidden`].
+    pub fn read_clock(&self, states: Tensor, batch: &Batch) -> Tensor {
+        tch::no_grad(|| self.net.read_clock(states, batch))
+    }
+
+    /// `pass` over `batch` in inference mode, on the host in parts of about
+    /// [`HOST_PASS_POSITIONS`] positions (row-wise results, concatenated).
+    fn in_passes(&self, batch: &Batch, pass: impl Fn(&Batch) -> Tensor) -> Tensor {
         let rows = batch.size() as usize;
         let per_pass = (HOST_PASS_POSITIONS / batch.seq_len().max(1) as usize).max(1);
         if batch.device() != Device::Cpu || rows <= per_pass {
-            return tch::no_grad(|| self.net.last_hidden(batch));
+            return tch::no_grad(|| pass(batch));
         }
         let parts: Vec<Tensor> = (0..rows)
             .step_by(per_pass)
-            .map(|start| tch::no_grad(|| self.net.last_hidden(&batch.rows(start, per_pass.min(rows - start)))))
+            .map(|start| tch::no_grad(|| pass(&batch.rows(start, per_pass.min(rows - start)))))
             .collect();
         Tensor::cat(&parts, 0)
     }
 
-    /// [`Self::last_hidden`] computing only the positions after each row's prefix in `pool`,
+    /// [`Self::last_state`] computing only the positions after each row's prefix in `pool`,
     /// and growing the prefixes ([`net::Network::extend`]); `None` where appending is not exact.
-    pub fn extend_last_hidden(&self, batch: &Batch, pool: &mut PrefixPool, slots: &[&Slot]) -> Option<Tensor> {
+    pub fn extend_last_state(&self, batch: &Batch, pool: &mut PrefixPool, slots: &[&Slot]) -> Option<Tensor> {
         tch::no_grad(|| self.net.extend(batch, pool, slots))
     }
 }

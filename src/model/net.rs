@@ -905,13 +905,28 @@ impl Network {
     }
 
     /// `[B, d]`: the hidden state at each row's newest position (inference mode), with the
-    /// readouts read for that position alone.
+    /// readouts read for that position alone: [`Self::read_clock`] of [`Self::last_state`].
     pub fn last_hidden(&self, batch: &Batch) -> Tensor {
-        let hidden = self.encoded(batch, false, None, Some(1));
-        let l = hidden.size()[1];
-        self.read_out(hidden.narrow(1, l - 1, 1), batch).squeeze_dim(1)
+        self.read_clock(self.last_state(batch), batch)
     }
 
+    /// `[B, d]`: each row's newest state before the clock readout. The clock readout is the one
+    /// part of the model past its input that reads the hour of the moment of prediction, so
+    /// this state stays valid while the hour changes and an inference cache may keep it
+    /// ([`moment_key`](super::input::moment_key)).
+    pub fn last_state(&self, batch: &Batch) -> Tensor {
+        let hidden = self.encoded(batch, false, None, Some(1));
+        let l = hidden.size()[1];
+        self.read_successor_of(hidden.narrow(1, l - 1, 1), batch, None)
+            .squeeze_dim(1)
+    }
+
+    /// `states` (`[B, d]`, [`Self::last_state`] of the same rows, in any precision) with the
+    /// clock readout of each row's newest position added, in the model's precision.
+    pub fn read_clock(&self, states: Tensor, batch: &Batch) -> Tensor {
+        let states = states.to_kind(self.input.items.ws.kind()).unsqueeze(1);
+        self.read_clock_of(states, batch, None).squeeze_dim(1)
+    }
     /// `[B, L, d]` encoder states, before the readouts: of the last `outputs` positions alone
     /// where the encoder can skip the others (`[B, outputs, d]`).
     fn encoded(&self, batch: &Batch, train: bool, capture: Option<&mut Vec<Tensor>>, outputs: Option<i64>) -> Tensor {
@@ -923,21 +938,35 @@ impl Network {
     }
 
     /// `hidden`, the states of the last `m` positions of `batch` (`[B, m, d]`), with the
-    /// enabled readouts added.
+    /// enabled readouts added (one lookup of the window's items for both).
     fn read_out(&self, hidden: Tensor, batch: &Batch) -> Tensor {
-        if self.successor.is_none() && self.clock.is_none() {
+        let items = (self.successor.is_some() || self.clock.is_some()).then(|| self.window_items(batch));
+        let hidden = self.read_successor_of(hidden, batch, items.as_ref());
+        self.read_clock_of(hidden, batch, items.as_ref())
+    }
+
+    /// `[B, L, d]`: the input vectors of the window's items, which the readouts read.
+    fn window_items(&self, batch: &Batch) -> Tensor {
+        batch.items.apply(&self.input.items)
+    }
+
+    /// The successor readout added to `hidden` (`[B, m, d]`), reading `items` when given
+    /// ([`Self::window_items`]).
+    fn read_successor_of(&self, hidden: Tensor, batch: &Batch, items: Option<&Tensor>) -> Tensor {
+        let Some(successor) = &self.successor else {
             return hidden;
-        }
-        let items = batch.items.apply(&self.input.items);
-        let m = hidden.size()[1];
-        let hidden = match &self.successor {
-            Some(successor) => gated(hidden, &successor.gate, successor.retrieve(batch, &items, m)),
-            None => hidden,
         };
-        match &self.clock {
-            Some(clock) => gated(hidden, &clock.gate, clock.retrieve(batch, &items, m)),
-            None => hidden,
-        }
+        let items = items.map_or_else(|| self.window_items(batch), Tensor::shallow_clone);
+        let m = hidden.size()[1];
+        gated(hidden, &successor.gate, successor.retrieve(batch, &items, m))
+    }
+
+    /// The clock readout added to `hidden` (`[B, m, d]`), reading `items` when given.
+    fn read_clock_of(&self, hidden: Tensor, batch: &Batch, items: Option<&Tensor>) -> Tensor {
+        let Some(clock) = &self.clock else { return hidden };
+        let items = items.map_or_else(|| self.window_items(batch), Tensor::shallow_clone);
+        let m = hidden.size()[1];
+        gated(hidden, &clock.gate, clock.retrieve(batch, &items, m))
     }
 
     /// A pool of prefixes to extend from, in at most `budget` bytes, stored as `storage`; `None` where
@@ -969,12 +998,11 @@ impl Network {
         }
     }
 
-    /// `[B, d]`: the hidden state at each row's newest position, computing only the positions
-    /// after the prefix held in `slots[row]` of `pool` (that row's first positions, from an
-    /// earlier call on the same window; an empty slot computes them all); and each slot grown
-    /// to all its row's positions but the newest, whose input depends on the moment of
-    /// prediction. Equal to `hidden(batch, false).select(1, -1)` up to float rounding (and the
-    /// storage precision). Passes of at most [`SHORT_APPEND`] new positions per row run on the
+    /// `[B, d]`: [`Self::last_state`], computing only the positions after the prefix held in
+    /// `slots[row]` of `pool` (that row's first positions, from an earlier call on the same
+    /// window; an empty slot computes them all); and each slot grown to all its row's
+    /// positions but the newest, whose input depends on the moment of prediction. Equal to
+    /// `last_state(batch)` up to float rounding (and the storage precision). Passes of at most [`SHORT_APPEND`] new positions per row run on the
     /// pool's host kernel where it has one. `None` where [`Self::prefix_pool`] is.
     pub fn extend(&self, batch: &Batch, pool: &mut PrefixPool, slots: &[&Slot]) -> Option<Tensor> {
         let transformer = self.appendable()?;
@@ -1014,7 +1042,7 @@ impl Network {
                 .collect();
             let newest = pool.extend_on_host(slots, &rows, &sessions).expect("a host pool");
             let newest = Tensor::from_slice(&newest).view([slots.len() as i64, 1, d as i64]);
-            return Some(self.read_out(newest, batch).squeeze_dim(1));
+            return Some(self.read_successor_of(newest, batch, None).squeeze_dim(1));
         }
         let x = self.input.forward_last(batch, m as i64, false);
         let prefix_len = slots.iter().map(|slot| pool.len(slot)).max().unwrap_or(0);
@@ -1034,8 +1062,10 @@ impl Network {
             .to_kind(x.kind());
         let states = pool.gather(slots, m as i64, x.kind());
         let hidden = transformer.extend(x, &bias, &states, prefix_len as i64);
-        // The readouts of the newest position only, as `last_hidden` reads them.
-        let newest = self.read_out(hidden.narrow(1, m as i64 - 1, 1), batch).squeeze_dim(1);
+        // The successor readout of the newest position only, as `last_state` reads it.
+        let newest = self
+            .read_successor_of(hidden.narrow(1, m as i64 - 1, 1), batch, None)
+            .squeeze_dim(1);
         // Every new position but the newest joins the prefix.
         let starts: Vec<i64> = fresh.iter().map(|&fresh| (prefix_len + m - fresh) as i64).collect();
         let kept: Vec<&[i64]> = (0..slots.len())
