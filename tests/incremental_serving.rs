@@ -159,11 +159,15 @@ async fn an_hour_later_the_cached_state_answers_with_that_hours_clock_readout() 
     for stream in &streams {
         let history = known_history(&artifact, stream);
         let user = &stream[0].user_id;
-        // 40,000 s after the newest event and each hour after: one log2 gap bucket.
-        let first = stream.last().unwrap().timestamp + 40_000;
+        // A minute into the first hour that starts 40,000 s after the newest event, and each
+        // hour after: one log2 gap bucket (32,768–65,535 s).
+        let first = ((stream.last().unwrap().timestamp + 40_000) / 3_600 + 1) * 3_600 + 60;
         let mut answers = Vec::new();
-        for hour in 0..3 {
-            let at = first + 3_600 * hour;
+        // Three hours, then the third hour again (its readout then comes from the cache too).
+        for (asked, at) in [first, first + 3_600, first + 7_200, first + 7_260]
+            .into_iter()
+            .enumerate()
+        {
             let counts = (
                 server.metric("xsrec_cache_hits_total").await,
                 server.metric("xsrec_cache_misses_total").await,
@@ -175,7 +179,7 @@ async fn an_hour_later_the_cached_state_answers_with_that_hours_clock_readout() 
             let start = history.0.len().saturating_sub(max_len);
             same_top_k(&artifact, &served, &offline_scores(&artifact, &history, start, at))
                 .unwrap_or_else(|e| panic!("{user} at {at}: {e}"));
-            let expected = match hour {
+            let expected = match asked {
                 0 => (counts.0, counts.1 + 1.0),
                 _ => (counts.0 + 1.0, counts.1),
             };
@@ -185,11 +189,12 @@ async fn an_hour_later_the_cached_state_answers_with_that_hours_clock_readout() 
                     server.metric("xsrec_cache_misses_total").await
                 ),
                 expected,
-                "hour {hour}: the first question computes, the later ones are hits"
+                "question {asked}: the first computes, the later ones are hits"
             );
             answers.push(served);
         }
-        moved += usize::from(answers.windows(2).any(|pair| pair[0] != pair[1]));
+        assert_eq!(answers[2], answers[3], "the same hour's answer again");
+        moved += usize::from(answers[..3].windows(2).any(|pair| pair[0] != pair[1]));
     }
     assert!(
         moved > 0,

@@ -12,6 +12,7 @@ use super::batcher::Batcher;
 use super::rank::{top_k, Catalogue, Retrieval};
 use super::{Answer, Control, InferError, InferRequest, ModelSlot, Query};
 use crate::data::formats::category_names;
+use crate::data::session::hour_of_week;
 use crate::health::Health;
 use crate::history::HistorySnapshot;
 use crate::metrics::Metrics;
@@ -60,13 +61,17 @@ struct CachedState {
     /// Where the window it was computed on starts in the history (the clock readout reads the
     /// same window).
     window_start: usize,
+    /// With a clock readout: the final state for one hour of the week (`hidden` with that
+    /// hour's readout), so that later requests in the same hour need no readout.
+    clocked: Option<(i64, Vec<f32>)>,
     prefix: Option<CachedPrefix>,
     last_used: u64,
 }
 
 impl CachedState {
     fn hidden_bytes(&self) -> usize {
-        self.hidden.len() * std::mem::size_of::<f32>()
+        let clocked = self.clocked.as_ref().map_or(0, |(_, hidden)| hidden.len());
+        (self.hidden.len() + clocked) * std::mem::size_of::<f32>()
     }
 }
 
@@ -520,7 +525,8 @@ impl InferenceWorker {
 
     /// `[B, d]` final hidden states: the states before the clock readout cached where still
     /// valid, computed from the user's cached keys and values where the model can append, one
-    /// full forward pass for the rest; then the clock readout of every row's moment.
+    /// full forward pass for the rest; then the clock readout of each row's moment, unless the
+    /// cache holds it for that hour.
     fn hidden_states(&mut self, model: &ServingModel, number: u64, requests: &[InferRequest]) -> Tensor {
         self.tick += 1;
         let caching = self.config.cache_capacity > 0;
@@ -530,6 +536,10 @@ impl InferenceWorker {
         let mut filled = 0;
         let buckets: Vec<i64> = requests.iter().map(|r| Self::cache_bucket(model, r)).collect();
         let (mut full, mut appends, mut evicted) = (Vec::new(), Vec::new(), 0);
+        let clock = model.model.config.features.clock_readout;
+        let hours: Vec<i64> = requests.iter().map(|r| hour_of_week(r.at)).collect();
+        // Rows still without their clock readout.
+        let mut unclocked = Vec::new();
         // Where each row's window starts.
         let mut window_starts: Vec<usize> = requests
             .iter()
@@ -539,13 +549,21 @@ impl InferenceWorker {
             if let Some(state) = self.cache.get_mut(&request.user).filter(|_| caching) {
                 if state.model == number && state.version == request.history.version && state.bucket == bucket {
                     state.last_used = self.tick;
-                    rows[i * width..(i + 1) * width].copy_from_slice(&state.hidden);
+                    let row = &mut rows[i * width..(i + 1) * width];
+                    match &state.clocked {
+                        Some((hour, hidden)) if clock && *hour == hours[i] => row.copy_from_slice(hidden),
+                        _ => {
+                            row.copy_from_slice(&state.hidden);
+                            unclocked.extend(clock.then_some(i));
+                        }
+                    }
                     window_starts[i] = state.window_start;
                     filled += 1;
                     continue;
                 }
             }
             // Taken out of the cache: the state is replaced once this request is computed.
+            unclocked.extend(clock.then_some(i));
             let history = &request.history;
             let fresh_start = fresh_window_start(history.items.len(), max_len);
             let reused = match self.cache.take(&request.user) {
@@ -634,15 +652,29 @@ impl InferenceWorker {
             }
         }
         assert_eq!(filled, requests.len(), "every row filled");
-        let rows = Tensor::from_slice(&rows).view([requests.len() as i64, width as i64]);
-        let states = to_device_pinned(rows, self.config.device).to_kind(model.model.net.item_table().kind());
-        if !config.features.clock_readout {
-            return states;
+        if !unclocked.is_empty() {
+            let states: Vec<f32> = unclocked
+                .iter()
+                .flat_map(|&i| &rows[i * width..(i + 1) * width])
+                .copied()
+                .collect();
+            let states = Tensor::from_slice(&states).view([unclocked.len() as i64, width as i64]);
+            let rows_in: Vec<_> = unclocked.iter().map(|&i| encoded(i, window_starts[i])).collect();
+            let batch = Batch::trimmed(&rows_in, self.config.device);
+            let states = to_device_pinned(states, self.config.device);
+            let clocked = to_host_f32(&model.model.read_clock(states, &batch));
+            for (&i, row) in unclocked.iter().zip(clocked.chunks(width)) {
+                rows[i * width..(i + 1) * width].copy_from_slice(row);
+                let request = &requests[i];
+                if let Some(state) = self.cache.get_mut(&request.user) {
+                    if state.model == number && state.version == request.history.version && state.bucket == buckets[i] {
+                        state.clocked = Some((hours[i], row.to_vec()));
+                    }
+                }
+            }
         }
-        let rows_in: Vec<_> = (0..requests.len()).map(|i| encoded(i, window_starts[i])).collect();
-        model
-            .model
-            .read_clock(states, &Batch::trimmed(&rows_in, self.config.device))
+        let rows = Tensor::from_slice(&rows).view([requests.len() as i64, width as i64]);
+        to_device_pinned(rows, self.config.device).to_kind(model.model.net.item_table().kind())
     }
 
     /// Caches what was computed for `request`, unless caching is off or the user was erased
@@ -666,6 +698,7 @@ impl InferenceWorker {
             bucket,
             hidden: hidden.to_vec(),
             window_start,
+            clocked: None,
             prefix,
             last_used: self.tick,
         };
