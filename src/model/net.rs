@@ -440,6 +440,28 @@ impl TransformerBlock {
         }
     }
 
+    /// The queries of the last `m` positions of `normed` (`[B, m, H, head_dim]`) and the keys
+    /// and values of all of them (`[B, L, 2, H, head_dim]`): one product with the whole
+    /// projection where every position is an output, else the queries' rows apart, so that
+    /// the final layer of an inference pass projects one query rather than the window's.
+    fn project(&self, normed: &Tensor, m: i64) -> (Tensor, Tensor) {
+        let (b, l, d) = normed.size3().expect("[B, L, d]");
+        let (heads, head_dim) = (self.n_heads, d / self.n_heads);
+        if m == l {
+            let qkv = normed.apply(&self.qkv).view([b, l, 3, heads, head_dim]);
+            return (qkv.select(2, 0), qkv.narrow(2, 1, 2));
+        }
+        let rows = |first: i64, count: i64| {
+            let bias = self.qkv.bs.as_ref().map(|bias| bias.narrow(0, first, count));
+            (self.qkv.ws.narrow(0, first, count), bias)
+        };
+        let (weight, bias) = rows(0, d);
+        let q = normed.narrow(1, l - m, m).linear(&weight, bias.as_ref());
+        let (weight, bias) = rows(d, 2 * d);
+        let kv = normed.linear(&weight, bias.as_ref());
+        (q.view([b, m, heads, head_dim]), kv.view([b, l, 2, heads, head_dim]))
+    }
+
     /// Pre-LayerNorm block over `x` (`[B, L, d]`). With `cached`, `x`'s positions follow a
     /// prefix whose keys and values are in that buffer: this layer writes its own beside them
     /// and attends to all. `attn_bias` is `[B, H|1, L, P + L]`, −inf where attention is not
@@ -460,28 +482,22 @@ impl TransformerBlock {
     ) -> Tensor {
         let (b, l, d) = x.size3().expect("[B, L, d]");
         let head_dim = d / self.n_heads;
-        let qkv = x
-            .apply(&self.attn_norm)
-            .apply(&self.qkv)
-            .view([b, l, 3, self.n_heads, head_dim]);
         let heads_first = |t: Tensor| t.transpose(1, 2);
         let m = outputs.unwrap_or(l).min(l);
+        let (q, kv) = self.project(&x.apply(&self.attn_norm), m);
         let (x, attn_bias) = match m < l {
             true => (x.narrow(1, l - m, m), attn_bias.narrow(2, l - m, m)),
             false => (x.shallow_clone(), attn_bias.shallow_clone()),
         };
-        let q = heads_first(qkv.select(2, 0).narrow(1, l - m, m));
+        let q = heads_first(q);
         let (k, v) = match cached {
-            None => (heads_first(qkv.select(2, 1)), heads_first(qkv.select(2, 2))),
+            None => (heads_first(kv.select(2, 0)), heads_first(kv.select(2, 1))),
             Some(LayerStates {
                 states,
                 layer,
                 prefix_len,
             }) => {
-                states
-                    .narrow(1, *prefix_len, l)
-                    .narrow(2, 2 * layer, 2)
-                    .copy_(&qkv.narrow(2, 1, 2));
+                states.narrow(1, *prefix_len, l).narrow(2, 2 * layer, 2).copy_(&kv);
                 (
                     heads_first(states.select(2, 2 * layer)),
                     heads_first(states.select(2, 2 * layer + 1)),
@@ -516,8 +532,9 @@ const QUERY_CHUNK: i64 = 32;
 /// to `k`, `v` (`[B, H, K, hd]`) under `bias` (`[B, H|1, m, K]`). On the host the queries go in
 /// chunks, each reading only the keys up to its last query: the bias blocks every later key
 /// for all of its queries, so they add nothing, and the kernel would still multiply them. For
-/// 32 × 200 positions that is 27 % less time in bf16 and 14 % in fp32 (`bench forward`,
-/// docs/BENCHMARKS.md). Elsewhere one call (unmeasured on a GPU, where each call is a launch).
+/// 32 × 200 positions the kernel took 27 % less time in bf16 and 14 % in fp32 (the same
+/// libtorch timed from Python, docs/BENCHMARKS.md). Elsewhere one call (unmeasured on a GPU,
+/// where each call is a launch).
 fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Tensor {
     let attend = |q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor| {
         Tensor::scaled_dot_product_attention(q, k, v, Some(bias), 0.0, false, None, false)
