@@ -922,9 +922,12 @@ impl Network {
     }
 
     /// `[B, d]`: the hidden state at each row's newest position (inference mode), with the
-    /// readouts read for that position alone: [`Self::read_clock`] of [`Self::last_state`].
+    /// readouts read for that position alone: [`Self::read_clock`] of [`Self::last_state`], with
+    /// one lookup of the window's items for both readouts.
     pub fn last_hidden(&self, batch: &Batch) -> Tensor {
-        self.read_clock(self.last_state(batch), batch)
+        let hidden = self.encoded(batch, false, None, Some(1));
+        let l = hidden.size()[1];
+        self.read_out(hidden.narrow(1, l - 1, 1), batch).squeeze_dim(1)
     }
 
     /// `[B, d]`: each row's newest state before the clock readout. The clock readout is the one
