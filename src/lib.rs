@@ -14,6 +14,7 @@ pub mod history;
 pub mod infer;
 pub mod metrics;
 pub mod model;
+pub mod priority;
 pub mod recommend;
 pub mod serve;
 pub mod train;

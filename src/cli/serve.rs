@@ -10,7 +10,7 @@ pub fn run(config: &ServeConfig) -> anyhow::Result<()> {
     let nice = config.http_thread_nice;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_start(move || lower_this_threads_priority(nice))
+        .on_thread_start(move || crate::priority::lower_this_thread(nice, "HTTP threads'"))
         .build()?;
     runtime.block_on(async {
         let server = serve::start(config.clone(), serve::shutdown_signal()).await?;
@@ -28,22 +28,4 @@ pub fn run(config: &ServeConfig) -> anyhow::Result<()> {
         tracing::info!("shut down cleanly");
         Ok(())
     })
-}
-
-/// Under CPU contention the inference worker, which turns admitted requests into answers, must
-/// win over the threads that accept, parse and reject new ones: with equal priority, clients
-/// that retry at once on 429 take the CPU the worker needs and goodput collapses (measured in
-/// docs/RELIABILITY.md). Only lowering is done, which needs no privilege; on Linux the nice
-/// value is per thread.
-fn lower_this_threads_priority(nice: i32) {
-    if nice > 0 {
-        // SAFETY: plain syscalls on the calling thread's own id.
-        let status = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
-        if status != 0 {
-            tracing::warn!(
-                "could not lower the HTTP threads' priority: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
 }

@@ -67,6 +67,11 @@ pub struct JournalConfig {
     /// An index step starts once the pending log records hold this many bytes (or the oldest
     /// is [`INDEX_DELAY`] old): [`INDEX_BYTES`] unless a test wants many steps.
     pub index_bytes: usize,
+    /// Nice value of the index steps' thread (0..=19). A step is minutes of CPU an hour of
+    /// ingest, none of it owed to a waiting request: at the default priority its steps took the
+    /// core from the request handlers (interval ingest p99 doubled, docs/RELIABILITY.md), so a
+    /// server runs it at its HTTP threads' value.
+    pub background_nice: i32,
 }
 
 impl JournalConfig {
@@ -79,6 +84,7 @@ impl JournalConfig {
             erasure_compaction_delay: Duration::from_secs(60),
             retention: None,
             index_bytes: INDEX_BYTES,
+            background_nice: 0,
         }
     }
 
@@ -700,6 +706,7 @@ impl Indexer {
         let thread = std::thread::Builder::new()
             .name("journal-indexer".into())
             .spawn(move || {
+                crate::priority::lower_this_thread(shared.config.background_nice, "journal indexer's");
                 for (store, records) in queued {
                     let outcome = index_in_background(&shared, &store, &records);
                     // Let go of the store before reporting: a compaction that follows closes it.
@@ -1735,6 +1742,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = JournalConfig {
             index_bytes: 1,
+            background_nice: 0,
             ..JournalConfig::offline(dir.path().to_path_buf())
         };
         let users: Vec<String> = (0..23).map(|u| format!("user-{u}")).collect();
@@ -1828,6 +1836,7 @@ mod tests {
         fail::cfg(point, &format!("return({name})")).unwrap();
         JournalConfig {
             index_bytes: 1,
+            background_nice: 0,
             ..JournalConfig::offline(dir.to_path_buf())
         }
     }

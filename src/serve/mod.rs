@@ -366,6 +366,7 @@ pub async fn start(
                 erasure_compaction_delay: Duration::from_secs(config.erasure_compaction_secs),
                 retention: config.retention,
                 index_bytes: config.journal_index_bytes,
+                background_nice: config.http_thread_nice,
             })
             .with_context(|| format!("opening the history store in {}", dir.display()))?;
             tracing::info!(
