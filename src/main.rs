@@ -50,17 +50,33 @@ enum Command {
     Openapi,
 }
 
+impl Command {
+    /// The server, and the load generator (its connections can be closed by the server).
+    fn writes_to_sockets(&self) -> bool {
+        matches!(
+            self,
+            Command::Serve(_) | Command::Bench(cli::bench::BenchCommand::Load(_))
+        )
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    let command = Cli::parse().command;
     // Rust ignores SIGPIPE, which turns `xsrec … | head` into a panic on the next println!;
-    // the default action ends the process quietly, as for any Unix filter.
-    // SAFETY: called before any thread exists; SIG_DFL is a valid disposition for SIGPIPE.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    // the default action ends the process quietly, as for any Unix filter. Not for the
+    // commands that write to sockets: there the default action let any client that closed its
+    // connection mid-response kill the whole server (hyper's writev has no MSG_NOSIGNAL), and
+    // ignored, the write fails with EPIPE and only that connection ends.
+    if !command.writes_to_sockets() {
+        // SAFETY: called before any thread exists; SIG_DFL is a valid disposition for SIGPIPE.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
     }
     // Fault injection for tests (FAILPOINTS=name=action); compiled out of normal builds.
     #[cfg(feature = "failpoints")]
     let _faults = fail::FailScenario::setup();
-    match Cli::parse().command {
+    match command {
         Command::Data(command) => cli::data::run(&command),
         Command::Train(args) => {
             xsrec::train::pages::keep_freed_pages();

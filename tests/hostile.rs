@@ -302,3 +302,56 @@ fn any_request_body_gets_a_json_answer_and_never_a_server_error() {
     assert_eq!(status, StatusCode::OK);
     assert!(history.contains(&events.last().unwrap().item_id));
 }
+
+/// Clients that send a request with a large answer and close the connection at once: writing
+/// the answer to a closed socket raises SIGPIPE, whose default action ended the whole server
+/// (exit 141, nothing logged) after a few dozen such clients. The served process must ignore
+/// the signal, so that the write fails and only that connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_hang_up_before_the_answer_cannot_end_the_server() {
+    let fx = fixture();
+    let mut server = ServerProcess::spawn(&fx.model, &[], &[]);
+    let client = reqwest::Client::new();
+    server.wait_ready(&client, Duration::from_secs(60)).await;
+    let ignored = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let sig_ign = ignored.lines().find_map(|l| l.strip_prefix("SigIgn:")).unwrap().trim();
+    let mask = u64::from_str_radix(sig_ign, 16).unwrap();
+    assert_ne!(
+        mask & (1 << (libc::SIGPIPE - 1)),
+        0,
+        "the server does not ignore SIGPIPE: {sig_ign}"
+    );
+
+    // Half a megabyte of answer each: more than the socket buffers take before the close.
+    let requests: Vec<Value> = (0..256)
+        .map(|i| json!({"user_id": format!("hangup{i}"), "k": 1000}))
+        .collect();
+    let body = json!({ "requests": requests }).to_string();
+    let request = format!(
+        "POST /v1/recommend/batch HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let addr = server.base.trim_start_matches("http://").to_string();
+    for _ in 0..60 {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        drop(stream);
+    }
+    // Answered after the others (one batcher queue), so every hang-up has been written to.
+    let last = client
+        .post(format!("{}/v1/recommend/batch", server.base))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await;
+    let answered = last.as_ref().is_ok_and(|a| a.status() == StatusCode::OK);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(answered, "{last:?}; the server: {:?}", server.child.try_wait());
+    let answer = client.get(format!("{}/health/live", server.base)).send().await;
+    assert!(
+        answer.is_ok_and(|a| a.status() == StatusCode::OK),
+        "the server stopped answering: {:?}",
+        server.child.try_wait()
+    );
+    server.kill();
+}
