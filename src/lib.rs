@@ -14,7 +14,7 @@ pub mod history;
 pub mod infer;
 pub mod metrics;
 pub mod model;
-pub mod priority;
 pub mod recommend;
 pub mod serve;
+pub mod threads;
 pub mod train;

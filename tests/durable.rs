@@ -615,3 +615,50 @@ async fn a_worker_that_keeps_failing_turns_readiness_off_and_the_process_exits_n
     let log = server.stderr_to_end().join("\n");
     assert!(log.contains("failed 3 batches in a row"), "{log}");
 }
+
+/// A journal that cannot write (a failed commit, injected), or whose writer panics (a bug),
+/// fails the call that waited for it with 500 `storage_failed`, refuses later writes, turns
+/// readiness off, and the server stops and exits non-zero, so that its orchestrator replaces
+/// it: liveness alone kept it up and unready for good (and a panicked writer left calls waiting
+/// for their deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_that_cannot_write_stops_the_server_with_a_non_zero_exit() {
+    for (fault, said) in [
+        ("return", "injected write failure"),
+        ("panic(bug)", "the journal writer panicked"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_str().unwrap();
+        let mut server = ServerProcess::spawn(
+            &fixture().model,
+            &[
+                "--data-dir",
+                data_dir,
+                "--fsync",
+                "interval",
+                "--shutdown-grace-secs",
+                "5",
+            ],
+            &[("FAILPOINTS", &format!("journal-commit={fault}"))],
+        );
+        let client = reqwest::Client::new();
+        server.wait_ready(&client, Duration::from_secs(60)).await;
+        let events = json!({"events": [{"user_id": "u", "item_id": "i1", "timestamp": 1}]});
+        let failed = client
+            .post(format!("{}/v1/events", server.base))
+            .json(&events)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR, "{fault}");
+        let body: Value = failed.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "storage_failed", "{fault}: {body}");
+        let status = server.wait_exit(Duration::from_secs(30));
+        assert!(!status.success(), "{fault}: {status}");
+        let log = server.stderr_to_end().join("\n");
+        assert!(
+            log.contains("the history store failed") && log.contains(said),
+            "{fault}: {log}"
+        );
+    }
+}

@@ -10,7 +10,7 @@ pub fn run(config: &ServeConfig) -> anyhow::Result<()> {
     let nice = config.http_thread_nice;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_start(move || crate::priority::lower_this_thread(nice, "HTTP threads'"))
+        .on_thread_start(move || crate::threads::lower_priority(nice, "HTTP threads'"))
         .build()?;
     runtime.block_on(async {
         let server = serve::start(config.clone(), serve::shutdown_signal()).await?;

@@ -342,7 +342,9 @@ struct Shared {
     /// writer's and the indexer's commits store it in increasing order (a smaller value
     /// committed last would make a restart reuse sequence numbers).
     commit_order: Mutex<()>,
-    failure: OnceLock<String>,
+    failure: OnceLock<StoreError>,
+    /// Woken when `failure` is set (see [`Journal::failed`]).
+    failed: tokio::sync::Notify,
     stats: JournalStats,
     config: JournalConfig,
 }
@@ -447,6 +449,7 @@ impl Journal {
             index_requested: AtomicBool::new(false),
             commit_order: Mutex::new(()),
             failure: OnceLock::new(),
+            failed: tokio::sync::Notify::new(),
             stats: JournalStats::default(),
             config,
         });
@@ -455,7 +458,23 @@ impl Journal {
         let (writer, writer_inbox) = (shared.clone(), inbox.clone());
         let writer = std::thread::Builder::new()
             .name("journal-writer".into())
-            .spawn(move || JournalWriter::new(writer, indexer).run(&writer_inbox))
+            .spawn(move || {
+                let writing =
+                    std::panic::AssertUnwindSafe(|| JournalWriter::new(writer.clone(), indexer).run(&writer_inbox));
+                if let Err(panic) = std::panic::catch_unwind(writing) {
+                    // A bug rather than a disk: the journal fails (so the server stops), and what
+                    // is queued is answered instead of waiting for a writer that is gone.
+                    let message = crate::threads::panic_message(&*panic);
+                    let error = StoreError::Journal(format!("the journal writer panicked: {message}"));
+                    writer.fail(&error);
+                    let queued = {
+                        let mut inbox = writer_inbox.lock();
+                        inbox.open = false;
+                        std::mem::take(&mut inbox.commands)
+                    };
+                    reply_all(queued, &Err(error));
+                }
+            })
             .map_err(|e| StoreError::Journal(format!("spawning the journal writer: {e}")))?;
         Ok(Self {
             shared,
@@ -484,10 +503,7 @@ impl Journal {
     }
 
     pub fn health(&self) -> Result<(), StoreError> {
-        match self.shared.failure.get() {
-            Some(message) => Err(StoreError::Journal(message.clone())),
-            None => Ok(()),
-        }
+        self.shared.health()
     }
 
     /// Queues `command`; with `wake`, the writer starts on everything queued.
@@ -628,13 +644,33 @@ impl Journal {
             }
             Ok(events)
         };
-        self.shared.read(read).inspect_err(|error| {
-            let _ = self.shared.failure.set(error.to_string());
-        })
+        self.shared.read(read).inspect_err(|error| self.shared.fail(error))
+    }
+
+    /// Completes once the journal has failed (it then refuses every write): what the server
+    /// waits on to stop and exit non-zero, for its orchestrator to replace it.
+    pub async fn failed(&self) -> StoreError {
+        loop {
+            let notified = self.shared.failed.notified();
+            if let Err(error) = self.health() {
+                return error;
+            }
+            notified.await;
+        }
     }
 }
 
 impl Shared {
+    /// Records the journal's first failure, for good.
+    fn fail(&self, error: &StoreError) {
+        let _ = self.failure.set(error.clone());
+        self.failed.notify_waiters();
+    }
+
+    fn health(&self) -> Result<(), StoreError> {
+        self.failure.get().map_or(Ok(()), |error| Err(error.clone()))
+    }
+
     /// Runs `f` on the store with the handle lock held, so that a compaction cannot rename the
     /// files away under the reader (it swaps stores under the write lock).
     fn read<T>(&self, f: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, StoreError> {
@@ -706,7 +742,7 @@ impl Indexer {
         let thread = std::thread::Builder::new()
             .name("journal-indexer".into())
             .spawn(move || {
-                crate::priority::lower_this_thread(shared.config.background_nice, "journal indexer's");
+                crate::threads::lower_priority(shared.config.background_nice, "journal indexer's");
                 for (store, records) in queued {
                     let outcome = index_in_background(&shared, &store, &records);
                     // Let go of the store before reporting: a compaction that follows closes it.
@@ -1111,14 +1147,11 @@ impl JournalWriter {
     }
 
     fn health(&self) -> Result<(), StoreError> {
-        match self.shared.failure.get() {
-            Some(message) => Err(StoreError::Journal(message.clone())),
-            None => Ok(()),
-        }
+        self.shared.health()
     }
 
     fn fail(&self, error: &StoreError) {
-        let _ = self.shared.failure.set(error.to_string());
+        self.shared.fail(error);
     }
 }
 
@@ -1128,8 +1161,11 @@ fn commit_batch(shared: &Shared, store: &Store, mut batch: fjall::OwnedWriteBatc
     if batch.is_empty() {
         return Ok(false);
     }
-    // A stalled disk, in tests of what waits on the journal.
-    fail::fail_point!("journal-commit");
+    // A stalled disk (`sleep`) or a failed write (`return`), in tests of what waits on the
+    // journal.
+    fail::fail_point!("journal-commit", |_| Err(StoreError::Journal(
+        "injected write failure".into()
+    )));
     let _order = shared.commit_order.lock().unwrap_or_else(|e| e.into_inner());
     let next_seq = shared.next_seq.load(Ordering::Relaxed);
     batch.insert(&store.meta, META_NEXT_SEQ, next_seq.to_be_bytes());

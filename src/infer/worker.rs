@@ -329,7 +329,10 @@ impl InferenceWorker {
                     worker.run(batcher);
                 }));
                 if let Err(panic) = outcome {
-                    health.fail(format!("the inference worker died: {}", panic_message(&*panic)));
+                    health.fail(format!(
+                        "the inference worker died: {}",
+                        crate::threads::panic_message(&*panic)
+                    ));
                 }
             })
             .expect("spawn inference worker");
@@ -471,7 +474,7 @@ impl InferenceWorker {
                     let _ = request.reply.send(Ok(answer));
                 }
             }
-            Err(panic) => self.fail_batch(live, &panic_message(&*panic)),
+            Err(panic) => self.fail_batch(live, &crate::threads::panic_message(&*panic)),
         }
     }
 
@@ -930,15 +933,6 @@ fn query_k(query: &Query) -> usize {
         Query::TopK { k, .. } | Query::Candidates { k, .. } => *k,
         Query::Interests { top } => *top,
     }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let text = panic
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| panic.downcast_ref::<&str>().copied())
-        .unwrap_or("unknown panic");
-    crate::recommend::error::quote(text)
 }
 
 /// `[V, C]` matrix spreading each item's mass evenly over its categories, or `None` when no item

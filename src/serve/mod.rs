@@ -454,6 +454,15 @@ pub async fn start(
             warming.set_warmed_up();
         }
     });
+    // A journal that cannot write refuses every later write: the service stops for good, so
+    // that its orchestrator replaces it (liveness alone would keep it up, unready, forever).
+    if let Some(journal) = journal.clone() {
+        let failing = health.clone();
+        tokio::spawn(async move {
+            let error = journal.failed().await;
+            failing.fail(format!("the history store failed: {error}"));
+        });
+    }
     let app = api::router(
         core.clone(),
         &api::HttpOptions {
