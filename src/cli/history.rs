@@ -38,7 +38,8 @@ pub enum HistoryCommand {
         #[arg(long)]
         data_dir: PathBuf,
     },
-    /// Open the store and read every record, changing nothing: exit 0 when it is readable.
+    /// Open the store as a start does (the storage engine's recovery, which cuts a damaged
+    /// write-ahead log, included) and read every record: exit 0 when it is readable.
     Check {
         #[arg(long)]
         data_dir: PathBuf,

@@ -295,6 +295,54 @@ impl Store {
     }
 }
 
+/// How often at most an fsync also renews the committed mark (two more fsyncs, of a small file
+/// and the directory): what a start checks covers everything acknowledged up to this long
+/// before a crash, and everything at a clean stop.
+const MARK_EVERY: Duration = Duration::from_secs(1);
+
+/// The committed mark: the next sequence number as of the last fsync that renewed it, kept
+/// beside the storage engine's files. The engine cuts its write-ahead log at the first record it
+/// cannot read, which is right for a torn tail but silently drops every later record when the
+/// damage is in the middle; a start that finds fewer records than the mark knows that happened,
+/// and refuses instead of serving the part.
+fn committed_mark(dir: &Path) -> PathBuf {
+    dir.join("committed")
+}
+
+fn write_committed_mark(dir: &Path, next_seq: u64) -> Result<(), StoreError> {
+    let path = committed_mark(dir);
+    crate::durable::replace(&path, io_error, |partial| {
+        std::fs::write(partial, format!("{next_seq}\n")).map_err(|e| io_error(partial, e))
+    })?;
+    sync_dir(dir)
+}
+
+/// Refuses a store whose write-ahead log lost records that the committed mark says were on disk.
+fn check_committed_mark(dir: &Path, next_seq: u64) -> Result<(), StoreError> {
+    let path = committed_mark(dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        // A store from before the mark, or one that never fsynced: nothing to check.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_error(&path, e)),
+    };
+    let marked: u64 = text
+        .trim()
+        .parse()
+        .map_err(|_| corrupt(dir, "its committed mark (the file `committed`) is not a number"))?;
+    if next_seq < marked {
+        return Err(StoreError::Journal(format!(
+            "{}: the storage engine's write-ahead log is damaged: changes up to sequence number {marked} \
+             were on disk, and only those before {next_seq} could be read (the engine has cut the log \
+             where it could not read on). Restore the directory from a backup; or, to serve what \
+             was read, delete {} and start again",
+            dir.display(),
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The store's directories inside the data directory: the live one, a compaction's copy being
 /// written, and the copy it replaced. Only a finished, fsynced copy is ever renamed to live.
 fn live_dir(dir: &Path) -> PathBuf {
@@ -438,7 +486,9 @@ impl Journal {
         settle_interrupted_compaction(&config.dir)?;
         let path = live_dir(&config.dir);
         let (store, log_keys) = Store::open(&path)?;
-        let next_seq = AtomicU64::new(store.next_seq(&path)?);
+        let next_seq = store.next_seq(&path)?;
+        check_committed_mark(&config.dir, next_seq)?;
+        let next_seq = AtomicU64::new(next_seq);
         index_log(&store, &path, &next_seq, log_keys)?;
         let shared = Arc::new(Shared {
             store: RwLock::new(Some(store)),
@@ -709,6 +759,8 @@ struct JournalWriter {
     /// Commands committed so far (what `Shared::committed` publishes).
     processed: u64,
     last_sync: Instant,
+    /// When [`write_committed_mark`] last ran.
+    last_mark: Option<Instant>,
     /// When the compaction owed to an erasure is due.
     compaction_due: Option<Instant>,
     /// When the next retention compaction is due.
@@ -799,6 +851,7 @@ impl JournalWriter {
             dirty: false,
             processed: 0,
             last_sync: Instant::now(),
+            last_mark: None,
             compaction_due: None,
             retention_due,
             pending_records: Vec::new(),
@@ -822,6 +875,7 @@ impl JournalWriter {
             .health()
             .and_then(|()| self.index_pending())
             .and_then(|()| self.sync())
+            .and_then(|()| self.mark_committed())
         {
             self.fail(&error);
         }
@@ -1088,6 +1142,16 @@ impl JournalWriter {
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.dirty = false;
         self.last_sync = Instant::now();
+        if self.last_mark.is_none_or(|at| at.elapsed() >= MARK_EVERY) {
+            self.mark_committed()?;
+        }
+        Ok(())
+    }
+
+    /// Records, durably, that everything committed so far is on disk (called after an fsync).
+    fn mark_committed(&mut self) -> Result<(), StoreError> {
+        write_committed_mark(&self.shared.config.dir, self.shared.next_seq.load(Ordering::Acquire))?;
+        self.last_mark = Some(Instant::now());
         Ok(())
     }
 
