@@ -188,6 +188,55 @@ async fn an_erased_user_is_in_no_file_after_compaction_and_stays_erased_after_a_
     assert_eq!(kept_history.last().unwrap().1, 5000);
 }
 
+/// A process killed after an erasure was acknowledged and before its compaction: the erased
+/// user's bytes stayed on disk for good (found by a hostile probe), since only the memory of the
+/// killed process knew a compaction was owed. The next start now owes it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_killed_before_its_compaction_is_compacted_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gone, kept) = ("erase-me-killed-0e7a4c", "keep-me-killed-61b2d9");
+    let client = reqwest::Client::new();
+    let start = |delay: &str| {
+        ServerProcess::spawn(
+            &fixture().model,
+            &["--data-dir", dir_arg(dir.path()), "--erasure-compaction-secs", delay],
+            &[],
+        )
+    };
+    let mut server = start("3600");
+    server.wait_ready(&client, Duration::from_secs(60)).await;
+    for user in [gone, kept] {
+        let events = json!({"events": [{"user_id": user, "item_id": "i1", "timestamp": 1000}]});
+        let sent = client
+            .post(format!("{}/v1/events", server.base))
+            .json(&events)
+            .send()
+            .await;
+        assert_eq!(sent.unwrap().status(), StatusCode::OK);
+    }
+    let erased = client.delete(format!("{}/v1/users/{gone}", server.base)).send().await;
+    assert_eq!(erased.unwrap().status(), StatusCode::NO_CONTENT);
+    server.kill();
+    assert!(
+        !files_containing(dir.path(), gone.as_bytes()).is_empty(),
+        "the kill came before the compaction (an hour away), so the bytes are still there"
+    );
+
+    let server = start("0");
+    server.wait_ready(&client, Duration::from_secs(60)).await;
+    let started = Instant::now();
+    while !files_containing(dir.path(), gone.as_bytes()).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "erased bytes still on disk after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!files_containing(dir.path(), kept.as_bytes()).is_empty());
+    assert_eq!(history(&client, &server.base, gone).await, Vec::new());
+    assert_eq!(history(&client, &server.base, kept).await.len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_drops_old_events_from_memory_at_once_and_from_disk_at_compaction() {
     let dir = tempfile::tempdir().unwrap();

@@ -221,6 +221,10 @@ const FORMAT_FRESH_KEYS: u8 = 3;
 const FORMAT_WITHOUT_LOG: u8 = 2;
 const META_FORMAT: &[u8] = b"format";
 const META_NEXT_SEQ: &[u8] = b"next_seq";
+/// Present from an erasure's commit until the compaction that drops the erased bytes (whose
+/// fresh store does not have it): a start that finds it owes that compaction, so that a process
+/// killed in between still takes the user's bytes off the disk.
+const META_COMPACTION_OWED: &[u8] = b"compaction_owed";
 
 /// How the leftover log of an opened store is keyed when it is indexed.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -488,6 +492,10 @@ impl Journal {
         let (store, log_keys) = Store::open(&path)?;
         let next_seq = store.next_seq(&path)?;
         check_committed_mark(&config.dir, next_seq)?;
+        let compaction_owed = store
+            .meta
+            .contains_key(META_COMPACTION_OWED)
+            .map_err(|e| fjall_error(&path, e))?;
         let next_seq = AtomicU64::new(next_seq);
         index_log(&store, &path, &next_seq, log_keys)?;
         let shared = Arc::new(Shared {
@@ -509,8 +517,9 @@ impl Journal {
         let writer = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || {
-                let writing =
-                    std::panic::AssertUnwindSafe(|| JournalWriter::new(writer.clone(), indexer).run(&writer_inbox));
+                let writing = std::panic::AssertUnwindSafe(|| {
+                    JournalWriter::new(writer.clone(), indexer, compaction_owed).run(&writer_inbox)
+                });
                 if let Err(panic) = std::panic::catch_unwind(writing) {
                     // A bug rather than a disk: the journal fails (so the server stops), and what
                     // is queued is answered instead of waiting for a writer that is gone.
@@ -844,15 +853,16 @@ fn stopped_indexer() -> StoreError {
 const INDEXER_POLL: Duration = Duration::from_millis(5);
 
 impl JournalWriter {
-    fn new(shared: Arc<Shared>, indexer: Indexer) -> Self {
+    fn new(shared: Arc<Shared>, indexer: Indexer, compaction_owed: bool) -> Self {
         let retention_due = shared.config.retention_every().map(|every| Instant::now() + every);
+        let compaction_due = compaction_owed.then(|| Instant::now() + shared.config.erasure_compaction_delay);
         Self {
             shared,
             dirty: false,
             processed: 0,
             last_sync: Instant::now(),
             last_mark: None,
-            compaction_due: None,
+            compaction_due,
             retention_due,
             pending_records: Vec::new(),
             pending_bytes: 0,
@@ -959,6 +969,7 @@ impl JournalWriter {
                     result = result
                         .and_then(|()| self.index_now(&store, &mut batch, &mut fresh))
                         .and_then(|()| stage_erasure(&store, &mut batch, &user, &self.shared.config.dir));
+                    batch.insert(&store.meta, META_COMPACTION_OWED, []);
                     let delay = self.shared.config.erasure_compaction_delay;
                     self.compaction_due.get_or_insert_with(|| Instant::now() + delay);
                     acks.push(ack);
