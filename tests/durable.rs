@@ -129,6 +129,18 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     found
 }
 
+/// Waits (at most 30 s) until no file under `dir` holds `user`'s id.
+async fn erased_from_every_file(dir: &Path, user: &str) {
+    let started = Instant::now();
+    while !files_containing(dir, user.as_bytes()).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{user}'s bytes still on disk"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erased_user_is_in_no_file_after_compaction_and_stays_erased_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -162,14 +174,7 @@ async fn an_erased_user_is_in_no_file_after_compaction_and_stays_erased_after_a_
         StatusCode::NO_CONTENT
     );
     assert_eq!(server.delete(&format!("/v1/users/{gone}")).await, StatusCode::NOT_FOUND);
-    let started = std::time::Instant::now();
-    while !files_containing(dir.path(), gone.as_bytes()).is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "erased bytes still on disk"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    erased_from_every_file(dir.path(), gone).await;
     assert!(!files_containing(dir.path(), kept.as_bytes()).is_empty());
     assert_eq!(
         server.metric("xsrec_cached_states").await,
@@ -224,14 +229,7 @@ async fn an_erasure_killed_before_its_compaction_is_compacted_after_the_restart(
 
     let server = start("0");
     server.wait_ready(&client, Duration::from_secs(60)).await;
-    let started = Instant::now();
-    while !files_containing(dir.path(), gone.as_bytes()).is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "erased bytes still on disk after the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    erased_from_every_file(dir.path(), gone).await;
     assert!(!files_containing(dir.path(), kept.as_bytes()).is_empty());
     assert_eq!(history(&client, &server.base, gone).await, Vec::new());
     assert_eq!(history(&client, &server.base, kept).await.len(), 1);
