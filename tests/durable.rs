@@ -709,3 +709,35 @@ async fn a_journal_that_cannot_write_stops_the_server_with_a_non_zero_exit() {
         );
     }
 }
+
+/// A second process on a data directory a running server holds is refused as "in use", not
+/// called damaged: that message told the operator to move a healthy store away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_held_by_a_running_server_is_refused_as_in_use_not_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::spawn(&fixture().model, &["--data-dir", dir_arg(dir.path())], &[]);
+    let client = reqwest::Client::new();
+    server.wait_ready(&client, Duration::from_secs(60)).await;
+    let out = dir.path().join("export.inter");
+    let export = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_xsrec"))
+            .args(["history", "export", "--data-dir", dir_arg(dir.path()), "--out"])
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let refused = export();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(
+        said.contains("in use by another process") && !said.contains("damaged"),
+        "{said}"
+    );
+    server.kill();
+    let exported = export();
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+}

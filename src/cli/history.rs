@@ -65,6 +65,16 @@ pub fn probe(data_dir: &Path) -> anyhow::Result<()> {
     if !data_dir.exists() {
         return Ok(());
     }
+    // Not damage: refused by the child too, but its message must not send the operator to
+    // move a healthy store away.
+    if Journal::in_use(data_dir)? {
+        anyhow::bail!(
+            "the history store in {} is in use by another process (a running `xsrec serve` or \
+             `xsrec history` command holds its lock): stop that one first, or give this one \
+             another --data-dir",
+            data_dir.display()
+        );
+    }
     let exe = std::env::current_exe().context("locating the xsrec executable")?;
     let check = std::process::Command::new(exe)
         .args(["history", "check", "--data-dir"])

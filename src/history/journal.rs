@@ -542,6 +542,21 @@ impl Journal {
         })
     }
 
+    /// Whether another process has the store in `dir` open (the storage engine's lock is held).
+    pub fn in_use(dir: &Path) -> Result<bool, StoreError> {
+        let lock = live_dir(dir).join("lock");
+        let file = match std::fs::File::open(&lock) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_error(&lock, e)),
+        };
+        match file.try_lock() {
+            Ok(()) => Ok(false),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+            Err(std::fs::TryLockError::Error(e)) => Err(io_error(&lock, e)),
+        }
+    }
+
     pub fn retention_horizon(&self) -> Option<i64> {
         self.shared.config.retention_horizon()
     }
