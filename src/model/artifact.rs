@@ -102,10 +102,6 @@ impl Artifact {
     /// file), the weights last: a directory with `model.safetensors` holds a complete artifact,
     /// which is what resumable scripts test before skipping a finished training.
     pub fn save(&self, dir: &Path) -> Result<(), ArtifactError> {
-        let io = |path: &Path, source| ArtifactError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
         fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         durable::replace(&dir.join(CONFIG_FILE), io, |partial| {
             let json = serde_json::to_string_pretty(&self.config).expect("config serialises");
@@ -132,11 +128,18 @@ impl Artifact {
     }
 
     pub fn load(dir: &Path, device: Device) -> Result<Self, ArtifactError> {
+        // A FIFO or a device in the artifact's place would block the read for good, and a reload
+        // waits on it with no deadline.
+        for file in [CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE] {
+            let path = dir.join(file);
+            let metadata = fs::metadata(&path).map_err(|source| io(&path, source))?;
+            if !metadata.is_file() {
+                let not_regular = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
+                return Err(io(&path, not_regular));
+            }
+        }
         let config_path = dir.join(CONFIG_FILE);
-        let text = fs::read_to_string(&config_path).map_err(|source| ArtifactError::Io {
-            path: config_path.clone(),
-            source,
-        })?;
+        let text = fs::read_to_string(&config_path).map_err(|source| io(&config_path, source))?;
         let config = parse_config(&config_path, &text)?;
         let (items, item_counts, item_categories) = read_items(&dir.join(ITEMS_FILE))?;
         if items.len() != config.model.num_items {
@@ -160,6 +163,13 @@ impl Artifact {
             item_categories,
             model,
         })
+    }
+}
+
+fn io(path: &Path, source: std::io::Error) -> ArtifactError {
+    ArtifactError::Io {
+        path: path.to_path_buf(),
+        source,
     }
 }
 
@@ -194,10 +204,7 @@ fn parse_config(path: &Path, text: &str) -> Result<ArtifactConfig, ArtifactError
 pub type ItemTable = (Vocab, Vec<u64>, Vec<Vec<String>>);
 
 pub fn read_items(path: &Path) -> Result<ItemTable, ArtifactError> {
-    let text = fs::read_to_string(path).map_err(|source| ArtifactError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = fs::read_to_string(path).map_err(|source| io(path, source))?;
     let bad = |line: usize, message: String| ArtifactError::Items {
         path: path.to_path_buf(),
         line,
@@ -288,4 +295,32 @@ pub fn copy_weights(vs: &tch::nn::VarStore, mut stored: HashMap<String, Tensor>)
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An artifact whose config is a FIFO (nobody writing) is refused at once instead of
+    /// blocking the loader (and a reload through the admin API) for good.
+    #[test]
+    fn a_fifo_in_the_artifacts_place_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        for file in [ITEMS_FILE, WEIGHTS_FILE] {
+            fs::write(dir.path().join(file), b"").unwrap();
+        }
+        let fifo = std::ffi::CString::new(dir.path().join(CONFIG_FILE).to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let path = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let _ = sender.send(Artifact::load(&path, Device::Cpu).err().map(|e| e.to_string()));
+        });
+        let error = receiver
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the load blocked on the FIFO")
+            .expect("the load failed");
+        assert!(error.contains("config.json: not a regular file"), "{error}");
+    }
 }
