@@ -130,7 +130,9 @@ pub struct RecommendRequest {
     /// (10,000 by default).
     #[schema(value_type = Option<Vec<Id>>, min_items = 1, max_items = 10_000)]
     pub candidates: Option<Vec<String>>,
-    /// Moment of prediction; default now.
+    /// Moment of prediction; default now. The whole stored history is read whatever the moment:
+    /// one before the newest event reads as a gap of zero since it (the hour of the week is
+    /// still the moment's own), not as a request for the history as it stood then.
     #[schema(value_type = Option<UnixSeconds>)]
     #[serde(default, deserialize_with = "integer::option_i64")]
     pub at: Option<i64>,
@@ -182,7 +184,9 @@ pub struct InterestsRequest {
     #[serde(default = "default_top", deserialize_with = "integer::usize")]
     #[schema(default = 5, minimum = 1, maximum = 1000)]
     pub top: usize,
-    /// Moment of prediction; default now.
+    /// Moment of prediction; default now. The whole stored history is read whatever the moment:
+    /// one before the newest event reads as a gap of zero since it (the hour of the week is
+    /// still the moment's own), not as a request for the history as it stood then.
     #[schema(value_type = Option<UnixSeconds>)]
     #[serde(default, deserialize_with = "integer::option_i64")]
     pub at: Option<i64>,
