@@ -18,7 +18,7 @@ use super::types::ModelInfo;
 use super::Catalog;
 use crate::data::formats::{item_categories, ItemMeta};
 use crate::infer::ModelSlot;
-use crate::model::artifact::{content_hash, WEIGHTS_FILE};
+use crate::model::artifact::{content_hash, CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE};
 use crate::model::{Artifact, Precision};
 
 pub struct ServedModel {
@@ -76,8 +76,9 @@ pub struct ModelLoader {
 }
 
 impl ModelLoader {
-    /// The artifact in `dir` and its version: a hash of its weights, so the same bytes give the
-    /// same version on every machine.
+    /// The artifact in `dir` and its version: a hash of its three files, so the same bytes give
+    /// the same version on every machine, and the same weights with another item list (the
+    /// item ids the rows stand for) or configuration are another version.
     pub fn load(&self, dir: &Path) -> Result<(Artifact, String), ReloadError> {
         // Quoted, bounded: the directory may come from a client.
         let failed = |reason: String| ReloadError::Load {
@@ -85,10 +86,14 @@ impl ModelLoader {
             reason: quote(&reason),
         };
         let dir = crate::model::builtin::resolve(dir).map_err(|e| failed(e.to_string()))?;
-        let weights = dir.join(WEIGHTS_FILE);
-        let bytes = std::fs::read(&weights).map_err(|e| failed(format!("reading {}: {e}", weights.display())))?;
-        let version = format!("{:016x}", content_hash(&bytes));
+        // Loaded first: it refuses files that are not regular (a FIFO would block the reads).
         let mut artifact = Artifact::load(&dir, self.device).map_err(|e| failed(e.to_string()))?;
+        let mut files = Vec::new();
+        for file in [CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE] {
+            let path = dir.join(file);
+            files.push(std::fs::read(&path).map_err(|e| failed(format!("reading {}: {e}", path.display())))?);
+        }
+        let version = format!("{:016x}", content_hash(files.iter().flatten()));
         artifact.model.set_precision(self.precision);
         if let Some(meta) = &self.item_meta {
             artifact.item_categories = item_categories(&artifact.items, Some(meta));
@@ -123,4 +128,39 @@ pub fn check_compatible(served: &Catalog, next: &Catalog, dir: &Path) -> Result<
         return Err(differ("event type", &served.event_type_ids, &next.event_type_ids));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The version names the model's answers: the same files give the same version, and the same
+    /// weights with the item ids swapped (other items behind the same rows) give another one.
+    #[test]
+    fn the_version_covers_the_item_list_as_well_as_the_weights() {
+        let loader = ModelLoader {
+            device: Device::Cpu,
+            precision: Precision::Fp32,
+            item_meta: None,
+        };
+        let served = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+        let copy = tempfile::tempdir().unwrap();
+        for file in [CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE] {
+            std::fs::copy(served.join(file), copy.path().join(file)).unwrap();
+        }
+        let (_, original) = loader.load(&served).unwrap();
+        assert_eq!(
+            loader.load(copy.path()).unwrap().1,
+            original,
+            "same bytes, same version"
+        );
+        let items = std::fs::read_to_string(copy.path().join(ITEMS_FILE)).unwrap();
+        let mut lines: Vec<String> = items.lines().map(str::to_owned).collect();
+        let (first, second) = (lines[1].clone(), lines[2].clone());
+        let id = |line: &str| line.split('\t').nth(1).unwrap().to_owned();
+        lines[1] = first.replacen(&id(&first), &id(&second), 1);
+        lines[2] = second.replacen(&id(&second), &id(&first), 1);
+        std::fs::write(copy.path().join(ITEMS_FILE), lines.join("\n") + "\n").unwrap();
+        assert_ne!(loader.load(copy.path()).unwrap().1, original, "two items swapped");
+    }
 }
