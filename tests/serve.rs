@@ -765,10 +765,13 @@ async fn serve_runs_from_any_directory_on_the_built_in_default_model() {
     let client = reqwest::Client::new();
     server.wait_ready(&client, Duration::from_secs(60)).await;
     let model = server.get_json(&client, "/v1/model").await;
-    // The committed model's weights, byte for byte: the same version as served from the repo.
-    let weights =
-        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default/model.safetensors")).unwrap();
-    let expected = format!("{:016x}", xsrec::model::artifact::content_hash(&weights));
+    // The committed model's files, byte for byte: the same version as served from the repo.
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    let files: Vec<Vec<u8>> = ["config.json", "items.tsv", "model.safetensors"]
+        .iter()
+        .map(|file| std::fs::read(committed.join(file)).unwrap())
+        .collect();
+    let expected = format!("{:016x}", xsrec::model::artifact::content_hash(files.iter().flatten()));
     assert_eq!(model["version"], expected.as_str());
     server.kill();
 }

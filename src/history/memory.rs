@@ -8,9 +8,9 @@
 //! their next request. A user may leave only once the journal has indexed every change memory
 //! made to it (a reload reads the indexed entries), and an erased user is not read back before
 //! its erasure is committed, so a reload always gives back exactly what memory held (less what
-//! retention dropped since). One difference is left after a model reload: an older item the
-//! previous model did not know was never kept (see `UserHistory::keep_earlier`), so a new model
-//! that knows it sees it for a resident user only once the user is next read back.
+//! retention dropped since). Older items the served model did not know are kept by id too, at
+//! most the cap's number of them per user (see `UserHistory::keep_earlier`), so that a reloaded
+//! model that knows them leaves them out; past that bound the oldest are forgotten.
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -29,10 +29,16 @@ use super::{
 #[derive(Debug, Default)]
 struct UserHistory {
     events: VecDeque<StoredEvent>,
-    /// The known items of the events the cap pushed out of memory, by external id (so that
-    /// another model's vocabulary can re-resolve them): the user still had them, so a
-    /// recommendation that leaves seen items out must leave these out too.
+    /// The items of the events the cap pushed out of memory, by external id (so that another
+    /// model's vocabulary can re-resolve them): the user still had them, so a recommendation
+    /// that leaves seen items out must leave these out too. Items the served model does not
+    /// know are kept as well (index 0), at most the cap's number of them (the newest), since a
+    /// later model may know them.
     earlier: EarlierItems,
+    /// How many of `earlier`'s items the served model does not know, and their ids' bytes
+    /// (not the vocabulary's strings: counted here).
+    unknown_earlier: usize,
+    unknown_earlier_bytes: usize,
     version: u64,
     /// The eviction clock when the user was last read or written.
     last_active: AtomicU64,
@@ -62,21 +68,67 @@ impl UserHistory {
     /// The earlier items' table as allocated (its spare slots too; the id strings are the
     /// vocabulary's, shared).
     fn earlier_bytes(&self) -> usize {
-        self.earlier.allocation_size()
+        self.earlier.allocation_size() + self.unknown_earlier_bytes
     }
 
-    /// Remembers the item of an event leaving memory, if the model knows it: what the model does
-    /// not know it cannot rank, and ids of unknown items, which a client may invent without end,
-    /// must not grow memory past the cap.
-    fn keep_earlier(&mut self, event: StoredEvent) {
-        if event.item == 0 {
+    /// Remembers the item of an event leaving memory. An item the model does not know counts
+    /// against a bound of `cap` such items (the oldest goes): a client may invent ids without
+    /// end, and they must not grow memory past the cap; a later model that knows one must
+    /// still leave it out of the user's recommendations.
+    fn keep_earlier(&mut self, event: StoredEvent, cap: usize) {
+        if let Some(entry) = self.earlier.get_mut(&event.item_id) {
+            entry.newest = entry.newest.max(event.timestamp);
             return;
         }
-        let entry = self.earlier.entry(event.item_id).or_insert(EarlierItem {
-            item: event.item,
-            newest: event.timestamp,
-        });
-        entry.newest = entry.newest.max(event.timestamp);
+        if event.item == 0 {
+            if self.unknown_earlier >= cap {
+                let Some(oldest) = self.oldest_unknown_earlier() else {
+                    return;
+                };
+                if self.earlier[&oldest].newest > event.timestamp {
+                    return;
+                }
+                self.forget_earlier(&oldest);
+            }
+            self.unknown_earlier += 1;
+            self.unknown_earlier_bytes += event.item_id.len();
+        }
+        self.earlier.insert(
+            event.item_id,
+            EarlierItem {
+                item: event.item,
+                newest: event.timestamp,
+            },
+        );
+    }
+
+    fn oldest_unknown_earlier(&self) -> Option<Arc<str>> {
+        let unknown = self.earlier.iter().filter(|(_, earlier)| earlier.item == 0);
+        unknown
+            .min_by_key(|(_, earlier)| earlier.newest)
+            .map(|(id, _)| id.clone())
+    }
+
+    fn forget_earlier(&mut self, id: &str) {
+        if let Some(earlier) = self.earlier.remove(id) {
+            if earlier.item == 0 {
+                self.unknown_earlier -= 1;
+                self.unknown_earlier_bytes -= id.len();
+            }
+        }
+    }
+
+    /// Keeps the earlier items `keep` accepts (each with its id, as the map now holds it).
+    fn retain_earlier(&mut self, mut keep: impl FnMut(&Arc<str>, &EarlierItem) -> bool) {
+        let forgotten: Vec<Arc<str>> = self
+            .earlier
+            .iter()
+            .filter(|(id, earlier)| !keep(id, earlier))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in forgotten {
+            self.forget_earlier(&id);
+        }
     }
 }
 
@@ -217,7 +269,7 @@ impl Histories {
         }
         while history.events.len() > self.capacity {
             let oldest = history.events.pop_front().expect("over the capacity");
-            history.keep_earlier(oldest);
+            history.keep_earlier(oldest, self.capacity);
         }
         self.events.fetch_add(history.events.len(), Ordering::Relaxed);
         self.events.fetch_sub(before, Ordering::Relaxed);
@@ -369,7 +421,7 @@ impl Histories {
             for (user, history) in shard.users.iter_mut() {
                 let old = history.events.partition_point(|e| e.timestamp < horizon);
                 let (earlier_before, bytes_before) = (history.earlier.len(), history.earlier_bytes());
-                history.earlier.retain(|_, earlier| earlier.newest >= horizon);
+                history.retain_earlier(|_, earlier| earlier.newest >= horizon);
                 let forgotten = earlier_before - history.earlier.len();
                 if forgotten > 0 {
                     history.earlier.shrink_to_fit();
@@ -414,7 +466,8 @@ impl Histories {
 
 fn snapshot_of(history: &UserHistory) -> HistorySnapshot {
     let known = history.events.iter().filter(|e| e.item != 0);
-    let mut earlier_items: Vec<u32> = history.earlier.values().map(|e| e.item).collect();
+    let known_earlier = history.earlier.values().filter(|e| e.item != 0);
+    let mut earlier_items: Vec<u32> = known_earlier.map(|e| e.item).collect();
     earlier_items.sort_unstable();
     HistorySnapshot {
         earlier_items,
@@ -520,17 +573,29 @@ impl HistoryStore for Histories {
                         None => event.item = 0,
                     }
                 }
-                // Items the new model does not know are forgotten, as they would not have been
-                // kept. The map is rebuilt so that its keys are the new vocabulary's strings: the
-                // old model's would otherwise stay alive, uncounted.
+                // The map is rebuilt so that known items' keys are the new vocabulary's strings:
+                // the old model's would otherwise stay alive, uncounted. Items the new model
+                // does not know stay as unknown ones, within the bound.
                 let before = history.earlier_bytes();
-                history.earlier = std::mem::take(&mut history.earlier)
+                let earlier = std::mem::take(&mut history.earlier);
+                (history.unknown_earlier, history.unknown_earlier_bytes) = (0, 0);
+                let mut by_age: Vec<(Arc<str>, EarlierItem)> = earlier
                     .into_iter()
-                    .filter_map(|(id, earlier)| {
-                        let (item, id) = item(&id)?;
-                        Some((id, EarlierItem { item, ..earlier }))
+                    .map(|(id, earlier)| match item(&id) {
+                        Some((item, id)) => (id, EarlierItem { item, ..earlier }),
+                        None => (id, EarlierItem { item: 0, ..earlier }),
                     })
                     .collect();
+                by_age.sort_unstable_by_key(|(_, earlier)| earlier.newest);
+                for (item_id, earlier) in by_age {
+                    let event = StoredEvent {
+                        item: earlier.item,
+                        item_id,
+                        timestamp: earlier.newest,
+                        event_type: 0,
+                    };
+                    history.keep_earlier(event, self.capacity);
+                }
                 self.earlier_resized(before, history.earlier_bytes());
                 visited += history.events.len();
             }
@@ -638,14 +703,20 @@ mod tests {
         );
         let snap1 = snap(&store, "u");
         assert_eq!(snap1.items, [3, 4]);
-        // Item 1 left twice (newest at 30), item 2 once; the unknown item is not kept.
+        // Item 1 left twice (newest at 30), item 2 once; the unknown item ("i0") is kept by id
+        // but is no index.
         assert_eq!(snap1.earlier_items, [1, 2]);
         assert_eq!(snap1.had_items(), [1, 2, 3, 4]);
-        assert_eq!(store.stats().bytes, 2 * EVENT_BYTES + earlier_table(2) + USER_BYTES + 1);
+        let unknown_id = "i0".len();
+        assert_eq!(
+            store.stats().bytes,
+            2 * EVENT_BYTES + earlier_table(3) + unknown_id + USER_BYTES + 1
+        );
         // An event older than memory's goes straight to the earlier items.
         append(&store, "u", [ev(5, 5)]);
         assert_eq!(snap(&store, "u").earlier_items, [1, 2, 5]);
-        // Another model's vocabulary re-resolves them by id; item 2 is unknown to it, so it goes.
+        // Another model's vocabulary re-resolves them by id; item 2 is unknown to it, so it
+        // stays as an unknown one, like "i0".
         let vocabulary: HashMap<&str, Arc<str>> = ["i1", "i3", "i4", "i5"].map(|id| (id, Arc::from(id))).into();
         let remap = |id: &str| {
             let new = vocabulary.get(id)?;
@@ -655,15 +726,20 @@ mod tests {
         assert_eq!(snap(&store, "u").earlier_items, [11, 15]);
         let keys_are_the_new_vocabularys = store.write_shard("u").users["u"]
             .earlier
-            .keys()
-            .all(|id| Arc::ptr_eq(id, &vocabulary[&**id]));
+            .iter()
+            .filter(|(_, earlier)| earlier.item != 0)
+            .all(|(id, _)| Arc::ptr_eq(id, &vocabulary[&**id]));
         assert!(
             keys_are_the_new_vocabularys,
             "the old model's strings are not kept alive"
         );
-        assert_eq!(store.stats().bytes, 2 * EVENT_BYTES + earlier_table(2) + USER_BYTES + 1);
+        let unknown_ids = "i0".len() + "i2".len();
+        assert_eq!(
+            store.stats().bytes,
+            2 * EVENT_BYTES + earlier_table(4) + unknown_ids + USER_BYTES + 1
+        );
         // Retention forgets an item once its newest event is past the horizon: item 1's
-        // newest (30) is kept at 25, item 5's (5) is not.
+        // newest (30) and "i0"'s (35) are kept at 25, item 5's (5) and item 2's (20) are not.
         let version = snap(&store, "u").version;
         store.expire(25);
         let after = snap(&store, "u");
@@ -674,14 +750,51 @@ mod tests {
         assert!(after.version > version, "what is excluded changed");
         assert_eq!(
             store.stats().bytes,
-            2 * EVENT_BYTES + earlier_table(1) + USER_BYTES + 1,
+            2 * EVENT_BYTES + earlier_table(2) + unknown_id + USER_BYTES + 1,
             "the table shrinks with what it forgot"
         );
-        store.expire(31);
+        store.expire(36);
         assert_eq!(snap(&store, "u").earlier_items, [] as [u32; 0]);
         assert_eq!(store.stats().bytes, 2 * EVENT_BYTES + USER_BYTES + 1);
         store.remove("u");
         assert_eq!(store.stats().bytes, 0);
+    }
+
+    /// Items a model did not know when the cap pushed them out (new items, ingested before a
+    /// retrained model knew them) are left out once a reloaded model knows them: a hostile probe
+    /// got them back with `exclude_seen` after such a reload. At most the cap's number of them
+    /// is kept, the newest.
+    #[test]
+    fn unknown_items_pushed_out_are_left_out_once_a_new_model_knows_them() {
+        let cap = 2;
+        let store = Histories::new(1, cap);
+        let unknown = |id: &str, ts: i64| NewEvent {
+            event: StoredEvent {
+                item: 0,
+                item_id: Arc::from(id),
+                timestamp: ts,
+                event_type: 1,
+            },
+            type_id: None,
+        };
+        let news = ["new-a", "new-b", "new-c", "new-d", "new-e"];
+        let mut events: Vec<NewEvent> = news.iter().zip(1..).map(|(id, ts)| unknown(id, ts)).collect();
+        events.extend([ev(1, 10), ev(2, 11)]);
+        store.append(vec![(Arc::from("u"), events)]).wait_blocking().unwrap();
+        assert_eq!(
+            snap(&store, "u").earlier_items,
+            [] as [u32; 0],
+            "not items of this model"
+        );
+        let knows_all = |id: &str| {
+            let index = news.iter().position(|n| *n == id).map(|i| 100 + i as u32);
+            index.map(|i| (i, Arc::from(id)))
+        };
+        store.remap_items(&knows_all);
+        // new-d and new-e are the newest two of the five that left.
+        assert_eq!(snap(&store, "u").earlier_items, [103, 104]);
+        store.remove("u");
+        assert_eq!(store.stats().bytes, 0, "every byte counted comes back");
     }
 
     #[test]
