@@ -105,9 +105,11 @@ impl ApiKeys {
         if self.keys.is_empty() {
             return Ok(());
         }
+        // The scheme's name is case-insensitive (RFC 9110), the token is not.
         let token = authorization
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(|value| value.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .ok_or_else(|| CoreError::Unauthenticated("an API key is required: `Authorization: Bearer KEY`".into()))?;
         // Every key is compared, in constant time per byte, so that timing tells neither how
         // much of a token matched nor which key did.
@@ -163,7 +165,14 @@ mod tests {
             keys.authorize(Some(&bearer("opsopsopsopsopsops")), Scope::Admin),
             Ok(())
         );
+        for scheme in ["bearer", "BEARER", "bEaReR"] {
+            let value = format!("{scheme} {READER}");
+            assert_eq!(keys.authorize(Some(&value), Scope::Read), Ok(()), "{value}");
+        }
+        let upper = format!("Bearer {}", READER.to_uppercase());
         for refused in [
+            Some(upper.as_str()),
+            Some(&*format!("Bearerx {READER}")),
             None,
             Some("Basic abc"),
             Some("Bearer nope"),
