@@ -305,7 +305,8 @@ async fn candidate_scores_are_the_full_scores_restricted_to_the_candidates() {
             .1,
     );
     let full: BTreeMap<String, f64> = full.into_iter().collect();
-    let candidates = ["i3", "i10", "i44", "i7", "missing-ad"];
+    // Duplicates, known and unknown, count once.
+    let candidates = ["i3", "i10", "missing-ad", "i44", "i7", "i10", "missing-ad"];
     let (status, reply) = server
         .post(
             "/v1/recommend",
@@ -316,6 +317,8 @@ async fn candidate_scores_are_the_full_scores_restricted_to_the_candidates() {
     let got = ranked(&reply);
     let mut expected: Vec<(String, f64)> = candidates
         .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
         .filter_map(|c| full.get(*c).map(|s| (c.to_string(), *s)))
         .collect();
     expected.sort_by(|a, b| b.1.total_cmp(&a.1));

@@ -351,10 +351,13 @@ impl Recommender {
             None => None,
             Some(list) => {
                 let mut known = Vec::with_capacity(list.len());
+                // Each unknown id once, in the order given, as known ones are ranked once.
+                let mut unknown_seen = HashSet::new();
                 for id in list {
                     match catalog.items.get(id) {
                         Some(index) => known.push(i64::from(index)),
-                        None => unknown_candidates.push(id.clone()),
+                        None if unknown_seen.insert(id.as_str()) => unknown_candidates.push(id.clone()),
+                        None => {}
                     }
                 }
                 known.sort_unstable();
