@@ -65,8 +65,8 @@ impl UserHistory {
         self.events.len() * EVENT_BYTES + self.earlier_bytes() + USER_BYTES + user.len()
     }
 
-    /// The earlier items' table as allocated (its spare slots too; the id strings are the
-    /// vocabulary's, shared).
+    /// The earlier items' table as allocated (its spare slots too; known items' id strings are
+    /// the vocabulary's, shared), and the unknown items' ids.
     fn earlier_bytes(&self) -> usize {
         self.earlier.allocation_size() + self.unknown_earlier_bytes
     }
