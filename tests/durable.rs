@@ -212,12 +212,8 @@ async fn an_erasure_killed_before_its_compaction_is_compacted_after_the_restart(
     server.wait_ready(&client, Duration::from_secs(60)).await;
     for user in [gone, kept] {
         let events = json!({"events": [{"user_id": user, "item_id": "i1", "timestamp": 1000}]});
-        let sent = client
-            .post(format!("{}/v1/events", server.base))
-            .json(&events)
-            .send()
-            .await;
-        assert_eq!(sent.unwrap().status(), StatusCode::OK);
+        let sent = server.post(&client, "/v1/events", &events).await;
+        assert_eq!(sent.status(), StatusCode::OK);
     }
     let erased = client.delete(format!("{}/v1/users/{gone}", server.base)).send().await;
     assert_eq!(erased.unwrap().status(), StatusCode::NO_CONTENT);
@@ -603,12 +599,8 @@ async fn server_with_faults(fault: &str) -> (ServerProcess, reqwest::Client) {
     let client = reqwest::Client::new();
     server.wait_ready(&client, Duration::from_secs(60)).await;
     let events = json!({"events": [{"user_id": "u", "item_id": "i1", "timestamp": 1}]});
-    let ingested = client
-        .post(format!("{}/v1/events", server.base))
-        .json(&events)
-        .send()
-        .await;
-    assert_eq!(ingested.unwrap().status(), StatusCode::OK);
+    let ingested = server.post(&client, "/v1/events", &events).await;
+    assert_eq!(ingested.status(), StatusCode::OK);
     (server, client)
 }
 
@@ -691,12 +683,7 @@ async fn a_journal_that_cannot_write_stops_the_server_with_a_non_zero_exit() {
         let client = reqwest::Client::new();
         server.wait_ready(&client, Duration::from_secs(60)).await;
         let events = json!({"events": [{"user_id": "u", "item_id": "i1", "timestamp": 1}]});
-        let failed = client
-            .post(format!("{}/v1/events", server.base))
-            .json(&events)
-            .send()
-            .await
-            .unwrap();
+        let failed = server.post(&client, "/v1/events", &events).await;
         assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR, "{fault}");
         let body: Value = failed.json().await.unwrap();
         assert_eq!(body["error"]["code"], "storage_failed", "{fault}: {body}");

@@ -129,12 +129,7 @@ async fn failed_and_shed_requests_are_one_json_log_line_each_and_a_panic_is_a_js
     };
     let event = &fixture().events[0];
     let events = json!({"events": [{"user_id": "u", "item_id": event.item_id, "timestamp": event.timestamp}]});
-    let stored = client
-        .post(format!("{}/v1/events", server.base))
-        .json(&events)
-        .send()
-        .await
-        .unwrap();
+    let stored = server.post(&client, "/v1/events", &events).await;
     assert_eq!(stored.status(), StatusCode::OK);
     assert_eq!(
         post("bad-k-7", json!({"user_id": "u", "k": 0})).await,

@@ -252,6 +252,12 @@ impl ServerProcess {
         response.json().await.unwrap()
     }
 
+    /// `POST path` with a JSON body: the response, its status and body unread.
+    pub async fn post(&self, client: &reqwest::Client, path: &str, body: &Value) -> reqwest::Response {
+        let request = client.post(format!("{}{path}", self.base)).json(body);
+        request.send().await.unwrap()
+    }
+
     pub fn spawn(model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let args = [&["--model", model.to_str().unwrap()], extra].concat();
         Self::spawn_in(Path::new("."), &args, env)
