@@ -103,6 +103,12 @@ async fn grpc_and_rest_give_the_same_answers_to_the_same_inputs() {
         .into_inner();
     let expected: usize = streamed.iter().map(|user| by_user[user].len()).sum();
     assert_eq!(total.accepted as usize, expected);
+    let known_item = &by_user[names[0]][0].item_id;
+    let typo = pb::IngestEventsRequest {
+        events: vec![event("typo-user", known_item, 5, Some("purchse"))],
+    };
+    let reply = grpc.ingest_events(typo).await.unwrap().into_inner();
+    assert_eq!((reply.unknown_items, reply.unknown_event_types), (0, 1));
     for user in &names {
         let (status, body) = server.get(&format!("/v1/users/{user}/history")).await;
         assert_eq!(status, StatusCode::OK);

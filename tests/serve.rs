@@ -338,7 +338,10 @@ async fn histories_interests_fallback_and_erasure() {
     let (status, reply) = server.post("/v1/events", &events).await;
     assert_eq!(
         (status, reply),
-        (StatusCode::OK, json!({"accepted": 3, "unknown_items": 1}))
+        (
+            StatusCode::OK,
+            json!({"accepted": 3, "unknown_items": 1, "unknown_event_types": 1})
+        )
     );
     let (status, history) = server.get("/v1/users/42/history").await;
     assert_eq!(status, StatusCode::OK);
@@ -352,6 +355,8 @@ async fn histories_interests_fallback_and_erasure() {
     assert_eq!(items, ["brand-new", "i9", "i5"]);
     assert_eq!(history["events"][0]["known_item"], false);
     assert_eq!(history["events"][2]["event_type"], "click");
+    // The model reads a type it does not know as untyped (the store keeps the name).
+    assert_eq!(history["events"][1]["event_type"], Value::Null);
 
     let (status, reply) = server.post("/v1/interests", &json!({"user_id": "42", "top": 3})).await;
     assert_eq!(status, StatusCode::OK, "{reply}");

@@ -278,6 +278,7 @@ impl pb::recommender_server::Recommender for GrpcService {
                 .into_inner();
             total.accepted += reply.accepted as u64;
             total.unknown_items += reply.unknown_items as u64;
+            total.unknown_event_types += reply.unknown_event_types as u64;
         }
         Ok(caller.answer(total))
     }
@@ -410,6 +411,7 @@ impl From<core_types::EventsResponse> for pb::IngestEventsResponse {
         Self {
             accepted: reply.accepted as u64,
             unknown_items: reply.unknown_items as u64,
+            unknown_event_types: reply.unknown_event_types as u64,
         }
     }
 }

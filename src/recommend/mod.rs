@@ -73,6 +73,13 @@ pub struct Limits {
     pub max_body_bytes: usize,
 }
 
+/// What an ingest stored that the served model does not know.
+#[derive(Debug, Default)]
+struct UnknownCounts {
+    items: usize,
+    event_types: usize,
+}
+
 /// When a request must be answered: the server's `--request-timeout-ms` from its arrival, or
 /// sooner when the client says so (gRPC's `grpc-timeout`).
 #[derive(Debug, Clone, Copy)]
@@ -237,7 +244,7 @@ impl Recommender {
             )?;
         }
         let accepted = request.events.len();
-        let (commit, unknown_items) = self.append_events(request.events);
+        let (commit, unknown) = self.append_events(request.events);
         commit
             .wait()
             .await
@@ -245,14 +252,15 @@ impl Recommender {
         self.metrics.events_ingested.inc_by(accepted as u64);
         Ok(EventsResponse {
             accepted,
-            unknown_items,
+            unknown_items: unknown.items,
+            unknown_event_types: unknown.event_types,
         })
     }
 
     /// Resolves validated events with the served model and adds them to memory (the commit says
-    /// when they are durable); also returns how many items the model does not know.
-    fn append_events(&self, events: Vec<EventIn>) -> (Commit, usize) {
-        let mut unknown_items = 0;
+    /// when they are durable); also counts what the model does not know.
+    fn append_events(&self, events: Vec<EventIn>) -> (Commit, UnknownCounts) {
+        let mut unknown = UnknownCounts::default();
         let mut by_user: HashMap<String, Vec<NewEvent>> = HashMap::new();
         // Held until memory has the events: no reload remaps in between.
         let served = self.served.read().unwrap_or_else(|e| e.into_inner());
@@ -260,10 +268,13 @@ impl Recommender {
         for event in events {
             let mut stored = catalog.resolve(&event.item_id, event.event_type.as_deref());
             stored.timestamp = event.timestamp;
-            unknown_items += usize::from(stored.item == 0);
+            unknown.items += usize::from(stored.item == 0);
             let type_id = event.event_type.map(|t| match catalog.event_types.get(&t) {
                 Some(known) => catalog.event_type_ids[known as usize].clone(),
-                None => Arc::from(t),
+                None => {
+                    unknown.event_types += 1;
+                    Arc::from(t)
+                }
             });
             by_user
                 .entry(event.user_id)
@@ -274,7 +285,7 @@ impl Recommender {
             .into_iter()
             .map(|(user, events)| (Arc::from(user), events))
             .collect();
-        (self.store.append(writes), unknown_items)
+        (self.store.append(writes), unknown)
     }
 
     /// Runs one query through the engine within the request's deadline.

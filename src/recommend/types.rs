@@ -74,7 +74,9 @@ pub struct EventIn {
     #[schema(value_type = UnixSeconds)]
     #[serde(deserialize_with = "integer::i64")]
     pub timestamp: i64,
-    /// One of the model's event types (e.g. `view`, `cart`, `purchase`); absent: the first.
+    /// One of the model's event types (e.g. `view`, `cart`, `purchase`); absent: untyped. A type
+    /// the model does not know is accepted and counted in `unknown_event_types`: the model reads
+    /// the event as untyped, the store keeps the type's name (for `xsrec history export`).
     #[schema(value_type = Option<Id>)]
     pub event_type: Option<String>,
 }
@@ -94,6 +96,9 @@ pub struct EventsResponse {
     pub accepted: usize,
     /// Accepted events whose item the model does not know (stored, not model input).
     pub unknown_items: usize,
+    /// Accepted events whose `event_type` the model does not know (read by the model as
+    /// untyped; the store keeps the name).
+    pub unknown_event_types: usize,
 }
 
 /// Items recommended when a request does not say (REST and gRPC alike).
@@ -213,6 +218,8 @@ pub struct InterestsResponse {
 pub struct HistoryEvent {
     pub item_id: String,
     pub timestamp: i64,
+    /// The type as the model reads it: null for untyped events and for types the model does not
+    /// know (those keep their name in the store, as `xsrec history export` shows).
     pub event_type: Option<String>,
     /// Whether the model knows the item (unknown items are stored but not model input).
     pub known_item: bool,
