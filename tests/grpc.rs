@@ -285,7 +285,8 @@ async fn core_errors_arrive_as_grpc_codes_with_the_cores_own_code() {
             .collect(),
     };
     let refused = grpc.ingest_events(huge).await.unwrap_err();
-    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(xsrec_code(&refused), "message_too_large");
     let (status, _) = server.get("/v1/users/big/history").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
@@ -339,6 +340,112 @@ async fn core_errors_arrive_as_grpc_codes_with_the_cores_own_code() {
     assert!(from_core >= 3, "the core answered {from_core} of 5 expired requests");
     // Without one, the same request is answered.
     grpc.recommend(ask(user, 5)).await.unwrap();
+    server.shut_down().await.unwrap();
+}
+
+/// Any request message's field 1 (a string, or the events of an ingest) as raw bytes: an
+/// encoded `pb::Event`, or anything.
+#[derive(Clone, PartialEq, prost::Message)]
+struct FieldOne {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    values: Vec<Vec<u8>>,
+}
+
+fn field_one(values: Vec<Vec<u8>>) -> FieldOne {
+    FieldOne { values }
+}
+
+/// What tonic would answer on its own (INTERNAL for bytes that do not decode, OUT_OF_RANGE for
+/// an oversized message, neither counted nor logged) gets a client's code, `xsrec-code`, the
+/// request id and a count, as a handler's failures do; a stream keeps what came before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_that_do_not_decode_or_are_too_large_get_codes_and_counts() {
+    let server = server(&["--max-body-bytes", "4000"]).await;
+    let item = &fixture().events[0].item_id;
+    let good = |user: &str, at: i64| prost::Message::encode_to_vec(&event(user, item, at, None));
+    let (garbage, not_utf8) = (vec![0xff, 0xff, 0xff], vec![b'u', 0xfe]);
+    let (recommend, ingest, stream) = (
+        "/xsrec.v1.Recommender/Recommend",
+        "/xsrec.v1.Recommender/IngestEvents",
+        "/xsrec.v1.Recommender/IngestEventStream",
+    );
+    let sent = [
+        (
+            recommend,
+            vec![field_one(vec![not_utf8])],
+            Code::InvalidArgument,
+            "malformed_message",
+        ),
+        (
+            ingest,
+            vec![field_one(vec![garbage.clone()])],
+            Code::InvalidArgument,
+            "malformed_message",
+        ),
+        (
+            ingest,
+            vec![field_one(vec![vec![b'x'; 5000]])],
+            Code::ResourceExhausted,
+            "message_too_large",
+        ),
+        // The second message of three does not decode: the stream ends there, the first is stored.
+        (
+            stream,
+            vec![
+                field_one(vec![good("streamed", 10)]),
+                field_one(vec![good("streamed", 20), garbage]),
+                field_one(vec![good("streamed", 30)]),
+            ],
+            Code::InvalidArgument,
+            "malformed_message",
+        ),
+    ];
+    let mut cases = Vec::new();
+    for (method, messages, code, own) in sent {
+        cases.push((
+            method,
+            common::grpc_call_with(&server, method, None, messages).await,
+            code,
+            own,
+        ));
+    }
+    for (method, refused, code, own) in &cases {
+        assert_eq!(
+            (refused.code(), xsrec_code(refused)),
+            (*code, *own),
+            "{method}: {refused:?}"
+        );
+        assert!(refused.metadata().get("x-request-id").is_some(), "{method}");
+    }
+    assert!(
+        cases[0].1.message().starts_with("the request message does not decode"),
+        "{:?}",
+        cases[0].1
+    );
+    assert!(cases[2].1.message().contains("--max-body-bytes"), "{:?}", cases[2].1);
+    let (_, body) = server.get("/v1/users/streamed/history").await;
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let stored: Vec<i64> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["timestamp"].as_i64().unwrap())
+        .collect();
+    assert_eq!(stored, [10]);
+    let exposition = server.get("/metrics").await.1;
+    let failures = |method: &str, reason: &str| {
+        common::metric_value(
+            &exposition,
+            &format!("xsrec_request_failures_total{{reason=\"{reason}\",route=\"{method}\"}}"),
+        )
+    };
+    assert_eq!(failures("/xsrec.v1.Recommender/Recommend", "malformed_message"), 1.0);
+    assert_eq!(failures("/xsrec.v1.Recommender/IngestEvents", "malformed_message"), 1.0);
+    assert_eq!(failures("/xsrec.v1.Recommender/IngestEvents", "message_too_large"), 1.0);
+    assert_eq!(
+        failures("/xsrec.v1.Recommender/IngestEventStream", "malformed_message"),
+        1.0
+    );
     server.shut_down().await.unwrap();
 }
 

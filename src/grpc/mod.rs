@@ -23,8 +23,13 @@ pub mod pb {
 
 use pb::recommender_server::RecommenderServer;
 
+mod edge;
+
 /// The service's full name, as health checks ask for it.
 pub const SERVICE_NAME: &str = "xsrec.v1.Recommender";
+
+/// The metadata entry that carries a failure's stable code (REST's `error.code`).
+const XSREC_CODE: &str = "xsrec-code";
 
 /// The gRPC status of a core error: the code a gRPC client branches on, with the core's own code
 /// in the `xsrec-code` metadata entry.
@@ -45,7 +50,7 @@ pub fn status(error: CoreError) -> Status {
     let mut status = Status::new(code, error.to_string());
     status
         .metadata_mut()
-        .insert("xsrec-code", MetadataValue::from_static(error.code()));
+        .insert(XSREC_CODE, MetadataValue::from_static(error.code()));
     status
 }
 
@@ -75,7 +80,10 @@ struct Caller {
 
 impl Caller {
     fn of<T>(request: &Request<T>) -> Self {
-        let entry = |name| request.metadata().get(name).and_then(|v| v.to_str().ok());
+        Self::from_entries(|name| request.metadata().get(name).and_then(|v| v.to_str().ok()))
+    }
+
+    fn from_entries<'a>(entry: impl Fn(&'static str) -> Option<&'a str>) -> Self {
         Self {
             key: entry("authorization").map(str::to_owned),
             request_id: accept_or_generate(entry(REQUEST_ID)),
@@ -111,13 +119,15 @@ impl GrpcService {
             .deadline(client_timeout(request).map(|t| t.saturating_sub(TIMER_TICK)))
     }
 
-    pub fn server(core: Arc<Recommender>) -> RecommenderServer<Self> {
-        for method in METHODS {
+    /// The service behind its edge (see `edge`).
+    pub fn server(core: Arc<Recommender>) -> edge::Edge<RecommenderServer<Self>> {
+        for (method, _) in METHODS {
             core.metrics.requests.with_label_values(&[method, "OK"]);
         }
         // The same bound on a request's size as REST's --max-body-bytes.
         let max_bytes = core.limits.max_body_bytes;
-        RecommenderServer::new(Self { core }).max_decoding_message_size(max_bytes)
+        let service = RecommenderServer::new(Self { core: core.clone() }).max_decoding_message_size(max_bytes);
+        edge::Edge::new(service, core)
     }
 
     /// Admits (the caller's key from `authorization`, then readiness and room), runs `call` and
@@ -125,8 +135,7 @@ impl GrpcService {
     /// status label).
     async fn handle<T, F>(
         &self,
-        method: &str,
-        operation: Operation,
+        (method, operation): (&str, Operation),
         caller: &Caller,
         call: F,
     ) -> Result<Response<T>, Status>
@@ -138,48 +147,79 @@ impl GrpcService {
             Ok(_permit) => call.await,
             Err(refused) => Err(refused),
         };
-        let metrics = &self.core.metrics;
-        metrics
-            .request_duration
-            .with_label_values(&[method])
-            .observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(reply) => {
+                let metrics = &self.core.metrics;
+                metrics
+                    .request_duration
+                    .with_label_values(&[method])
+                    .observe(started.elapsed().as_secs_f64());
                 metrics.requests.with_label_values(&[method, "OK"]).inc();
                 Ok(caller.answer(reply))
             }
-            Err(error) => {
-                metrics
-                    .request_failures
-                    .with_label_values(&[method, error.code()])
-                    .inc();
-                let message = error.to_string();
-                let failure = Failure {
-                    code: error.code(),
-                    message: &message,
-                    server_fault: error.is_server_fault(),
-                };
-                let mut status = status(error);
-                let code = format!("{:?}", status.code());
-                log_failure(&caller.request_id, method, &code, &failure, started.elapsed());
-                caller.echo(status.metadata_mut());
-                metrics.requests.with_label_values(&[method, &code]).inc();
-                Err(status)
-            }
+            Err(error) => Err(failed(&self.core, method, caller, started, &error.into())),
         }
     }
 }
 
-const METHODS: [&str; 9] = [
-    "/xsrec.v1.Recommender/Recommend",
-    "/xsrec.v1.Recommender/RecommendBatch",
-    "/xsrec.v1.Recommender/Interests",
-    "/xsrec.v1.Recommender/IngestEvents",
-    "/xsrec.v1.Recommender/IngestEventStream",
-    "/xsrec.v1.Recommender/GetHistory",
-    "/xsrec.v1.Recommender/ForgetUser",
-    "/xsrec.v1.Recommender/ModelInfo",
-    "/xsrec.v1.Recommender/ReloadModel",
+/// Why a call failed, as a client and the metrics see it: the gRPC status, the stable code for
+/// `xsrec-code` and the failure metric's `reason`, and whether the server is at fault.
+struct CallFailure {
+    status: Status,
+    code: &'static str,
+    server_fault: bool,
+}
+
+impl From<CoreError> for CallFailure {
+    fn from(error: CoreError) -> Self {
+        let (code, server_fault) = (error.code(), error.is_server_fault());
+        Self {
+            status: status(error),
+            code,
+            server_fault,
+        }
+    }
+}
+
+/// Counts and logs a failed call (duration, failure reason, status) and gives the status its
+/// client gets: the stable code in `xsrec-code` and the request id beside it.
+fn failed(core: &Recommender, method: &str, caller: &Caller, started: Instant, failure: &CallFailure) -> Status {
+    let metrics = &core.metrics;
+    metrics
+        .request_duration
+        .with_label_values(&[method])
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .request_failures
+        .with_label_values(&[method, failure.code])
+        .inc();
+    let mut status = failure.status.clone();
+    let grpc_code = format!("{:?}", status.code());
+    let logged = Failure {
+        code: failure.code,
+        message: status.message(),
+        server_fault: failure.server_fault,
+    };
+    log_failure(&caller.request_id, method, &grpc_code, &logged, started.elapsed());
+    status
+        .metadata_mut()
+        .insert(XSREC_CODE, MetadataValue::from_static(failure.code));
+    caller.echo(status.metadata_mut());
+    metrics.requests.with_label_values(&[method, &grpc_code]).inc();
+    status
+}
+
+/// Each method's full path (its metrics label) and the core operation it is.
+const METHODS: [(&str, Operation); 9] = [
+    ("/xsrec.v1.Recommender/Recommend", Operation::Recommend),
+    ("/xsrec.v1.Recommender/RecommendBatch", Operation::RecommendBatch),
+    ("/xsrec.v1.Recommender/Interests", Operation::Interests),
+    ("/xsrec.v1.Recommender/IngestEvents", Operation::Ingest),
+    ("/xsrec.v1.Recommender/IngestEventStream", Operation::Ingest),
+    ("/xsrec.v1.Recommender/GetHistory", Operation::History),
+    ("/xsrec.v1.Recommender/ForgetUser", Operation::Forget),
+    ("/xsrec.v1.Recommender/ModelInfo", Operation::ModelInfo),
+    ("/xsrec.v1.Recommender/ReloadModel", Operation::ReloadModel),
 ];
 
 #[tonic::async_trait]
@@ -190,10 +230,7 @@ impl pb::recommender_server::Recommender for GrpcService {
     ) -> Result<Response<pb::RecommendResponse>, Status> {
         let (deadline, caller) = (self.deadline(&request), Caller::of(&request));
         let call = self.core.recommend(request.into_inner().into(), deadline);
-        self.handle(METHODS[0], Operation::Recommend, &caller, async {
-            Ok(call.await?.into())
-        })
-        .await
+        self.handle(METHODS[0], &caller, async { Ok(call.await?.into()) }).await
     }
 
     async fn recommend_batch(
@@ -205,7 +242,7 @@ impl pb::recommender_server::Recommender for GrpcService {
             requests: request.into_inner().requests.into_iter().map(Into::into).collect(),
         };
         let call = self.core.recommend_batch(batch, deadline);
-        self.handle(METHODS[1], Operation::RecommendBatch, &caller, async {
+        self.handle(METHODS[1], &caller, async {
             let reply = call.await?;
             Ok(pb::RecommendBatchResponse {
                 results: reply.results.into_iter().map(Into::into).collect(),
@@ -228,7 +265,7 @@ impl pb::recommender_server::Recommender for GrpcService {
             },
             deadline,
         );
-        self.handle(METHODS[2], Operation::Interests, &caller, async {
+        self.handle(METHODS[2], &caller, async {
             let reply = call.await?;
             Ok(pb::InterestsResponse {
                 user_id: reply.user_id,
@@ -253,8 +290,7 @@ impl pb::recommender_server::Recommender for GrpcService {
     ) -> Result<Response<pb::IngestEventsResponse>, Status> {
         let caller = Caller::of(&request);
         let call = self.core.ingest(request.into_inner().into());
-        self.handle(METHODS[3], Operation::Ingest, &caller, async { Ok(call.await?.into()) })
-            .await
+        self.handle(METHODS[3], &caller, async { Ok(call.await?.into()) }).await
     }
 
     async fn ingest_event_stream(
@@ -267,13 +303,10 @@ impl pb::recommender_server::Recommender for GrpcService {
         // Each message is admitted and stored on its own, as a unary call would be: a long
         // stream holds no permit between its messages.
         while let Some(message) = messages.next().await {
+            // A message that does not decode ends the stream with tonic's status, which the edge
+            // turns into ours; the messages before it are stored.
             let reply = self
-                .handle(
-                    METHODS[4],
-                    Operation::Ingest,
-                    &caller,
-                    self.core.ingest(message?.into()),
-                )
+                .handle(METHODS[4], &caller, self.core.ingest(message?.into()))
                 .await?
                 .into_inner();
             total.accepted += reply.accepted as u64;
@@ -289,7 +322,7 @@ impl pb::recommender_server::Recommender for GrpcService {
     ) -> Result<Response<pb::GetHistoryResponse>, Status> {
         let caller = Caller::of(&request);
         let user = request.into_inner().user_id;
-        self.handle(METHODS[5], Operation::History, &caller, async {
+        self.handle(METHODS[5], &caller, async {
             let reply = self.core.history(&user)?;
             Ok(pb::GetHistoryResponse {
                 user_id: reply.user_id,
@@ -314,7 +347,7 @@ impl pb::recommender_server::Recommender for GrpcService {
     ) -> Result<Response<pb::ForgetUserResponse>, Status> {
         let caller = Caller::of(&request);
         let user = request.into_inner().user_id;
-        self.handle(METHODS[6], Operation::Forget, &caller, async {
+        self.handle(METHODS[6], &caller, async {
             self.core.forget(&user).await?;
             Ok(pb::ForgetUserResponse {})
         })
@@ -326,10 +359,8 @@ impl pb::recommender_server::Recommender for GrpcService {
         request: Request<pb::ModelInfoRequest>,
     ) -> Result<Response<pb::ModelInfoResponse>, Status> {
         let caller = Caller::of(&request);
-        self.handle(METHODS[7], Operation::ModelInfo, &caller, async {
-            Ok(model_info(&self.core.served()))
-        })
-        .await
+        self.handle(METHODS[7], &caller, async { Ok(model_info(&self.core.served())) })
+            .await
     }
 
     async fn reload_model(
@@ -338,7 +369,7 @@ impl pb::recommender_server::Recommender for GrpcService {
     ) -> Result<Response<pb::ModelInfoResponse>, Status> {
         let caller = Caller::of(&request);
         let path = request.into_inner().path;
-        self.handle(METHODS[8], Operation::ReloadModel, &caller, async {
+        self.handle(METHODS[8], &caller, async {
             let path = match path.is_empty() {
                 true => None,
                 false => Some(self.core.check_model_path(path)?),

@@ -201,13 +201,18 @@ impl Recommender {
         }
     }
 
+    /// Whether the caller's API key (the `Authorization` value) may run `operation`.
+    pub fn authorize(&self, operation: Operation, authorization: Option<&str>) -> Result<(), CoreError> {
+        self.api_keys.authorize(authorization, operation.scope())
+    }
+
     /// A permit for one request, or why there is none: the caller's API key (`authorization`,
     /// the `Authorization` value) first, then readiness, then room. Refused at once rather than
     /// queued, so that overload cannot grow latency without bound; work for the inference engine
     /// is turned away here already while the engine is full, before anything is decoded or
     /// looked up: under overload a refusal must cost as little as possible.
     pub fn admit(&self, operation: Operation, authorization: Option<&str>) -> Result<OwnedSemaphorePermit, CoreError> {
-        self.api_keys.authorize(authorization, operation.scope())?;
+        self.authorize(operation, authorization)?;
         match self.readiness() {
             Readiness::Ready => {}
             Readiness::Draining => return Err(CoreError::ShuttingDown),

@@ -414,3 +414,37 @@ pub async fn check_load_generator(server: &Server, target: xsrec::bench::load::T
     assert_eq!(stored, (level.requests * 10) as f64);
     assert!((level.events_per_sec - stored / level.seconds).abs() < 1e-6);
 }
+
+/// One gRPC call to `method` (a full path, `/xsrec.v1.Recommender/…`) whose messages are
+/// whatever `messages` encode to: bytes no generated client would send. A bearer `key`, if any.
+/// The server's answer is expected to be a failure; this returns its status.
+pub async fn grpc_call_with<M>(
+    server: &Server,
+    method: &'static str,
+    key: Option<&str>,
+    messages: Vec<M>,
+) -> tonic::Status
+where
+    M: prost::Message + Send + Sync + 'static,
+{
+    let addr = server.running.grpc_addr.expect("gRPC is on in tests");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut request = tonic::Request::new(tokio_stream::iter(messages));
+    if let Some(key) = key {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    }
+    let codec = tonic_prost::ProstCodec::<M, xsrec::grpc::pb::IngestEventsResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+    match grpc.client_streaming(request, path, codec).await {
+        Ok(reply) => panic!("{method} accepted what it should refuse: {:?}", reply.into_inner()),
+        Err(status) => status,
+    }
+}
