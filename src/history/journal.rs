@@ -517,6 +517,7 @@ impl Journal {
         let writer = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || {
+                crate::threads::batch_scheduling("journal writer's");
                 let writing = std::panic::AssertUnwindSafe(|| {
                     JournalWriter::new(writer.clone(), indexer, compaction_owed).run(&writer_inbox)
                 });
@@ -1704,6 +1705,33 @@ mod tests {
             for cut in 0..key.len() {
                 prop_assert!(decode_entry(&key[..cut], &value).is_none(), "key cut at {}", cut);
             }
+        }
+    }
+
+    /// The writer waits for the core rather than preempting the handler that woke it (see
+    /// `threads::batch_scheduling`): the policy is field 41 of the thread's `stat`.
+    #[test]
+    fn the_writer_runs_under_batch_scheduling() {
+        let dir = tempfile::tempdir().unwrap();
+        let _journal = Journal::open(JournalConfig::offline(dir.path().to_path_buf())).unwrap();
+        let writer_policies = || -> Vec<String> {
+            let tasks = std::fs::read_dir("/proc/self/task").unwrap().flatten();
+            tasks
+                .filter(|task| {
+                    std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim() == "journal-writer")
+                })
+                .filter_map(|task| {
+                    let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+                    let after_name = &stat[stat.rfind(')')? + 2..];
+                    after_name.split_whitespace().nth(41 - 3).map(str::to_owned)
+                })
+                .collect()
+        };
+        let started = Instant::now();
+        // The thread sets its policy first thing; give it the moment to start.
+        while !writer_policies().contains(&libc::SCHED_BATCH.to_string()) {
+            assert!(started.elapsed() < Duration::from_secs(10), "{:?}", writer_policies());
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
