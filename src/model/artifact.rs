@@ -19,9 +19,31 @@ pub const ITEMS_FILE: &str = "items.tsv";
 
 /// A 64-bit FNV-1a of `bytes`: stable across machines and builds (model versions, cache names).
 pub fn content_hash<'a>(bytes: impl IntoIterator<Item = &'a u8>) -> u64 {
-    bytes.into_iter().fold(0xcbf29ce484222325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    })
+    let mut hash = ContentHash::default();
+    hash.update(bytes);
+    hash.finish()
+}
+
+/// [`content_hash`] fed in pieces: the pieces' hash is their concatenation's.
+#[derive(Debug, Clone, Copy)]
+pub struct ContentHash(u64);
+
+impl Default for ContentHash {
+    fn default() -> Self {
+        Self(0xcbf29ce484222325)
+    }
+}
+
+impl ContentHash {
+    pub fn update<'a>(&mut self, bytes: impl IntoIterator<Item = &'a u8>) {
+        self.0 = bytes
+            .into_iter()
+            .fold(self.0, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +150,13 @@ impl Artifact {
     }
 
     pub fn load(dir: &Path, device: Device) -> Result<Self, ArtifactError> {
+        Self::load_with(dir, device, |_| {})
+    }
+
+    /// [`Artifact::load`], showing `seen` each file's bytes as read (config, items, weights, in
+    /// that order): what a caller hashes there is exactly what the artifact was built from, even
+    /// if the files are replaced meanwhile, and nothing is read twice.
+    pub fn load_with(dir: &Path, device: Device, mut seen: impl FnMut(&[u8])) -> Result<Self, ArtifactError> {
         // A FIFO or a device in the artifact's place would block the read for good, and a reload
         // waits on it with no deadline.
         for file in [CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE] {
@@ -138,10 +167,16 @@ impl Artifact {
                 return Err(io(&path, not_regular));
             }
         }
+        let mut read = |path: &Path| -> Result<Vec<u8>, ArtifactError> {
+            let bytes = fs::read(path).map_err(|source| io(path, source))?;
+            seen(&bytes);
+            Ok(bytes)
+        };
         let config_path = dir.join(CONFIG_FILE);
-        let text = fs::read_to_string(&config_path).map_err(|source| io(&config_path, source))?;
+        let text = utf8(&config_path, read(&config_path)?)?;
         let config = parse_config(&config_path, &text)?;
-        let (items, item_counts, item_categories) = read_items(&dir.join(ITEMS_FILE))?;
+        let items_path = dir.join(ITEMS_FILE);
+        let (items, item_counts, item_categories) = parse_items(&items_path, &utf8(&items_path, read(&items_path)?)?)?;
         if items.len() != config.model.num_items {
             return Err(ArtifactError::Config {
                 path: config_path,
@@ -154,7 +189,8 @@ impl Artifact {
         }
         let event_types = Vocab::from_ids(config.event_types.iter().cloned());
         let model = SeqModel::new(config.model.clone(), device);
-        load_weights(&model, &dir.join(WEIGHTS_FILE))?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        load_weights(&model, &weights_path, &read(&weights_path)?)?;
         Ok(Self {
             config,
             items,
@@ -164,6 +200,10 @@ impl Artifact {
             model,
         })
     }
+}
+
+fn utf8(path: &Path, bytes: Vec<u8>) -> Result<String, ArtifactError> {
+    String::from_utf8(bytes).map_err(|e| io(path, std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
 
 fn io(path: &Path, source: std::io::Error) -> ArtifactError {
@@ -204,7 +244,10 @@ fn parse_config(path: &Path, text: &str) -> Result<ArtifactConfig, ArtifactError
 pub type ItemTable = (Vocab, Vec<u64>, Vec<Vec<String>>);
 
 pub fn read_items(path: &Path) -> Result<ItemTable, ArtifactError> {
-    let text = fs::read_to_string(path).map_err(|source| io(path, source))?;
+    parse_items(path, &fs::read_to_string(path).map_err(|source| io(path, source))?)
+}
+
+fn parse_items(path: &Path, text: &str) -> Result<ItemTable, ArtifactError> {
     let bad = |line: usize, message: String| ArtifactError::Items {
         path: path.to_path_buf(),
         line,
@@ -252,14 +295,22 @@ pub fn read_items(path: &Path) -> Result<ItemTable, ArtifactError> {
 
 /// Copies the file's tensors into the model, requiring exactly the names and shapes the config
 /// implies, so a config/weights mismatch names the offending tensor instead of failing later.
-fn load_weights(model: &SeqModel, path: &Path) -> Result<(), ArtifactError> {
-    let stored: HashMap<String, Tensor> = Tensor::read_safetensors(path)
-        .map_err(|source| ArtifactError::Torch {
-            path: path.to_path_buf(),
-            source,
-        })?
+fn load_weights(model: &SeqModel, path: &Path, bytes: &[u8]) -> Result<(), ArtifactError> {
+    let torch = |source| ArtifactError::Torch {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+        torch(tch::TchError::SafeTensorError {
+            path: path.display().to_string(),
+            err: e,
+        })
+    })?;
+    let stored: HashMap<String, Tensor> = file
+        .tensors()
         .into_iter()
-        .collect();
+        .map(|(name, view)| Ok((name, Tensor::try_from(view).map_err(torch)?)))
+        .collect::<Result<_, ArtifactError>>()?;
     copy_weights(&model.vs, stored).map_err(|(name, message)| ArtifactError::Tensor {
         path: path.to_path_buf(),
         name,
@@ -300,6 +351,23 @@ pub fn copy_weights(vs: &tch::nn::VarStore, mut stored: HashMap<String, Tensor>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A version hashed while loading is the hash of the three files' bytes, config first,
+    /// weights last (what the versions of earlier builds were, so they do not change).
+    #[test]
+    fn loading_shows_each_files_bytes_once_in_order() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+        let mut pieces = Vec::new();
+        Artifact::load_with(&dir, Device::Cpu, |bytes| pieces.push(bytes.to_vec())).unwrap();
+        let files: Vec<Vec<u8>> = [CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE]
+            .iter()
+            .map(|f| fs::read(dir.join(f)).unwrap())
+            .collect();
+        assert_eq!(pieces, files);
+        let mut hash = ContentHash::default();
+        pieces.iter().for_each(|p| hash.update(p));
+        assert_eq!(hash.finish(), content_hash(files.iter().flatten()));
+    }
 
     /// An artifact whose config is a FIFO (nobody writing) is refused at once instead of
     /// blocking the loader (and a reload through the admin API) for good.

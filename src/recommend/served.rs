@@ -18,7 +18,7 @@ use super::types::ModelInfo;
 use super::Catalog;
 use crate::data::formats::{item_categories, ItemMeta};
 use crate::infer::ModelSlot;
-use crate::model::artifact::{content_hash, CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE};
+use crate::model::artifact::ContentHash;
 use crate::model::{Artifact, Precision};
 
 pub struct ServedModel {
@@ -86,14 +86,10 @@ impl ModelLoader {
             reason: quote(&reason),
         };
         let dir = crate::model::builtin::resolve(dir).map_err(|e| failed(e.to_string()))?;
-        // Loaded first: it refuses files that are not regular (a FIFO would block the reads).
-        let mut artifact = Artifact::load(&dir, self.device).map_err(|e| failed(e.to_string()))?;
-        let mut files = Vec::new();
-        for file in [CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE] {
-            let path = dir.join(file);
-            files.push(std::fs::read(&path).map_err(|e| failed(format!("reading {}: {e}", path.display())))?);
-        }
-        let version = format!("{:016x}", content_hash(files.iter().flatten()));
+        let mut hash = ContentHash::default();
+        let mut artifact =
+            Artifact::load_with(&dir, self.device, |bytes| hash.update(bytes)).map_err(|e| failed(e.to_string()))?;
+        let version = format!("{:016x}", hash.finish());
         artifact.model.set_precision(self.precision);
         if let Some(meta) = &self.item_meta {
             artifact.item_categories = item_categories(&artifact.items, Some(meta));
@@ -133,6 +129,7 @@ pub fn check_compatible(served: &Catalog, next: &Catalog, dir: &Path) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::artifact::{CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE};
 
     /// The version names the model's answers: the same files give the same version, and the same
     /// weights with the item ids swapped (other items behind the same rows) give another one.
