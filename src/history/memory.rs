@@ -11,7 +11,7 @@
 //! retention dropped since). Older items the served model did not know are kept by id too, at
 //! most the cap's number of them per user (see `UserHistory::keep_earlier`), so that a reloaded
 //! model that knows them leaves them out; past that bound the oldest are forgotten.
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
@@ -35,9 +35,11 @@ struct UserHistory {
     /// know are kept as well (index 0), at most the cap's number of them (the newest), since a
     /// later model may know them.
     earlier: EarlierItems,
-    /// How many of `earlier`'s items the served model does not know, and their ids' bytes
-    /// (not the vocabulary's strings: counted here).
-    unknown_earlier: usize,
+    /// `earlier`'s items the served model does not know, oldest first (by their newest time):
+    /// the one to forget at the bound is found without a scan of every earlier item, which a
+    /// client sending only new ids would otherwise make it do for each event.
+    unknown_by_age: BTreeSet<(i64, Arc<str>)>,
+    /// Their ids' bytes (not the vocabulary's strings: counted here) and their order's entries.
     unknown_earlier_bytes: usize,
     version: u64,
     /// The eviction clock when the user was last read or written.
@@ -56,6 +58,10 @@ struct EarlierItem {
 }
 
 type EarlierItems = hashbrown::HashMap<Arc<str>, EarlierItem, RandomState>;
+
+/// Bytes an unknown earlier item's place in [`UserHistory::unknown_by_age`] costs (the entry;
+/// the tree's nodes hold a few spare ones too, not counted).
+const UNKNOWN_ORDER_BYTES: usize = std::mem::size_of::<(i64, Arc<str>)>();
 
 /// Bytes a user costs beyond its events: the map entry and the id.
 const USER_BYTES: usize = std::mem::size_of::<UserHistory>() + std::mem::size_of::<Arc<str>>();
@@ -76,22 +82,27 @@ impl UserHistory {
     /// end, and they must not grow memory past the cap; a later model that knows one must
     /// still leave it out of the user's recommendations.
     fn keep_earlier(&mut self, event: StoredEvent, cap: usize) {
-        if let Some(entry) = self.earlier.get_mut(&event.item_id) {
+        if let Some((id, entry)) = self.earlier.get_key_value_mut(&event.item_id) {
+            if entry.item == 0 && event.timestamp > entry.newest {
+                let id = id.clone();
+                self.unknown_by_age.remove(&(entry.newest, id.clone()));
+                self.unknown_by_age.insert((event.timestamp, id));
+            }
             entry.newest = entry.newest.max(event.timestamp);
             return;
         }
         if event.item == 0 {
-            if self.unknown_earlier >= cap {
-                let Some(oldest) = self.oldest_unknown_earlier() else {
+            if self.unknown_by_age.len() >= cap {
+                let Some((oldest_newest, oldest)) = self.unknown_by_age.first().cloned() else {
                     return;
                 };
-                if self.earlier[&oldest].newest > event.timestamp {
+                if oldest_newest > event.timestamp {
                     return;
                 }
                 self.forget_earlier(&oldest);
             }
-            self.unknown_earlier += 1;
-            self.unknown_earlier_bytes += event.item_id.len();
+            self.unknown_by_age.insert((event.timestamp, event.item_id.clone()));
+            self.unknown_earlier_bytes += event.item_id.len() + UNKNOWN_ORDER_BYTES;
         }
         self.earlier.insert(
             event.item_id,
@@ -102,18 +113,11 @@ impl UserHistory {
         );
     }
 
-    fn oldest_unknown_earlier(&self) -> Option<Arc<str>> {
-        let unknown = self.earlier.iter().filter(|(_, earlier)| earlier.item == 0);
-        unknown
-            .min_by_key(|(_, earlier)| earlier.newest)
-            .map(|(id, _)| id.clone())
-    }
-
     fn forget_earlier(&mut self, id: &str) {
-        if let Some(earlier) = self.earlier.remove(id) {
+        if let Some((id, earlier)) = self.earlier.remove_entry(id) {
             if earlier.item == 0 {
-                self.unknown_earlier -= 1;
-                self.unknown_earlier_bytes -= id.len();
+                self.unknown_earlier_bytes -= id.len() + UNKNOWN_ORDER_BYTES;
+                self.unknown_by_age.remove(&(earlier.newest, id));
             }
         }
     }
@@ -578,7 +582,8 @@ impl HistoryStore for Histories {
                 // does not know stay as unknown ones, within the bound.
                 let before = history.earlier_bytes();
                 let earlier = std::mem::take(&mut history.earlier);
-                (history.unknown_earlier, history.unknown_earlier_bytes) = (0, 0);
+                history.unknown_by_age.clear();
+                history.unknown_earlier_bytes = 0;
                 let mut by_age: Vec<(Arc<str>, EarlierItem)> = earlier
                     .into_iter()
                     .map(|(id, earlier)| match item(&id) {
@@ -707,7 +712,7 @@ mod tests {
         // but is no index.
         assert_eq!(snap1.earlier_items, [1, 2]);
         assert_eq!(snap1.had_items(), [1, 2, 3, 4]);
-        let unknown_id = "i0".len();
+        let unknown_id = "i0".len() + UNKNOWN_ORDER_BYTES;
         assert_eq!(
             store.stats().bytes,
             2 * EVENT_BYTES + earlier_table(3) + unknown_id + USER_BYTES + 1
@@ -733,7 +738,7 @@ mod tests {
             keys_are_the_new_vocabularys,
             "the old model's strings are not kept alive"
         );
-        let unknown_ids = "i0".len() + "i2".len();
+        let unknown_ids = "i0".len() + "i2".len() + 2 * UNKNOWN_ORDER_BYTES;
         assert_eq!(
             store.stats().bytes,
             2 * EVENT_BYTES + earlier_table(4) + unknown_ids + USER_BYTES + 1
@@ -758,6 +763,55 @@ mod tests {
         assert_eq!(store.stats().bytes, 2 * EVENT_BYTES + USER_BYTES + 1);
         store.remove("u");
         assert_eq!(store.stats().bytes, 0);
+    }
+
+    proptest::proptest! {
+        /// The ordered set finds the same item to forget as a scan of every earlier item would
+        /// (the oracle below, the rule written the slow way): for any sequence of items leaving
+        /// memory, known and unknown, repeated, in any time order, the same items remain with
+        /// the same newest times, and the bytes counted match what is held.
+        #[test]
+        fn the_bound_on_unknown_earlier_items_keeps_the_newest_as_a_scan_would(
+            cap in 1usize..5,
+            leaving in proptest::collection::vec((0u32..12, proptest::bool::ANY, 0i64..40), 0..60),
+        ) {
+            let mut history = UserHistory::default();
+            let mut oracle: HashMap<String, (u32, i64)> = HashMap::new();
+            for (n, known, timestamp) in leaving {
+                let (item, id) = match known {
+                    true => (n + 1, format!("k{n}")),
+                    false => (0, format!("new-{n}")),
+                };
+                history.keep_earlier(StoredEvent { item, item_id: Arc::from(id.as_str()), timestamp, event_type: 1 }, cap);
+                if let Some(kept) = oracle.get_mut(&id) {
+                    kept.1 = kept.1.max(timestamp);
+                    continue;
+                }
+                let unknown = oracle.iter().filter(|(_, (item, _))| *item == 0);
+                if item == 0 && unknown.clone().count() >= cap {
+                    // Ties on time: the set orders by id next, so the oracle does too.
+                    let (oldest, newest) = unknown
+                        .map(|(id, (_, newest))| (id.clone(), *newest))
+                        .min_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)))
+                        .unwrap();
+                    if newest > timestamp {
+                        continue;
+                    }
+                    oracle.remove(&oldest);
+                }
+                oracle.insert(id, (item, timestamp));
+            }
+            let held: HashMap<String, (u32, i64)> = history
+                .earlier
+                .iter()
+                .map(|(id, earlier)| (id.to_string(), (earlier.item, earlier.newest)))
+                .collect();
+            proptest::prop_assert_eq!(&held, &oracle);
+            let unknown: Vec<&String> = oracle.iter().filter(|(_, (item, _))| *item == 0).map(|(id, _)| id).collect();
+            proptest::prop_assert_eq!(history.unknown_by_age.len(), unknown.len());
+            let bytes: usize = unknown.iter().map(|id| id.len() + UNKNOWN_ORDER_BYTES).sum();
+            proptest::prop_assert_eq!(history.unknown_earlier_bytes, bytes);
+        }
     }
 
     /// Items a model did not know when the cap pushed them out (new items, ingested before a
