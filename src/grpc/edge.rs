@@ -64,7 +64,7 @@ where
         let caller = Caller::from_entries(|name| headers.get(name).and_then(|v| v.to_str().ok()));
         let core = self.core.clone();
         if let Err(refused) = core.authorize(operation, caller.key.as_deref()) {
-            let status = failed(&core, method, &caller, started, &refused.into());
+            let status = failed(&core, method, &caller, started, refused.into());
             return Box::pin(async move { Ok(status.into_http()) });
         }
         // The instance that was polled ready serves this call; its clone waits for the next.
@@ -80,7 +80,7 @@ where
             Ok(match from_tonic {
                 Some(status) => {
                     let failure = transport_failure(status, core.limits.max_body_bytes);
-                    failed(&core, method, &caller, started, &failure).into_http()
+                    failed(&core, method, &caller, started, failure).into_http()
                 }
                 None => response,
             })

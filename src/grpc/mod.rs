@@ -157,7 +157,7 @@ impl GrpcService {
                 metrics.requests.with_label_values(&[method, "OK"]).inc();
                 Ok(caller.answer(reply))
             }
-            Err(error) => Err(failed(&self.core, method, caller, started, &error.into())),
+            Err(error) => Err(failed(&self.core, method, caller, started, error.into())),
         }
     }
 }
@@ -183,7 +183,7 @@ impl From<CoreError> for CallFailure {
 
 /// Counts and logs a failed call (duration, failure reason, status) and gives the status its
 /// client gets: the stable code in `xsrec-code` and the request id beside it.
-fn failed(core: &Recommender, method: &str, caller: &Caller, started: Instant, failure: &CallFailure) -> Status {
+fn failed(core: &Recommender, method: &str, caller: &Caller, started: Instant, failure: CallFailure) -> Status {
     let metrics = &core.metrics;
     metrics
         .request_duration
@@ -193,7 +193,7 @@ fn failed(core: &Recommender, method: &str, caller: &Caller, started: Instant, f
         .request_failures
         .with_label_values(&[method, failure.code])
         .inc();
-    let mut status = failure.status.clone();
+    let mut status = failure.status;
     let grpc_code = format!("{:?}", status.code());
     let logged = Failure {
         code: failure.code,
