@@ -162,8 +162,14 @@ async fn keys_grant_exactly_their_scopes_over_rest_and_grpc() {
 
     // The key is checked before a message is decoded: without one, a message that would not
     // decode, or is over --max-body-bytes (1 MiB), is refused for the key alone.
-    let no_key =
-        |bytes: Vec<u8>| common::grpc_call_with(&server, "/xsrec.v1.Recommender/IngestEvents", None, vec![bytes]);
+    let no_key = |bytes: Vec<u8>| {
+        common::grpc_call_with(
+            &server,
+            "/xsrec.v1.Recommender/IngestEvents",
+            None,
+            tokio_stream::iter([bytes]),
+        )
+    };
     for bytes in [vec![0xff; 8], vec![b'x'; 2 << 20]] {
         let refused = no_key(bytes).await;
         assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");

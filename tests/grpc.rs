@@ -43,6 +43,14 @@ fn rest_ranked(reply: &Value) -> Vec<(String, f32)> {
         .collect()
 }
 
+/// `xsrec_request_failures_total` of one route (a method's full path) and reason.
+fn failure_count(exposition: &str, route: &str, reason: &str) -> f64 {
+    common::metric_value(
+        exposition,
+        &format!("xsrec_request_failures_total{{reason=\"{reason}\",route=\"{route}\"}}"),
+    )
+}
+
 fn xsrec_code(status: &tonic::Status) -> &str {
     status.metadata().get("xsrec-code").unwrap().to_str().unwrap()
 }
@@ -388,6 +396,13 @@ async fn messages_that_do_not_decode_or_are_too_large_get_codes_and_counts() {
             Code::ResourceExhausted,
             "message_too_large",
         ),
+        // Two messages to a unary method: tonic would store the first and drop the second.
+        (
+            ingest,
+            vec![field_one(vec![good("twice", 1)]), field_one(vec![good("twice", 2)])],
+            Code::InvalidArgument,
+            "malformed_message",
+        ),
         // The second message of three does not decode: the stream ends there, the first is stored.
         (
             stream,
@@ -404,7 +419,7 @@ async fn messages_that_do_not_decode_or_are_too_large_get_codes_and_counts() {
     for (method, messages, code, own) in sent {
         cases.push((
             method,
-            common::grpc_call_with(&server, method, None, messages).await,
+            common::grpc_call_with(&server, method, None, tokio_stream::iter(messages)).await,
             code,
             own,
         ));
@@ -432,20 +447,86 @@ async fn messages_that_do_not_decode_or_are_too_large_get_codes_and_counts() {
         .map(|e| e["timestamp"].as_i64().unwrap())
         .collect();
     assert_eq!(stored, [10]);
+    assert_eq!(server.get("/v1/users/twice/history").await.0, StatusCode::NOT_FOUND);
     let exposition = server.get("/metrics").await.1;
-    let failures = |method: &str, reason: &str| {
-        common::metric_value(
-            &exposition,
-            &format!("xsrec_request_failures_total{{reason=\"{reason}\",route=\"{method}\"}}"),
-        )
-    };
+    let failures = |route: &str, reason: &str| failure_count(&exposition, route, reason);
     assert_eq!(failures("/xsrec.v1.Recommender/Recommend", "malformed_message"), 1.0);
-    assert_eq!(failures("/xsrec.v1.Recommender/IngestEvents", "malformed_message"), 1.0);
+    assert_eq!(failures("/xsrec.v1.Recommender/IngestEvents", "malformed_message"), 2.0);
     assert_eq!(failures("/xsrec.v1.Recommender/IngestEvents", "message_too_large"), 1.0);
     assert_eq!(
         failures("/xsrec.v1.Recommender/IngestEventStream", "malformed_message"),
         1.0
     );
+    server.shut_down().await.unwrap();
+}
+
+/// A made-up method is answered like a wrong REST route (its code, the request id, counted
+/// under `unmatched`); a unary call whose message stalls is answered after the body read
+/// timeout, as a REST body is; a gzipped request is read, a gzip bomb bounded like any message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_methods_stalled_messages_and_compressed_ones() {
+    let server = server(&["--body-read-timeout-ms", "300", "--max-body-bytes", "4000"]).await;
+    let unknown = common::grpc_call_with(
+        &server,
+        "/xsrec.v1.Recommender/NoSuchMethod",
+        None,
+        tokio_stream::iter([field_one(vec![])]),
+    )
+    .await;
+    assert_eq!(
+        (unknown.code(), xsrec_code(&unknown)),
+        (Code::Unimplemented, "method_not_found")
+    );
+    assert!(unknown.metadata().get("x-request-id").is_some());
+
+    let started = std::time::Instant::now();
+    let stalled = common::grpc_call_with(
+        &server,
+        "/xsrec.v1.Recommender/Recommend",
+        None,
+        tokio_stream::pending::<FieldOne>(),
+    );
+    let stalled = tokio::time::timeout(Duration::from_secs(20), stalled)
+        .await
+        .expect("the server answers a stalled message");
+    assert_eq!(
+        (stalled.code(), xsrec_code(&stalled)),
+        (Code::DeadlineExceeded, "body_timeout"),
+        "{stalled:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    let addr = server.running.grpc_addr.unwrap();
+    let mut gzipped = RecommenderClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let item = &fixture().events[0].item_id;
+    let reply = gzipped
+        .ingest_events(pb::IngestEventsRequest {
+            events: vec![event("zipped", item, 7, None)],
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.into_inner().accepted, 1);
+    // 100 events of long repeated ids: a few hundred bytes gzipped, over 4,000 unpacked.
+    let bomb = pb::IngestEventsRequest {
+        events: (0..100).map(|_| event("zipped", &"a".repeat(200), 8, None)).collect(),
+    };
+    let refused = gzipped.ingest_events(bomb).await.unwrap_err();
+    assert_eq!(
+        (refused.code(), xsrec_code(&refused)),
+        (Code::ResourceExhausted, "message_too_large"),
+        "{refused:?}"
+    );
+    let (_, history) = server.get("/v1/users/zipped/history").await;
+    let history: Value = serde_json::from_str(&history).unwrap();
+    assert_eq!(history["events"].as_array().unwrap().len(), 1);
+
+    let exposition = server.get("/metrics").await.1;
+    let failures = |route: &str, reason: &str| failure_count(&exposition, route, reason);
+    assert_eq!(failures("unmatched", "method_not_found"), 1.0);
+    assert_eq!(failures("/xsrec.v1.Recommender/Recommend", "body_timeout"), 1.0);
     server.shut_down().await.unwrap();
 }
 

@@ -119,15 +119,18 @@ impl GrpcService {
             .deadline(client_timeout(request).map(|t| t.saturating_sub(TIMER_TICK)))
     }
 
-    /// The service behind its edge (see `edge`).
-    pub fn server(core: Arc<Recommender>) -> edge::Edge<RecommenderServer<Self>> {
+    /// The service behind its edge (see `edge`); a unary call's message must arrive within
+    /// `body_read_timeout`.
+    pub fn server(core: Arc<Recommender>, body_read_timeout: Duration) -> edge::Edge<RecommenderServer<Self>> {
         for (method, _) in METHODS {
             core.metrics.requests.with_label_values(&[method, "OK"]);
         }
         // The same bound on a request's size as REST's --max-body-bytes.
         let max_bytes = core.limits.max_body_bytes;
-        let service = RecommenderServer::new(Self { core: core.clone() }).max_decoding_message_size(max_bytes);
-        edge::Edge::new(service, core)
+        let service = RecommenderServer::new(Self { core: core.clone() })
+            .max_decoding_message_size(max_bytes)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+        edge::Edge::new(service, core, body_read_timeout)
     }
 
     /// Admits (the caller's key from `authorization`, then readiness and room), runs `call` and
@@ -452,6 +455,7 @@ impl From<core_types::EventsResponse> for pb::IngestEventsResponse {
 /// and reflection.
 pub async fn serve<Connection>(
     core: Arc<Recommender>,
+    body_read_timeout: Duration,
     incoming: impl tokio_stream::Stream<Item = std::io::Result<Connection>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()>
@@ -487,9 +491,12 @@ where
         // client deadlines expiring in the queue reached that and failed every other call on the
         // connection with UNAVAILABLE (hostile probe: 2,488 healthy calls). Still bounded, higher.
         .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
+        // REST's bound on a request's headers (h2's default is half of it); past it, h2 answers
+        // HTTP 431 before any gRPC status can be made.
+        .http2_max_header_list_size(Some(crate::api::MAX_HEADER_BYTES as u32))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(GrpcService::server(core))
+        .add_service(GrpcService::server(core, body_read_timeout))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     health_task.abort();

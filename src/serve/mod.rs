@@ -463,10 +463,11 @@ pub async fn start(
             failing.fail(format!("the history store failed: {error}"));
         });
     }
+    let body_read_timeout = Duration::from_millis(config.body_read_timeout_ms);
     let app = api::router(
         core.clone(),
         &api::HttpOptions {
-            body_read_timeout: Duration::from_millis(config.body_read_timeout_ms),
+            body_read_timeout,
             with_metrics: admin_listener.is_none(),
             cors_allow_origins: config.cors_allow_origin.clone(),
         },
@@ -504,7 +505,7 @@ pub async fn start(
                 let _ = stop_grpc_rx.await;
             };
             tokio::spawn(async move {
-                if let Err(error) = crate::grpc::serve(grpc_core, incoming, stopped).await {
+                if let Err(error) = crate::grpc::serve(grpc_core, body_read_timeout, incoming, stopped).await {
                     failing.fail(format!("the gRPC server failed: {error:#}"));
                 }
             })

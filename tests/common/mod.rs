@@ -416,13 +416,13 @@ pub async fn check_load_generator(server: &Server, target: xsrec::bench::load::T
 }
 
 /// One gRPC call to `method` (a full path, `/xsrec.v1.Recommender/…`) whose messages are
-/// whatever `messages` encode to: bytes no generated client would send. A bearer `key`, if any.
+/// whatever `messages` encode to, sent as they come: bytes no generated client would send. A bearer `key`, if any.
 /// The server's answer is expected to be a failure; this returns its status.
 pub async fn grpc_call_with<M>(
     server: &Server,
     method: &'static str,
     key: Option<&str>,
-    messages: Vec<M>,
+    messages: impl tokio_stream::Stream<Item = M> + Send + 'static,
 ) -> tonic::Status
 where
     M: prost::Message + Send + Sync + 'static,
@@ -435,7 +435,7 @@ where
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
-    let mut request = tonic::Request::new(tokio_stream::iter(messages));
+    let mut request = tonic::Request::new(messages);
     if let Some(key) = key {
         request
             .metadata_mut()
