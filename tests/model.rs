@@ -95,6 +95,14 @@ fn variants() -> Vec<SeqModel> {
     ]
 }
 
+/// Whether two hidden states agree to within float rounding. Exact equality is not promised:
+/// the same positions computed in two passes differed by one ulp (1.2e-7) now and then when the
+/// tests ran in parallel (the BLAS kernels' paths follow the buffers' alignment); a change that
+/// leaks backwards moves a state by orders of magnitude more.
+fn same_states(a: &Tensor, b: &Tensor) -> bool {
+    (a - b).abs().max().double_value(&[]) <= 1e-5
+}
+
 #[test]
 fn changing_a_later_event_never_changes_an_earlier_position() {
     for model in variants() {
@@ -109,12 +117,12 @@ fn changing_a_later_event_never_changes_an_earlier_position() {
             let after = all_hidden(&model, &changed, 40_300);
             let earlier = |t: &Tensor| t.narrow(0, 0, (pad + j) as i64);
             assert!(
-                earlier(&before).equal(&earlier(&after)),
+                same_states(&earlier(&before), &earlier(&after)),
                 "{:?}: item change at {j} leaked backwards",
                 model.config.arch
             );
             assert!(
-                !before.get((pad + j) as i64).equal(&after.get((pad + j) as i64)),
+                !same_states(&before.get((pad + j) as i64), &after.get((pad + j) as i64)),
                 "item change at {j} had no effect"
             );
 
@@ -127,8 +135,12 @@ fn changing_a_later_event_never_changes_an_earlier_position() {
             let after = all_hidden(&model, &shifted, 140_300);
             let upto = (pad + j - 1) as i64;
             assert!(
-                before.narrow(0, 0, upto).equal(&after.narrow(0, 0, upto)),
+                same_states(&before.narrow(0, 0, upto), &after.narrow(0, 0, upto)),
                 "time change at {j} leaked backwards"
+            );
+            assert!(
+                !same_states(&before.get(upto + 1), &after.get(upto + 1)),
+                "time change at {j} had no effect"
             );
         }
     }
