@@ -8,7 +8,7 @@
 #   static  recommendations for random users whose history does not change (the cache can help)
 #   fresh   one new event then a recommendation for the same user (no cache can help)
 # wrk is closed-loop; set RATE_PER_CONN=N to pace every connection at N requests/s instead
-# (open-loop-like fixed rate). MODES="on off" and CONNS="1 16 64" choose the cells; SERVE_FLAGS
+# (open-loop-like fixed rate). BIN picks another build. MODES="on off" and CONNS="1 16 64" choose the cells; SERVE_FLAGS
 # adds server flags (e.g. "--data-dir /tmp/state --fsync interval"); WARM=1 first asks one
 # recommendation per preloaded user (scripts/load/warm.py), so that static measures the steady
 # state with every state cached rather than each user's first request; WORKLOADS="static" runs one
@@ -29,7 +29,8 @@ BASE="http://127.0.0.1:$PORT"
 OUT=${OUT:-runs/load}
 mkdir -p "$OUT"
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-[ -x target/release/xsrec ] || make build
+BIN=${BIN:-target/release/xsrec}   # another build, to compare two
+[ -x "$BIN" ] || make build
 ITEMS=$(($(wc -l < "$MODEL/items.tsv") - 1))
 server_pin=() client_pin=()
 if [ -n "${SERVER_CPUS:-}" ]; then
@@ -50,7 +51,7 @@ results="$OUT/results.md"
 
 for mode in ${MODES:-on off}; do
   if [ "$mode" = on ]; then batch_flags=(--max-batch-size 64 --max-batch-delay-us 1000); else batch_flags=(--max-batch-size 1 --max-batch-delay-us 0); fi
-  "${server_pin[@]}" target/release/xsrec serve --model "$MODEL" --addr "127.0.0.1:$PORT" --device cpu \
+  "${server_pin[@]}" "$BIN" serve --model "$MODEL" --addr "127.0.0.1:$PORT" --device cpu \
     ${HISTORY_CAP:+--history-cap "$HISTORY_CAP"} --max-concurrent-requests 4096 "${batch_flags[@]}" ${SERVE_FLAGS:-} > "$OUT/server-$mode.log" 2>&1 &
   server_pid=$!
   until curl -sf "$BASE/health/ready" >/dev/null; do sleep 0.2; done
