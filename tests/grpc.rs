@@ -461,8 +461,8 @@ async fn messages_that_do_not_decode_or_are_too_large_get_codes_and_counts() {
 }
 
 /// A made-up method is answered like a wrong REST route (its code, the request id, counted
-/// under `unmatched`); a unary call whose message stalls is answered after the body read
-/// timeout, as a REST body is; a gzipped request is read, a gzip bomb bounded like any message.
+/// under `unmatched`); a unary call whose body stalls (inside its message or after it) is
+/// answered after the body read timeout, as a REST body is; a gzipped request is read, a gzip bomb bounded like any message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_methods_stalled_messages_and_compressed_ones() {
     let server = server(&["--body-read-timeout-ms", "300", "--max-body-bytes", "4000"]).await;
@@ -495,6 +495,21 @@ async fn unknown_methods_stalled_messages_and_compressed_ones() {
         "{stalled:?}"
     );
     assert!(started.elapsed() >= Duration::from_millis(300));
+    // The whole message, then nothing (no end of stream): tonic would wait for the end for good.
+    let ask = pb::RecommendRequest {
+        user_id: "u".into(),
+        ..Default::default()
+    };
+    let then_silent = tokio_stream::StreamExt::chain(tokio_stream::iter([ask]), tokio_stream::pending());
+    let call = common::grpc_call_with(&server, "/xsrec.v1.Recommender/Recommend", None, then_silent);
+    let stalled = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the server answers a body that never ends");
+    assert_eq!(
+        (stalled.code(), xsrec_code(&stalled)),
+        (Code::DeadlineExceeded, "body_timeout"),
+        "{stalled:?}"
+    );
 
     let addr = server.running.grpc_addr.unwrap();
     let mut gzipped = RecommenderClient::connect(format!("http://{addr}"))
@@ -526,7 +541,7 @@ async fn unknown_methods_stalled_messages_and_compressed_ones() {
     let exposition = server.get("/metrics").await.1;
     let failures = |route: &str, reason: &str| failure_count(&exposition, route, reason);
     assert_eq!(failures("unmatched", "method_not_found"), 1.0);
-    assert_eq!(failures("/xsrec.v1.Recommender/Recommend", "body_timeout"), 1.0);
+    assert_eq!(failures("/xsrec.v1.Recommender/Recommend", "body_timeout"), 2.0);
     server.shut_down().await.unwrap();
 }
 
