@@ -440,13 +440,7 @@ async fn messages_that_do_not_decode_or_are_too_large_get_codes_and_counts() {
     assert!(cases[2].1.message().contains("--max-body-bytes"), "{:?}", cases[2].1);
     let (_, body) = server.get("/v1/users/streamed/history").await;
     let body: Value = serde_json::from_str(&body).unwrap();
-    let stored: Vec<i64> = body["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["timestamp"].as_i64().unwrap())
-        .collect();
-    assert_eq!(stored, [10]);
+    assert_eq!(common::history_timestamps(&body), [10]);
     assert_eq!(server.get("/v1/users/twice/history").await.0, StatusCode::NOT_FOUND);
     let exposition = server.get("/metrics").await.1;
     let failures = |route: &str, reason: &str| failure_count(&exposition, route, reason);

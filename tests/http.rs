@@ -99,7 +99,7 @@ async fn cors_answers_preflights_for_the_named_origins_only_and_is_off_by_defaul
 mod backstop {
     use std::time::{Duration, Instant};
 
-    use super::common::{fixture, ServerProcess};
+    use super::common::{fixture, history_timestamps, ServerProcess};
     use reqwest::StatusCode;
     use serde_json::{json, Value};
 
@@ -152,12 +152,6 @@ mod backstop {
         let answer = ingest(200).await.unwrap();
         assert_eq!(answer.status(), StatusCode::OK);
         let history = server.get_json(&client, "/v1/users/stalled/history").await;
-        let stored: Vec<i64> = history["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|event| event["timestamp"].as_i64().unwrap())
-            .collect();
-        assert_eq!(stored, [100, 200]);
+        assert_eq!(history_timestamps(&history), [100, 200]);
     }
 }

@@ -122,15 +122,16 @@ where
 
 /// What a status tonic made on its own (or [`UnaryBody`] made for it) means for the client.
 fn transport_failure(status: &Status, max_body_bytes: usize) -> CallFailure {
-    let too_large = || {
-        format!(
-            "a request message exceeds the server's limit of {max_body_bytes} bytes (--max-body-bytes): {}",
-            status.message()
-        )
-    };
     let (code, xsrec_code, message) = match status.code() {
         // tonic's length check, before anything is buffered, and its bound on decompression.
-        Code::OutOfRange | Code::ResourceExhausted => (Code::ResourceExhausted, "message_too_large", too_large()),
+        Code::OutOfRange | Code::ResourceExhausted => (
+            Code::ResourceExhausted,
+            "message_too_large",
+            format!(
+                "a request message exceeds the server's limit of {max_body_bytes} bytes (--max-body-bytes): {}",
+                status.message()
+            ),
+        ),
         // prost's decode errors, a missing message, a bad compression flag: the client's bytes.
         Code::Internal => (
             Code::InvalidArgument,

@@ -199,6 +199,16 @@ pub fn metric_value(exposition: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} missing"))
 }
 
+/// The timestamps of a history answer's events, oldest first.
+pub fn history_timestamps(history: &Value) -> Vec<i64> {
+    history["events"]
+        .as_array()
+        .expect("a history answer")
+        .iter()
+        .map(|event| event["timestamp"].as_i64().unwrap())
+        .collect()
+}
+
 pub fn users(events: &[Event]) -> BTreeMap<&str, Vec<&Event>> {
     let mut by_user: BTreeMap<&str, Vec<&Event>> = BTreeMap::new();
     for e in events {
