@@ -72,7 +72,7 @@ fn fjall(fsync: FsyncPolicy) -> f64 {
     let rate = drive(|call| {
         let last = call.len() - 1;
         for (i, (user, events)) in call.into_iter().enumerate() {
-            if let Some(commit) = journal.append(user, events, i == last) {
+            if let Some(commit) = journal.append(&user, &events.into(), i == last) {
                 commit.wait_blocking().unwrap();
             }
         }

@@ -2,7 +2,6 @@
 //! training, compact it. The server must be stopped (the store admits one process at a time).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -129,7 +128,7 @@ pub fn run(command: &HistoryCommand) -> anyhow::Result<()> {
             let users = by_user.len();
             for (user, logged) in by_user {
                 progress.inc(logged.len() as u64);
-                if let Some(commit) = journal.append(Arc::from(user), logged, false) {
+                if let Some(commit) = journal.append(user, &logged, false) {
                     commit.wait_blocking()?;
                 }
             }

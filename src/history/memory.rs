@@ -498,8 +498,10 @@ impl HistoryStore for Histories {
         }
         let last = writes.len().saturating_sub(1);
         let mut commit = Commit::done();
+        let mut logged = EncodedEvents::default();
         for (i, (user, events)) in writes.into_iter().enumerate() {
-            let logged = EncodedEvents::from(&events[..]);
+            logged.clear();
+            logged.extend(&events);
             let mut shard = self.write_shard(&user);
             // An evicted user comes back first: the new events join the whole history.
             let history = match self.resident(&mut shard, &user, true) {
@@ -508,7 +510,7 @@ impl HistoryStore for Histories {
             };
             self.apply(history, events.into_iter().map(|e| e.event), self.tick());
             // The journal keeps order, so the last write's acknowledgement covers the others.
-            let ticket = journal.append(user.clone(), logged, i == last);
+            let ticket = journal.append(&user, &logged, i == last);
             history.written = journal.queued();
             drop(shard);
             if let Some(ticket) = ticket {
