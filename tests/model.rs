@@ -216,20 +216,23 @@ fn moments_with_the_same_key_give_the_same_state_before_the_clock_readout() {
                 let states: Vec<Tensor> = moments.iter().map(|&at| model.last_state(&batch(at))).collect();
                 for (a, &at_a) in moments.iter().enumerate() {
                     let full = model.last_hidden(&batch(at_a));
-                    assert!(model.read_clock(states[a].shallow_clone(), &batch(at_a)).equal(&full));
+                    assert!(same_states(
+                        &model.read_clock(states[a].shallow_clone(), &batch(at_a)),
+                        &full
+                    ));
                     for (b, &at_b) in moments.iter().enumerate() {
                         let key = |at| moment_key(view(), at, features, GAP);
                         if a == b || key(at_a) != key(at_b) {
                             continue;
                         }
                         assert!(
-                            states[a].equal(&states[b]),
+                            same_states(&states[a], &states[b]),
                             "{arch:?} calendar {calendar}: moments {at_a} and {at_b} share a key, not a state"
                         );
                         // The cached state with the other moment's clock readout is its answer.
                         let served = model.read_clock(states[a].shallow_clone(), &batch(at_b));
-                        assert!(served.equal(&model.last_hidden(&batch(at_b))));
-                        hour_apart_differs += usize::from(!served.equal(&full));
+                        assert!(same_states(&served, &model.last_hidden(&batch(at_b))));
+                        hour_apart_differs += usize::from(!same_states(&served, &full));
                     }
                 }
             }
