@@ -1565,7 +1565,10 @@ fn stage_in_partitions(records: Vec<(u64, &[u8])>, partitions: usize) -> Option<
     let spread = foldhash::fast::RandomState::default();
     // Per append: sequence number (u64 BE), user (u16 BE length, bytes), event count (u32 BE),
     // the events' length in bytes (u32 BE) and the events.
-    let mut partitioned = vec![Vec::with_capacity(bytes / partitions * 5 / 4); partitions];
+    // (Not `vec![…; partitions]`: a cloned Vec does not keep the capacity.)
+    let mut partitioned: Vec<Vec<u8>> = (0..partitions)
+        .map(|_| Vec::with_capacity(bytes / partitions * 5 / 4))
+        .collect();
     for (seq, record) in records {
         for (user, count, events) in split_record(record)? {
             if count > 0 {
