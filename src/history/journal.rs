@@ -495,6 +495,14 @@ impl Inbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Refuses later sends and takes everything queued, the gathered appends last.
+    fn close_and_take(&self) -> Vec<JournalCommand> {
+        let mut state = self.lock();
+        state.open = false;
+        state.close_appends();
+        std::mem::take(&mut state.commands)
+    }
+
     /// Waits (until `deadline`, if any) for commands, and takes those of at most [`MAX_GROUP`]
     /// changes (at least one command).
     fn receive(&self, deadline: Option<Instant>) -> Received {
@@ -586,12 +594,7 @@ impl Journal {
                     let message = crate::threads::panic_message(&*panic);
                     let error = StoreError::Journal(format!("the journal writer panicked: {message}"));
                     writer.fail(&error);
-                    let queued = {
-                        let mut inbox = writer_inbox.lock();
-                        inbox.open = false;
-                        std::mem::take(&mut inbox.commands)
-                    };
-                    reply_all(queued, &Err(error));
+                    reply_all(writer_inbox.close_and_take(), &Err(error));
                 }
             })
             .map_err(|e| StoreError::Journal(format!("spawning the journal writer: {e}")))?;
@@ -2201,6 +2204,32 @@ mod tests {
         assert_eq!(logged(&reopened), expected);
         reopened.close();
         scenario.teardown();
+    }
+
+    /// What a panicked writer leaves queued is answered, the appends gathered after the last
+    /// command included (their callers would otherwise wait for good).
+    #[test]
+    fn closing_the_inbox_hands_over_every_queued_acknowledgement() {
+        let inbox = Inbox::new();
+        let mut receivers = Vec::new();
+        let mut ack = || {
+            let (sender, receiver) = oneshot::channel();
+            receivers.push(receiver);
+            sender
+        };
+        let events = EncodedEvents::from(vec![event("i", 1, None)]);
+        {
+            let mut state = inbox.lock();
+            state.appends.push("a", &events, Some(ack()));
+            state.close_appends();
+            state.commands.push(JournalCommand::Index { ack: Some(ack()) });
+            state.appends.push("b", &events, Some(ack()));
+        }
+        reply_all(inbox.close_and_take(), &Err(StoreError::Stopped));
+        for mut receiver in receivers {
+            assert!(matches!(receiver.try_recv(), Ok(Err(StoreError::Stopped))));
+        }
+        assert!(!inbox.lock().open);
     }
 
     #[test]
