@@ -1557,14 +1557,18 @@ pub type UserEvents<'v> = (&'v str, Vec<LoggedEvent>);
 /// (docs/RELIABILITY.md). A partition's appends, table and lists fit in the cache, and the
 /// copying is sequential.
 fn stage_index<'r>(records: impl IntoIterator<Item = (u64, &'r [u8])>) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
-    let records: Vec<_> = records.into_iter().collect();
-    let bytes: usize = records.iter().map(|(_, record)| record.len()).sum();
-    stage_in_partitions(records, (bytes / PARTITION_BYTES).clamp(1, MAX_PARTITIONS))
+    stage_in_partitions(records.into_iter().collect(), |bytes| {
+        (bytes / PARTITION_BYTES).clamp(1, MAX_PARTITIONS)
+    })
 }
 
-/// [`stage_index`] with `partitions` partitions.
-fn stage_in_partitions(records: Vec<(u64, &[u8])>, partitions: usize) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+/// [`stage_index`] with as many partitions as `partitions_for` gives for the records' bytes.
+fn stage_in_partitions(
+    records: Vec<(u64, &[u8])>,
+    partitions_for: impl FnOnce(usize) -> usize,
+) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     let bytes: usize = records.iter().map(|(_, record)| record.len()).sum();
+    let partitions = partitions_for(bytes);
     let spread = foldhash::fast::RandomState::default();
     // Per append: sequence number (u64 BE), user (u16 BE length, bytes), event count (u32 BE),
     // the events' length in bytes (u32 BE) and the events.
@@ -1844,7 +1848,8 @@ mod tests {
             let mut expected: Vec<_> =
                 oracle.into_iter().map(|(user, (seq, events))| encode_entry(user, seq, &events)).collect();
             expected.sort();
-            let staged = stage_in_partitions(encoded.iter().map(|(seq, value)| (*seq, &value[..])).collect(), partitions);
+            let records = encoded.iter().map(|(seq, value)| (*seq, &value[..])).collect();
+            let staged = stage_in_partitions(records, |_| partitions);
             prop_assert_eq!(staged, Some(expected));
         }
 
