@@ -133,9 +133,9 @@ impl GrpcService {
         edge::Edge::new(service, core, body_read_timeout)
     }
 
-    /// Admits (the caller's key from `authorization`, then readiness and room), runs `call` and
-    /// counts the outcome under `method` (the REST routes' metrics, with the gRPC code as the
-    /// status label).
+    /// Admits (readiness and room: the edge judged the caller's key before reading the
+    /// message, and every call passes the edge), runs `call` and counts the outcome under
+    /// `method` (the REST routes' metrics, with the gRPC code as the status label).
     async fn handle<T, F>(
         &self,
         (method, operation): (&str, Operation),
@@ -146,7 +146,7 @@ impl GrpcService {
         F: std::future::Future<Output = Result<T, CoreError>>,
     {
         let started = Instant::now();
-        let outcome = match self.core.admit(operation, caller.key.as_deref()) {
+        let outcome = match self.core.admit_authorized(operation) {
             Ok(_permit) => call.await,
             Err(refused) => Err(refused),
         };

@@ -213,6 +213,12 @@ impl Recommender {
     /// looked up: under overload a refusal must cost as little as possible.
     pub fn admit(&self, operation: Operation, authorization: Option<&str>) -> Result<OwnedSemaphorePermit, CoreError> {
         self.authorize(operation, authorization)?;
+        self.admit_authorized(operation)
+    }
+
+    /// [`Recommender::admit`] for a caller whose key was already judged by
+    /// [`Recommender::authorize`] (gRPC judges it before the message is read).
+    pub fn admit_authorized(&self, operation: Operation) -> Result<OwnedSemaphorePermit, CoreError> {
         match self.readiness() {
             Readiness::Ready => {}
             Readiness::Draining => return Err(CoreError::ShuttingDown),
