@@ -67,12 +67,18 @@ impl Catalog {
     /// The memory form of an event given by external ids. Items the model does not know get
     /// index 0 (kept, not model input); types it never saw read as "untyped" (1), as offline.
     pub fn resolve(&self, item_id: &str, event_type: Option<&str>) -> StoredEvent {
+        self.resolve_typed(item_id, event_type.and_then(|t| self.event_types.get(t)))
+    }
+
+    /// [`Catalog::resolve`] with the type already looked up: `known_type` is its index in
+    /// [`Catalog::event_types`], `None` for no type or one the model never saw.
+    pub fn resolve_typed(&self, item_id: &str, known_type: Option<u32>) -> StoredEvent {
         let (item, item_id) = self.known_item(item_id).unwrap_or_else(|| (0, Arc::from(item_id)));
         StoredEvent {
             item,
             item_id,
             timestamp: 0,
-            event_type: event_type.and_then(|t| self.event_types.get(t)).unwrap_or(1),
+            event_type: known_type.unwrap_or(1),
         }
     }
 

@@ -277,10 +277,11 @@ impl Recommender {
         let served = self.served.read().unwrap_or_else(|e| e.into_inner());
         let catalog = &served.catalog;
         for event in events {
-            let mut stored = catalog.resolve(&event.item_id, event.event_type.as_deref());
+            let known_type = event.event_type.as_deref().and_then(|t| catalog.event_types.get(t));
+            let mut stored = catalog.resolve_typed(&event.item_id, known_type);
             stored.timestamp = event.timestamp;
             unknown.items += usize::from(stored.item == 0);
-            let type_id = event.event_type.map(|t| match catalog.event_types.get(&t) {
+            let type_id = event.event_type.map(|t| match known_type {
                 Some(known) => catalog.event_type_ids[known as usize].clone(),
                 None => {
                     unknown.event_types += 1;
