@@ -1664,6 +1664,11 @@ fn index_log(store: &Store, path: &Path, next_seq: &AtomicU64, keys: LogKeys) ->
     let mut records = Vec::new();
     for record in store.log.iter() {
         let (key, value) = record.into_inner().map_err(|e| fjall_error(path, e))?;
+        // Read back from disk, so checked whole, text included, before anything is written:
+        // a damaged store is refused as it is found.
+        if !record_is_whole(&value) {
+            return Err(malformed());
+        }
         records.push((decode_seq(&key).ok_or_else(malformed)?, value));
     }
     let mut batch = store.db.batch();
@@ -1779,9 +1784,10 @@ type RawAppend<'v> = (&'v [u8], u32, &'v [u8]);
 
 /// A log record's appends, each as its user's bytes, event count and the events' bytes (what
 /// follows the count); `None` if the lengths do not add up or bytes are left over. The text is
-/// not checked here but where it is decoded ([`decode_record`], [`decode_entry`]): an index step
-/// moves the bytes into entries as they are, and checking every id's UTF-8 on the way was a
-/// sixth of its time (docs/RELIABILITY.md).
+/// not checked here: a running writer's index steps move its own records' bytes into entries as
+/// they are (checking every id's UTF-8 on the way was a sixth of a step's time,
+/// docs/RELIABILITY.md); records read back from disk are checked whole first
+/// ([`record_is_whole`]), and entries are checked where they are decoded ([`decode_entry`]).
 fn split_record(value: &[u8]) -> Option<Vec<RawAppend<'_>>> {
     let mut reader = Reader(value);
     let count = reader.u32()? as usize;
@@ -1798,6 +1804,16 @@ fn split_record(value: &[u8]) -> Option<Vec<RawAppend<'_>>> {
         appends.push((user, events, &start[..start.len() - reader.0.len()]));
     }
     reader.0.is_empty().then_some(appends)
+}
+
+/// Whether a log record is whole, its text included, which [`split_record`] leaves unchecked.
+fn record_is_whole(value: &[u8]) -> bool {
+    split_record(value).is_some_and(|appends| {
+        appends.into_iter().all(|(user, count, events)| {
+            let mut reader = Reader(events);
+            std::str::from_utf8(user).is_ok() && (0..count).all(|_| reader.event().is_some())
+        })
+    })
 }
 
 /// The sequence number and appends of one log record; `None` if malformed or with bytes left
@@ -2048,6 +2064,39 @@ mod tests {
             .unwrap();
         assert_eq!(format.as_deref(), Some(&[FORMAT][..]));
         journal.close();
+    }
+
+    /// Text the index steps of a running writer do not check (its records are its own) is
+    /// checked in records read back from disk: damage is refused at the start that finds it,
+    /// before anything is written.
+    #[test]
+    fn a_start_refuses_a_log_record_with_damaged_text_and_writes_nothing() {
+        // The first byte of the user id, then of the item id: after the append count (4), the
+        // id's length (2), "user" (4), the event count (4), the timestamp (8) and the absent
+        // type (2), the item id's length (2).
+        for damaged in [6, 26] {
+            let dir = tempfile::tempdir().unwrap();
+            let (key, mut value) = encode_record(5, &[("user", vec![event("item", 1, None)])]);
+            assert_eq!(value[damaged], if damaged == 6 { b'u' } else { b'i' });
+            value[damaged] = 0xFF;
+            {
+                let (store, _) = Store::open(&live_dir(dir.path())).unwrap();
+                store.log.insert(&key, &value).unwrap();
+                store.meta.insert(META_NEXT_SEQ, 6u64.to_be_bytes()).unwrap();
+                store.db.persist(PersistMode::SyncAll).unwrap();
+            }
+            let refused = Journal::open(JournalConfig::offline(dir.path().to_path_buf()))
+                .err()
+                .expect("a damaged record is refused");
+            assert!(refused.to_string().contains("log record is malformed"), "{refused}");
+            let (store, _) = Store::open(&live_dir(dir.path())).unwrap();
+            assert_eq!(
+                store.log.get(&key).unwrap().as_deref(),
+                Some(&value[..]),
+                "kept as it was"
+            );
+            assert!(store.events.is_empty().unwrap(), "nothing indexed");
+        }
     }
 
     #[test]
